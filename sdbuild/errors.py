@@ -1,0 +1,33 @@
+"""Errors a user can cause. The CLI prints them as one line and exits non-zero."""
+
+
+class SdbuildError(Exception):
+    """A user-facing error: the message says what, where, and how to fix it."""
+
+    exit_code = 1
+
+
+class RecipeError(SdbuildError):
+    """A recipe that does not validate (exit status 2)."""
+
+    exit_code = 2
+
+
+class NotBuiltYet(SdbuildError):
+    """A recipe asks for a feature whose stage is not built yet."""
+
+    exit_code = 2
+
+
+class ModelInputError(SdbuildError):
+    """Inputs that do not match a model's declared inputs."""
+
+    exit_code = 2
+
+
+class UnsupportedOpError(SdbuildError):
+    """The reference executor met an op it has no kernel for."""
+
+
+class PackageError(SdbuildError):
+    """A .mlpackage that is missing, truncated or corrupted."""

@@ -1,0 +1,324 @@
+"""Tiny Stable Diffusion models made on the fly, for tests and the demo.
+
+Each is a small diffusers/transformers configuration with fixed-seed random
+weights and a CLIP-format byte-pair tokenizer that we train ourselves on a
+small text shipped in the package, saved in the ordinary diffusers folder
+layout so the same loading code serves hub models, local folders and these.
+Same name and seed give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from sdbuild.errors import RecipeError
+
+SYNTHETIC_PREFIX = "synthetic:"
+CORPUS = Path(__file__).parent / "data" / "corpus.txt"
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+TOKENIZER_MERGES = 400
+MAX_TOKENS = 77
+
+
+def synthetic_names() -> list[str]:
+    return sorted(_BUILDERS)
+
+
+def is_synthetic(version: str) -> bool:
+    return version.startswith(SYNTHETIC_PREFIX)
+
+
+def make_synthetic(version: str, dest: Path, seed: int = 0) -> Path:
+    """Write the synthetic model ``version`` (e.g. ``synthetic:tiny-sd``) to ``dest``.
+
+    ``dest`` must not exist; it is written through a temporary sibling folder.
+    Returns ``dest``.
+    """
+    name = version.removeprefix(SYNTHETIC_PREFIX)
+    if name not in _BUILDERS:
+        raise RecipeError(
+            f"unknown synthetic model '{version}': choose one of "
+            + ", ".join(SYNTHETIC_PREFIX + n for n in synthetic_names())
+        )
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=dest.parent))
+    try:
+        _BUILDERS[name](tmp, seed)
+        tmp.rename(dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return dest
+
+
+# --- tokenizer ---------------------------------------------------------------
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The reversible byte → printable character map CLIP and GPT-2 use."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in chars)))
+
+
+def _train_merges(n_merges: int) -> list[tuple[str, str]]:
+    """Byte-pair merges learned from the shipped corpus, deterministically.
+
+    The tokenizers library breaks ties between equally frequent pairs in hash
+    order, which changes from run to run; here ties go to the smallest pair,
+    so the same corpus always gives the same merges.
+    """
+    from collections import Counter
+
+    byte_char = _bytes_to_unicode()
+    words = Counter()
+    for word in CORPUS.read_text().lower().split():
+        symbols = [byte_char[b] for b in word.encode("utf-8")]
+        symbols[-1] += "</w>"
+        words[tuple(symbols)] += 1
+    merges = []
+    while len(merges) < n_merges:
+        pairs = Counter()
+        for symbols, count in words.items():
+            for pair in zip(symbols, symbols[1:]):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        merged = Counter()
+        for symbols, count in words.items():
+            out, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    out.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    out.append(symbols[i])
+                    i += 1
+            merged[tuple(out)] += count
+        words = merged
+    return merges
+
+
+def write_clip_tokenizer(dest: Path, n_merges: int = TOKENIZER_MERGES, pad_token: str = EOS) -> int:
+    """Write ``vocab.json``, ``merges.txt`` and the tokenizer configs into ``dest``.
+
+    The vocabulary is laid out as CLIP's is: 256 byte characters, the same
+    with ``</w>``, one entry per merge, then the two special tokens.
+    Returns the vocabulary size.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    merges = _train_merges(n_merges)
+    tokens = chars + [c + "</w>" for c in chars]
+    for a, b in merges:
+        if a + b not in tokens:
+            tokens.append(a + b)
+    tokens += [BOS, EOS]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    (dest / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (dest / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    (dest / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": pad_token}, indent=2)
+    )
+    (dest / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "CLIPTokenizer",
+                "model_max_length": MAX_TOKENS,
+                "bos_token": BOS,
+                "eos_token": EOS,
+                "unk_token": EOS,
+                "pad_token": pad_token,
+                "do_lower_case": True,
+            },
+            indent=2,
+        )
+    )
+    return len(vocab)
+
+
+# --- model families ----------------------------------------------------------
+
+
+def _seeded(seed: int, build):
+    import torch
+
+    torch.manual_seed(seed)
+    return build()
+
+
+def _vae(seed: int, scaling_factor: float, force_upcast: bool):
+    from diffusers import AutoencoderKL
+
+    # Four blocks so the latent is image / 8, as in every real Stable Diffusion VAE.
+    return _seeded(
+        seed,
+        lambda: AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(16, 32, 32, 32),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=64,
+            scaling_factor=scaling_factor,
+            force_upcast=force_upcast,
+        ),
+    )
+
+
+def _clip_text(seed: int, vocab_size: int, hidden: int, layers: int, projection_dim: int | None = None, act="quick_gelu"):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_TOKENS,
+        hidden_act=act,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+        projection_dim=projection_dim or hidden,
+    )
+    cls = CLIPTextModelWithProjection if projection_dim else CLIPTextModel
+    return _seeded(seed, lambda: cls(config))
+
+
+def _scheduler():
+    from diffusers import PNDMScheduler
+
+    return PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        skip_prk_steps=True,
+        steps_offset=1,
+        set_alpha_to_one=False,
+    )
+
+
+def _tokenizer(folder: Path):
+    from transformers import CLIPTokenizer
+
+    vocab_size = write_clip_tokenizer(folder)
+    return CLIPTokenizer.from_pretrained(folder), vocab_size
+
+
+def _build_tiny_sd(dest: Path, seed: int) -> None:
+    """SD 1.x-shaped: one CLIP text encoder, a two-level unet, a four-block VAE."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    with tempfile.TemporaryDirectory() as tok_dir:
+        tokenizer, vocab_size = _tokenizer(Path(tok_dir))
+        text_encoder = _clip_text(seed + 1, vocab_size, hidden=32, layers=2)
+        unet = _seeded(
+            seed + 2,
+            lambda: UNet2DConditionModel(
+                sample_size=8,
+                in_channels=4,
+                out_channels=4,
+                layers_per_block=1,
+                block_out_channels=(32, 64),
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                cross_attention_dim=32,
+                attention_head_dim=8,
+                norm_num_groups=8,
+            ),
+        )
+        pipe = StableDiffusionPipeline(
+            vae=_vae(seed + 3, 0.18215, False),
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=_scheduler(),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.save_pretrained(dest, safe_serialization=True)
+    _write_tokenizer_files(dest / "tokenizer")
+
+
+def _build_tiny_sdxl(dest: Path, seed: int) -> None:
+    """SDXL-shaped: two text encoders (the second with projection), text_time conditioning."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    with tempfile.TemporaryDirectory() as tok_dir:
+        tokenizer, vocab_size = _tokenizer(Path(tok_dir))
+        text_encoder = _clip_text(seed + 1, vocab_size, hidden=32, layers=2)
+        text_encoder_2 = _clip_text(seed + 4, vocab_size, hidden=32, layers=2, projection_dim=32, act="gelu")
+        time_embed_dim = 8
+        unet = _seeded(
+            seed + 2,
+            lambda: UNet2DConditionModel(
+                sample_size=8,
+                in_channels=4,
+                out_channels=4,
+                layers_per_block=1,
+                block_out_channels=(32, 64),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                transformer_layers_per_block=(1, 2),
+                cross_attention_dim=64,
+                attention_head_dim=(2, 4),
+                use_linear_projection=True,
+                addition_embed_type="text_time",
+                addition_time_embed_dim=time_embed_dim,
+                projection_class_embeddings_input_dim=32 + 6 * time_embed_dim,
+                norm_num_groups=8,
+            ),
+        )
+        scheduler = EulerDiscreteScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            num_train_timesteps=1000,
+            steps_offset=1,
+            timestep_spacing="leading",
+        )
+        pipe = StableDiffusionXLPipeline(
+            vae=_vae(seed + 3, 0.13025, True),
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+        )
+        pipe.save_pretrained(dest, safe_serialization=True)
+    _write_tokenizer_files(dest / "tokenizer")
+    _write_tokenizer_files(dest / "tokenizer_2")
+
+
+def _write_tokenizer_files(folder: Path) -> None:
+    """Rewrite the tokenizer files from our own deterministic writer.
+
+    save_pretrained may add files (tokenizer.json) whose bytes depend on the
+    library version; keeping only ours makes the folder a pure function of the seed.
+    """
+    for f in folder.iterdir():
+        f.unlink()
+    write_clip_tokenizer(folder)
+
+
+_BUILDERS = {"tiny-sd": _build_tiny_sd, "tiny-sdxl": _build_tiny_sdxl}
