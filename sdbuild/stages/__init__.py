@@ -1,0 +1,118 @@
+"""The stages of a build, each declared once: what it reads, what it is.
+
+A stage function gets a ``Job`` holding only the recipe fields the stage
+declares and its upstream entries' folders, and writes its files into ``out``.
+The executor derives every cache key from these declarations.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage's declaration.
+
+    fields: recipe fields (dotted) it reads, for every component;
+    component_fields: more fields read for one component only;
+    libraries: distributions whose versions enter the key;
+    code: sdbuild modules or packages whose source enters the key;
+    heavy: run in a child process (memory goes back, a crash loses nothing else);
+    run: ``module:function`` called as ``function(job, out) -> dict``.
+    """
+
+    name: str
+    version: str
+    run: str
+    fields: tuple[str, ...] = ()
+    component_fields: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    libraries: tuple[str, ...] = ()
+    code: tuple[str, ...] = ()
+    heavy: bool = False
+    per_component: bool = True
+
+    def fields_for(self, component: str | None) -> tuple[str, ...]:
+        return self.fields + self.component_fields.get(component or "", ())
+
+    def function(self):
+        module, name = self.run.split(":")
+        return getattr(importlib.import_module(module), name)
+
+
+@dataclass
+class Job:
+    """What a stage function may read: its declared fields and upstream folders."""
+
+    stage: str
+    component: str | None
+    fields: dict[str, Any]
+    upstream: dict[str, Path]
+    build_name: str = ""
+
+
+TORCH_LIBS = ("torch", "diffusers", "transformers", "safetensors")
+COREML_LIBS = ("coremltools", "numpy")
+
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in (
+        Stage(
+            "download",
+            "1",
+            "sdbuild.stages.download:run",
+            fields=("model.version", "model.revision", "model.variant", "model.allow_pickle", "source"),
+            libraries=("huggingface_hub", *TORCH_LIBS),
+            code=("sdbuild.stages.download", "sdbuild.synthetic"),
+            heavy=True,
+            per_component=False,
+        ),
+        Stage(
+            "trace",
+            "1",
+            "sdbuild.stages.trace:run",
+            component_fields={
+                "unet": ("attention", "resolution", "unet_batch_one"),
+                "vae_decoder": ("resolution",),
+                "vae_encoder": ("resolution",),
+                "text_encoder": ("attention",),
+                "text_encoder_2": ("attention",),
+            },
+            libraries=TORCH_LIBS,
+            code=("sdbuild.stages.trace", "sdbuild.models"),
+            heavy=True,
+        ),
+        Stage(
+            "convert",
+            "1",
+            "sdbuild.stages.convert:run",
+            fields=("target",),
+            libraries=(*TORCH_LIBS, *COREML_LIBS),
+            code=("sdbuild.stages.convert",),
+            heavy=True,
+        ),
+        Stage(
+            "compress",
+            "1",
+            "sdbuild.stages.compress:run",
+            fields=("compression",),
+            libraries=(*COREML_LIBS, "scikit-learn"),
+            code=("sdbuild.stages.compress", "sdbuild.compress"),
+            heavy=True,
+        ),
+        Stage(
+            "compile",
+            "1",
+            "sdbuild.stages.compile:run",
+            libraries=("coremltools",),
+            code=("sdbuild.stages.compile",),
+        ),
+    )
+}
+
+# Stages in build order, including those the executor runs itself (bundle) or
+# that are not built yet; plan and summary tables follow this order.
+ORDER = ("download", "trace", "convert", "compress", "chunk", "compile", "bundle", "verify")

@@ -1,0 +1,245 @@
+"""The command line: parse, call one library function, render the result."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from sdbuild.errors import SdbuildError
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def _human_bytes(n: int | None) -> str:
+    if n is None:
+        return ""
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+class RichReporter:
+    """Progress for a build: a spinner line per stage and component."""
+
+    def __init__(self, console):
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self.console = console
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=False)
+        self.tasks = {}
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+    def stage_started(self, node):
+        self.tasks[id(node)] = self.progress.add_task(f"{node.label}", total=1)
+
+    def stage_finished(self, node):
+        task = self.tasks[id(node)]
+        word = {"cached": "[green]cached[/]", "built": "[cyan]built[/]", "failed": "[red]failed[/]"}.get(node.status, node.status)
+        self.progress.update(task, description=f"{node.label}: {word}", completed=1)
+
+    def note(self, line):
+        self.progress.console.print(f"[yellow]note:[/] {line}")
+
+
+def cmd_run(args) -> int:
+    from rich.table import Table
+
+    from sdbuild.executor import prepare, run_build
+
+    console = _console()
+    results = []
+    for recipe in args.recipe:
+        build = prepare(recipe, Path(args.artifacts))
+        if args.json:
+            result = run_build(build, force=tuple(args.force or ()), until=args.until)
+        else:
+            with RichReporter(console) as reporter:
+                result = run_build(build, force=tuple(args.force or ()), until=args.until, reporter=reporter)
+        results.append(result)
+        if not args.json:
+            table = Table(title=f"{build.recipe.name}: {result.report['seconds']:.1f} s")
+            for col in ("stage", "component", "cache", "seconds", "peak RSS", "size"):
+                table.add_column(col, justify="right" if col in ("seconds", "peak RSS", "size") else "left")
+            for row in result.report["stages"]:
+                table.add_row(
+                    row["stage"],
+                    row["component"] or "",
+                    row["cache"],
+                    f"{row['seconds']:.1f}" if row["cache"] == "miss" else "",
+                    _human_bytes(row["peak_rss_bytes"]) if row["cache"] == "miss" else "",
+                    _human_bytes(row["bytes"]),
+                )
+            console.print(table)
+            console.print(f"bundle: {result.build_dir}")
+    if args.json:
+        print(json.dumps([r.report for r in results], indent=2))
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from rich.table import Table
+
+    from sdbuild.executor import plan_rows, prepare
+
+    build = prepare(args.recipe, Path(args.artifacts), strict=False)
+    rows = plan_rows(build)
+    if args.json:
+        print(json.dumps([r.__dict__ for r in rows], indent=2))
+        return 0
+    table = Table(title=f"plan: {build.recipe.name}")
+    for col in ("stage", "component", "status", "key", "detail"):
+        table.add_column(col)
+    colors = {"cached": "green", "to build": "cyan", "needs network": "red"}
+    for r in rows:
+        color = colors.get(r.status, "yellow")
+        table.add_row(r.stage, r.component or "", f"[{color}]{r.status}[/]", r.key or "", r.detail)
+    _console().print(table)
+    return 0
+
+
+def cmd_schema(args) -> int:
+    from sdbuild.recipe import recipe_schema
+
+    print(json.dumps(recipe_schema(), indent=2))
+    return 0
+
+
+def cmd_matrix(args) -> int:
+    from sdbuild.recipe import expand_matrix
+
+    variants = []
+    for recipe in args.recipe:
+        for name, overrides in expand_matrix(recipe):
+            variants.append({"name": name, "recipe": recipe, "overrides": overrides})
+    if args.json:
+        print(json.dumps(variants, indent=2))
+    else:
+        for v in variants:
+            print(f"{v['name']}\t{v['recipe']}")
+    return 0
+
+
+def cmd_exec(args) -> int:
+    from sdbuild.mil.executor import exec_files
+
+    result = exec_files(Path(args.model), Path(args.inputs), Path(args.output), precision=args.precision, profile=args.profile)
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+        return 0
+    console = _console()
+    for name, shape in result.get("outputs", {}).items():
+        console.print(f"{name}: {shape}")
+    if result.get("profile"):
+        from rich.table import Table
+
+        table = Table(title="time per op type")
+        table.add_column("op")
+        table.add_column("seconds", justify="right")
+        for op, seconds in sorted(result["profile"].items(), key=lambda kv: -kv[1]):
+            table.add_row(op, f"{seconds:.4f}")
+        console.print(table)
+    console.print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_cache(args) -> int:
+    from sdbuild.cache import LocalCache
+
+    cache = LocalCache(Path(args.artifacts) / "cache")
+    console = _console()
+    if args.action == "ls":
+        entries = cache.entries()
+        if args.json:
+            print(json.dumps([{"stage": e.stage, "key": e.key, "bytes": e.manifest.get("bytes"), "component": e.manifest.get("fields", {}).get("component")} for e in entries], indent=2))
+        for e in entries if not args.json else []:
+            console.print(f"{e.stage:9} {e.key}  {e.manifest.get('fields', {}).get('component') or '':15} {_human_bytes(e.manifest.get('bytes'))}")
+        return 0
+    if args.action == "verify":
+        problems = cache.verify()
+        for entry, what in problems:
+            console.print(f"[red]bad[/] {entry.stage}/{entry.key}: {what}")
+        console.print(f"{len(cache.entries())} entries, {len(problems)} bad")
+        return 1 if problems else 0
+    if args.action == "gc":
+        keep = set()
+        for build_json in (Path(args.artifacts) / "builds").glob("*/build.json"):
+            for row in json.loads(build_json.read_text()).get("stages", []):
+                if row.get("key"):
+                    keep.add((row["stage"], row["key"]))
+        count, freed = cache.gc(keep)
+        console.print(f"removed {count} entries not used by any build, {_human_bytes(freed)} freed")
+        return 0
+    return 2
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sdbuild", description="Build Core ML Stable Diffusion bundles from YAML recipes.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="build recipes")
+    run.add_argument("recipe", nargs="+")
+    run.add_argument("--artifacts", default="artifacts")
+    run.add_argument("--force", action="append", metavar="STAGE", help="rebuild this stage even if cached")
+    run.add_argument("--until", metavar="STAGE", help="stop after this stage")
+    run.add_argument("--json", action="store_true")
+    run.set_defaults(func=cmd_run)
+
+    plan = sub.add_parser("plan", help="what would run and what is cached")
+    plan.add_argument("recipe")
+    plan.add_argument("--artifacts", default="artifacts")
+    plan.add_argument("--json", action="store_true")
+    plan.set_defaults(func=cmd_plan)
+
+    matrix = sub.add_parser("matrix", help="expand recipes into variants")
+    matrix.add_argument("recipe", nargs="+")
+    matrix.add_argument("--json", action="store_true")
+    matrix.set_defaults(func=cmd_matrix)
+
+    ex = sub.add_parser("exec", help="run an .mlpackage on the CPU with the reference executor")
+    ex.add_argument("model")
+    ex.add_argument("--inputs", required=True)
+    ex.add_argument("--output", required=True)
+    ex.add_argument("--precision", choices=("fp16", "fp32"), default="fp16")
+    ex.add_argument("--profile", action="store_true")
+    ex.add_argument("--json", action="store_true")
+    ex.set_defaults(func=cmd_exec)
+
+    schema = sub.add_parser("schema", help="print the recipe JSON schema")
+    schema.set_defaults(func=cmd_schema)
+
+    cache = sub.add_parser("cache", help="list, verify or clean the stage cache")
+    cache.add_argument("action", choices=("ls", "verify", "gc"))
+    cache.add_argument("--artifacts", default="artifacts")
+    cache.add_argument("--json", action="store_true")
+    cache.set_defaults(func=cmd_cache)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SdbuildError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

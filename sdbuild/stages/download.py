@@ -1,0 +1,114 @@
+"""Download: bring the checkpoint's files to this machine.
+
+Hub ids go through huggingface_hub (only configs, tokenizer and weights);
+local folders are used in place; synthetic models are generated. The key
+holds what was resolved (hub commit, folder content hash, generator), so a
+moved hub branch or an edited folder never reads as cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from sdbuild.errors import SdbuildError
+from sdbuild.stages import Job
+from sdbuild.synthetic import is_synthetic, make_synthetic
+
+SAFE_WEIGHTS = ("*.safetensors",)
+PICKLED_WEIGHTS = ("*.bin", "*.ckpt", "*.pt", "*.pth")
+
+
+class DownloadError(SdbuildError):
+    """The checkpoint cannot be had."""
+
+
+def _patterns(variant: str | None, allow_pickle: bool) -> list[str]:
+    weights = [f"*/*.{variant}.safetensors"] if variant else ["*/*.safetensors"]
+    if allow_pickle:
+        weights += [f"*/*{p[1:]}" for p in PICKLED_WEIGHTS]
+    return ["model_index.json", "*/config.json", "scheduler/*", "tokenizer*/*", *weights]
+
+
+def _folder_digest(folder: Path) -> str:
+    """Content hash of a local checkpoint's files that conversion reads."""
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts):
+            h.update(p.relative_to(folder).as_posix().encode() + b"\0")
+            with open(p, "rb") as f:
+                while block := f.read(1 << 22):
+                    h.update(block)
+    return h.hexdigest()
+
+
+def check_weights_safe(folder: Path, allow_pickle: bool, origin: str) -> None:
+    """Refuse a checkpoint whose weights exist only as pickles unless the recipe allows it."""
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        has_safe = any(sub.glob("*.safetensors"))
+        pickled = [p.name for pat in PICKLED_WEIGHTS for p in sub.glob(pat)]
+        if pickled and not has_safe and not allow_pickle:
+            raise DownloadError(
+                f"{origin}: {sub.name}/{pickled[0]} is pickled weights, which can run code when loaded; "
+                "convert it to safetensors, or set model.allow_pickle: true if you trust it"
+            )
+
+
+def resolve_source(version: str, revision: str, variant: str | None, allow_pickle: bool) -> dict:
+    """What the checkpoint is, concretely: the ``source`` field of the download key."""
+    if is_synthetic(version):
+        return {"kind": "synthetic", "name": version, "seed": 0}
+    folder = Path(version).expanduser()
+    if folder.is_dir():
+        folder = folder.resolve()
+        if not (folder / "model_index.json").is_file():
+            raise DownloadError(f"model.version: {folder} is not a diffusers folder (no model_index.json)")
+        check_weights_safe(folder, allow_pickle, f"model.version {folder}")
+        return {"kind": "folder", "path": str(folder), "content": _folder_digest(folder)}
+    if version.startswith((".", "/", "~")) or version.count("/") != 1:
+        raise DownloadError(f"model.version: '{version}' is neither a local folder nor a hub id (owner/name)")
+    snapshot = _hub_snapshot(version, revision, variant, allow_pickle)
+    check_weights_safe(snapshot, allow_pickle, f"model.version {version}")
+    return {"kind": "hub", "repo": version, "commit": snapshot.name, "path": str(snapshot)}
+
+
+def _hub_snapshot(repo: str, revision: str, variant: str | None, allow_pickle: bool) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    patterns = _patterns(variant, allow_pickle)
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns, local_files_only=offline))
+    except LocalEntryNotFoundError:
+        pass
+    except Exception as e:  # network errors come in many types; fall back to the local cache
+        if type(e).__name__ in ("RepositoryNotFoundError", "RevisionNotFoundError", "GatedRepoError"):
+            raise DownloadError(f"model.version: {repo}@{revision}: {type(e).__name__} on the Hugging Face Hub") from None
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        raise DownloadError(
+            f"model.version: cannot reach the Hugging Face Hub for '{repo}' and it is not in the local cache; "
+            "download it where there is network, or set model.version to a local diffusers folder"
+        ) from None
+
+
+def run(job: Job, out: Path) -> dict:
+    """Materialize the checkpoint: ``out/model`` for synthetic models, else a pointer file."""
+    source = job.fields["source"]
+    if source["kind"] == "synthetic":
+        make_synthetic(source["name"], out / "model", seed=source["seed"])
+        return {"checkpoint": "model"}
+    (out / "source.json").write_text(json.dumps(source, indent=2))
+    return {"checkpoint": source["path"]}
+
+
+def checkpoint_dir(entry_path: Path) -> Path:
+    """The diffusers folder a download entry stands for."""
+    entry_path = Path(entry_path)
+    if (entry_path / "model").is_dir():
+        return entry_path / "model"
+    return Path(json.loads((entry_path / "source.json").read_text())["path"])

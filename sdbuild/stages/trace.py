@@ -1,0 +1,47 @@
+"""Trace: the component's conversion-friendly module, traced by TorchScript."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sdbuild.stages import Job
+from sdbuild.stages.download import checkpoint_dir
+
+
+def build_options(fields: dict):
+    from sdbuild.models import BuildOptions
+
+    res = fields.get("resolution") or {"height": 512, "width": 512}
+    return BuildOptions(
+        attention=fields.get("attention") or "ORIGINAL",
+        height=res["height"],
+        width=res["width"],
+        unet_batch_one=bool(fields.get("unet_batch_one")),
+    )
+
+
+def run(job: Job, out: Path) -> dict:
+    """Write ``module.pt`` (TorchScript) and ``io.json`` (inputs, outputs, precision)."""
+    import torch
+
+    from sdbuild.models import build_component, sample_inputs
+
+    model = build_component(job.component, checkpoint_dir(job.upstream["download"]), build_options(job.fields))
+    example = sample_inputs(model.inputs, seed=0)
+    args = [torch.from_numpy(example[s.name]) for s in model.inputs]
+    with torch.no_grad():
+        traced = torch.jit.trace(model.module, args, strict=False, check_trace=False)
+    torch.jit.save(traced, str(out / "module.pt"))
+    io = {
+        "inputs": [{"name": s.name, "shape": list(s.shape), "kind": s.kind, "high": s.high} for s in model.inputs],
+        "outputs": model.outputs,
+        "precision": model.precision,
+        "info": model.info,
+    }
+    (out / "io.json").write_text(json.dumps(io, indent=2))
+    return {"inputs": {s.name: list(s.shape) for s in model.inputs}, "outputs": model.outputs}
+
+
+def read_io(entry_path: Path) -> dict:
+    return json.loads((Path(entry_path) / "io.json").read_text())

@@ -1,0 +1,160 @@
+"""Recipe validation: every error is one line naming file, key path and line."""
+
+from __future__ import annotations
+
+import json
+import pytest
+
+from sdbuild.errors import NotBuiltYet, RecipeError
+from sdbuild.recipe import check_buildable, expand_matrix, load_recipe, recipe_schema
+
+from helpers import REPO, run_cli, write_recipe
+
+BASE = "model:\n  version: synthetic:tiny-sd\nresolution: {height: 64, width: 64}\n"
+
+
+def error_of(path) -> str:
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_valid_recipe_defaults_and_name_from_stem(tmp_path):
+    r = load_recipe(write_recipe(tmp_path, "my-variant", BASE))
+    assert r.name == "my-variant"
+    assert r.resolution.height == 64
+    assert r.get("compression.nbits") is None
+    assert r.bundle.layout == "swift"
+
+
+def test_every_shipped_recipe_validates():
+    for path in sorted((REPO / "recipes").rglob("*.yaml")):
+        load_recipe(path)
+
+
+def test_unknown_key_names_file_key_line_and_allowed_keys(tmp_path):
+    p = write_recipe(tmp_path, "r", BASE + "bundle:\n  layot: swift\n")
+    assert error_of(p) == f"{p}:5: bundle.layot: unknown key; allowed keys here: layout"
+
+
+def test_unknown_top_level_key(tmp_path):
+    p = write_recipe(tmp_path, "r", BASE + "chunks: 2\n")
+    msg = error_of(p)
+    assert msg.startswith(f"{p}:4: chunks: unknown key; allowed keys here: name, model,")
+
+
+def test_wrong_type(tmp_path):
+    p = write_recipe(tmp_path, "r", BASE + "verify:\n  samples: two\n")
+    assert error_of(p) == f"{p}:5: verify.samples: Input should be a valid integer, unable to parse string as an integer (got 'two')"
+
+
+def test_bad_enum_value(tmp_path):
+    p = write_recipe(tmp_path, "r", BASE + "attention: FAST\n")
+    assert error_of(p) == (
+        f"{p}:4: attention: Input should be 'ORIGINAL', 'SPLIT_EINSUM' or 'SPLIT_EINSUM_V2' (got 'FAST')"
+    )
+
+
+def test_bad_nbits_in_child_reports_child_line(tmp_path):
+    write_recipe(tmp_path, "base", BASE)
+    p = write_recipe(tmp_path, "child", "extends: base.yaml\ncompression:\n  nbits: 5\n")
+    assert error_of(p) == f"{p}:3: compression.nbits: Input should be 1, 2, 4, 6 or 8 (got 5)"
+
+
+def test_error_in_parent_names_parent_file(tmp_path):
+    parent = write_recipe(tmp_path, "base", BASE + "target: macOS99\n")
+    p = write_recipe(tmp_path, "child", "extends: base.yaml\n")
+    assert error_of(p).startswith(f"{parent}:4: target: Input should be 'macOS13'")
+
+
+def test_missing_required_key(tmp_path):
+    p = write_recipe(tmp_path, "r", "resolution: {height: 64, width: 64}\n")
+    assert error_of(p) == f"{p}: model: required key is missing: add it to the recipe"
+
+
+def test_missing_file(tmp_path):
+    p = tmp_path / "nope.yaml"
+    assert error_of(p) == f"{p}: recipe file not found"
+
+
+def test_missing_extends_file(tmp_path):
+    p = write_recipe(tmp_path, "r", "extends: base/none.yaml\n" + BASE)
+    assert error_of(p) == (
+        f"{p}:1: extends: file not found: {tmp_path / 'base/none.yaml'} (paths are relative to the recipe's folder)"
+    )
+
+
+def test_cyclic_extends(tmp_path):
+    a = write_recipe(tmp_path, "a", "extends: b.yaml\n" + BASE)
+    b = write_recipe(tmp_path, "b", "extends: a.yaml\n")
+    assert error_of(a) == f"{b}:1: extends: cyclic extends: {a} -> {b} -> {a}"
+
+
+def test_invalid_yaml(tmp_path):
+    p = write_recipe(tmp_path, "r", "model: {version: x\n")
+    assert error_of(p).startswith(f"{p}:2: not valid YAML:")
+
+
+def test_name_cannot_leave_builds_folder(tmp_path):
+    p = write_recipe(tmp_path, "r", BASE + "name: ../../etc\n")
+    assert error_of(p) == f"{p}:4: name: must be letters, digits, '.', '_' or '-' (it names the build folder)"
+
+
+def test_compression_needs_exactly_one_kind(tmp_path):
+    p = write_recipe(tmp_path, "r", BASE + "compression: {nbits: 6, linear8: true}\n")
+    assert error_of(p) == (
+        f"{p}:4: compression: set exactly one of nbits, linear8, mixed_bit (or omit compression for float16); got nbits, linear8"
+    )
+
+
+def test_deep_merge_child_wins(tmp_path):
+    write_recipe(tmp_path, "base", BASE + "verify: {samples: 3, seed: 1}\ncompression: {nbits: 6}\n")
+    p = write_recipe(tmp_path, "child", "extends: base.yaml\nverify: {seed: 7}\n")
+    r = load_recipe(p)
+    assert (r.verify.samples, r.verify.seed, r.compression.nbits) == (3, 7, 6)
+    assert r.name == "child"
+
+
+def test_unbuilt_feature_stops_with_one_line(tmp_path):
+    p = write_recipe(tmp_path, "r", BASE + "controlnet: [lllyasviel/sd-controlnet-mlsd]\n")
+    with pytest.raises(NotBuiltYet, match=r"controlnet: ControlNet conversion is not built yet"):
+        check_buildable(load_recipe(p), p)
+
+
+def test_schema_lists_keys():
+    schema = recipe_schema()
+    assert {"model", "attention", "compression", "chunk", "bundle", "verify", "matrix", "extends"} <= set(schema["properties"])
+    assert schema["additionalProperties"] is False
+
+
+def test_matrix_expands_to_named_variants(tmp_path):
+    p = write_recipe(tmp_path, "m", BASE + "compression: {nbits: 6}\nmatrix:\n  compression.nbits: [4, 6, 8]\n")
+    variants = expand_matrix(p)
+    assert [v[0] for v in variants] == ["m-nbits-4", "m-nbits-6", "m-nbits-8"]
+    built = load_recipe(p, variants[0][1])
+    assert built.compression.nbits == 4 and built.name == "m-nbits-4" and built.matrix is None
+
+
+def test_cli_recipe_error_is_one_line_exit_2_and_writes_nothing(tmp_path):
+    p = write_recipe(tmp_path, "r", BASE + "attention: FAST\n")
+    art = tmp_path / "art"
+    done = run_cli("run", str(p), "--artifacts", str(art))
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"error: {p}:4: attention: Input should be 'ORIGINAL', 'SPLIT_EINSUM' or 'SPLIT_EINSUM_V2' (got 'FAST')"
+    assert "Traceback" not in done.stderr + done.stdout
+    assert not art.exists()
+
+
+def test_cli_unbuilt_feature_exit_2(tmp_path):
+    p = write_recipe(tmp_path, "r", BASE + "chunk: {unet: 2}\n")
+    done = run_cli("run", str(p), "--artifacts", str(tmp_path / "art"))
+    assert done.returncode == 2 and "chunk: unet chunking is not built yet" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_cli_schema_is_json():
+    done = run_cli("schema")
+    assert done.returncode == 0
+    assert json.loads(done.stdout)["title"] == "Recipe"
