@@ -31,3 +31,9 @@ class UnsupportedOpError(SdbuildError):
 
 class PackageError(SdbuildError):
     """A .mlpackage that is missing, truncated or corrupted."""
+
+
+class WeightMismatchError(SdbuildError):
+    """A checkpoint whose weights do not fit the module built from its config."""
+
+    exit_code = 2
