@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sdbuild.errors import RecipeError
+from sdbuild.errors import NotBuiltYet, RecipeError
 
 TOKENS = 77
 FAMILIES = ("sd", "sdxl")
@@ -83,13 +83,110 @@ def model_family(checkpoint: Path) -> str:
 
 
 def build_component(component: str, checkpoint: Path, options: BuildOptions) -> ComponentModel:
-    """Load ``component`` of the diffusers folder ``checkpoint`` as a module to trace."""
-    from sdbuild.models import plain
+    """Load ``component`` of the diffusers folder ``checkpoint`` as a module to trace.
 
-    family = model_family(checkpoint)
+    The module is sdbuild's own (``unet.py``, ``text_encoder.py``, ``vae.py``)
+    with the checkpoint's weights, every one of them used
+    (``WeightMismatchError`` otherwise), built for ``options.attention``.
+    """
+    from sdbuild.models.attention import check_implementation
+
     if component not in COMPONENTS:
         raise RecipeError(f"unknown component '{component}': choose from {', '.join(COMPONENTS)}")
-    return plain.build(component, Path(checkpoint), family, options)
+    checkpoint = Path(checkpoint)
+    family = model_family(checkpoint)
+    check_implementation(options.attention)
+    if component in ("text_encoder", "text_encoder_2"):
+        return _build_text_encoder(component, checkpoint, family, options)
+    if component == "unet":
+        return _build_unet(checkpoint, options)
+    if component in ("vae_decoder", "vae_encoder"):
+        return _build_vae(component, checkpoint, options)
+    raise NotBuiltYet(f"component '{component}' has no conversion module yet")
+
+
+def _build_text_encoder(component: str, checkpoint: Path, family: str, options: BuildOptions) -> ComponentModel:
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from sdbuild.models.text_encoder import TextEncoder
+
+    projected = component == "text_encoder_2"
+    cls = CLIPTextModelWithProjection if projected else CLIPTextModel
+    reference = cls.from_pretrained(checkpoint / component, use_safetensors=True).eval()
+    # SDXL conditions on the penultimate layer's hidden states (both encoders).
+    sdxl = family == "sdxl"
+    module = TextEncoder.from_transformers(reference, options.attention, penultimate=sdxl, sequence_length=TOKENS)
+    return ComponentModel(
+        module,
+        [TensorSpec("input_ids", (1, TOKENS), "tokens", reference.config.vocab_size)],
+        ["hidden_embeds" if sdxl else "last_hidden_state", "pooled_outputs"],
+    )
+
+
+def _time_id_count(checkpoint: Path, config) -> int:
+    """How many ``time_ids`` a text_time unet takes: 6 for SDXL base, 5 for the refiner.
+
+    The unet's added-conditioning width is the pooled text width plus one
+    sinusoidal embedding per id; the pooled width is text_encoder_2's
+    projection width, read from its config (6 ids when there is none).
+    """
+    te2 = checkpoint / "text_encoder_2" / "config.json"
+    if not te2.is_file():
+        return 6
+    text_dim = json.loads(te2.read_text())["projection_dim"]
+    extra = config.projection_class_embeddings_input_dim - text_dim
+    if extra <= 0 or extra % config.addition_time_embed_dim:
+        raise RecipeError(
+            f"{checkpoint}: unet projection_class_embeddings_input_dim {config.projection_class_embeddings_input_dim}"
+            f" does not fit text_encoder_2's projection_dim {text_dim}"
+        )
+    return extra // config.addition_time_embed_dim
+
+
+def _build_unet(checkpoint: Path, options: BuildOptions) -> ComponentModel:
+    from diffusers import UNet2DConditionModel
+
+    from sdbuild.models.unet import Unet
+
+    reference = UNet2DConditionModel.from_pretrained(checkpoint / "unet", use_safetensors=True).eval()
+    cfg = reference.config
+    h, w = options.latent
+    factor = 2 ** (len(cfg.block_out_channels) - 1)
+    if h % factor or w % factor:
+        raise RecipeError(
+            f"resolution {options.height}x{options.width}: the unet needs height and width divisible by {8 * factor}"
+        )
+    module = Unet.from_diffusers(reference, options.attention)
+    b = options.batch
+    inputs = [
+        TensorSpec("sample", (b, cfg.in_channels, h, w)),
+        TensorSpec("timestep", (b,), "timestep", 1000),
+        TensorSpec("encoder_hidden_states", (b, cfg.cross_attention_dim, 1, TOKENS)),
+    ]
+    info = {"upcast_attention": bool(cfg.upcast_attention), "skip_shapes": module.skip_shapes(b, h, w)}
+    if module.text_time:
+        n_ids = _time_id_count(checkpoint, cfg)
+        text_dim = cfg.projection_class_embeddings_input_dim - n_ids * cfg.addition_time_embed_dim
+        inputs += [TensorSpec("text_embeds", (b, text_dim)), TensorSpec("time_ids", (b, n_ids))]
+    return ComponentModel(module, inputs, ["noise_pred"], info=info)
+
+
+def _build_vae(component: str, checkpoint: Path, options: BuildOptions) -> ComponentModel:
+    from diffusers import AutoencoderKL
+
+    from sdbuild.models.vae import VaeDecoder, VaeEncoder, needs_float32
+
+    reference = AutoencoderKL.from_pretrained(checkpoint / "vae", use_safetensors=True).eval()
+    # SDXL's VAE overflows in float16 (its config says force_upcast).
+    precision = "float32" if needs_float32(reference.config) else "float16"
+    h, w = options.latent
+    if component == "vae_decoder":
+        module = VaeDecoder.from_diffusers(reference, options.attention)
+        spec = TensorSpec("z", (1, reference.config.latent_channels, h, w))
+        return ComponentModel(module, [spec], ["image"], precision)
+    module = VaeEncoder.from_diffusers(reference, options.attention)
+    spec = TensorSpec("x", (1, 3, options.height, options.width), "image")
+    return ComponentModel(module, [spec], ["latent"], precision)
 
 
 def sample_inputs(inputs: list[TensorSpec], seed: int) -> dict[str, np.ndarray]:
