@@ -1,0 +1,601 @@
+"""Reference executor: run the ML program of a saved ``.mlpackage`` on the CPU with PyTorch.
+
+Core ML prediction exists only on macOS; this runs the very program a package
+ships, op by op, with the weights read from the package's own weight file, so
+conversion, compression and chunking can be checked on Linux.
+
+    prog = load_program("Unet.mlpackage")
+    out = prog.run({"sample": x, "timestep": t, "encoder_hidden_states": c})
+
+Loading parses the program (coremltools' MIL proto reader), checks the weight
+file's structure, picks a kernel for every op (sdbuild.mil.kernels) and
+decompresses compressed weights once. ``run`` then walks a precomputed plan:
+per op a kernel, its constant arguments already bound, the names of its
+run-time arguments, and what to round or free after it.
+
+Precision: ``fp32`` holds every value in float32 (the upper bound of what a
+device can reach); ``fp16`` (default) rounds every float16 tensor of the
+program to float16 after each op, as a device holds it. Either way the
+arithmetic itself runs in float32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from sdbuild.errors import ModelInputError, PackageError, UnsupportedOpError
+from sdbuild.mil import kernels as _kernels
+
+PRECISIONS = ("fp16", "fp32")
+
+# Core ML's ArrayFeatureType.ArrayDataType numbers -> numpy dtypes.
+_ARRAY_DTYPES = {65552: np.float16, 65568: np.float32, 65600: np.float64, 131104: np.int32, 131080: np.int8}
+
+_BLOB_SENTINEL = 0xDEADBEEF
+_BLOB_HEADER = 64  # storage header: uint32 count, uint32 version, reserved
+_BLOB_METADATA = 64  # per blob: uint32 sentinel, uint32 dtype, uint64 size, uint64 offset, reserved
+
+
+# --------------------------------------------------------------------------- dtype kinds
+
+
+def _kind(dtype) -> str:
+    """'fp16', 'fp32', 'int', 'bool' or 'other' for a pymil builtin dtype."""
+    from coremltools.converters.mil.mil import types
+
+    if dtype in (types.fp16,):
+        return "fp16"
+    if types.is_float(dtype):
+        return "fp32"
+    if types.is_bool(dtype):
+        return "bool"
+    if types.is_int(dtype):
+        return "int"
+    return "other"
+
+
+def _round_fp16(t: torch.Tensor) -> torch.Tensor:
+    if t.dtype != torch.float32:
+        t = t.to(torch.float32)
+    return t.to(torch.float16).to(torch.float32)
+
+
+def _as_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.to(torch.float32)
+
+
+def _as_int(t: torch.Tensor) -> torch.Tensor:
+    if t.dtype == torch.int64:
+        return t
+    if t.is_floating_point():
+        t = torch.trunc(t)
+    return t.to(torch.int64)
+
+
+def _as_bool(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.bool else t != 0
+
+
+def _keep(t):
+    return t
+
+
+def _finisher(kind: str, precision: str, exact: bool) -> Callable:
+    """What to apply to an op's result so it holds as the declared dtype would."""
+    if kind == "fp16":
+        return _as_fp32 if (precision == "fp32" or exact) else _round_fp16
+    if kind == "fp32":
+        return _as_fp32
+    if kind == "int":
+        return _as_int
+    if kind == "bool":
+        return _as_bool
+    return _keep
+
+
+def _as_data(value) -> Any:
+    """A stored constant (numpy array or scalar) as the tensor kernels take."""
+    if isinstance(value, str):
+        return value
+    arr = np.asarray(value)
+    if arr.dtype.kind == "f":
+        return torch.from_numpy(np.array(arr, dtype=np.float32, order="C"))
+    if arr.dtype.kind in "iu":
+        return torch.from_numpy(np.array(arr, dtype=np.int64, order="C"))
+    if arr.dtype.kind == "b":
+        return torch.from_numpy(np.array(arr, order="C"))
+    if arr.dtype.kind in "US":
+        return str(arr)
+    raise TypeError(f"constant of dtype {arr.dtype} has no tensor form")
+
+
+def _as_attr(value) -> Any:
+    """A constant or run-time value as the plain Python value attribute inputs take."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+# --------------------------------------------------------------------------- package reading
+
+
+def _read_manifest(pkg: Path) -> tuple[Path, Path]:
+    """(model spec file, weights folder) of a package, from its Manifest.json."""
+    manifest = pkg / "Manifest.json"
+    if not manifest.is_file():
+        raise PackageError(f"{pkg}: not a complete .mlpackage (Manifest.json is missing)")
+    try:
+        info = json.loads(manifest.read_text())
+        entries = info["itemInfoEntries"]
+        root = entries[info["rootModelIdentifier"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise PackageError(f"{pkg}: Manifest.json is unreadable ({type(e).__name__}: {e})") from None
+    spec_file = pkg / "Data" / root["path"]
+    weights = pkg / "Data" / "com.apple.CoreML" / "weights"
+    for entry in entries.values():
+        if isinstance(entry, dict) and entry.get("name") == "weights" and "path" in entry:
+            weights = pkg / "Data" / entry["path"]
+    if not spec_file.is_file():
+        raise PackageError(f"{pkg}: the model specification {root['path']} is missing (truncated package?)")
+    return spec_file, weights
+
+
+def _read_spec(pkg: Path, spec_file: Path):
+    from coremltools.proto import Model_pb2
+
+    spec = Model_pb2.Model()
+    try:
+        spec.ParseFromString(spec_file.read_bytes())
+    except Exception as e:  # protobuf raises DecodeError and friends
+        raise PackageError(f"{pkg}: the model specification is corrupted ({type(e).__name__})") from None
+    if spec.WhichOneof("Type") != "mlProgram":
+        raise PackageError(f"{pkg}: holds a {spec.WhichOneof('Type')} model; the reference executor runs ML programs only")
+    return spec
+
+
+def _blob_refs(spec) -> list[tuple[str, int]]:
+    """(file name, offset) of every weight blob the program points at, nested blocks included."""
+    refs = []
+
+    def visit_block(block):
+        for op in block.operations:
+            for value in op.attributes.values():
+                if value.WhichOneof("value") == "blobFileValue":
+                    refs.append((value.blobFileValue.fileName, value.blobFileValue.offset))
+            for inner in op.blocks:
+                visit_block(inner)
+
+    for function in spec.mlProgram.functions.values():
+        for block in function.block_specializations.values():
+            visit_block(block)
+    return refs
+
+
+def _check_weight_file(pkg: Path, path: Path, offsets: set[int]) -> None:
+    """Walk the blob storage file and check every referenced blob lies whole inside it.
+
+    A weight file is a 64-byte header (blob count, version) followed by blobs,
+    each a 64-byte metadata record (sentinel 0xDEADBEEF, dtype, size, data
+    offset) and its data. Truncation or damaged records are caught here, before
+    anything reads past the end of the file.
+    """
+    rel = path.relative_to(pkg)
+    if not path.is_file():
+        raise PackageError(f"{pkg}: weight file {rel} is missing (truncated package?)")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        header = f.read(_BLOB_HEADER)
+        if len(header) < _BLOB_HEADER:
+            raise PackageError(f"{pkg}: weight file {rel} is truncated ({size} bytes, no header)")
+        count, version = struct.unpack_from("<II", header)
+        if version != 2:
+            raise PackageError(f"{pkg}: weight file {rel} is corrupted (storage version {version}, expected 2)")
+        for offset in sorted(offsets):
+            f.seek(offset)
+            meta = f.read(_BLOB_METADATA)
+            if len(meta) < _BLOB_METADATA:
+                raise PackageError(f"{pkg}: weight file {rel} is truncated ({size} bytes; a weight starts at {offset})")
+            sentinel, _dtype, nbytes, data_offset = struct.unpack_from("<IIQQ", meta)
+            if sentinel != _BLOB_SENTINEL:
+                raise PackageError(f"{pkg}: weight file {rel} is corrupted (bad weight record at offset {offset})")
+            if data_offset + nbytes > size:
+                raise PackageError(
+                    f"{pkg}: weight file {rel} is truncated ({size} bytes; a weight needs bytes up to {data_offset + nbytes})"
+                )
+    if len(offsets) > count:
+        raise PackageError(f"{pkg}: weight file {rel} is corrupted (header counts {count} weights, program uses {len(offsets)})")
+
+
+def _check_weights(pkg: Path, spec, weights_dir: Path) -> None:
+    by_file: dict[str, set[int]] = {}
+    for name, offset in _blob_refs(spec):
+        by_file.setdefault(name.split("/")[-1], set()).add(offset)
+    for name, offsets in by_file.items():
+        _check_weight_file(pkg, weights_dir / name, offsets)
+
+
+# --------------------------------------------------------------------------- the program
+
+
+@dataclass
+class _Plan:
+    """A precomputed run: steps plus the constant outputs folded at load time."""
+
+    steps: list = field(default_factory=list)
+    consts: dict = field(default_factory=dict)  # program outputs that are constants
+    input_kinds: dict = field(default_factory=dict)
+
+
+class Program:
+    """A loaded ML program, ready to run.
+
+    ``inputs``: name -> (shape, numpy dtype) as the model declares them, in order.
+    ``outputs``: output names in order; ``output_dtypes``: name -> declared numpy dtype.
+    ``opset``: the main function's opset, e.g. "iOS17".
+    """
+
+    def __init__(self, path: Path, spec, function, kernel_table=None):
+        self.path = path
+        self.spec = spec
+        self._function = function
+        self._table = kernel_table
+        self.opset = function.opset_version.name if function.opset_version is not None else "iOS15"
+        self._opset_number = function.opset_version.value if function.opset_version is not None else 6
+        self.inputs: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+        self._allowed_shapes: dict[str, Callable[[tuple], bool]] = {}
+        for feature in spec.description.input:
+            self._declare_input(feature)
+        self.outputs: list[str] = [o.name for o in spec.description.output]
+        self.output_dtypes: dict[str, np.dtype] = {}
+        for feature in spec.description.output:
+            arr = feature.type.multiArrayType
+            self.output_dtypes[feature.name] = np.dtype(_ARRAY_DTYPES.get(arr.dataType, np.float32))
+        # Program output vars, matched to the declared names by position.
+        self._output_vars = [v.name for v in function.outputs]
+        if len(self._output_vars) != len(self.outputs):
+            raise PackageError(f"{path}: the program returns {len(self._output_vars)} values but declares {len(self.outputs)} outputs")
+        self._const_data: dict[str, Any] = {}  # const var name -> tensor (shared by both precisions)
+        self._raw_results: dict[str, Any] = {}  # constexpr outputs (tensors), decompressed once
+        self._raw_is_fp16: set[str] = set()  # constexpr outputs whose values are float16 already
+        self._plans: dict[str, _Plan] = {}
+        self._check_kernels()
+        self._decompress_weights()
+
+    def _kernel(self, op):
+        k = _kernels.find_kernel(op.op_type, self._opset_number, self._table)
+        if k is None or op.blocks:
+            raise UnsupportedOpError(f"no kernel for op '{op.op_type}' (opset {self.opset}) in {self.path.name}")
+        unknown = set(op.inputs) - k.params
+        if unknown:
+            raise UnsupportedOpError(
+                f"op '{op.op_type}' (opset {self.opset}) in {self.path.name} has input(s) "
+                f"{', '.join(sorted(unknown))} that its kernel does not know"
+            )
+        return k
+
+    def _check_kernels(self) -> None:
+        """Refuse, at load time, a program with any op the kernel table cannot run."""
+        for op in self._function.operations:
+            if op.op_type != "const":
+                self._kernel(op)
+
+    def _decompress_weights(self) -> None:
+        """Run the compile-time (constexpr) weight decompression ops once, at load time."""
+        raw: dict[str, Any] = {}  # numpy results, for constexpr ops that feed each other
+        for op in self._function.operations:
+            if op.op_type == "const":
+                continue
+            k = self._kernel(op)
+            if not k.raw:
+                continue
+            kw = {}
+            for param, v in op.inputs.items():
+                if v.op is not None and v.op.op_type == "const":
+                    value = v.val
+                elif v.name in raw:
+                    value = raw[v.name]
+                else:
+                    raise PackageError(f"{self.path}: '{op.op_type}' op {op.name} has a non-constant input '{param}'")
+                kw[param] = _as_attr(value) if param in k.attrs else value
+            result = k.fn(**kw)
+            results = result if isinstance(result, tuple) else (result,)
+            for out, value in zip(op.outputs, results):
+                raw[out.name] = value
+                if np.asarray(value).dtype == np.float16:
+                    self._raw_is_fp16.add(out.name)
+                self._raw_results[out.name] = _as_data(value)
+
+    # ---- inputs
+
+    def _declare_input(self, feature) -> None:
+        kind = feature.type.WhichOneof("Type")
+        if kind != "multiArrayType":
+            raise PackageError(f"{self.path}: input '{feature.name}' is a {kind}; only multi-array inputs are supported")
+        arr = feature.type.multiArrayType
+        shape = tuple(int(s) for s in arr.shape)
+        dtype = np.dtype(_ARRAY_DTYPES.get(arr.dataType, np.float32))
+        flex = arr.WhichOneof("ShapeFlexibility")
+        if flex == "enumeratedShapes":
+            shapes = {tuple(int(s) for s in e.shape) for e in arr.enumeratedShapes.shapes} | {shape}
+            self._allowed_shapes[feature.name] = lambda s, shapes=shapes: tuple(s) in shapes
+        elif flex == "shapeRange":
+            ranges = [(r.lowerBound, r.upperBound) for r in arr.shapeRange.sizeRanges]
+            self._allowed_shapes[feature.name] = lambda s, ranges=ranges: len(s) == len(ranges) and all(
+                lo <= d and (hi < 0 or d <= hi) for d, (lo, hi) in zip(s, ranges)
+            )
+        else:
+            self._allowed_shapes[feature.name] = lambda s, shape=shape: tuple(s) == shape
+        self.inputs[feature.name] = (shape, dtype)
+
+    def _check_inputs(self, feeds: dict) -> None:
+        expected = ", ".join(self.inputs)
+        for name in feeds:
+            if name not in self.inputs:
+                raise ModelInputError(f"{self.path.name}: unexpected input '{name}'; the model takes: {expected}")
+        for name, (shape, dtype) in self.inputs.items():
+            if name not in feeds:
+                raise ModelInputError(
+                    f"{self.path.name}: missing input '{name}' (expected shape {list(shape)}, {dtype.name})"
+                )
+            value = np.asarray(feeds[name])
+            if value.dtype.kind not in "fiub" or (dtype.kind in "iu" and value.dtype.kind == "f"):
+                raise ModelInputError(
+                    f"{self.path.name}: input '{name}' has dtype {value.dtype}, expected {dtype.name}"
+                )
+            if not self._allowed_shapes[name](value.shape):
+                raise ModelInputError(
+                    f"{self.path.name}: input '{name}' has shape {list(value.shape)}, expected {list(shape)}"
+                )
+
+    # ---- planning
+
+    def _const_tensor(self, var) -> Any:
+        if var.name not in self._const_data:
+            self._const_data[var.name] = _as_data(var.val)
+        return self._const_data[var.name]
+
+    def _build_plan(self, precision: str) -> _Plan:
+        """Bind constants and fold everything computable before the inputs are known."""
+        plan = _Plan()
+        known: dict[str, Any] = {}  # var name -> value computable now (folded results)
+        dynamic: set[str] = set()
+        for name, var in self._function.inputs.items():
+            dynamic.add(name)
+            plan.input_kinds[name] = _kind(var.dtype)
+
+        def is_const(var) -> bool:
+            return var.name in known or (var.op is not None and var.op.op_type == "const")
+
+        def const_value(var):
+            return known[var.name] if var.name in known else self._const_tensor(var)
+
+        used_at: dict[str, int] = {}
+        steps = []
+        for op in self._function.operations:
+            if op.op_type == "const":
+                continue
+            k = self._kernel(op)
+            finishers = [_finisher(_kind(o.dtype), precision, k.exact) for o in op.outputs]
+            out_names = [o.name for o in op.outputs]
+            if k.raw:
+                for name, fin in zip(out_names, finishers):
+                    value = self._raw_results[name]
+                    known[name] = _as_fp32(value) if name in self._raw_is_fp16 else fin(value)
+                continue
+            vars_in = []
+            for v in op.inputs.values():
+                vars_in.extend(v if isinstance(v, (list, tuple)) else [v])
+            if all(is_const(v) for v in vars_in):
+                # An op on constants only: fold it now, with the run's own rounding.
+                kw = {}
+                for p, v in op.inputs.items():
+                    if isinstance(v, (list, tuple)):
+                        kw[p] = [const_value(e) for e in v]
+                    else:
+                        kw[p] = _as_attr(const_value(v)) if p in k.attrs else const_value(v)
+                with torch.inference_mode():
+                    result = k.fn(**kw)
+                results = result if isinstance(result, (tuple, list)) else (result,)
+                for name, fin, value in zip(out_names, finishers, results):
+                    known[name] = fin(value)
+                continue
+
+            static, dyn = {}, []
+            for param, v in op.inputs.items():
+                if isinstance(v, (list, tuple)):
+                    refs = []
+                    for e in v:
+                        if is_const(e):
+                            refs.append((False, const_value(e)))
+                        else:
+                            refs.append((True, e.name))
+                            used_at[e.name] = len(steps)
+                    dyn.append((param, 2, refs))
+                elif is_const(v):
+                    value = const_value(v)
+                    static[param] = _as_attr(value) if param in k.attrs else value
+                else:
+                    dyn.append((param, 1 if param in k.attrs else 0, v.name))
+                    used_at[v.name] = len(steps)
+            steps.append([k.fn, static, dyn, out_names, finishers, [], op.op_type])
+            dynamic.update(out_names)
+
+        # Free each intermediate after its last use, so full-size models fit in memory.
+        keep = set(self._output_vars)
+        for step in steps:
+            for name in step[3]:
+                if name not in used_at and name not in keep:
+                    step[5].append(name)
+        for name, i in used_at.items():
+            if name not in keep:
+                steps[i][5].append(name)
+        plan.steps = [tuple(s) for s in steps]
+        for name in self._output_vars:
+            if name in known:
+                plan.consts[name] = known[name]
+            elif name not in dynamic:
+                raise PackageError(f"{self.path}: output '{name}' is not computed by the program")
+        return plan
+
+    def _plan(self, precision: str) -> _Plan:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+        if precision not in self._plans:
+            self._plans[precision] = self._build_plan(precision)
+        return self._plans[precision]
+
+    # ---- running
+
+    def run(self, inputs: dict, precision: str = "fp16", profile: dict | None = None) -> dict[str, np.ndarray]:
+        """Run the program on ``inputs`` (name -> array of the declared shape).
+
+        Float inputs may come as any float dtype: they are cast to the declared
+        dtype as Core ML casts (round to nearest). Returns name -> array for
+        every declared output, float outputs as float32 (float16-rounded values
+        in fp16 mode; the declared dtypes are in ``output_dtypes``). With a dict
+        as ``profile``, adds seconds per op type to it.
+        """
+        plan = self._plan(precision)
+        self._check_inputs(inputs)
+        env: dict[str, Any] = {}
+        for name, (_shape, dtype) in self.inputs.items():
+            value = np.asarray(inputs[name])
+            kind = plan.input_kinds.get(name, "fp32")
+            if kind == "fp16" and precision == "fp16":
+                value = value.astype(np.float16)
+            if kind in ("fp16", "fp32"):
+                env[name] = torch.from_numpy(np.array(value, dtype=np.float32, order="C"))
+            elif kind == "int":
+                env[name] = torch.from_numpy(np.array(value.astype(dtype), dtype=np.int64))
+            else:
+                env[name] = torch.from_numpy(np.array(value.astype(bool)))
+        with torch.inference_mode():
+            if profile is None:
+                self._execute(plan.steps, env)
+            else:
+                self._execute_profiled(plan.steps, env, profile)
+        results = {}
+        for declared, var in zip(self.outputs, self._output_vars):
+            value = plan.consts[var] if var in plan.consts else env[var]
+            array = value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+            dtype = self.output_dtypes[declared]
+            if dtype.kind == "f":
+                array = array.astype(np.float32, copy=False)
+            elif array.dtype != dtype:
+                array = array.astype(dtype)
+            results[declared] = array
+        return results
+
+    @staticmethod
+    def _execute(steps, env) -> None:
+        for fn, static, dyn, outs, finishers, frees, _op_type in steps:
+            kw = static.copy()
+            for param, how, ref in dyn:
+                if how == 0:
+                    kw[param] = env[ref]
+                elif how == 1:
+                    kw[param] = _as_attr(env[ref])
+                else:
+                    kw[param] = [env[r] if is_var else r for is_var, r in ref]
+            result = fn(**kw)
+            if len(outs) == 1:
+                if isinstance(result, (tuple, list)):
+                    result = result[0]
+                env[outs[0]] = finishers[0](result)
+            else:
+                for name, fin, value in zip(outs, finishers, result):
+                    env[name] = fin(value)
+            for name in frees:
+                del env[name]
+
+    @classmethod
+    def _execute_profiled(cls, steps, env, profile: dict) -> None:
+        for step in steps:
+            start = time.perf_counter()
+            cls._execute((step,), env)
+            profile[step[6]] = profile.get(step[6], 0.0) + time.perf_counter() - start
+
+    def op_counts(self) -> dict[str, int]:
+        """Number of ops per op type in the main function (consts included)."""
+        counts: dict[str, int] = {}
+        for op in self._function.operations:
+            counts[op.op_type] = counts.get(op.op_type, 0) + 1
+        return counts
+
+
+def load_program(path, kernels: dict | None = None) -> Program:
+    """Load the ML program of the ``.mlpackage`` at ``path`` for running on the CPU.
+
+    ``kernels`` replaces the kernel table (tests use it to drop a kernel).
+    Raises PackageError for a missing, truncated or corrupted package and
+    UnsupportedOpError for an op without a kernel, each with a one-line message.
+    """
+    pkg = Path(path)
+    if not pkg.exists():
+        raise PackageError(f"{pkg}: no such model package")
+    if not pkg.is_dir():
+        raise PackageError(f"{pkg}: not an .mlpackage folder")
+    spec_file, weights_dir = _read_manifest(pkg)
+    spec = _read_spec(pkg, spec_file)
+    _check_weights(pkg, spec, weights_dir)
+    from coremltools.converters.mil.frontend.milproto import load as milproto
+
+    try:
+        program = milproto.load(spec, spec.specificationVersion, file_weights_dir=str(weights_dir))
+    except Exception as e:
+        message = str(e).splitlines()[0] if str(e) else ""
+        raise PackageError(f"{pkg}: cannot read the ML program ({type(e).__name__}: {message})") from None
+    name = spec.description.defaultFunctionName or "main"
+    if name not in program.functions:
+        raise PackageError(f"{pkg}: the program has no function '{name}'")
+    return Program(pkg, spec, program.functions[name], kernels)
+
+
+def exec_files(model: Path, inputs_npz: Path, output_npz: Path, precision: str = "fp16", profile: bool = False) -> dict:
+    """Run ``model`` on the arrays in ``inputs_npz``; save the outputs to ``output_npz``.
+
+    Outputs are saved under the model's output names. Returns
+    {"outputs": {name: shape list}, "precision": ..., "seconds": run time,
+    "profile": {op_type: seconds, slowest first} or None}.
+    """
+    prog = load_program(model)
+    try:
+        with np.load(inputs_npz, allow_pickle=False) as data:
+            feeds = {name: data[name] for name in data.files}
+    except (OSError, ValueError) as e:
+        raise ModelInputError(f"{inputs_npz}: cannot read the inputs ({e})") from None
+    times: dict | None = {} if profile else None
+    start = time.perf_counter()
+    outputs = prog.run(feeds, precision=precision, profile=times)
+    seconds = time.perf_counter() - start
+    output_npz = Path(output_npz)
+    output_npz.parent.mkdir(parents=True, exist_ok=True)
+    # Write then rename, so a crash never leaves a half-written file under the final name.
+    fd, tmp = tempfile.mkstemp(suffix=".npz", dir=output_npz.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **outputs)
+        os.replace(tmp, output_npz)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return {
+        "outputs": {name: list(value.shape) for name, value in outputs.items()},
+        "precision": precision,
+        "seconds": seconds,
+        "profile": dict(sorted(times.items(), key=lambda kv: -kv[1])) if times is not None else None,
+    }
