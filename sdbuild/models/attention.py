@@ -96,18 +96,16 @@ def split_einsum_attention(q, k, v, heads: int, mask=None):
 
 
 def split_einsum_v2_attention(q, k, v, heads: int, mask=None, chunk: int = QUERY_CHUNK):
-    """``split_einsum_attention`` with the queries taken ``chunk`` positions at a time."""
-    length = q.shape[3]
-    if length <= chunk:
-        return split_einsum_attention(q, k, v, heads, mask)
-    mask_t = None if mask is None else mask.permute(0, 3, 1, 2)
+    """``split_einsum_attention`` with the queries taken ``chunk`` positions at a time.
+
+    ``torch.split`` cuts the chunks (the last one shorter), so the trace holds
+    no arithmetic on the sequence length; up to ``chunk`` queries it is one piece.
+    """
+    mask_t = None if mask is None else mask.permute(0, 3, 1, 2)  # (1, Sk, 1, Sq)
+    mask_chunks = [None] * len(q.split(chunk, dim=3)) if mask_t is None else mask_t.split(chunk, dim=3)
     qs, ks, vs = _split_heads(q, k, v, heads)
     out = []
     for q_h, k_h, v_h in zip(qs, ks, vs):
-        pieces = []
-        for start in range(0, length, chunk):
-            stop = min(start + chunk, length)
-            m = None if mask_t is None else mask_t[..., start:stop]
-            pieces.append(_head_attention(q_h[..., start:stop], k_h, v_h, m))
-        out.append(torch.cat(pieces, dim=3))
+        pieces = [_head_attention(q_c, k_h, v_h, m) for q_c, m in zip(q_h.split(chunk, dim=3), mask_chunks)]
+        out.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=3))
     return torch.cat(out, dim=1)
