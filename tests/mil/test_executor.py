@@ -1,0 +1,479 @@
+"""The reference executor on whole models: Stable Diffusion building blocks converted from
+PyTorch, compressed weights, the program API, and the errors a user can meet."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import coremltools as ct
+import coremltools.optimize.coreml as cto
+
+from sdbuild.errors import ModelInputError, PackageError, UnsupportedOpError
+from sdbuild.metrics import psnr
+from sdbuild.mil import kernels
+from sdbuild.mil.executor import exec_files, load_program
+
+from .milcheck import FP16_MIN_DB, FP32_MIN_DB, check_torch, convert_mil, convert_torch
+
+
+# --------------------------------------------------------------------------- SD building blocks
+
+
+class Attention(nn.Module):
+    """Batched-matmul attention ("ORIGINAL") with a residual: x [B, S, C]."""
+
+    def __init__(self, dim=32, heads=4, context_dim=24):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(dim)
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.k = nn.Linear(context_dim, dim, bias=False)
+        self.v = nn.Linear(context_dim, dim, bias=False)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x, context):
+        b, s, c = x.shape
+        h = self.norm(x)
+        q = self.q(h).reshape(b, s, self.heads, -1).transpose(1, 2)
+        k = self.k(context).reshape(b, context.shape[1], self.heads, -1).transpose(1, 2)
+        v = self.v(context).reshape(b, context.shape[1], self.heads, -1).transpose(1, 2)
+        a = F.scaled_dot_product_attention(q, k, v)
+        return x + self.out(a.transpose(1, 2).reshape(b, s, c))
+
+
+class SplitEinsumAttention(nn.Module):
+    """Per-head einsum attention in the (B, C, 1, S) layout with 1x1 convolutions."""
+
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Conv2d(dim, dim, 1, bias=False)
+        self.k = nn.Conv2d(dim, dim, 1, bias=False)
+        self.v = nn.Conv2d(dim, dim, 1, bias=False)
+        self.out = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x):
+        d = x.shape[1] // self.heads
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        outs = []
+        for i in range(self.heads):
+            qi, ki, vi = (t[:, i * d : (i + 1) * d] for t in (q, k, v))
+            w = torch.einsum("bchq,bchk->bkhq", qi, ki) * d**-0.5
+            w = w.softmax(dim=1)
+            outs.append(torch.einsum("bkhq,bchk->bchq", w, vi))
+        return self.out(torch.cat(outs, dim=1))
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv, plus a projected time embedding, with a 1x1 skip."""
+
+    def __init__(self, cin=8, cout=16, temb=12):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(4, cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.time = nn.Linear(temb, cout)
+        self.norm2 = nn.GroupNorm(4, cout, eps=1e-6)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x, t):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time(F.silu(t))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class Resampling(nn.Module):
+    """The unet's and VAE's up/downsamplers, and a bilinear resize, in one model."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.down = nn.Conv2d(c, c, 3, stride=2, padding=1)
+        self.up_conv = nn.Conv2d(c, c, 3, padding=1)
+        self.up_t = nn.ConvTranspose2d(c, c, 3, stride=2, padding=1, output_padding=1)
+
+    def forward(self, x):
+        d = self.down(x)
+        u = self.up_conv(F.interpolate(d, scale_factor=2.0, mode="nearest"))
+        b = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+        a = F.interpolate(x, size=(13, 11), mode="bilinear", align_corners=True)
+        return u, self.up_t(d), b, a
+
+
+class TextEncoder(nn.Module):
+    """CLIP-like: float token ids -> embedding gather, causal attention, quick-gelu MLP."""
+
+    def __init__(self, vocab=50, dim=32, length=8):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, dim)
+        self.pos = nn.Parameter(torch.randn(1, length, dim) * 0.1)
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.fc2 = nn.Linear(4 * dim, dim)
+        self.final = nn.LayerNorm(dim)
+        self.register_buffer("mask", torch.full((length, length), float("-inf")).triu(1))
+
+    def forward(self, input_ids):
+        ids = input_ids.to(torch.int64)
+        x = self.tok(ids) + self.pos
+        q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
+        w = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1]) + self.mask
+        x = x + self.proj(w.softmax(-1) @ v)
+        h = self.fc1(self.norm2(x))
+        x = x + self.fc2(h * torch.sigmoid(1.702 * h))
+        x = self.final(x)
+        pooled = x[torch.arange(x.shape[0]), ids.argmax(dim=-1)]
+        return x, pooled
+
+
+def test_attention_block_ios16(model_dir):
+    torch.manual_seed(0)
+    inputs = {"x": torch.randn(2, 16, 32), "context": torch.randn(2, 7, 24)}
+    check_torch(Attention(), inputs, model_dir, "iOS16", op_type=["matmul", "softmax", "layer_norm"])
+
+
+def test_attention_block_ios18_uses_sdpa(model_dir):
+    torch.manual_seed(1)
+    inputs = {"x": torch.randn(2, 16, 32), "context": torch.randn(2, 7, 24)}
+    check_torch(Attention(), inputs, model_dir, "iOS18", op_type="scaled_dot_product_attention")
+
+
+def test_split_einsum_attention(model_dir):
+    torch.manual_seed(2)
+    check_torch(SplitEinsumAttention(), {"x": torch.randn(1, 32, 1, 12)}, model_dir, "iOS17", op_type=["einsum", "conv"])
+
+
+def test_resnet_block_with_group_norm(model_dir):
+    torch.manual_seed(3)
+    inputs = {"x": torch.randn(2, 8, 10, 10), "t": torch.randn(2, 12)}
+    # GroupNorm converts to its decomposition: reshape, reduce_mean, sub, mul, rsqrt/real_div...
+    check_torch(ResnetBlock(), inputs, model_dir, "iOS16", op_type=["reduce_mean", "conv", "silu", "linear"])
+
+
+def test_up_and_downsampling(model_dir):
+    torch.manual_seed(4)
+    check_torch(
+        Resampling(), {"x": torch.randn(1, 8, 8, 6)}, model_dir, "iOS16",
+        op_type=["upsample_nearest_neighbor", "conv_transpose", "upsample_bilinear"],
+    )
+
+
+def test_text_encoder(model_dir):
+    torch.manual_seed(5)
+    ids = torch.tensor([[49.0, 3, 17, 8, 0, 0, 0, 0]])
+    check_torch(TextEncoder(), {"input_ids": ids}, model_dir, "iOS17", op_type=["gather", "cast", "layer_norm"])
+
+
+# --------------------------------------------------------------------------- compressed weights
+
+
+class Compressible(nn.Module):
+    """Weights large enough for coremltools' compression (> 2048 elements each)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(16, 32, 3, padding=1)
+        self.fc = nn.Linear(32, 96)
+
+    def forward(self, x):
+        h = F.silu(self.conv(x))
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+def _dense_weights(pkg):
+    """name -> decompressed weight array, as coremltools itself decompresses them."""
+    dense = cto.decompress_weights(ct.models.MLModel(str(pkg), skip_model_load=True))
+    path = pkg.with_name(pkg.stem + "_dense.mlpackage")
+    dense.save(str(path))
+    prog = load_program(path)
+    return {op.outputs[0].val.shape: op.outputs[0].val for op in prog._function.operations
+            if op.op_type == "const" and np.ndim(op.outputs[0].val) >= 2}
+
+
+def _reference_with(module, weights_by_shape, x):
+    """The module's output with its weights replaced by the package's decompressed weights."""
+    ref = Compressible()
+    ref.load_state_dict(module.state_dict())
+    with torch.no_grad():
+        for p in (ref.conv.weight, ref.fc.weight):
+            p.copy_(torch.from_numpy(np.asarray(weights_by_shape[tuple(p.shape)], np.float32)))
+        return ref(x).numpy()
+
+
+COMPRESSIONS = {
+    "lut4-per-tensor-ios16": ("iOS16", lambda: cto.palettize_weights, cto.OpPalettizerConfig(mode="kmeans", nbits=4), "constexpr_lut_to_dense"),
+    "lut6-grouped-ios18": (
+        "iOS18", lambda: cto.palettize_weights,
+        cto.OpPalettizerConfig(mode="uniform", nbits=6, granularity="per_grouped_channel", group_size=8),
+        "constexpr_lut_to_dense",
+    ),
+    "lut4-channel-scale-ios18": (
+        "iOS18", lambda: cto.palettize_weights,
+        cto.OpPalettizerConfig(mode="uniform", nbits=4, granularity="per_grouped_channel", group_size=16, enable_per_channel_scale=True),
+        "constexpr_blockwise_shift_scale",
+    ),
+    "lut2-vector-ios18": (
+        "iOS18", lambda: cto.palettize_weights, cto.OpPalettizerConfig(mode="kmeans", nbits=2, cluster_dim=2),
+        "constexpr_lut_to_dense",
+    ),
+    "int8-per-channel-ios16": (
+        "iOS16", lambda: cto.linear_quantize_weights, cto.OpLinearQuantizerConfig(mode="linear", dtype="int8"),
+        "constexpr_affine_dequantize",
+    ),
+    "int8-per-tensor-ios16": (
+        "iOS16", lambda: cto.linear_quantize_weights,
+        cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="uint8", granularity="per_tensor"),
+        "constexpr_affine_dequantize",
+    ),
+    "int4-per-block-ios18": (
+        "iOS18", lambda: cto.linear_quantize_weights,
+        cto.OpLinearQuantizerConfig(mode="linear", dtype="int4", granularity="per_block", block_size=8),
+        "constexpr_blockwise_shift_scale",
+    ),
+    "sparse-ios16": ("iOS16", lambda: cto.prune_weights, cto.OpMagnitudePrunerConfig(target_sparsity=0.5), "constexpr_sparse_to_dense"),
+    "sparse-ios18": ("iOS18", lambda: cto.prune_weights, cto.OpMagnitudePrunerConfig(target_sparsity=0.5), "constexpr_sparse_to_dense"),
+}
+
+
+@pytest.mark.parametrize("name", list(COMPRESSIONS))
+def test_compressed_weights(name, model_dir):
+    target, compressor, op_config, op_type = COMPRESSIONS[name]
+    torch.manual_seed(6)
+    module = Compressible().eval()
+    x = torch.randn(1, 16, 6, 6)
+    for precision, floor in (("fp32", FP32_MIN_DB), ("fp16", FP16_MIN_DB)):
+        pkg = convert_torch(module, {"x": x}, model_dir, target, precision)
+        compressed = compressor()(ct.models.MLModel(str(pkg), skip_model_load=True), cto.OptimizationConfig(global_config=op_config))
+        path = pkg.with_name(f"{pkg.stem}_{name}.mlpackage")
+        compressed.save(str(path))
+        prog = load_program(path)
+        assert op_type in prog.op_counts()
+        # Decompression runs once at load time: no constexpr op is left in the plan.
+        assert not [s for s in prog._plan(precision).steps if s[6].startswith("constexpr_")]
+        reference = _reference_with(module, _dense_weights(path), x)
+        out = prog.run({"x": x.numpy()}, precision=precision)
+        db = psnr(reference, list(out.values())[0])
+        assert db >= floor, f"{name} {precision}: {db:.1f} dB"
+
+
+def test_joint_sparse_and_palettized_ios18(model_dir):
+    torch.manual_seed(7)
+    module = Compressible().eval()
+    x = torch.randn(1, 16, 6, 6)
+    pkg = convert_torch(module, {"x": x}, model_dir, "iOS18", "fp16")
+    model = ct.models.MLModel(str(pkg), skip_model_load=True)
+    model = cto.prune_weights(model, cto.OptimizationConfig(global_config=cto.OpMagnitudePrunerConfig(target_sparsity=0.5)))
+    model = cto.palettize_weights(
+        model, cto.OptimizationConfig(global_config=cto.OpPalettizerConfig(mode="uniform", nbits=4)), joint_compression=True
+    )
+    path = pkg.with_name(pkg.stem + "_joint.mlpackage")
+    model.save(str(path))
+    prog = load_program(path)
+    assert "constexpr_lut_to_sparse" in prog.op_counts()
+    reference = _reference_with(module, _dense_weights(path), x)
+    out = prog.run({"x": x.numpy()})
+    assert psnr(reference, list(out.values())[0]) >= FP16_MIN_DB
+
+
+# --------------------------------------------------------------------------- the program API
+
+
+@pytest.fixture(scope="module")
+def resnet_packages(model_dir):
+    torch.manual_seed(8)
+    module = ResnetBlock().eval()
+    inputs = {"x": torch.randn(2, 8, 10, 10), "t": torch.randn(2, 12)}
+    fp16 = convert_torch(module, inputs, model_dir, "iOS17", "fp16")
+    # float16 inputs and outputs, as the shipped unet has them.
+    fp16_io = convert_torch(
+        module, inputs, model_dir, "iOS17", "fp16",
+        outputs=[ct.TensorType(name="noise_pred", dtype=np.float16)],
+    )
+    with torch.no_grad():
+        ref = module(*inputs.values()).numpy()
+    return {"fp16": fp16, "fp16_io": fp16_io, "inputs": {k: v.numpy() for k, v in inputs.items()}, "ref": ref}
+
+
+def test_inputs_and_outputs_are_declared_in_order(resnet_packages):
+    prog = load_program(resnet_packages["fp16_io"])
+    assert list(prog.inputs) == ["x", "t"]
+    assert prog.inputs["x"][0] == (2, 8, 10, 10)
+    assert prog.outputs == ["noise_pred"]
+    assert prog.output_dtypes["noise_pred"] == np.float16
+    assert prog.opset == "iOS17"
+
+
+def test_fp16_mode_rounds_like_a_device(resnet_packages):
+    prog = load_program(resnet_packages["fp16_io"])
+    feeds, ref = resnet_packages["inputs"], resnet_packages["ref"]
+    out16 = prog.run(feeds, precision="fp16")["noise_pred"]
+    out32 = prog.run(feeds, precision="fp32")["noise_pred"]
+    # Every value held as float16 in fp16 mode; fp32 mode is the upper bound.
+    np.testing.assert_array_equal(out16, out16.astype(np.float16).astype(np.float32))
+    assert psnr(ref, out32) > psnr(ref, out16) >= FP16_MIN_DB
+    # float32 feeds for float16 inputs are cast as Core ML casts: round to nearest.
+    pre_rounded = {k: v.astype(np.float16) for k, v in feeds.items()}
+    np.testing.assert_array_equal(prog.run(pre_rounded)["noise_pred"], out16)
+
+
+def test_profile_counts_time_per_op_type(resnet_packages):
+    prog = load_program(resnet_packages["fp16"])
+    profile = {}
+    prog.run(resnet_packages["inputs"], profile=profile)
+    assert "conv" in profile and all(s >= 0 for s in profile.values())
+
+
+def test_exec_files_round_trip(resnet_packages, tmp_path):
+    inputs = tmp_path / "in.npz"
+    np.savez(inputs, **resnet_packages["inputs"])
+    result = exec_files(resnet_packages["fp16_io"], inputs, tmp_path / "out" / "out.npz", precision="fp32", profile=True)
+    assert result["outputs"] == {"noise_pred": [2, 16, 10, 10]}
+    assert result["profile"] and list(result["profile"].values()) == sorted(result["profile"].values(), reverse=True)
+    with np.load(tmp_path / "out" / "out.npz") as saved:
+        assert psnr(resnet_packages["ref"], saved["noise_pred"]) >= FP32_MIN_DB - 10  # fp16 weights
+    assert exec_files(resnet_packages["fp16"], inputs, tmp_path / "o2.npz")["profile"] is None
+
+
+class ReluUpsample(nn.Module):
+    def forward(self, x):
+        return F.interpolate(torch.relu(x), scale_factor=2.0, mode="nearest")
+
+
+def test_enumerated_input_shapes(model_dir):
+    # One model, several resolutions (a recipe's list of resolutions).
+    shapes = ct.EnumeratedShapes(shapes=[(1, 4, 8, 8), (1, 4, 6, 10)], default=(1, 4, 8, 8))
+    traced = torch.jit.trace(ReluUpsample(), torch.zeros(1, 4, 8, 8))
+    model = ct.convert(traced, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16,
+                       inputs=[ct.TensorType(name="x", shape=shapes)], compute_precision=ct.precision.FLOAT32)
+    path = model_dir / "enumerated.mlpackage"
+    model.save(str(path))
+    loaded = load_program(path)
+    x = np.random.default_rng(0).standard_normal((1, 4, 6, 10)).astype(np.float32)
+    out = list(loaded.run({"x": x}, precision="fp32").values())[0]
+    np.testing.assert_array_equal(out, np.maximum(x, 0).repeat(2, 2).repeat(2, 3))
+    with pytest.raises(ModelInputError, match=r"\[1, 4, 7, 7\]"):
+        loaded.run({"x": np.zeros((1, 4, 7, 7), np.float32)})
+
+
+# --------------------------------------------------------------------------- errors a user can meet
+
+
+def _one_line(excinfo):
+    message = str(excinfo.value)
+    assert message and "\n" not in message
+    return message
+
+
+def test_wrong_inputs_are_named(resnet_packages):
+    prog = load_program(resnet_packages["fp16"])
+    feeds = resnet_packages["inputs"]
+    with pytest.raises(ModelInputError) as e:
+        prog.run({"x": feeds["x"]})
+    assert "missing input 't'" in _one_line(e) and "[2, 12]" in _one_line(e)
+    with pytest.raises(ModelInputError) as e:
+        prog.run({**feeds, "extra": feeds["t"]})
+    assert "unexpected input 'extra'" in _one_line(e)
+    with pytest.raises(ModelInputError) as e:
+        prog.run({**feeds, "x": feeds["x"][:, :, :9]})
+    assert "'x'" in _one_line(e) and "[2, 8, 9, 10]" in _one_line(e) and "[2, 8, 10, 10]" in _one_line(e)
+    with pytest.raises(ModelInputError) as e:
+        prog.run({**feeds, "t": np.array(["a"] * 24).reshape(2, 12)})
+    assert "dtype" in _one_line(e)
+
+
+@pytest.fixture
+def package_copy(resnet_packages, tmp_path):
+    dst = tmp_path / "model.mlpackage"
+    shutil.copytree(resnet_packages["fp16"], dst)
+    return dst
+
+
+def _weight_file(pkg):
+    return pkg / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
+
+
+def test_truncated_weight_file(package_copy):
+    weights = _weight_file(package_copy)
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(PackageError) as e:
+        load_program(package_copy)
+    assert "truncated" in _one_line(e) and "weight.bin" in _one_line(e)
+
+
+def test_corrupted_weight_record(package_copy):
+    weights = _weight_file(package_copy)
+    data = bytearray(weights.read_bytes())
+    data[64:68] = b"\x00\x01\x02\x03"  # the first weight's sentinel
+    weights.write_bytes(bytes(data))
+    with pytest.raises(PackageError) as e:
+        load_program(package_copy)
+    assert "corrupted" in _one_line(e)
+
+
+def test_corrupted_weight_header(package_copy):
+    weights = _weight_file(package_copy)
+    data = bytearray(weights.read_bytes())
+    data[4] = 0x7F  # storage version
+    weights.write_bytes(bytes(data))
+    with pytest.raises(PackageError) as e:
+        load_program(package_copy)
+    assert "corrupted" in _one_line(e)
+
+
+@pytest.mark.parametrize("missing", ["Manifest.json", "Data/com.apple.CoreML/model.mlmodel", "Data/com.apple.CoreML/weights/weight.bin"])
+def test_truncated_package(package_copy, missing):
+    (package_copy / missing).unlink()
+    with pytest.raises(PackageError) as e:
+        load_program(package_copy)
+    assert "missing" in _one_line(e)
+
+
+def test_corrupted_model_spec(package_copy):
+    (package_copy / "Data/com.apple.CoreML/model.mlmodel").write_bytes(b"\xff\x00garbage" * 10)
+    with pytest.raises(PackageError) as e:
+        load_program(package_copy)
+    _one_line(e)
+
+
+def test_missing_package(tmp_path):
+    with pytest.raises(PackageError) as e:
+        load_program(tmp_path / "nope.mlpackage")
+    assert "no such model package" in _one_line(e)
+
+
+def test_op_without_kernel_is_refused(resnet_packages):
+    without_conv = {k: v for k, v in kernels.KERNELS.items() if k != "conv"}
+    with pytest.raises(UnsupportedOpError) as e:
+        load_program(resnet_packages["fp16"], kernels=without_conv)
+    assert _one_line(e) == "no kernel for op 'conv' (opset iOS17) in " + resnet_packages["fp16"].name
+
+
+def test_exotic_op_is_refused(model_dir):
+    from coremltools.converters.mil import Builder as mb
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(3, 4))], opset_version=ct.target.iOS16)
+    def prog(x):
+        return mb.reverse_sequence(x=x, lengths=np.array([1, 2, 3], np.int32), seq_axis=1, batch_axis=0)
+
+    path = convert_mil(prog, model_dir, "iOS16", "fp32", stem="exotic")
+    with pytest.raises(UnsupportedOpError) as e:
+        exec_files(path, path, path)
+    assert "no kernel for op 'reverse_sequence' (opset iOS16)" in _one_line(e)
+
+
+def test_unreadable_inputs_file(resnet_packages, tmp_path):
+    bad = tmp_path / "in.npz"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(ModelInputError) as e:
+        exec_files(resnet_packages["fp16"], bad, tmp_path / "out.npz")
+    _one_line(e)
