@@ -113,6 +113,10 @@ def build_graph(recipe: Recipe, source: dict, family: str) -> list[Node]:
         nodes += [trace, convert]
         if component in compressed:
             nodes.append(Node(STAGES["compress"], component, [convert]))
+    for component, last in final_nodes(nodes).items():
+        trace = next(n for n in nodes if n.component == component and n.stage.name == "trace")
+        convert = next(n for n in nodes if n.component == component and n.stage.name == "convert")
+        nodes.append(Node(STAGES["verify"], component, list(dict.fromkeys([trace, convert, last]))))
     for node in nodes[1:]:
         node.fields = read_fields(recipe, node.stage.fields_for(node.component), {})
     return nodes
@@ -345,7 +349,8 @@ def plan_rows(build: Build) -> list[PlanRow]:
     else:
         rows.append(PlanRow("compile", None, None, "skipped", "needs macOS with Xcode tools; bundle keeps .mlpackage"))
     rows.append(PlanRow("bundle", None, None, "to build", f"artifacts/builds/{build.recipe.name}"))
-    rows.append(PlanRow("verify", None, None, "not built yet", "PSNR verification (its own issue)"))
+    # verify rows are keyed nodes: move them after bundle, where they belong in ORDER.
+    rows.sort(key=lambda r: ORDER.index(r.stage) if r.stage in ORDER else ORDER.index("convert"))
     return rows
 
 
@@ -375,6 +380,7 @@ def run_build(
     """Build every stage (cache hits reused), then the bundle; write build.json and build.log."""
     from sdbuild.stages.bundle import write_bundle
     from sdbuild.stages.compile import SKIP_REASON, compiler_available
+    from sdbuild.stages.verify import DEVICE_SKIPPED, read_psnr
 
     reporter = reporter or Reporter()
     for name in force:
@@ -417,6 +423,7 @@ def run_build(
         reporter.stage_finished(node)
 
     finals = final_nodes(build.nodes)
+    psnr = {n.component: read_psnr(n.entry.path) for n in build.nodes if n.stage.name == "verify" and n.entry}
     report = {
         "name": build.recipe.name,
         "recipe_file": str(build.recipe_path),
@@ -451,10 +458,22 @@ def run_build(
             "float16_bytes": tree_bytes(convert.entry.path / "model.mlpackage"),
             "compressed": node.stage.name == "compress",
         }
+        if comp in psnr:
+            report["components"][comp]["psnr"] = {k: round(v, 2) for k, v in psnr[comp].items() if k.endswith("psnr_db")}
+    if psnr and any("note" in p for p in psnr.values()):
+        notes.append(DEVICE_SKIPPED)
+        reporter.note(DEVICE_SKIPPED)
 
     if limit >= ORDER.index("compile") and not compiler_available():
         notes.append(SKIP_REASON)
         reporter.note(SKIP_REASON)
+    minimum = build.recipe.verify.psnr_min_db
+    for comp, figures in psnr.items():
+        if figures["psnr_db"] < minimum:
+            raise SdbuildError(
+                f"verify {comp}: PSNR {figures['psnr_db']:.1f} dB against the float32 reference is below "
+                f"verify.psnr_min_db {minimum:g} dB; the bundle was not written (figures in {log})"
+            )
     if limit < ORDER.index("bundle"):
         report["seconds"] = round(time.time() - started, 3)
         return BuildResult(build.build_dir, report)

@@ -104,6 +104,15 @@ STAGES: dict[str, Stage] = {
             heavy=True,
         ),
         Stage(
+            "verify",
+            "1",
+            "sdbuild.stages.verify:run",
+            fields=("verify.samples", "verify.seed", "compute_unit"),
+            libraries=(*TORCH_LIBS, *COREML_LIBS),
+            code=("sdbuild.stages.verify", "sdbuild.mil", "sdbuild.metrics", "sdbuild.models"),
+            heavy=True,
+        ),
+        Stage(
             "compile",
             "1",
             "sdbuild.stages.compile:run",

@@ -1,0 +1,81 @@
+"""Verify: PSNR of the shipped packages against the float32 PyTorch reference.
+
+For each component, ``verify.samples`` seeded random inputs of the contract's
+shapes go through the traced float32 module (the reference) and through the
+final package run by the reference executor (fp16, as a device holds values);
+when the package is compressed, also through the uncompressed float16
+package, so a user sees what compression alone cost. On macOS, Core ML itself
+runs the package on the recipe's compute unit too.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from sdbuild.metrics import psnr
+from sdbuild.stages import Job
+from sdbuild.stages.convert import PACKAGE
+from sdbuild.stages.trace import read_io
+
+DEVICE_SKIPPED = "device check not run: Core ML prediction needs macOS (verified with the reference executor only)"
+
+
+def _worst(ref: dict, out: dict) -> float:
+    """The lowest PSNR over a model's outputs."""
+    return min(psnr(ref[name], out[name]) for name in ref)
+
+
+def run(job: Job, out: Path) -> dict:
+    import numpy as np
+    import torch
+
+    from sdbuild.mil.executor import load_program
+    from sdbuild.models import TensorSpec, sample_inputs
+
+    io = read_io(job.upstream["trace"])
+    specs = [TensorSpec(i["name"], tuple(i["shape"]), i["kind"], i["high"]) for i in io["inputs"]]
+    reference = torch.jit.load(str(job.upstream["trace"] / "module.pt")).eval()
+    shipped_dir = job.upstream.get("compress", job.upstream["convert"])
+    shipped = load_program(shipped_dir / PACKAGE)
+    float16 = load_program(job.upstream["convert"] / PACKAGE) if "compress" in job.upstream else None
+    device = _device_model(shipped_dir / PACKAGE, job.fields["compute_unit"])
+
+    samples = []
+    for i in range(job.fields["verify.samples"]):
+        feeds = sample_inputs(specs, seed=job.fields["verify.seed"] + i)
+        with torch.no_grad():
+            result = reference(*[torch.from_numpy(feeds[s.name]) for s in specs])
+        result = result if isinstance(result, (tuple, list)) else (result,)
+        ref = {name: t.numpy().astype(np.float32) for name, t in zip(io["outputs"], result)}
+        got = shipped.run(feeds, precision="fp16")
+        sample = {"seed": job.fields["verify.seed"] + i, "psnr_db": _worst(ref, got)}
+        if float16 is not None:
+            base = float16.run(feeds, precision="fp16")
+            sample["float16_psnr_db"] = _worst(ref, base)
+            sample["vs_float16_psnr_db"] = _worst(base, got)
+        if device is not None:
+            sample["device_psnr_db"] = _worst(ref, device.predict(feeds))
+        samples.append(sample)
+
+    summary = {key: min(s[key] for s in samples) for key in samples[0] if key.endswith("psnr_db")}
+    summary["samples"] = samples
+    summary["device"] = job.fields["compute_unit"] if device is not None else None
+    if device is None:
+        summary["note"] = DEVICE_SKIPPED
+    (out / "psnr.json").write_text(json.dumps(summary, indent=2))
+    return {"psnr": {k: v for k, v in summary.items() if k.endswith("psnr_db")}}
+
+
+def _device_model(package: Path, compute_unit: str):
+    """Core ML itself on the recipe's compute unit, where it exists (macOS); else None."""
+    if sys.platform != "darwin":
+        return None
+    import coremltools as ct
+
+    return ct.models.MLModel(str(package), compute_units=getattr(ct.ComputeUnit, compute_unit))
+
+
+def read_psnr(entry_path: Path) -> dict:
+    return json.loads((Path(entry_path) / "psnr.json").read_text())

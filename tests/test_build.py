@@ -1,0 +1,154 @@
+"""End to end: the tiny recipe built by the command line, as `make demo` does."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO, run_cli, write_recipe
+
+TINY = REPO / "recipes" / "tiny.yaml"
+
+# CONTRACT.md, for the tiny SD model: C = 32 (text width), latent 8×8 for a 64×64 image.
+CONTRACT = {
+    "TextEncoder": ({"input_ids": [1, 77]}, {"last_hidden_state": [1, 77, 32], "pooled_outputs": [1, 32]}),
+    "Unet": (
+        {"sample": [2, 4, 8, 8], "timestep": [2], "encoder_hidden_states": [2, 32, 1, 77]},
+        {"noise_pred": [2, 4, 8, 8]},
+    ),
+    "VAEDecoder": ({"z": [1, 4, 8, 8]}, {"image": [1, 3, 64, 64]}),
+}
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> Path:
+    art = tmp_path_factory.mktemp("artifacts")
+    done = run_cli("run", TINY, "--artifacts", art)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return art
+
+
+def build_json(art: Path, name: str) -> dict:
+    return json.loads((art / "builds" / name / "build.json").read_text())
+
+
+def statuses(report: dict) -> dict[tuple[str, str | None], str]:
+    return {(r["stage"], r["component"]): r["cache"] for r in report["stages"]}
+
+
+def io_of(package: Path):
+    import coremltools as ct
+
+    spec = ct.models.MLModel(str(package), skip_model_load=True).get_spec()
+    ins = {i.name: list(i.type.multiArrayType.shape) for i in spec.description.input}
+    outs = {o.name: list(o.type.multiArrayType.shape) for o in spec.description.output}
+    return ins, outs
+
+
+def test_demo_bundle_has_contract_files_names_and_shapes(artifacts):
+    resources = artifacts / "builds" / "tiny" / "Resources"
+    assert sorted(p.name for p in resources.iterdir()) == sorted(
+        [f"{n}.mlpackage" for n in CONTRACT] + ["vocab.json", "merges.txt"]
+    )
+    for name, (inputs, outputs) in CONTRACT.items():
+        assert io_of(resources / f"{name}.mlpackage") == (inputs, outputs), name
+    vocab = json.loads((resources / "vocab.json").read_text())
+    assert vocab["<|endoftext|>"] == len(vocab) - 1
+    assert (resources / "merges.txt").read_text().startswith("#version: 0.2\n")
+
+
+def test_bundle_files_are_not_symlinks_into_the_cache(artifacts):
+    for p in (artifacts / "builds" / "tiny").rglob("*"):
+        assert not p.is_symlink(), p
+
+
+def test_build_json_reports_every_stage(artifacts):
+    report = build_json(artifacts, "tiny")
+    assert report["recipe"]["compression"]["nbits"] == 6
+    rows = {(r["stage"], r["component"]): r for r in report["stages"]}
+    assert set(rows) == {
+        ("download", None),
+        *((s, c) for s in ("trace", "convert") for c in ("text_encoder", "unet", "vae_decoder")),
+        ("compress", "unet"),
+    }
+    for row in rows.values():
+        assert len(row["key"]) == 24 and row["build_seconds"] > 0
+    built = [r for r in rows.values() if r["cache"] == "miss"]
+    assert built and all(r["peak_rss_bytes"] > 50 * 2**20 for r in built)
+    unet = report["components"]["unet"]
+    assert unet["compressed"] and unet["package_bytes"] < unet["float16_bytes"]
+    assert "compile skipped" in " ".join(report["notes"])
+    assert (artifacts / "builds" / "tiny" / "build.log").stat().st_size > 0
+
+
+def test_second_run_hits_cache_for_every_stage(artifacts):
+    started = time.time()
+    done = run_cli("run", TINY, "--artifacts", artifacts)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert time.time() - started < 15
+    assert set(statuses(build_json(artifacts, "tiny")).values()) == {"hit"}
+    plan = run_cli("plan", TINY, "--artifacts", artifacts, "--json")
+    rows = json.loads(plan.stdout)
+    keyed = [r for r in rows if r["key"]]
+    assert keyed and all(r["status"] == "cached" for r in keyed)
+
+
+def test_nbits_change_reuses_download_trace_convert(artifacts, tmp_path):
+    recipe = write_recipe(tmp_path, "tiny-4bit", f"extends: {TINY}\nname: tiny-4bit\ncompression:\n  nbits: 4\n")
+    done = run_cli("run", recipe, "--artifacts", artifacts)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = statuses(build_json(artifacts, "tiny-4bit"))
+    assert got.pop(("compress", "unet")) == "miss"
+    assert set(got.values()) == {"hit"}
+    first = {(r["stage"], r["component"]): r["key"] for r in build_json(artifacts, "tiny")["stages"]}
+    second = {(r["stage"], r["component"]): r["key"] for r in build_json(artifacts, "tiny-4bit")["stages"]}
+    assert first[("convert", "unet")] == second[("convert", "unet")]
+    assert first[("compress", "unet")] != second[("compress", "unet")]
+
+
+def test_sigkill_during_convert_leaves_no_entry_and_next_run_succeeds(artifacts, tmp_path):
+    from sdbuild.executor import prepare
+
+    # Another target: trace is cached, every convert is new.
+    recipe = write_recipe(tmp_path, "tiny-13", f"extends: {TINY}\nname: tiny-13\ntarget: macOS13\n")
+    keys = {n.component: n.key for n in prepare(recipe, artifacts).nodes if n.stage.name == "convert"}
+    cache = artifacts / "cache"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sdbuild.cli", "run", str(recipe), "--artifacts", str(artifacts)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    deadline = time.time() + 300
+    while not list((cache / ".tmp").glob("convert-*")):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before any convert started"
+        time.sleep(0.05)
+    time.sleep(1.0)  # well inside the conversion
+    victim = next((cache / ".tmp").glob("convert-*")).name.split("-")[1]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (cache / "convert" / victim).exists()
+    assert victim in keys.values()
+    done = run_cli("run", recipe, "--artifacts", artifacts)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for key in keys.values():
+        assert (cache / "convert" / key / "manifest.json").is_file()
+
+
+def test_hub_id_without_network_is_one_clear_line(tmp_path):
+    recipe = write_recipe(tmp_path, "hub", "model: {version: someone/not-cached-model}\n")
+    env_home = tmp_path / "hf"
+    done = subprocess.run(
+        [sys.executable, "-m", "sdbuild.cli", "run", str(recipe), "--artifacts", str(tmp_path / "art")],
+        capture_output=True, text=True, env={**os.environ, "HF_HOME": str(env_home), "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        "error: model.version: cannot reach the Hugging Face Hub for 'someone/not-cached-model' and it is not in the "
+        "local cache; download it where there is network, or set model.version to a local diffusers folder"
+    )
