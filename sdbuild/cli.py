@@ -186,6 +186,50 @@ def cmd_cache(args) -> int:
     return 2
 
 
+def cmd_generate(args) -> int:
+    from sdbuild.generate import run_generate
+
+    result = run_generate(
+        bundle=Path(args.bundle),
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        seed=args.seed,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        scheduler=args.scheduler,
+        rng=args.rng,
+        image_count=args.image_count,
+        image=Path(args.image) if args.image else None,
+        strength=args.strength,
+        compute_unit=args.compute_unit,
+        controlnet=args.controlnet or [],
+        controlnet_inputs=[Path(p) for p in args.controlnet_inputs or []],
+        controlnet_scale=args.controlnet_scale,
+        output_dir=Path(args.output_dir),
+        progress=not args.json,
+    )
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+        return 0
+    console = _console()
+    for note in result.get("notes", []):
+        console.print(f"[yellow]note:[/] {note}")
+    for path in result["images"]:
+        console.print(f"wrote {path}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from sdbuild.inspect import inspect_path, render_inspection
+
+    facts = inspect_path(Path(args.path))
+    if args.json:
+        print(json.dumps(facts, indent=2, default=str))
+    else:
+        render_inspection(facts, _console())
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sdbuild", description="Build Core ML Stable Diffusion bundles from YAML recipes.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -217,6 +261,31 @@ def parser() -> argparse.ArgumentParser:
     ex.add_argument("--profile", action="store_true")
     ex.add_argument("--json", action="store_true")
     ex.set_defaults(func=cmd_exec)
+
+    gen = sub.add_parser("generate", help="make images from a bundle")
+    gen.add_argument("--bundle", required=True, help="a build folder, its Resources/, or a folder of Python-layout packages")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--negative-prompt", default="")
+    gen.add_argument("--seed", type=int, default=93)
+    gen.add_argument("--steps", type=int, default=50)
+    gen.add_argument("--guidance-scale", type=float, default=7.5)
+    gen.add_argument("--scheduler", default="DDIM")
+    gen.add_argument("--rng", choices=("numpy", "torch"), default="numpy")
+    gen.add_argument("--image-count", type=int, default=1)
+    gen.add_argument("--image", help="start image for image-to-image")
+    gen.add_argument("--strength", type=float, default=0.75)
+    gen.add_argument("--compute-unit", default=None, help="Core ML compute unit (macOS); default: the bundle's hint")
+    gen.add_argument("--controlnet", nargs="+", metavar="NAME")
+    gen.add_argument("--controlnet-inputs", nargs="+", metavar="IMAGE")
+    gen.add_argument("--controlnet-scale", type=float, default=1.0)
+    gen.add_argument("-o", "--output-dir", default=".")
+    gen.add_argument("--json", action="store_true")
+    gen.set_defaults(func=cmd_generate)
+
+    insp = sub.add_parser("inspect", help="inputs, outputs, sizes, op counts and compression of a bundle or package")
+    insp.add_argument("path")
+    insp.add_argument("--json", action="store_true")
+    insp.set_defaults(func=cmd_inspect)
 
     schema = sub.add_parser("schema", help="print the recipe JSON schema")
     schema.set_defaults(func=cmd_schema)
