@@ -715,6 +715,93 @@ def gather_nd(x, indices, batch_dims=0, validate_indices=False):
     return out.reshape(bshape + indices.shape[batch_dims:-1] + x.shape[batch_dims + k:])
 
 
+def _scatter_into(out: torch.Tensor, index: tuple, updates: torch.Tensor, mode: str) -> torch.Tensor:
+    """out[index] <op>= updates for MIL's scatter modes; ``index`` is a tuple of index tensors."""
+    if mode == "update":
+        return out.index_put_(index, updates)
+    if mode in ("add", "sub"):
+        return out.index_put_(index, updates if mode == "add" else -updates, accumulate=True)
+    # mul/div/max/min: reduce through a flat view so repeated indices combine.
+    flat = torch.zeros(out.shape, dtype=torch.int64)
+    flat.view(-1).copy_(torch.arange(out.numel()))
+    positions = flat[index].reshape(-1)
+    values = updates.reshape(-1)
+    if mode == "div":
+        values, mode = 1.0 / values, "mul"
+    reduce = {"mul": "prod", "max": "amax", "min": "amin"}[mode]
+    out.view(-1).index_reduce_(0, positions, values, reduce, include_self=True)
+    return out
+
+
+@kernel("scatter", attrs=("axis", "mode", "validate_indices"))
+def scatter(data, indices, updates, axis=0, mode="add", validate_indices=False):
+    """data with slices at ``indices`` [C] along ``axis`` combined with updates (mode update/add/sub/mul/div/max/min)."""
+    axis = _axis(axis, data.dim())
+    out = data.movedim(axis, 0).clone()
+    idx = _wrap_indices(indices.to(torch.int64).reshape(-1), out.shape[0])
+    _scatter_into(out, (idx,), updates.movedim(axis, 0), mode)
+    return out.movedim(0, axis)
+
+
+@kernel("scatter_along_axis", attrs=("axis", "mode", "validate_indices"))
+def scatter_along_axis(data, indices, updates, axis=0, mode="add", validate_indices=False):
+    """Element-wise scatter: data[..., indices[p], ...] along ``axis`` <op>= updates[p] (same shapes)."""
+    axis = _axis(axis, data.dim())
+    idx = _wrap_indices(indices.to(torch.int64), data.shape[axis])
+    grids = list(torch.meshgrid(*[torch.arange(n) for n in idx.shape], indexing="ij"))
+    grids[axis] = idx
+    return _scatter_into(data.clone(), tuple(grids), updates, mode)
+
+
+@kernel("scatter_nd", attrs=("mode", "validate_indices"))
+def scatter_nd(data, indices, updates, mode="add", validate_indices=False):
+    """indices [*I, K] address the first K axes of data; updates [*I, *data.shape[K:]]."""
+    k = indices.shape[-1]
+    flat = indices.to(torch.int64).reshape(-1, k)
+    index = tuple(_wrap_indices(flat[:, j], data.shape[j]) for j in range(k))
+    return _scatter_into(data.clone(), index, updates.reshape((flat.shape[0],) + tuple(data.shape[k:])), mode)
+
+
+@kernel(
+    "slice_update",
+    attrs=("begin", "end", "stride", "begin_mask", "end_mask", "squeeze_mask"),
+    exact=True,
+    since="iOS18",
+)
+def slice_update(x, update, begin, end, stride=None, begin_mask=None, end_mask=None, squeeze_mask=None):
+    """x with x[begin:end:stride, ...] (slice_by_index's slicing) replaced by ``update``."""
+    rank = x.dim()
+    stride = stride or [1] * rank
+    begin_mask = begin_mask or [False] * rank
+    end_mask = end_mask or [False] * rank
+    squeeze_mask = squeeze_mask or [False] * rank
+    index = []
+    for i in range(rank):
+        if squeeze_mask[i]:
+            b = 0 if begin_mask[i] else int(begin[i])
+            index.append(torch.tensor([b + x.shape[i] if b < 0 else b]))
+        else:
+            sl = _python_slice(int(begin[i]), int(end[i]), int(stride[i]), begin_mask[i], end_mask[i])
+            index.append(torch.tensor(list(range(*sl.indices(x.shape[i]))), dtype=torch.int64))
+    grids = torch.meshgrid(*index, indexing="ij")
+    out = x.clone()
+    out[grids] = update.reshape(grids[0].shape)
+    return out
+
+
+@kernel("reverse_sequence", attrs=("seq_axis", "batch_axis"), exact=True)
+def reverse_sequence(x, lengths, seq_axis=0, batch_axis=0):
+    """Reverses the first lengths[b] entries along ``seq_axis`` of each batch entry b."""
+    seq_axis, batch_axis = _axis(seq_axis, x.dim()), _axis(batch_axis, x.dim())
+    out = x.clone()
+    for b, n in enumerate(lengths.tolist()):
+        part = x.select(batch_axis, b)
+        axis = seq_axis - (1 if seq_axis > batch_axis else 0)
+        head = part.narrow(axis, 0, int(n)).flip(axis)
+        out.select(batch_axis, b).narrow(axis, 0, int(n)).copy_(head)
+    return out
+
+
 @kernel("tile", attrs=("reps",), exact=True)
 def tile(x, reps):
     return x.repeat(*[int(r) for r in reps])

@@ -119,6 +119,19 @@ def _gelu_exact(x):
     return _np(0.5 * T(x) * (1 + torch.erf(T(x) / math.sqrt(2))))
 
 
+def _scatter_nd_ref(x, u):
+    y = x.copy()
+    y[0, 1] += u[0]
+    y[2, 3] += u[1]
+    return y
+
+
+def _slice_update_ref(x, u):
+    y = x.copy()
+    y[1:3, 0:6:2] = u
+    return y
+
+
 POS = _pos((2, 3, 4))
 POS_XY = {"x": POS["x"], "y": (np.abs(_const((3, 4), seed=11)) + 0.5)}
 
@@ -460,6 +473,43 @@ CASES = [
     case(
         "pixel_shuffle", {"x": (1, 8, 2, 3)}, lambda x: mb.pixel_shuffle(x=x, upscale_factor=2),
         lambda x: _np(F.pixel_shuffle(T(x), 2)),
+    ),
+    case(
+        "scatter", {"x": (3, 5, 2), "u": (3, 2, 2)},
+        lambda x, u: mb.scatter(data=x, indices=np.array([4, 1], np.int32), updates=u, axis=1, mode="update"),
+        lambda x, u: np.concatenate([x[:, :1], u[:, 1:2], x[:, 2:4], u[:, 0:1]], 1),
+    ),
+    case(
+        "scatter", {"x": (5, 2), "u": (3, 2)},
+        lambda x, u: mb.scatter(data=x, indices=np.array([0, 3, 0], np.int32), updates=u, mode="add"),
+        lambda x, u: x + np.stack([u[0] + u[2], 0 * u[0], 0 * u[0], u[1], 0 * u[0]]), id="scatter-add-repeated",
+    ),
+    case(
+        "scatter", {"x": (5, 2), "u": (3, 2)},
+        lambda x, u: mb.scatter(data=x, indices=np.array([0, 3, 0], np.int32), updates=u, mode="max"),
+        lambda x, u: np.stack([np.maximum(np.maximum(x[0], u[0]), u[2]), x[1], x[2], np.maximum(x[3], u[1]), x[4]]),
+        id="scatter-max",
+    ),
+    case(
+        "scatter_along_axis", {"x": (2, 4), "u": (2, 2)},
+        lambda x, u: mb.scatter_along_axis(data=x, indices=np.array([[3, 0], [1, 2]], np.int32), updates=u, axis=1, mode="update"),
+        lambda x, u: np.array([[u[0, 1], x[0, 1], x[0, 2], u[0, 0]], [x[1, 0], u[1, 0], u[1, 1], x[1, 3]]]),
+    ),
+    case(
+        "scatter_nd", {"x": (3, 4, 2), "u": (2, 2)},
+        lambda x, u: mb.scatter_nd(data=x, indices=np.array([[0, 1], [2, 3]], np.int32), updates=u, mode="add"),
+        lambda x, u: _scatter_nd_ref(x, u),
+    ),
+    case(
+        "slice_update", {"x": (3, 6), "u": (2, 3)},
+        lambda x, u: mb.slice_update(x=x, update=u, begin=np.array([1, 0], np.int32), end=np.array([3, 6], np.int32), stride=np.array([1, 2], np.int32)),
+        lambda x, u: _slice_update_ref(x, u),
+        target="iOS18",
+    ),
+    case(
+        "reverse_sequence", {"x": (3, 4)},
+        lambda x: mb.reverse_sequence(x=x, lengths=np.array([1, 2, 4], np.int32), seq_axis=1, batch_axis=0),
+        lambda x: np.stack([x[0], np.r_[x[1, 1::-1], x[1, 2:]], x[2, ::-1]]),
     ),
     # ---- resizing
     case(
