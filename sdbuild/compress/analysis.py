@@ -1,0 +1,442 @@
+"""Mixed-bit palettization (MBP) pre-analysis, on the PyTorch unet.
+
+What it measures, as the seed describes it:
+
+1. each eligible layer's *isolated* impact: palettize that one layer's weight
+   at 1, 2, 4, 6 and 8 bits (the same k-means the package palettizer uses),
+   everything else float16-rounded, and take the end-to-end PSNR of the unet
+   output against float32 over a fixed set of seeded inputs;
+2. per bit width, a cumulative curve: layers ordered by ascending isolated
+   impact, palettize more and more of them, PSNR against size (% of float16);
+3. mixed-bit recipes: for a sweep of PSNR thresholds, give each layer the
+   fewest bits whose isolated PSNR stays above the threshold (float16 if
+   none), then measure the whole recipe end to end. A recipe is named by its
+   element-weighted average width: ``recipe_4.50_bit_mixedpalette``.
+
+Eligible layers are convolution and linear weights above 2048 elements, the
+line coremltools' compression uses, so they are the package's compressible
+consts. Each layer is written with its execution order, shape and a
+fingerprint of its float16 values: ``mixed_bit.map_layers`` uses these to find
+the const op each layer became (see there).
+
+Computation is float32 with float16-rounded weights: the analysis sees the
+weights the package stores; float16 *activations* are left to verify (the
+reference executor), which is why ``original`` here scores above what a
+float16 package scores.
+
+Every result is appended to ``analysis.partial.jsonl`` as it comes; a rerun
+after a kill reads it back and skips what is done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from sdbuild.compress.kmeans import SUPPORTED_NBITS, kmeans_lut, lut_indices
+from sdbuild.compress.package import WEIGHT_THRESHOLD, weight_fingerprint
+from sdbuild.metrics import psnr
+
+ANALYSIS_FILE = "analysis.json"
+PARTIAL_FILE = "analysis.partial.jsonl"
+PLOT_FILE = "analysis.png"
+ANALYSIS_VERSION = 1
+FLOAT16_BITS = 16
+CACHE_BYTES = 1 << 30  # palettized weights kept between curve points and recipes
+
+
+def recipe_name(average_bits: float) -> str:
+    return f"recipe_{average_bits:.2f}_bit_mixedpalette"
+
+
+@dataclass
+class Layer:
+    """One eligible weight: module name, shape, elements, order of first use in forward."""
+
+    name: str
+    module: object
+    shape: tuple[int, ...]
+    numel: int
+    order: int
+    fingerprint: str
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def fake_palettize(weight16: np.ndarray, nbits: int) -> np.ndarray:
+    """Float16 weight → its k-means palettized value (float16, same shape), as the package gets it."""
+    lut = kmeans_lut(weight16, nbits)
+    return lut[lut_indices(weight16, lut)]
+
+
+def fake_linear8(weight16: np.ndarray) -> np.ndarray:
+    """Symmetric int8 with one scale per output channel (axis 0), back to float16."""
+    w = weight16.astype(np.float32)
+    flat = w.reshape(w.shape[0], -1)
+    scale = np.abs(flat).max(axis=1, keepdims=True) / 127.0
+    scale[scale == 0] = 1.0
+    q = np.clip(np.round(flat / scale), -127, 127)
+    return (q * scale).astype(np.float16).reshape(w.shape)
+
+
+def recipe_bits(recipe: dict[str, int], layers: list[Layer]) -> float:
+    """Element-weighted average width of ``recipe`` ({layer: bits}, 16 when absent)."""
+    total = sum(layer.numel for layer in layers)
+    return sum(recipe.get(layer.name, FLOAT16_BITS) * layer.numel for layer in layers) / total
+
+
+def size_percent(recipe: dict[str, int], layers: list[Layer]) -> float:
+    """Weight size as % of float16 (palette storage not counted)."""
+    return 100.0 * recipe_bits(recipe, layers) / FLOAT16_BITS
+
+
+# --------------------------------------------------------------------------- the model side
+
+
+class _Model:
+    """The unet with float16-rounded weights and a way to swap one layer's weight in and out."""
+
+    def __init__(self, module, inputs: list[dict]):
+        import torch
+
+        self.torch = torch
+        self.module = module.float().eval()
+        self.inputs = [{k: torch.as_tensor(np.asarray(v), dtype=torch.float32) for k, v in x.items()} for x in inputs]
+        self.reference = self.outputs()  # float32 weights
+        self.layers = self._eligible_layers()
+        with torch.no_grad():
+            for p in self.module.parameters():  # the float16 package's weights
+                p.copy_(p.half().float())
+        self.weight16 = {l.name: l.module.weight.detach().numpy().astype(np.float16) for l in self.layers}
+        self.cache: dict[tuple[str, int], np.ndarray] = {}
+        self.cache_bytes = 0
+
+    def outputs(self) -> list[np.ndarray]:
+        with self.torch.no_grad():
+            return [_first_tensor(self.module(**x)).numpy().copy() for x in self.inputs]
+
+    def _eligible_layers(self) -> list[Layer]:
+        """Conv/linear weights above the threshold, in the order forward first uses them."""
+        nn = self.torch.nn
+        candidates = {
+            name: m
+            for name, m in self.module.named_modules()
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) and m.weight.numel() > WEIGHT_THRESHOLD
+        }
+        order: list[str] = []
+        hooks = [
+            m.register_forward_pre_hook(lambda mod, args, name=name: order.append(name) if name not in order else None)
+            for name, m in candidates.items()
+        ]
+        try:
+            with self.torch.no_grad():
+                self.module(**self.inputs[0])
+        finally:
+            for h in hooks:
+                h.remove()
+        return [
+            Layer(
+                name,
+                candidates[name],
+                tuple(candidates[name].weight.shape),
+                candidates[name].weight.numel(),
+                i,
+                weight_fingerprint(candidates[name].weight.detach().numpy()),
+            )
+            for i, name in enumerate(order)
+        ]
+
+    def psnr_with(self, replaced: dict[str, np.ndarray]) -> float:
+        """Mean end-to-end PSNR over the inputs with ``replaced`` weights ({layer: float16 array}) swapped in."""
+        by_name = {l.name: l for l in self.layers}
+        with self.torch.no_grad():
+            for name, w in replaced.items():
+                by_name[name].module.weight.copy_(self.torch.from_numpy(w.astype(np.float32)))
+            try:
+                outs = self.outputs()
+            finally:
+                for name in replaced:
+                    by_name[name].module.weight.copy_(self.torch.from_numpy(self.weight16[name].astype(np.float32)))
+        return float(np.mean([psnr(ref, out) for ref, out in zip(self.reference, outs)]))
+
+    def palettized_layer(self, name: str, bits: int) -> np.ndarray:
+        """``fake_palettize`` of one layer, kept while the cache stays under ``CACHE_BYTES``."""
+        key = (name, bits)
+        if key not in self.cache:
+            weight = fake_palettize(self.weight16[name], bits)
+            if self.cache_bytes + weight.nbytes > CACHE_BYTES:
+                return weight
+            self.cache[key] = weight
+            self.cache_bytes += weight.nbytes
+        return self.cache[key]
+
+    def palettized(self, recipe: dict[str, int]) -> dict[str, np.ndarray]:
+        return {name: self.palettized_layer(name, bits) for name, bits in recipe.items() if bits < FLOAT16_BITS}
+
+
+def _first_tensor(out):
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return getattr(out, "sample", out)
+
+
+# --------------------------------------------------------------------------- resumable results
+
+
+class _Journal:
+    """Results appended one JSON line each, keyed, so a rerun after a kill skips them.
+
+    The first line is a signature of what is analysed; a journal of anything
+    else is started over.
+    """
+
+    def __init__(self, path: Path, signature: str):
+        self.path, self.run = path, uuid.uuid4().hex[:12]
+        self.done: dict[str, dict] = {}
+        if path.is_file():
+            lines = path.read_text().splitlines()
+            header = _loads(lines[0]) if lines else None
+            if header and header.get("signature") == signature:
+                for line in lines[1:]:
+                    record = _loads(line)  # a kill may cut the last line short: skip it
+                    if record and "key" in record:
+                        self.done[record["key"]] = record
+            else:
+                path.unlink()
+        if not path.is_file():
+            self._append({"signature": signature})
+
+    def get(self, key: str):
+        record = self.done.get(key)
+        return None if record is None else record["value"]
+
+    def put(self, key: str, value) -> None:
+        record = {"key": key, "value": value, "run": self.run}
+        self._append(record)
+        self.done[key] = record
+
+    def _append(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _loads(line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class _Progress:
+    """Calls ``callback(done, total, what)``, or shows a rich progress bar when there is none."""
+
+    def __init__(self, callback: Callable | None, total: int):
+        self.callback, self.total, self.done = callback, total, 0
+        self.bar = None
+        if callback is None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("pre-analysis {task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
+            )
+            self.task = self.bar.add_task("", total=total)
+            self.bar.start()
+
+    def step(self, what: str) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(self.task, completed=self.done, description=what)
+        else:
+            self.callback(self.done, self.total, what)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+# --------------------------------------------------------------------------- the analysis
+
+
+def _curve_counts(n_layers: int, points: int) -> list[int]:
+    """How many layers each cumulative-curve point palettizes: up to ``points`` values in 1..n, n included."""
+    return sorted({int(round(x)) for x in np.linspace(1, n_layers, min(points, n_layers))})
+
+
+def _signature(model_version: str, layers: list[Layer], inputs: list[dict], nbits, curve_points: int) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([ANALYSIS_VERSION, model_version, list(nbits), curve_points]).encode())
+    for layer in layers:
+        h.update(f"{layer.name}:{layer.shape}:{layer.fingerprint}".encode())
+    for x in inputs:
+        for k in sorted(x):
+            h.update(k.encode() + np.ascontiguousarray(np.asarray(x[k], dtype=np.float32)).tobytes())
+    return h.hexdigest()
+
+
+def mixed_bit_recipes(isolated: dict[str, dict[int, float]], layers: list[Layer], count: int) -> list[dict[str, int]]:
+    """Recipes of the threshold sweep: each layer gets the fewest bits whose isolated PSNR passes the threshold.
+
+    ``isolated``: {layer: {bits: PSNR}}. Thresholds run evenly between the
+    lowest and highest isolated PSNR; distinct recipes only, most bits first.
+    """
+    values = [p for per in isolated.values() for p in per.values()]
+    recipes, seen = [], set()
+    for threshold in np.linspace(min(values), max(values), 4 * count):
+        recipe = {}
+        for layer in layers:
+            passing = [b for b, p in sorted(isolated[layer.name].items()) if p >= threshold]
+            recipe[layer.name] = passing[0] if passing else FLOAT16_BITS
+        name = recipe_name(recipe_bits(recipe, layers))
+        if name not in seen and any(b < FLOAT16_BITS for b in recipe.values()):
+            seen.add(name)
+            recipes.append(recipe)
+    recipes.sort(key=lambda r: -recipe_bits(r, layers))
+    if len(recipes) > count:  # keep an even spread of widths
+        keep = np.unique(np.round(np.linspace(0, len(recipes) - 1, count)).astype(int))
+        recipes = [recipes[i] for i in keep]
+    return recipes
+
+
+def pre_analyze(
+    unet_factory: Callable,
+    out_dir: Path,
+    *,
+    inputs: list[dict],
+    model_version: str,
+    progress: Callable[[int, int, str], None] | None = None,
+    nbits: tuple[int, ...] = SUPPORTED_NBITS,
+    curve_points: int = 16,
+    recipes: int = 12,
+    threads: int | None = None,
+) -> Path:
+    """Run the MBP pre-analysis of a unet; write ``out_dir/analysis.json`` and its plot; return the JSON path.
+
+    ``unet_factory()`` returns a fresh float32 torch module; ``module(**x)``
+    for each dict ``x`` of ``inputs`` (name → array or tensor) returns the
+    noise prediction. ``progress(done, total, what)`` is called per step; with
+    None a rich progress bar is shown. Resumable: rerunning after a kill skips
+    every result already in ``out_dir/analysis.partial.jsonl``. ``threads``:
+    torch threads for the forwards (default: torch's own; 1 is far faster for
+    tiny models on a busy machine, where waiting threads spin).
+    """
+    import torch
+
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _pre_analyze(unet_factory, Path(out_dir), inputs, model_version, progress, nbits, curve_points, recipes)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _pre_analyze(unet_factory, out_dir, inputs, model_version, progress, nbits, curve_points, recipes) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = _Model(unet_factory(), inputs)
+    layers = model.layers
+    if not layers:
+        raise ValueError("pre-analysis: the model has no convolution or linear weight above 2048 elements")
+    signature = _signature(model_version, layers, inputs, nbits, curve_points)
+    final = out_dir / ANALYSIS_FILE
+    if final.is_file() and _loads(final.read_text() or "{}").get("signature") == signature:
+        return final
+    journal = _Journal(out_dir / PARTIAL_FILE, signature)
+    counts = _curve_counts(len(layers), curve_points)
+    bar = _Progress(progress, total=2 + len(layers) + len(nbits) * len(counts) + recipes)
+
+    def measured(key: str, compute: Callable[[], float], what: str) -> float:
+        value = journal.get(key)
+        if value is None:
+            value = compute()
+            journal.put(key, value)
+        bar.step(what)
+        return value
+
+    try:
+        original = measured("baseline/original", lambda: model.psnr_with({}), "float16 weights")
+        linear8 = measured(
+            "baseline/linear_8bit",
+            lambda: model.psnr_with({l.name: fake_linear8(model.weight16[l.name]) for l in layers}),
+            "linear 8-bit",
+        )
+        isolated: dict[str, dict[int, float]] = {}
+        for layer in layers:
+            per = measured(
+                f"layer/{layer.name}",
+                lambda layer=layer: {str(b): model.psnr_with(model.palettized({layer.name: b})) for b in nbits},
+                layer.name,
+            )
+            isolated[layer.name] = {int(b): p for b, p in per.items()}
+
+        curves: dict[str, list[list[float]]] = {}
+        for b in nbits:
+            ordered = sorted(layers, key=lambda l: -isolated[l.name][b])  # least impact first
+            points = []
+            for count in counts:
+                recipe = {l.name: b for l in ordered[:count]}
+                p = measured(f"curve/{b}/{count}", lambda recipe=recipe: model.psnr_with(model.palettized(recipe)), f"{b}-bit curve")
+                points.append([size_percent(recipe, layers), p])
+            curves[str(b)] = points
+
+        baselines = {"original": original, "linear_8bit": linear8}
+        recipe_table: dict[str, dict[str, int]] = {}
+        mixed = []
+        sweep = mixed_bit_recipes(isolated, layers, recipes)
+        for recipe in sweep:
+            name = recipe_name(recipe_bits(recipe, layers))
+            p = measured(f"recipe/{name}", lambda recipe=recipe: model.psnr_with(model.palettized(recipe)), name)
+            baselines[name], recipe_table[name] = p, recipe
+            mixed.append([size_percent(recipe, layers), p])
+        for _ in range(recipes - len(sweep)):  # fewer distinct recipes than asked: close the bar
+            bar.step("recipes")
+        curves["mixed_bit"] = sorted(mixed)
+        curves["linear_8bit"] = [[50.0, linear8]]
+    finally:
+        bar.close()
+
+    analysis = {
+        "model_version": model_version,
+        "baselines": baselines,
+        "recipes": recipe_table,
+        "layers": [
+            {
+                "name": l.name,
+                "shape": list(l.shape),
+                "numel": l.numel,
+                "order": l.order,
+                "fingerprint": l.fingerprint,
+                "psnr": {str(b): p for b, p in isolated[l.name].items()},
+                "run": journal.done[f"layer/{l.name}"]["run"],  # which run measured it (resumption)
+            }
+            for l in layers
+        ],
+        "curves": curves,
+        "nbits": list(nbits),
+        "inputs": len(inputs),
+        "signature": signature,
+        "version": ANALYSIS_VERSION,
+        "runs": sorted({r["run"] for r in journal.done.values()}),
+    }
+    from sdbuild.compress.plot import plot_analysis
+
+    plot_analysis(analysis, out_dir / PLOT_FILE)
+    tmp = final.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(analysis, indent=1))
+    tmp.replace(final)
+    journal.path.unlink(missing_ok=True)
+    return final
+

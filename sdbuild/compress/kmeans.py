@@ -1,0 +1,192 @@
+"""Data-free 1-D k-means for weight palettization.
+
+A palettized weight keeps ``2**nbits`` float16 values (the LUT) and, per
+element, the index of its LUT entry. The best LUT for squared error is the
+1-D k-means of the weight's values. Float16 weights hold at most 65,536
+distinct values, so we cluster the *histogram* of distinct values (value,
+count) instead of every element: a 2.4M-element conv weight becomes a few
+thousand weighted points, and Lloyd's iterations on sorted 1-D points need
+only a binary search and prefix sums. That is why this is fast enough to run
+one layer per worker process with no compiled extension.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SUPPORTED_NBITS = (1, 2, 4, 6, 8)
+MAX_ITERATIONS = 5000
+KMEANS_PP_SEEDS = 4
+
+
+def value_histogram(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct finite values of ``weight`` (any shape) in ascending order, and their counts.
+
+    Returns (values float64 [n], counts float64 [n]). Float16 goes through a
+    bincount of its bit patterns, O(size) with no sort of the elements.
+    """
+    flat = np.ascontiguousarray(weight).reshape(-1)
+    if flat.dtype == np.float16:
+        counts = np.bincount(flat.view(np.uint16), minlength=1 << 16)
+        patterns = np.flatnonzero(counts).astype(np.uint16)
+        values = patterns.view(np.float16).astype(np.float64)
+        counts = counts[patterns].astype(np.float64)
+        keep = np.isfinite(values)
+        values, counts = values[keep], counts[keep]
+        order = np.argsort(values, kind="stable")
+        values, counts = values[order], counts[order]
+        # +0 and -0 are two bit patterns of one value: merge them.
+        same = np.flatnonzero(np.diff(values) == 0)
+        if same.size:
+            counts[same + 1] += counts[same]
+            values, counts = np.delete(values, same), np.delete(counts, same)
+        return values, counts
+    values, counts = np.unique(flat[np.isfinite(flat)].astype(np.float64), return_counts=True)
+    return values, counts.astype(np.float64)
+
+
+def weighted_kmeans_1d(values: np.ndarray, counts: np.ndarray, k: int) -> np.ndarray:
+    """k-means of sorted distinct points ``values`` [n] weighted by ``counts`` [n].
+
+    Returns the ``min(k, n)`` centroids, ascending (float64). Lloyd's
+    iterations from two starts, keeping the lower squared error: equal-weight
+    segments, and the cube-root-density spacing that is asymptotically optimal
+    for squared error (Panter-Dite), which matters at 6 and 8 bits where
+    Lloyd's moves a boundary by one point per iteration. On sorted points an
+    iteration costs O(k log n) (binary search and prefix sums), so thousands
+    of iterations cost less than reading the weight once.
+    """
+    n = values.size
+    if n <= k:
+        return values.copy()
+    cum_w = np.concatenate([[0.0], np.cumsum(counts)])
+    cum_wx = np.concatenate([[0.0], np.cumsum(counts * values)])
+    cum_wxx = np.concatenate([[0.0], np.cumsum(counts * values * values)])
+    best, best_sse = None, np.inf
+    # Seeded k-means++ starts cost O(k n) each: a few of them where that is cheap.
+    seeds = range(KMEANS_PP_SEEDS if n * k <= 1 << 22 else 1)
+    starts_list = [_equal_weight_starts(cum_w, k), _cube_root_density_starts(values, counts, k)]
+    starts_list += [_kmeans_plus_plus_starts(values, counts, k, seed) for seed in seeds]
+    for starts in starts_list:
+        starts = _lloyd(values, _strictly_increasing(starts, n), cum_w, cum_wx)
+        sse = _segment_sse(starts, cum_w, cum_wx, cum_wxx)
+        if sse < best_sse:
+            best, best_sse = starts, sse
+    return _segment_means(best, cum_w, cum_wx)
+
+
+def _equal_weight_starts(cum_w, k):
+    """Cluster boundaries (as first-point indices, with 0 and n) splitting the weight in k equal parts."""
+    n = cum_w.size - 1
+    targets = cum_w[-1] * np.arange(1, k) / k
+    return np.concatenate([[0], np.searchsorted(cum_w[1:], targets, side="right"), [n]])
+
+
+def _cube_root_density_starts(values, counts, k, bins=4096):
+    """Boundaries with equal mass of density**(1/3), estimated on a ``bins``-bin histogram."""
+    lo, hi = values[0], values[-1]
+    edges = np.linspace(lo, hi, bins + 1)
+    mass, _ = np.histogram(values, bins=edges, weights=counts)
+    spread = np.cbrt(mass)
+    cum = np.concatenate([[0.0], np.cumsum(spread)])
+    # Centroid c sits at mass fraction (c + 0.5) / k; boundaries halfway, in mass.
+    cuts = np.interp(cum[-1] * np.arange(1, k) / k, cum, edges)
+    return np.concatenate([[0], np.searchsorted(values, cuts, side="right"), [values.size]])
+
+
+def _kmeans_plus_plus_starts(values, counts, k, seed=0):
+    """Boundaries around greedy k-means++ seeds (as scikit-learn seeds): catches lone outliers,
+    which deserve an entry of their own and which density-based starts miss."""
+    rng = np.random.default_rng(seed)
+    trials = 2 + int(np.log(k))
+    centers = [values[np.searchsorted(np.cumsum(counts), rng.uniform(0, counts.sum()))]]
+    dist = counts * (values - centers[0]) ** 2
+    for _ in range(1, k):
+        cum = np.cumsum(dist)
+        picks = np.minimum(np.searchsorted(cum, rng.uniform(0, cum[-1], trials)), values.size - 1)
+        # Greedy: of a few D^2 draws keep the one that lowers the total error most.
+        trial_dist = np.minimum(dist[None, :], counts[None, :] * (values[None, :] - values[picks, None]) ** 2)
+        best = int(np.argmin(trial_dist.sum(axis=1)))
+        centers.append(values[picks[best]])
+        dist = trial_dist[best]
+    centers = np.unique(centers)
+    boundaries = (centers[:-1] + centers[1:]) / 2
+    starts = np.concatenate([[0], np.searchsorted(values, boundaries, side="right"), [values.size]])
+    if starts.size - 1 < k:  # duplicate seeds: split the widest clusters later via _strictly_increasing
+        starts = np.unique(np.concatenate([starts, _equal_weight_starts(np.concatenate([[0.0], np.cumsum(counts)]), k)]))
+        starts = np.sort(np.random.default_rng(seed).choice(starts[1:-1], k - 1, replace=False))
+        starts = np.concatenate([[0], starts, [values.size]])
+    return starts
+
+
+def _lloyd(values, starts, cum_w, cum_wx):
+    n = values.size
+    for _ in range(MAX_ITERATIONS):
+        centroids = _segment_means(starts, cum_w, cum_wx)
+        boundaries = (centroids[:-1] + centroids[1:]) / 2
+        new_starts = np.concatenate([[0], np.searchsorted(values, boundaries, side="right"), [n]])
+        new_starts = _strictly_increasing(new_starts, n)
+        if np.array_equal(new_starts, starts):
+            break
+        starts = new_starts
+    return starts
+
+
+def _segment_sse(starts, cum_w, cum_wx, cum_wxx):
+    lo, hi = starts[:-1], starts[1:]
+    w, wx, wxx = cum_w[hi] - cum_w[lo], cum_wx[hi] - cum_wx[lo], cum_wxx[hi] - cum_wxx[lo]
+    return float(np.sum(wxx - wx * wx / w))
+
+
+def _strictly_increasing(starts: np.ndarray, n: int) -> np.ndarray:
+    """Force every cluster to hold at least one point (an empty cluster wastes a LUT entry).
+
+    Needs n >= number of clusters; moves boundaries forward, then back from the end.
+    """
+    starts = starts.copy()
+    k = starts.size - 1
+    for c in range(1, k):
+        if starts[c] <= starts[c - 1]:
+            starts[c] = starts[c - 1] + 1
+    for c in range(k - 1, 0, -1):
+        if starts[c] >= starts[c + 1]:
+            starts[c] = starts[c + 1] - 1
+    return starts
+
+
+def _segment_means(starts, cum_w, cum_wx):
+    lo, hi = starts[:-1], starts[1:]
+    return (cum_wx[hi] - cum_wx[lo]) / (cum_w[hi] - cum_w[lo])
+
+
+def kmeans_lut(weight: np.ndarray, nbits: int) -> np.ndarray:
+    """The k-means palette of ``weight`` (any shape): ``2**nbits`` ascending values in ``weight.dtype``.
+
+    When the weight has fewer distinct values than entries, the palette holds
+    them all and repeats its last entry (no index ever points there).
+    """
+    if nbits not in SUPPORTED_NBITS:
+        raise ValueError(f"nbits must be one of {SUPPORTED_NBITS}, got {nbits}")
+    values, counts = value_histogram(weight)
+    k = 1 << nbits
+    if values.size == 0:
+        return np.zeros(k, dtype=weight.dtype)
+    centroids = weighted_kmeans_1d(values, counts, k)
+    lut = np.full(k, centroids[-1])
+    lut[: centroids.size] = centroids
+    # Rounding to the stored dtype keeps the order (it may tie neighbours, harmlessly).
+    return lut.astype(weight.dtype)
+
+
+def lut_indices(weight: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    """Index of the nearest ``lut`` entry (ascending [k]) for each element of ``weight``: uint8, same shape."""
+    lut64 = lut.astype(np.float64)
+    boundaries = (lut64[:-1] + lut64[1:]) / 2
+    # side="left": a value exactly on a boundary goes to the lower entry, which is as near.
+    return np.searchsorted(boundaries, weight.astype(np.float64), side="left").astype(np.uint8)
+
+
+def palettize_array(weight: np.ndarray, nbits: int) -> np.ndarray:
+    """``weight`` with every element replaced by its nearest k-means palette entry (same dtype and shape)."""
+    lut = kmeans_lut(weight, nbits)
+    return lut[lut_indices(weight, lut)]

@@ -1,0 +1,179 @@
+"""Reading and rewriting the weights of a saved ML program package (``.mlpackage``).
+
+Every compression here goes the same way: load the package as a pymil
+program, run coremltools graph passes over it, save a new package. This
+module holds that plumbing, and the one place that reads back which bit width
+each weight ended up with, so stats and tests measure the file that ships.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from sdbuild.errors import PackageError
+
+# coremltools compresses a const only above this many elements (its default);
+# the pre-analysis uses the same line so both sides see the same layers.
+WEIGHT_THRESHOLD = 2048
+WEIGHT_FILE = Path("Data/com.apple.CoreML/weights/weight.bin")
+IOS18_SPEC_VERSION = 9  # Core ML specification version of iOS18 / macOS15
+# Suffixes coremltools' compression passes give the op that replaces a const.
+_COMPRESSED_SUFFIXES = ("_palettized", "_quantized", "_sparsified")
+
+
+def weight_file(package: Path) -> Path:
+    """The weight blob file of ``package``; PackageError when absent."""
+    path = Path(package) / WEIGHT_FILE
+    if not path.is_file():
+        raise PackageError(f"{package}: no weight file at {WEIGHT_FILE}: not a saved ML program package")
+    return path
+
+
+def load_mlmodel(package: Path):
+    """The package as a ``ct.models.MLModel`` (spec and weights only: nothing is compiled)."""
+    import coremltools as ct
+
+    package = Path(package)
+    if not (package / "Manifest.json").is_file():
+        raise PackageError(f"{package}: not an .mlpackage (no Manifest.json)")
+    weight_file(package)
+    mlmodel = ct.models.MLModel(str(package), skip_model_load=True)
+    if mlmodel.get_spec().WhichOneof("Type") != "mlProgram":
+        raise PackageError(f"{package}: not an ML program: only ML programs can be compressed")
+    return mlmodel
+
+
+def spec_version(mlmodel) -> int:
+    return int(mlmodel.get_spec().specificationVersion)
+
+
+def apply_passes(mlmodel, passes: list, dst: Path) -> None:
+    """Run coremltools graph ``passes`` over ``mlmodel``'s program and save the result at ``dst``.
+
+    Goes through coremltools' own helper (the one ``palettize_weights`` uses),
+    so the program is read and written exactly as coremltools does it.
+    """
+    from coremltools.models.utils import _apply_graph_pass
+
+    dst = Path(dst)
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    compressed = _apply_graph_pass(mlmodel, passes, skip_model_load=True)
+    compressed.save(str(dst))
+
+
+def load_pymil(package_or_mlmodel):
+    """The pymil Program of a package (path) or loaded MLModel, weights included."""
+    from coremltools.models.utils import _apply_graph_pass
+
+    mlmodel = package_or_mlmodel
+    if isinstance(mlmodel, (str, Path)):
+        mlmodel = load_mlmodel(Path(mlmodel))
+    return _apply_graph_pass(mlmodel, [], skip_model_load=True, return_pymil_prog=True)
+
+
+def iter_ops_of(block):
+    """Every op of ``block``, nested blocks included, in program order."""
+    for op in list(block.operations):
+        for inner in op.blocks:
+            yield from iter_ops_of(inner)
+        yield op
+
+
+def iter_ops(prog):
+    """Every op of every function of ``prog``, nested blocks included, in program order."""
+    for function in prog.functions.values():
+        yield from iter_ops_of(function)
+
+
+def source_name(var_name: str) -> str:
+    """The name of the const a compressed weight op replaced (strip coremltools' suffix)."""
+    for suffix in _COMPRESSED_SUFFIXES:
+        if var_name.endswith(suffix):
+            return var_name[: -len(suffix)]
+    return var_name
+
+
+def is_weight_const(op) -> bool:
+    """A float const above the compression threshold that is not itself a constexpr's input."""
+    from coremltools.converters.mil.mil import types
+
+    if op.op_type != "const":
+        return False
+    out = op.outputs[0]
+    val = out.val
+    if not isinstance(val, np.ndarray) or not types.is_float(out.dtype) or val.size <= WEIGHT_THRESHOLD:
+        return False
+    return not any(child.op_type.startswith("constexpr_") for child in out.child_ops)
+
+
+def weight_bits(package_or_prog) -> dict[str, tuple[int, int]]:
+    """Bit width of every weight of a package: {source const name: (bits, elements)}.
+
+    ``constexpr_lut_to_dense`` counts its index width, the affine/blockwise
+    8-bit dequantizers count 8, a float const above the compression threshold
+    counts 16 (float16) or 32. Palette and scale storage is not counted: the
+    bit width is the one a recipe's name states.
+    """
+    from coremltools.converters.mil.mil import types
+
+    prog = package_or_prog if hasattr(package_or_prog, "functions") else load_pymil(package_or_prog)
+    bits: dict[str, tuple[int, int]] = {}
+    for op in iter_ops(prog):
+        name = source_name(op.outputs[0].name) if op.outputs else op.name
+        if op.op_type == "constexpr_lut_to_dense":
+            if "shape" in op.inputs:  # iOS16: lut [2**n], packed indices
+                numel = int(np.prod(op.shape.val))
+                bits[name] = (int(np.log2(op.lut.val.shape[-1])), numel)
+            else:  # iOS18: indices typed uint<n>, lut [..., 2**n, 1]
+                bits[name] = (int(op.indices.dtype.get_bitwidth()), int(op.indices.val.size))
+        elif op.op_type in ("constexpr_affine_dequantize", "constexpr_blockwise_shift_scale"):
+            data = op.quantized_data if op.op_type == "constexpr_affine_dequantize" else op.data
+            bits[name] = (int(data.dtype.get_bitwidth()), int(data.val.size))
+        elif is_weight_const(op):
+            width = 16 if op.outputs[0].dtype == types.fp16 else 32
+            bits[name] = (width, int(op.outputs[0].val.size))
+    return bits
+
+
+def average_bits(bits: dict[str, tuple[int, int]]) -> float:
+    """Element-weighted mean bit width of ``weight_bits`` output."""
+    total = sum(n for _, n in bits.values())
+    return float(sum(b * n for b, n in bits.values()) / total) if total else 0.0
+
+
+def weight_fingerprint(weight: np.ndarray) -> str:
+    """A hash of a weight's float16 values as a multiset.
+
+    Sorting makes it blind to reshapes and transposes a converter may apply
+    (a linear weight may arrive as a 1x1 convolution's, or transposed), so a
+    PyTorch parameter and the package const made from it hash the same.
+    """
+    # Sorted as float32 (exact for float16 values): numpy 2.2's float16 sort misorders
+    # large arrays on some x86 CPUs. Adding 0 turns -0 into +0.
+    values = np.sort(np.asarray(weight, dtype=np.float16).astype(np.float32).reshape(-1)) + np.float32(0)
+    return hashlib.blake2b(values.tobytes(), digest_size=16).hexdigest()
+
+
+def dense_weights(package_or_prog) -> dict[str, np.ndarray]:
+    """Every weight of ``weight_bits`` as the model computes with it: {source const name: dense array}.
+
+    Compressed weights are decompressed with coremltools' own op definitions.
+    """
+    prog = package_or_prog if hasattr(package_or_prog, "functions") else load_pymil(package_or_prog)
+    names = set(weight_bits(prog))
+    dense = {}
+    for op in iter_ops(prog):
+        name = source_name(op.outputs[0].name) if op.outputs else op.name
+        if name not in names:
+            continue
+        if op.op_type == "const":
+            dense[name] = op.outputs[0].val
+        elif op.op_type.startswith("constexpr_"):
+            dense[name] = op.materialized_val_inference()
+    return dense

@@ -1,0 +1,95 @@
+"""Fixtures for compression tests: the tiny unet, converted once per run (iOS17 and iOS18 targets),
+and its pre-analysis, run once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+OPTIONS = dict(height=64, width=64)
+ANALYSIS_SEEDS = (1, 2)
+
+
+def tiny_unet(checkpoint: Path):
+    from sdbuild.models import BuildOptions, build_component
+
+    return build_component("unet", checkpoint, BuildOptions(**OPTIONS))
+
+
+def convert(component, dst: Path, target: str) -> Path:
+    """The float16 package of ``component`` for ``target`` (a ct.target name), as the convert stage makes it."""
+    import coremltools as ct
+    import torch
+
+    from sdbuild.models import sample_inputs
+
+    x = sample_inputs(component.inputs, 0)
+    with torch.no_grad():
+        traced = torch.jit.trace(component.module, [torch.from_numpy(x[s.name]) for s in component.inputs])
+    mlmodel = ct.convert(
+        traced,
+        inputs=[ct.TensorType(name=s.name, shape=s.shape) for s in component.inputs],
+        outputs=[ct.TensorType(name=n) for n in component.outputs],
+        convert_to="mlprogram",
+        minimum_deployment_target=getattr(ct.target, target),
+        compute_precision=ct.precision.FLOAT16,
+        skip_model_load=True,
+    )
+    mlmodel.save(str(dst))
+    return dst
+
+
+@pytest.fixture(scope="session")
+def unet_component(tiny_sd_checkpoint):
+    return tiny_unet(tiny_sd_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def unet_package(unet_component, tmp_path_factory) -> Path:
+    return convert(unet_component, tmp_path_factory.mktemp("pkg") / "unet.mlpackage", "macOS14")
+
+
+@pytest.fixture(scope="session")
+def unet_package_ios18(unet_component, tmp_path_factory) -> Path:
+    return convert(unet_component, tmp_path_factory.mktemp("pkg18") / "unet.mlpackage", "iOS18")
+
+
+@pytest.fixture(scope="session")
+def analysis_inputs(unet_component) -> list[dict]:
+    from sdbuild.models import sample_inputs
+
+    return [sample_inputs(unet_component.inputs, seed) for seed in ANALYSIS_SEEDS]
+
+
+@pytest.fixture(scope="session")
+def reference_outputs(unet_component, analysis_inputs) -> list[np.ndarray]:
+    """float32 PyTorch outputs for ``analysis_inputs``."""
+    import torch
+
+    with torch.no_grad():
+        return [unet_component.module(**{k: torch.from_numpy(v) for k, v in x.items()}).numpy() for x in analysis_inputs]
+
+
+@pytest.fixture(scope="session")
+def analysis(tiny_sd_checkpoint, analysis_inputs, tmp_path_factory) -> Path:
+    from sdbuild.compress import pre_analyze
+
+    return pre_analyze(
+        lambda: tiny_unet(tiny_sd_checkpoint).module,
+        tmp_path_factory.mktemp("analysis"),
+        inputs=analysis_inputs,
+        model_version="synthetic:tiny-sd",
+        progress=lambda done, total, what: None,
+        threads=1,
+    )
+
+
+def executor_psnr(package: Path, inputs: list[dict], references: list[np.ndarray]) -> float:
+    """Mean PSNR of the package run by the reference executor (float16) against float32 PyTorch."""
+    from sdbuild.metrics import psnr
+    from sdbuild.mil.executor import load_program
+
+    program = load_program(package)
+    return float(np.mean([psnr(ref, program.run(x, precision="fp16")["noise_pred"]) for ref, x in zip(references, inputs)]))

@@ -1,0 +1,128 @@
+"""n-bit palettization and linear 8-bit of the tiny unet package: sizes, weights, end-to-end PSNR."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from sdbuild.compress import linear8_package, palettize_package
+from sdbuild.compress import package as pkg
+from sdbuild.errors import PackageError, RecipeError
+from tests.compress.conftest import executor_psnr
+
+NBITS = (2, 4, 6, 8)
+
+
+@pytest.fixture(scope="module")
+def palettized(unet_package, tmp_path_factory):
+    out = tmp_path_factory.mktemp("palettized")
+    return {b: (out / f"p{b}.mlpackage", palettize_package(unet_package, out / f"p{b}.mlpackage", b)) for b in NBITS}
+
+
+@pytest.fixture(scope="module")
+def linear8(unet_package, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("linear8") / "l8.mlpackage"
+    return dst, linear8_package(unet_package, dst)
+
+
+def test_weight_file_shrinks_as_the_bit_width_says(unet_package, palettized):
+    float16 = pkg.weight_bits(unet_package)
+    compressible = sum(n for _, n in float16.values()) * 2  # bytes of the weights above the threshold
+    for b, (path, stats) in palettized.items():
+        assert stats.bytes_before == pkg.weight_file(unet_package).stat().st_size
+        assert stats.bytes_after == pkg.weight_file(path).stat().st_size
+        saved = stats.bytes_before - stats.bytes_after
+        # Index bits replace 16 bits per element; palettes and blob alignment cost a little.
+        expected = compressible * (1 - b / 16)
+        assert 0.9 * expected < saved <= expected, (b, saved, expected)
+        assert set(stats.layer_bits) == set(float16)
+        assert set(stats.layer_bits.values()) == {b}
+        assert stats.average_bits == pytest.approx(b)
+    sizes = [palettized[b][1].bytes_after for b in NBITS]
+    assert sizes == sorted(sizes)
+
+
+def test_decompressed_weights_are_near_the_originals_with_at_most_2_pow_n_values(unet_package, palettized):
+    original = pkg.dense_weights(unet_package)
+    previous = None
+    for b in NBITS:
+        dense = pkg.dense_weights(palettized[b][0])
+        rel = []
+        for name, w in original.items():
+            assert dense[name].shape == w.shape
+            assert len(np.unique(dense[name].astype(np.float32))) <= 1 << b
+            rel.append(np.mean((dense[name].astype(np.float64) - w) ** 2) / np.mean(w.astype(np.float64) ** 2))
+        error = float(np.mean(rel))
+        assert error < {2: 0.15, 4: 0.01, 6: 1e-3, 8: 1e-4}[b]
+        assert previous is None or error < previous
+        previous = error
+
+
+def test_psnr_order_follows_bits(palettized, linear8, unet_package, analysis_inputs, reference_outputs):
+    scores = {b: executor_psnr(palettized[b][0], analysis_inputs, reference_outputs) for b in NBITS}
+    float16 = executor_psnr(unet_package, analysis_inputs, reference_outputs)
+    lin8 = executor_psnr(linear8[0], analysis_inputs, reference_outputs)
+    print("PSNR dB float16", float16, "palettized", scores, "linear8", lin8)
+    assert float16 > scores[8] > scores[6] > scores[4] > scores[2]
+    assert float16 > lin8 > scores[4]
+
+
+def test_as_good_as_coremltools_kmeans_end_to_end(unet_package, palettized, analysis_inputs, reference_outputs, tmp_path):
+    import coremltools as ct
+    from coremltools.optimize.coreml import OpPalettizerConfig, OptimizationConfig, palettize_weights
+
+    theirs = tmp_path / "ct4.mlpackage"
+    model = ct.models.MLModel(str(unet_package), skip_model_load=True)
+    palettize_weights(model, OptimizationConfig(global_config=OpPalettizerConfig(mode="kmeans", nbits=4))).save(
+        str(theirs)
+    )
+    ours = executor_psnr(palettized[4][0], analysis_inputs, reference_outputs)
+    reference = executor_psnr(theirs, analysis_inputs, reference_outputs)
+    assert ours > reference - 0.5, (ours, reference)
+
+
+def test_workers_are_logged_and_do_not_change_the_result(unet_package, palettized, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="sdbuild.compress.palettize"):
+        stats = palettize_package(unet_package, tmp_path / "one.mlpackage", 6, workers=1)
+    assert stats.workers == 1 and stats.notes == []
+    assert any("1 worker process" in r.getMessage() for r in caplog.records)
+    assert palettized[6][1].workers >= 1
+    one = pkg.dense_weights(tmp_path / "one.mlpackage")
+    many = pkg.dense_weights(palettized[6][0])
+    assert all(np.array_equal(one[n], many[n]) for n in one)
+
+
+def test_linear8_is_8_bits_per_weight_and_close(unet_package, linear8):
+    path, stats = linear8
+    assert set(stats.layer_bits.values()) == {8}
+    assert stats.bytes_after < 0.56 * stats.bytes_before
+    original, dense = pkg.dense_weights(unet_package), pkg.dense_weights(path)
+    for name, w in original.items():
+        scale = np.abs(w.astype(np.float64)).max(axis=tuple(range(1, w.ndim)), keepdims=True) / 127
+        assert np.all(np.abs(dense[name].astype(np.float64) - w) <= scale * 0.51 + 1e-3)
+
+
+def test_grouped_palettes_need_an_ios18_package(unet_package, tmp_path):
+    with pytest.raises(RecipeError, match="iOS18 or macOS15"):
+        palettize_package(unet_package, tmp_path / "g.mlpackage", 4, group_size=16)
+
+
+def test_grouped_palettes_on_ios18(unet_package_ios18, tmp_path):
+    stats = palettize_package(unet_package_ios18, tmp_path / "g.mlpackage", 4, group_size=16)
+    assert set(stats.layer_bits.values()) == {4} and stats.notes == []
+    prog = pkg.load_pymil(tmp_path / "g.mlpackage")
+    luts = [op for op in pkg.iter_ops(prog) if op.op_type == "constexpr_lut_to_dense"]
+    assert luts
+    for op in luts:
+        lut = op.lut.val  # [.., groups on the output-channel axis, .., 16, 1]
+        groups = max(lut.shape[:-2])
+        assert lut.shape[-2] == 16 and groups == op.indices.val.shape[int(np.argmax(lut.shape[:-2]))] // 16
+
+
+def test_bad_requests_are_user_errors(unet_package, tmp_path):
+    with pytest.raises(RecipeError, match="choose one of 1, 2, 4, 6, 8"):
+        palettize_package(unet_package, tmp_path / "x.mlpackage", 3)
+    with pytest.raises(PackageError):
+        palettize_package(tmp_path / "missing.mlpackage", tmp_path / "x.mlpackage", 4)
