@@ -22,6 +22,8 @@ layout of the ORIGINAL weights; the split forms transpose it themselves.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 ATTENTION_IMPLEMENTATIONS = ("ORIGINAL", "SPLIT_EINSUM", "SPLIT_EINSUM_V2")
@@ -38,13 +40,24 @@ def check_implementation(implementation: str) -> str:
     return implementation
 
 
+def static_size(x, dim: int) -> int:
+    """``x.shape[dim]`` as a Python int, so a trace holds it as a constant rather than size arithmetic.
+
+    Shapes are static by design here; TorchScript's warning that the trace
+    will not generalize to other shapes is exactly what we want, so it is muted.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return int(x.shape[dim])
+
+
 def attention(q, k, v, heads: int, implementation: str, mask=None):
     """softmax(q·k / sqrt(head_dim) + mask)·v per head.
 
     q (B, C, 1, Sq), k and v (B, C, 1, Sk), mask (1, 1, Sq, Sk) or None
     → (B, C, 1, Sq).
     """
-    head_dim = q.shape[1] // heads
+    head_dim = static_size(q, 1) // heads
     # Scale the queries rather than the weights: one multiply on the smaller tensor.
     q = q * head_dim**-0.5
     if implementation == "ORIGINAL":
@@ -73,7 +86,7 @@ def _split_heads(q, k, v, heads: int):
     """Per-head slices: queries (B, d, 1, Sq), keys (B, Sk, 1, d), values (B, d, 1, Sk)."""
     # Keys go channels-last once, so each head's weights come out as (B, Sk, 1, Sq).
     k_t = k.transpose(1, 3)
-    d = q.shape[1] // heads
+    d = static_size(q, 1) // heads
     # Slices rather than torch.chunk: coremltools cannot convert a one-way chunk (single-head attention).
     heads_at = [slice(i * d, (i + 1) * d) for i in range(heads)]
     return [q[:, s] for s in heads_at], [k_t[..., s] for s in heads_at], [v[:, s] for s in heads_at]
@@ -96,16 +109,15 @@ def split_einsum_attention(q, k, v, heads: int, mask=None):
 
 
 def split_einsum_v2_attention(q, k, v, heads: int, mask=None, chunk: int = QUERY_CHUNK):
-    """``split_einsum_attention`` with the queries taken ``chunk`` positions at a time.
-
-    ``torch.split`` cuts the chunks (the last one shorter), so the trace holds
-    no arithmetic on the sequence length; up to ``chunk`` queries it is one piece.
-    """
+    """``split_einsum_attention`` with the queries taken ``chunk`` positions at a time (the last chunk shorter)."""
+    length = static_size(q, 3)
+    if length <= chunk:
+        return split_einsum_attention(q, k, v, heads, mask)
     mask_t = None if mask is None else mask.permute(0, 3, 1, 2)  # (1, Sk, 1, Sq)
-    mask_chunks = [None] * len(q.split(chunk, dim=3)) if mask_t is None else mask_t.split(chunk, dim=3)
+    spans = [slice(start, min(start + chunk, length)) for start in range(0, length, chunk)]
     qs, ks, vs = _split_heads(q, k, v, heads)
     out = []
     for q_h, k_h, v_h in zip(qs, ks, vs):
-        pieces = [_head_attention(q_c, k_h, v_h, m) for q_c, m in zip(q_h.split(chunk, dim=3), mask_chunks)]
-        out.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=3))
+        pieces = [_head_attention(q_h[..., s], k_h, v_h, None if mask_t is None else mask_t[..., s]) for s in spans]
+        out.append(torch.cat(pieces, dim=3))
     return torch.cat(out, dim=1)

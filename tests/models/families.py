@@ -176,7 +176,9 @@ def convert(module, inputs: dict, outputs: list[str], path: Path, precision: str
         traced = torch.jit.trace(module, args, strict=False, check_trace=False)
     mlmodel = ct.convert(
         traced,
-        inputs=[ct.TensorType(name=k, shape=tuple(v.shape)) for k, v in inputs.items()],
+        # float32 inputs, as the contract says: left unset, a float16 program gets float16 inputs,
+        # and token ids above 2048 would be rounded before the graph could cast them to integers.
+        inputs=[ct.TensorType(name=k, shape=tuple(v.shape), dtype=np.float32) for k, v in inputs.items()],
         outputs=[ct.TensorType(name=n) for n in outputs],
         convert_to="mlprogram",
         minimum_deployment_target=ct.target.macOS14,
