@@ -368,6 +368,52 @@ class Program:
             self._const_data[var.name] = _as_data(var.val)
         return self._const_data[var.name]
 
+    def _attention_chains(self) -> dict:
+        """Find matmul -> [mul/real_div by a constant] -> softmax(last axis) -> matmul chains.
+
+        Returns {final matmul op name: (first matmul, scale op or None, softmax)}
+        for chains whose intermediates nothing else reads. The executor runs each
+        with kernels.fused_attention, which rounds exactly as the separate ops
+        would but never holds the whole score tensor.
+        """
+        outputs = set(self._output_vars)
+
+        def sole_consumer(var):
+            children = list(var.child_ops)
+            return children[0] if len(children) == 1 and var.name not in outputs else None
+
+        def flag(op, name):
+            v = op.inputs.get(name)
+            return bool(v.val) if v is not None else False
+
+        chains = {}
+        for op in self._function.operations:
+            if op.op_type != "softmax":
+                continue
+            x = op.inputs["x"]
+            axis = op.inputs["axis"].val if "axis" in op.inputs else -1
+            if x.rank is None or axis not in (-1, x.rank - 1) or sole_consumer(x) is not op:
+                continue
+            producer, scale_op = x.op, None
+            if producer is not None and producer.op_type in ("mul", "real_div"):
+                y = producer.inputs["y"]
+                if y.op is None or y.op.op_type != "const" or np.size(y.val) != 1:
+                    continue
+                scale_op = producer
+                if sole_consumer(producer.inputs["x"]) is not producer:
+                    continue
+                producer = producer.inputs["x"].op
+            if producer is None or producer.op_type != "matmul" or flag(producer, "transpose_x"):
+                continue
+            final = sole_consumer(op.outputs[0])
+            if (
+                final is None or final.op_type != "matmul" or final.inputs["x"] is not op.outputs[0]
+                or flag(final, "transpose_x") or flag(final, "transpose_y")
+            ):
+                continue
+            chains[final.name] = (producer, scale_op, op)
+        return chains
+
     def _build_plan(self, precision: str) -> _Plan:
         """Bind constants and fold everything computable before the inputs are known."""
         plan = _Plan()
@@ -385,8 +431,55 @@ class Program:
 
         used_at: dict[str, int] = {}
         steps = []
+
+        def bind(inputs: dict, attrs) -> tuple[dict, list]:
+            """Constant inputs bound now (static); run-time ones named for the step (dyn)."""
+            static, dyn = {}, []
+            for param, v in inputs.items():
+                if isinstance(v, (list, tuple)):
+                    refs = []
+                    for e in v:
+                        if is_const(e):
+                            refs.append((False, const_value(e)))
+                        else:
+                            refs.append((True, e.name))
+                            used_at[e.name] = len(steps)
+                    dyn.append((param, 2, refs))
+                elif is_const(v):
+                    value = const_value(v)
+                    static[param] = _as_attr(value) if param in attrs else value
+                else:
+                    dyn.append((param, 1 if param in attrs else 0, v.name))
+                    used_at[v.name] = len(steps)
+            return static, dyn
+
+        chains = self._attention_chains()
+        in_chain = {o.name for first, scale, soft in chains.values() for o in (first, scale, soft) if o is not None}
+
+        def rounding(op):
+            fin = _finisher(_kind(op.outputs[0].dtype), precision, False)
+            return None if fin is _as_fp32 else fin
+
         for op in self._function.operations:
-            if op.op_type == "const":
+            if op.op_type == "const" or op.name in in_chain:
+                continue
+            if op.name in chains:
+                first, scale_op, soft = chains[op.name]
+                static, dyn = bind(
+                    {"q": first.inputs["x"], "k": first.inputs["y"], "v": op.inputs["y"]}, attrs=()
+                )
+                transpose_k = first.inputs.get("transpose_y")
+                static.update(
+                    transpose_k=bool(transpose_k.val) if transpose_k is not None else False,
+                    scale=None if scale_op is None else float(np.asarray(scale_op.inputs["y"].val).reshape(-1)[0]),
+                    scale_by_division=scale_op is not None and scale_op.op_type == "real_div",
+                    finish_scores=rounding(first),
+                    finish_scaled=None if scale_op is None else rounding(scale_op),
+                    finish_probs=rounding(soft),
+                )
+                fin = _finisher(_kind(op.outputs[0].dtype), precision, False)
+                steps.append([_kernels.fused_attention, static, dyn, [op.outputs[0].name], [fin], [], "attention (fused)"])
+                dynamic.add(op.outputs[0].name)
                 continue
             k = self._kernel(op)
             finishers = [_finisher(_kind(o.dtype), precision, k.exact) for o in op.outputs]
@@ -414,23 +507,7 @@ class Program:
                     known[name] = fin(value)
                 continue
 
-            static, dyn = {}, []
-            for param, v in op.inputs.items():
-                if isinstance(v, (list, tuple)):
-                    refs = []
-                    for e in v:
-                        if is_const(e):
-                            refs.append((False, const_value(e)))
-                        else:
-                            refs.append((True, e.name))
-                            used_at[e.name] = len(steps)
-                    dyn.append((param, 2, refs))
-                elif is_const(v):
-                    value = const_value(v)
-                    static[param] = _as_attr(value) if param in k.attrs else value
-                else:
-                    dyn.append((param, 1 if param in k.attrs else 0, v.name))
-                    used_at[v.name] = len(steps)
+            static, dyn = bind(op.inputs, k.attrs)
             steps.append([k.fn, static, dyn, out_names, finishers, [], op.op_type])
             dynamic.update(out_names)
 

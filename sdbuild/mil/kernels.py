@@ -551,6 +551,39 @@ def matmul(x, y, transpose_x=False, transpose_y=False):
     return torch.matmul(x, y)
 
 
+def fused_attention(q, k, v, transpose_k, scale, scale_by_division, finish_scores, finish_scaled, finish_probs, chunk_elements=1 << 22):
+    """softmax(scale(q @ k^T)) @ v for the executor's fused matmul -> [mul] -> softmax -> matmul chains.
+
+    q: [*B, L, E]; k: [*B, S, E] (``transpose_k``) or [*B, E, S]; v: [*B, S, EV] -> [*B, L, EV].
+    Not an op of its own: the executor runs such a chain with this when nothing
+    else reads the intermediates. The intermediates are rounded by the same
+    ``finish_*`` functions as the separate ops would be, one block of query rows
+    at a time so the [*B, L, S] scores never exist whole; with no rounding to do
+    (fp32 mode) torch's fused attention runs instead.
+    """
+    key = k.transpose(-1, -2) if not transpose_k else k
+    factor = 1.0 if scale is None else (1.0 / scale if scale_by_division else scale)
+    exact = all(f is None for f in (finish_scores, finish_scaled, finish_probs))
+    if exact and q.shape[:-2] == key.shape[:-2] == v.shape[:-2]:
+        return F.scaled_dot_product_attention(q, key, v, scale=factor)
+    rows = max(1, chunk_elements // max(1, math.prod(q.shape[:-1]) // q.shape[-2] * key.shape[-2]))
+    outs = []
+    for start in range(0, q.shape[-2], rows):
+        qc = q[..., start : start + rows, :]
+        scores = torch.matmul(qc, key.transpose(-1, -2))
+        if finish_scores is not None:
+            scores = finish_scores(scores)
+        if scale is not None:
+            scores = scores / scale if scale_by_division else scores * scale
+            if finish_scaled is not None:
+                scores = finish_scaled(scores)
+        probs = torch.softmax(scores, dim=-1)
+        if finish_probs is not None:
+            probs = finish_probs(probs)
+        outs.append(torch.matmul(probs, v))
+    return torch.cat(outs, dim=-2)
+
+
 @kernel("einsum", attrs=("equation",))
 def einsum(values, equation):
     return torch.einsum(equation, *values)

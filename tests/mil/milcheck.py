@@ -14,7 +14,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 warnings.filterwarnings("ignore")

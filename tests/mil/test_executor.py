@@ -139,6 +139,28 @@ def test_attention_block_ios16(model_dir):
     torch.manual_seed(0)
     inputs = {"x": torch.randn(2, 16, 32), "context": torch.randn(2, 7, 24)}
     check_torch(Attention(), inputs, model_dir, "iOS16", op_type=["matmul", "softmax", "layer_norm"])
+    # The matmul -> softmax -> matmul chain ran fused, in both modes.
+    prog = load_program(convert_torch(Attention(), inputs, model_dir, "iOS16", "fp16"))
+    for precision in ("fp16", "fp32"):
+        assert "attention (fused)" in [step[6] for step in prog._plan(precision).steps]
+
+
+def test_fused_attention_rounds_like_the_separate_ops():
+    def round16(t):
+        return t.half().float()
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=g) for n in (37, 11, 11))
+    scores = round16(q @ k.transpose(-1, -2))
+    scaled = round16(scores * 0.35)
+    expected = round16(round16(scaled.softmax(-1)) @ v)
+    # A small chunk forces several blocks of query rows.
+    got = kernels.fused_attention(
+        q, k, v, True, 0.35, False, round16, round16, round16, chunk_elements=3 * 2 * 11 * 5
+    )
+    torch.testing.assert_close(round16(got), expected, rtol=0, atol=0)
+    exact = kernels.fused_attention(q, k.transpose(-1, -2), v, False, 2.0, True, None, None, None)
+    torch.testing.assert_close(exact, ((q @ k.transpose(-1, -2)) / 2.0).softmax(-1) @ v, rtol=1e-5, atol=1e-6)
 
 
 def test_attention_block_ios18_uses_sdpa(model_dir):
