@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -72,8 +74,9 @@ class Entry:
 class LocalCache:
     """The cache under ``root`` (normally ``artifacts/cache``)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, remote: "RemoteCache | None" = None):
         self.root = Path(root)
+        self.remote = remote
 
     def entry_path(self, stage: str, key: str) -> Path:
         return self.root / stage / key
@@ -94,19 +97,28 @@ class LocalCache:
             return None
         return Entry(stage, key, path, manifest)
 
-    def build(self, stage: str, key: str, produce: Callable[[Path], dict], record: dict, force: bool = False) -> tuple[Entry, bool]:
+    def build(self, stage: str, key: str, produce: Callable[[Path], dict], record: dict, force: bool = False) -> tuple[Entry, str]:
         """Return the entry for (stage, key), building it with ``produce(tmp_dir)`` if absent.
 
         ``produce`` writes the stage's files into ``tmp_dir`` and returns facts
         for the manifest (it may include ``seconds`` and ``peak_rss_bytes``).
         ``record`` is what the key was made of (fields, upstream, versions).
-        Returns (entry, built): built is False on a cache hit.
+        Returns (entry, how): ``hit`` (local cache), ``remote`` (downloaded from
+        the remote cache) or ``miss`` (built here, then uploaded to the remote).
         """
         with self._lock(stage, key):
             existing = self.get(stage, key)
             if existing and not force:
-                return existing, False
+                return existing, "hit"
             (self.root / ".tmp").mkdir(parents=True, exist_ok=True)
+            if self.remote is not None and not force:
+                tmp = Path(tempfile.mkdtemp(prefix=f"{stage}-{key}-", dir=self.root / ".tmp"))
+                try:
+                    if self.remote.fetch(stage, key, tmp):
+                        self._publish(tmp, stage, key)
+                        return self.get(stage, key), "remote"
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
             tmp = Path(tempfile.mkdtemp(prefix=f"{stage}-{key}-", dir=self.root / ".tmp"))
             try:
                 start = time.time()
@@ -123,20 +135,27 @@ class LocalCache:
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 }
                 _write_json(tmp / MANIFEST, manifest)
-                final = self.entry_path(stage, key)
-                final.parent.mkdir(parents=True, exist_ok=True)
-                if final.exists():
-                    # --force: move the old entry aside first; the new one replaces it in one rename.
-                    trash = Path(tempfile.mkdtemp(prefix="old-", dir=self.root / ".tmp"))
-                    final.rename(trash / "entry")
-                    tmp.rename(final)
-                    shutil.rmtree(trash, ignore_errors=True)
-                else:
-                    tmp.rename(final)
+                self._publish(tmp, stage, key)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-        return Entry(stage, key, final, manifest), True
+            entry = Entry(stage, key, self.entry_path(stage, key), manifest)
+            if self.remote is not None:
+                self.remote.upload(entry)
+        return entry, "miss"
+
+    def _publish(self, tmp: Path, stage: str, key: str) -> None:
+        """Make the finished folder ``tmp`` the entry, in one rename."""
+        final = self.entry_path(stage, key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():
+            # --force: move the old entry aside first; the new one replaces it in one rename.
+            trash = Path(tempfile.mkdtemp(prefix="old-", dir=self.root / ".tmp"))
+            final.rename(trash / "entry")
+            tmp.rename(final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            tmp.rename(final)
 
     def entries(self) -> list[Entry]:
         out = []
@@ -198,4 +217,102 @@ def write_json_atomic(path: Path, doc: dict) -> None:
 
 
 class CacheError(SdbuildError):
-    """The cache is not usable (e.g. not writable)."""
+    """The cache is not usable (e.g. not writable, or a required remote is down)."""
+
+
+def redact_url(url: str) -> str:
+    """The URL without any credentials it carries (``s3://key:secret@bucket`` → ``s3://***@bucket``)."""
+    return re.sub(r"(?<=://)[^/@]+@", "***@", url)
+
+
+class RemoteCache:
+    """A shared cache behind the local one, on any fsspec filesystem.
+
+    Layout: ``<url>/blobs/<sha[:2]>/<sha256>`` holds file contents by hash;
+    ``<url>/<stage>/<key>/manifest.json`` lists an entry's files by hash and
+    is uploaded last. Blobs never change, so any manifest a reader sees is
+    consistent with what it points to, and two writers of one key both leave
+    a valid entry. A remote that fails degrades to local-only with one
+    warning, unless ``require`` is set.
+    """
+
+    def __init__(self, url: str, *, require: bool = False, warn: Callable[[str], None] | None = None):
+        import fsspec
+
+        self.url, self.require = url.rstrip("/"), require
+        self.warn = warn or (lambda line: print(f"warning: {line}", file=sys.stderr))
+        self.disabled = False
+        self.fetched = self.uploaded = 0
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        except (ImportError, ValueError) as e:
+            raise CacheError(f"--cache-url {redact_url(url)}: {e}") from None
+        # Object stores have no folders; a local or mounted filesystem needs them made.
+        if hasattr(self.fs, "auto_mkdir"):
+            self.fs.auto_mkdir = True
+
+    def _failed(self, what: str, error: Exception) -> None:
+        line = f"remote cache {redact_url(self.url)} {what} failed ({type(error).__name__}); continuing with the local cache only"
+        if self.require:
+            raise CacheError(line.split(";")[0] + "; --require-remote-cache is set") from None
+        if not self.disabled:
+            self.warn(line)
+        self.disabled = True
+
+    def _blob(self, sha: str) -> str:
+        return f"{self.root}/blobs/{sha[:2]}/{sha}"
+
+    def _manifest(self, stage: str, key: str) -> str:
+        return f"{self.root}/{stage}/{key}/{MANIFEST}"
+
+    def fetch(self, stage: str, key: str, dest: Path) -> bool:
+        """Download the entry into ``dest`` with every file's hash checked; False when absent or bad.
+
+        An entry whose file does not match its manifest's hash is deleted from
+        the remote, so that the rebuilt one replaces it.
+        """
+        if self.disabled:
+            return False
+        try:
+            try:
+                manifest = json.loads(self.fs.cat_file(self._manifest(stage, key)))
+            except FileNotFoundError:
+                return False
+            for rel, sha in manifest.get("files", {}).items():
+                target = dest / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    self.fs.get_file(self._blob(sha), str(target))
+                except FileNotFoundError:
+                    return self._discard(stage, key, f"{rel} is missing")
+                if sha256_file(target) != sha:
+                    return self._discard(stage, key, f"{rel} does not match its sha256", sha)
+        except Exception as e:  # a remote that is down must not fail the build
+            self._failed("download", e)
+            return False
+        _write_json(dest / MANIFEST, manifest)
+        self.fetched += 1
+        return True
+
+    def _discard(self, stage: str, key: str, why: str, bad_blob: str | None = None) -> bool:
+        self.warn(f"remote cache entry {stage}/{key}: {why}; discarded, it will be rebuilt")
+        for path in [self._manifest(stage, key)] + ([self._blob(bad_blob)] if bad_blob else []):
+            try:
+                self.fs.rm_file(path)
+            except FileNotFoundError:
+                pass
+        return False
+
+    def upload(self, entry: Entry) -> None:
+        """Upload the entry's files (as blobs), then its manifest."""
+        if self.disabled:
+            return
+        try:
+            for rel, sha in entry.manifest["files"].items():
+                blob = self._blob(sha)
+                if not self.fs.exists(blob):
+                    self.fs.put_file(str(entry.path / rel), blob)
+            self.fs.pipe_file(self._manifest(entry.stage, entry.key), (entry.path / MANIFEST).read_bytes())
+            self.uploaded += 1
+        except Exception as e:
+            self._failed("upload", e)

@@ -58,12 +58,15 @@ class RichReporter:
 def cmd_run(args) -> int:
     from rich.table import Table
 
-    from sdbuild.executor import prepare, run_build
+    from sdbuild.executor import prepare, run_build, variants_of
 
     console = _console()
+    err = _console(stderr=True)
+    remote = _remote(args, lambda line: err.print(f"[yellow]warning:[/] {line}", soft_wrap=True))
     results = []
-    for recipe in args.recipe:
-        build = prepare(recipe, Path(args.artifacts))
+    todo = [(recipe, overrides) for recipe in args.recipe for _, overrides in variants_of(recipe, args.variant)]
+    for recipe, overrides in todo:
+        build = prepare(recipe, Path(args.artifacts), overrides, remote=remote)
         if args.json:
             result = run_build(build, force=tuple(args.force or ()), until=args.until)
         else:
@@ -88,6 +91,16 @@ def cmd_run(args) -> int:
     if args.json:
         print(json.dumps([r.report for r in results], indent=2))
     return 0
+
+
+def _remote(args, warn):
+    """The remote cache named by --cache-url or SDBUILD_CACHE_URL, if any."""
+    import os
+
+    from sdbuild.cache import RemoteCache
+
+    url = args.cache_url or os.environ.get("SDBUILD_CACHE_URL")
+    return RemoteCache(url, require=args.require_remote_cache, warn=warn) if url else None
 
 
 def cmd_plan(args) -> int:
@@ -124,7 +137,16 @@ def cmd_matrix(args) -> int:
     variants = []
     for recipe in args.recipe:
         for name, overrides in expand_matrix(recipe):
-            variants.append({"name": name, "recipe": recipe, "overrides": overrides})
+            variants.append(
+                {
+                    "name": name,
+                    "recipe": recipe,
+                    "overrides": overrides,
+                    "command": f"sdbuild run {recipe} --variant {name}",
+                    # Everything up to the bundle runs on Linux; compiling and Core ML checks need a Mac.
+                    "runners": {"linux": ["download", "trace", "convert", "compress", "chunk", "bundle", "verify"], "macos": ["compile", "verify"]},
+                }
+            )
     if args.json:
         print(json.dumps(variants, indent=2))
     else:
@@ -239,6 +261,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--artifacts", default="artifacts")
     run.add_argument("--force", action="append", metavar="STAGE", help="rebuild this stage even if cached")
     run.add_argument("--until", metavar="STAGE", help="stop after this stage")
+    run.add_argument("--variant", metavar="NAME", help="build one variant of a matrix recipe (default: all)")
+    run.add_argument("--cache-url", metavar="URL", help="remote stage cache, any fsspec URL (or SDBUILD_CACHE_URL)")
+    run.add_argument("--require-remote-cache", action="store_true", help="fail instead of going local-only when the remote is down")
     run.add_argument("--json", action="store_true")
     run.set_defaults(func=cmd_run)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sdbuild import __version__
-from sdbuild.cache import Entry, LocalCache, stage_key, tree_bytes, write_json_atomic
+from sdbuild.cache import Entry, LocalCache, RemoteCache, stage_key, tree_bytes, write_json_atomic
 from sdbuild.errors import SdbuildError
 from sdbuild.recipe import Recipe, check_buildable, load_recipe
 from sdbuild.stages import ORDER, STAGES, Job, Stage
@@ -276,10 +276,11 @@ class Build:
     nodes: list[Node]
     family: str | None
     problem: str | None = None  # why the graph stops at download (e.g. offline)
+    remote: RemoteCache | None = None
 
     @property
     def cache(self) -> LocalCache:
-        return LocalCache(self.artifacts / "cache")
+        return LocalCache(self.artifacts / "cache", self.remote)
 
     @property
     def build_dir(self) -> Path:
@@ -294,11 +295,20 @@ def family_of_source(source: dict) -> str:
     return model_family(Path(source["path"]))
 
 
-def prepare(recipe_path: str | Path, artifacts: Path = DEFAULT_ARTIFACTS, overrides: dict | None = None, *, strict: bool = True) -> Build:
+def prepare(
+    recipe_path: str | Path,
+    artifacts: Path = DEFAULT_ARTIFACTS,
+    overrides: dict | None = None,
+    *,
+    strict: bool = True,
+    remote: RemoteCache | None = None,
+) -> Build:
     """Load and validate the recipe, resolve the checkpoint, build and key the graph.
 
+    ``overrides`` maps dotted recipe keys to values (a matrix variant).
     With ``strict=False`` a checkpoint that cannot be resolved (no network)
     leaves a graph that stops at download, with ``problem`` saying why.
+    ``remote`` is a shared cache consulted after the local one.
     """
     from sdbuild.stages.download import DownloadError, resolve_source
 
@@ -312,11 +322,24 @@ def prepare(recipe_path: str | Path, artifacts: Path = DEFAULT_ARTIFACTS, overri
         if strict:
             raise
         node = Node(STAGES["download"], None, fields=read_fields(recipe, STAGES["download"].fields, {"source": None}))
-        return Build(recipe, recipe_path, Path(artifacts), [node], None, problem=str(e))
+        return Build(recipe, recipe_path, Path(artifacts), [node], None, problem=str(e), remote=remote)
     family = family_of_source(source)
     nodes = build_graph(recipe, source, family)
     assign_keys(nodes)
-    return Build(recipe, recipe_path, Path(artifacts), nodes, family)
+    return Build(recipe, recipe_path, Path(artifacts), nodes, family, remote=remote)
+
+
+def variants_of(recipe_path: str | Path, variant: str | None = None) -> list[tuple[str, dict]]:
+    """The (name, overrides) to build for a recipe: all its matrix variants, or the one named."""
+    from sdbuild.recipe import expand_matrix
+
+    variants = expand_matrix(recipe_path)
+    if variant is None:
+        return variants
+    chosen = [v for v in variants if v[0] == variant]
+    if not chosen:
+        raise SdbuildError(f"--variant: {recipe_path} has no variant '{variant}'; it has {', '.join(n for n, _ in variants)}")
+    return chosen
 
 
 @dataclass
@@ -412,12 +435,12 @@ def run_build(
             return run_inline(node.stage.run, job, tmp)
 
         try:
-            entry, built = cache.build(node.stage.name, node.key, produce, node.record, force=node.stage.name in force)
+            entry, how = cache.build(node.stage.name, node.key, produce, node.record, force=node.stage.name in force)
         except SdbuildError:
             node.status = "failed"
             reporter.stage_finished(node)
             raise
-        node.entry, node.status = entry, "built" if built else "cached"
+        node.entry, node.status = entry, {"hit": "cached", "remote": "downloaded", "miss": "built"}[how]
         node.seconds = entry.manifest.get("seconds", 0.0)
         node.peak_rss_bytes = entry.manifest.get("peak_rss_bytes", 0)
         reporter.stage_finished(node)
@@ -438,7 +461,7 @@ def run_build(
                 "component": n.component,
                 "key": n.key,
                 "status": n.status,
-                "cache": {"cached": "hit", "built": "miss"}.get(n.status, n.status),
+                "cache": {"cached": "hit", "downloaded": "remote", "built": "miss"}.get(n.status, n.status),
                 "seconds": n.seconds if n.status == "built" else 0.0,
                 "build_seconds": n.seconds,
                 "peak_rss_bytes": n.peak_rss_bytes if n.status == "built" else 0,
@@ -481,7 +504,7 @@ def run_build(
     download = build.nodes[0]
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{build.recipe.name}-", dir=_mkdir(build.build_dir.parent)))
     try:
-        packages = {c: n.entry.path / "model.mlpackage" for c, n in finals.items()}
+        packages = {c: {"swift": [n.entry.path / "model.mlpackage"], "whole": n.entry.path / "model.mlpackage"} for c, n in finals.items()}
         write_bundle(build.recipe, build.family, packages, download.entry.path, staging)
         report["seconds"] = round(time.time() - started, 3)
         report["bundle_bytes"] = tree_bytes(staging)

@@ -152,3 +152,53 @@ def test_hub_id_without_network_is_one_clear_line(tmp_path):
         "error: model.version: cannot reach the Hugging Face Hub for 'someone/not-cached-model' and it is not in the "
         "local cache; download it where there is network, or set model.version to a local diffusers folder"
     )
+
+
+def test_verify_reports_psnr_per_component(artifacts):
+    components = build_json(artifacts, "tiny")["components"]
+    for name in ("text_encoder", "vae_decoder"):
+        assert components[name]["psnr"]["psnr_db"] >= 45, (name, components[name]["psnr"])
+    unet = components["unet"]["psnr"]
+    # The shipped unet is 6-bit: its float16 parent is checked too, and the cost of compression alone.
+    assert unet["float16_psnr_db"] >= 45
+    assert 20 < unet["psnr_db"] < unet["float16_psnr_db"]
+    assert unet["vs_float16_psnr_db"] > 20
+
+
+def test_layout_both_writes_swift_and_python_trees(artifacts, tmp_path):
+    recipe = write_recipe(tmp_path, "tiny-both", f"extends: {TINY}\nname: tiny-both\nbundle: {{layout: both}}\n")
+    done = run_cli("run", recipe, "--artifacts", artifacts)
+    assert done.returncode == 0, done.stderr[-2000:]
+    build = artifacts / "builds" / "tiny-both"
+    python = sorted(p.name for p in (build / "python").iterdir())
+    prefix = "Stable_Diffusion_version_synthetic:tiny-sd_"
+    assert python == sorted([f"{prefix}{c}.mlpackage" for c in ("text_encoder", "unet", "vae_decoder")] + ["merges.txt", "vocab.json"])
+    assert sorted(p.name for p in (build / "Resources").iterdir()) == sorted(
+        [f"{n}.mlpackage" for n in CONTRACT] + ["vocab.json", "merges.txt"]
+    )
+    assert io_of(build / "python" / f"{prefix}unet.mlpackage") == CONTRACT["Unet"]
+    import coremltools as ct
+
+    meta = ct.utils.load_spec(str(build / "Resources" / "Unet.mlpackage")).description.metadata
+    assert meta.userDefined["com.sdbuild.recipe"] == "tiny-both"
+    assert meta.userDefined["com.sdbuild.compression"] == "6-bit palettization"
+    assert meta.userDefined["com.sdbuild.attention"] == "SPLIT_EINSUM"
+    assert "model card" in meta.license
+    facts = json.loads((build / "pipeline.json").read_text())
+    assert facts["vae_scaling_factor"] == pytest.approx(0.18215) and facts["family"] == "sd"
+    # Writing metadata into the bundle must not touch the cache entry it links to.
+    assert run_cli("cache", "verify", "--artifacts", artifacts).returncode == 0
+
+
+def test_bundle_survives_cache_gc(artifacts, tmp_path):
+    import shutil
+
+    copy = tmp_path / "art"
+    shutil.copytree(artifacts, copy)
+    shutil.rmtree(copy / "builds" / "tiny-both", ignore_errors=True)
+    (copy / "builds" / "tiny" / "build.json").unlink()  # nothing references the cache any more
+    assert run_cli("cache", "gc", "--artifacts", copy).returncode == 0
+    assert not any((copy / "cache" / "convert").iterdir())
+    from sdbuild.mil.executor import load_program
+
+    load_program(copy / "builds" / "tiny" / "Resources" / "Unet.mlpackage")

@@ -35,14 +35,14 @@ def write_files(tmp, **facts):
 
 def test_build_publishes_entry_with_manifest(tmp_path):
     cache = LocalCache(tmp_path)
-    entry, built = cache.build("convert", "k1", lambda t: write_files(t, peak_rss_bytes=123), {"fields": {"a": 1}})
-    assert built
+    entry, how = cache.build("convert", "k1", lambda t: write_files(t, peak_rss_bytes=123), {"fields": {"a": 1}})
+    assert how == "miss"
     manifest = json.loads((entry.path / "manifest.json").read_text())
     assert manifest["key"] == "k1" and manifest["fields"] == {"a": 1} and manifest["peak_rss_bytes"] == 123
     assert set(manifest["files"]) == {"model.bin", "sub/x.txt"}
     assert manifest["seconds"] >= 0
-    again, built_again = cache.build("convert", "k1", lambda t: pytest.fail("must not rebuild"), {})
-    assert not built_again and again.path == entry.path
+    again, how_again = cache.build("convert", "k1", lambda t: pytest.fail("must not rebuild"), {})
+    assert how_again == "hit" and again.path == entry.path
 
 
 def test_failed_build_leaves_no_entry_and_no_temp(tmp_path):
@@ -68,8 +68,8 @@ def test_folder_without_manifest_is_not_an_entry(tmp_path):
 def test_force_replaces_entry(tmp_path):
     cache = LocalCache(tmp_path)
     cache.build("convert", "k1", lambda t: (t / "v").write_text("1") and {}, {})
-    entry, built = cache.build("convert", "k1", lambda t: (t / "v").write_text("2") and {}, {}, force=True)
-    assert built and (entry.path / "v").read_text() == "2"
+    entry, how = cache.build("convert", "k1", lambda t: (t / "v").write_text("2") and {}, {}, force=True)
+    assert how == "miss" and (entry.path / "v").read_text() == "2"
 
 
 def test_one_build_per_key_under_concurrency(tmp_path):
@@ -88,7 +88,7 @@ def test_one_build_per_key_under_concurrency(tmp_path):
     for t in threads:
         t.join()
     assert len(calls) == 1
-    assert sorted(built for _, built in results) == [False, False, True]
+    assert sorted(how for _, how in results) == ["hit", "hit", "miss"]
 
 
 def test_verify_finds_changed_and_missing_files(tmp_path):

@@ -1,16 +1,20 @@
 """Bundle: lay the finished packages out as Apple's consumers expect them.
 
 This module is the one place that knows bundle file names (CONTRACT.md).
-Files are hard-linked (or copied) out of the cache, never symlinked, so a
-bundle survives ``sdbuild cache gc`` and being zipped.
+Weights are hard-linked (or copied) out of the cache, never symlinked, so a
+bundle survives ``sdbuild cache gc`` and being zipped; each package's spec is
+written anew with sdbuild's metadata and descriptions of its inputs and outputs.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 from pathlib import Path
 
+from sdbuild import __version__
 from sdbuild.stages.download import checkpoint_dir
 
 SWIFT_NAMES = {
@@ -22,6 +26,31 @@ SWIFT_NAMES = {
     "safety_checker": "SafetyChecker",
 }
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
+PIPELINE_FILE = "pipeline.json"
+SPEC_PATH = Path("Data/com.apple.CoreML/model.mlmodel")
+
+DESCRIPTIONS = {
+    "input_ids": "token ids from the CLIP tokenizer, held in float32, [1, 77]",
+    "last_hidden_state": "text encoder's last hidden states [1, 77, C]",
+    "hidden_embeds": "text encoder's penultimate hidden states [1, 77, C] (SDXL)",
+    "pooled_outputs": "pooled text embedding [1, C] (projected for the second SDXL encoder)",
+    "sample": "noisy latents [B, 4, H, W] (scaled by the scheduler)",
+    "timestep": "diffusion timestep per batch row [B]",
+    "encoder_hidden_states": "text embeddings in the (B, C, 1, S) layout",
+    "text_embeds": "pooled embedding of the second text encoder [B, C] (SDXL)",
+    "time_ids": "original h, w, crop top, left, target h, w per row [B, 6] (SDXL)",
+    "noise_pred": "predicted noise [B, 4, H, W]",
+    "z": "latents already divided by the VAE scaling factor [1, 4, H, W]",
+    "image": "decoded image in [-1, 1], [1, 3, 8H, 8W]",
+    "x": "image in [-1, 1], [1, 3, 8H, 8W]",
+    "latent": "mean (channels 0-3) and log-variance (4-7) of the latent, unscaled [1, 8, H, W]",
+}
+
+
+def swift_name(component: str, part: int | None = None) -> str:
+    """``Unet`` or, for part 1 of a chunked unet, ``UnetChunk1``."""
+    base = SWIFT_NAMES[component]
+    return f"{base}Chunk{part}" if part else base
 
 
 def python_package_name(model_version: str, component: str) -> str:
@@ -29,35 +58,112 @@ def python_package_name(model_version: str, component: str) -> str:
     return f"Stable_Diffusion_version_{model_version.replace('/', '_')}_{component}.mlpackage"
 
 
-def _link_tree(src: Path, dst: Path) -> None:
-    def link(s, d):
-        try:
-            os.link(s, d)
-        except OSError:  # another filesystem, or links not allowed
-            shutil.copy2(s, d)
-
-    shutil.copytree(src, dst, copy_function=link)
+def controlnet_swift_name(hub_id: str) -> str:
+    """``lllyasviel/sd-controlnet-mlsd`` → ``LllyasvielSdControlnetMlsd``."""
+    return "".join(w[:1].upper() + w[1:] for w in re.split(r"[^A-Za-z0-9]+", hub_id) if w)
 
 
-def write_bundle(recipe, family: str, packages: dict[str, Path], download_entry: Path, dest: Path) -> list[Path]:
-    """Write the bundle for ``recipe.bundle.layout`` into ``dest``; returns the package paths written."""
+def _link(src, dst) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copy2(src, dst)
+
+
+def _metadata(recipe, component: str) -> dict[str, str]:
+    comp = recipe.compression
+    if comp is None or component not in comp.components:
+        compression = "float16"
+    elif comp.nbits is not None:
+        compression = f"{comp.nbits}-bit palettization" + (f", groups of {comp.group_size}" if comp.group_size else "")
+    elif comp.linear8:
+        compression = "linear 8-bit"
+    else:
+        compression = f"mixed-bit palettization ({comp.mixed_bit.recipe})"
+    version = recipe.model.version
+    card = f"https://huggingface.co/{version}" if version.count("/") == 1 and not Path(version).exists() else version
+    return {
+        "author": f"converted by sdbuild {__version__}; weights from {version}",
+        "license": f"see the model card: {card}",
+        "com.sdbuild.recipe": recipe.name,
+        "com.sdbuild.version": __version__,
+        "com.sdbuild.model_version": version,
+        "com.sdbuild.component": component,
+        "com.sdbuild.attention": recipe.attention,
+        "com.sdbuild.compression": compression,
+        "com.sdbuild.compute_unit": recipe.compute_unit,
+    }
+
+
+def place_package(src: Path, dst: Path, metadata: dict[str, str]) -> None:
+    """Link ``src``'s files to ``dst`` and write a new spec carrying ``metadata``.
+
+    The spec is written to a fresh file, never through a hard link, so the
+    cache entry's own spec is left untouched.
+    """
+    import coremltools as ct
+
+    shutil.copytree(src, dst, copy_function=_link)
+    spec = ct.utils.load_spec(str(src))
+    meta = spec.description.metadata
+    meta.author = metadata["author"]
+    meta.license = metadata["license"]
+    meta.shortDescription = f"{metadata['com.sdbuild.component']} of {metadata['com.sdbuild.model_version']}"
+    for key, value in metadata.items():
+        if key.startswith("com.sdbuild."):
+            meta.userDefined[key] = value
+    for feature in list(spec.description.input) + list(spec.description.output):
+        feature.shortDescription = DESCRIPTIONS.get(re.sub(r"_\d+$", "", feature.name), feature.name)
+    target = dst / SPEC_PATH
+    target.unlink()
+    target.write_bytes(spec.SerializeToString())
+
+
+def pipeline_facts(recipe, family: str, checkpoint: Path) -> dict:
+    """What a pipeline needs beyond the models: family, VAE scaling, scheduler config."""
+    vae = json.loads((checkpoint / "vae" / "config.json").read_text())
+    scheduler = json.loads((checkpoint / "scheduler" / "scheduler_config.json").read_text())
+    return {
+        "model_version": recipe.model.version,
+        "family": family,
+        "vae_scaling_factor": vae.get("scaling_factor", 0.18215),
+        "vae_force_upcast": bool(vae.get("force_upcast", False)),
+        "resolution": {"height": recipe.resolutions[0].height, "width": recipe.resolutions[0].width},
+        "compute_unit": recipe.compute_unit,
+        "scheduler": scheduler,
+    }
+
+
+def write_bundle(recipe, family: str, packages: dict[str, dict], download_entry: Path, dest: Path) -> list[Path]:
+    """Write the bundle for ``recipe.bundle.layout`` into ``dest``; returns the package paths written.
+
+    ``packages`` maps a component to ``{"swift": [package, …], "whole": package}``:
+    the Swift layout takes the parts of a chunked component (one part when not
+    chunked), the Python layout the whole package (Apple's Python pipeline
+    does not use chunks).
+    """
     layout = recipe.bundle.layout
+    checkpoint = checkpoint_dir(download_entry)
     written = []
     if layout in ("swift", "both"):
         resources = dest / "Resources"
         resources.mkdir(parents=True)
-        for component, package in packages.items():
-            target = resources / f"{SWIFT_NAMES[component]}.mlpackage"
-            _link_tree(package, target)
-            written.append(target)
-        tokenizer = checkpoint_dir(download_entry) / "tokenizer"
+        for component, parts in packages.items():
+            chunked = len(parts["swift"]) > 1
+            for i, package in enumerate(parts["swift"], start=1):
+                target = resources / f"{swift_name(component, i if chunked else None)}.mlpackage"
+                place_package(package, target, _metadata(recipe, component))
+                written.append(target)
         for name in TOKENIZER_FILES:
-            shutil.copyfile(tokenizer / name, resources / name)
+            shutil.copyfile(checkpoint / "tokenizer" / name, resources / name)
     if layout in ("python", "both"):
         folder = dest / "python"
         folder.mkdir(parents=True)
-        for component, package in packages.items():
+        for component, parts in packages.items():
             target = folder / python_package_name(recipe.model.version, component)
-            _link_tree(package, target)
+            place_package(parts["whole"], target, _metadata(recipe, component))
             written.append(target)
+        for name in TOKENIZER_FILES:
+            shutil.copyfile(checkpoint / "tokenizer" / name, folder / name)
+    (dest / PIPELINE_FILE).write_text(json.dumps(pipeline_facts(recipe, family, checkpoint), indent=2))
     return written
