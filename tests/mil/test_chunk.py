@@ -1,0 +1,238 @@
+"""Unet chunking: chained parts equal the whole program, weights move byte for byte.
+
+The tiny SD unet (SPLIT_EINSUM, as the demo builds it), the tiny SDXL unet
+(ORIGINAL) and the tiny SD unet palettized to 6 bits are cut into 2 and 3
+parts; the parts run in sequence by the reference executor must match the
+whole package (PSNR >= 60 dB in fp32; in practice they are bit-identical).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from . import milcheck  # noqa: F401  (quiets coremltools, skips ct.convert's gc)
+
+from sdbuild.errors import SdbuildError
+from sdbuild.metrics import psnr
+from sdbuild.mil.chunk import ChunkError, chain_run, chunk_program
+from sdbuild.mil.executor import load_program
+
+MIN_DB = 60.0
+
+
+def _convert_unet(checkpoint: Path, attention: str, dst: Path) -> Path:
+    """Trace and convert the checkpoint's unet as the trace and convert stages do (64×64 image)."""
+    import coremltools as ct
+    import torch
+
+    from sdbuild.models import BuildOptions, build_component, sample_inputs
+
+    model = build_component("unet", checkpoint, BuildOptions(attention=attention, height=64, width=64))
+    example = sample_inputs(model.inputs, seed=0)
+    with torch.no_grad():
+        traced = torch.jit.trace(
+            model.module, [torch.from_numpy(example[s.name]) for s in model.inputs], strict=False, check_trace=False
+        )
+    mlmodel = ct.convert(
+        traced,
+        inputs=[ct.TensorType(name=s.name, shape=s.shape) for s in model.inputs],
+        outputs=[ct.TensorType(name="noise_pred")],
+        convert_to="mlprogram",
+        minimum_deployment_target=ct.target.macOS14,
+        compute_precision=ct.precision.FLOAT16,
+        skip_model_load=True,
+    )
+    mlmodel.save(str(dst))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def unets(tiny_sd_checkpoint, tiny_sdxl_checkpoint, tmp_path_factory) -> dict[str, Path]:
+    from sdbuild.compress import palettize_package
+
+    folder = tmp_path_factory.mktemp("unets")
+    sd = _convert_unet(tiny_sd_checkpoint, "SPLIT_EINSUM", folder / "sd.mlpackage")
+    sdxl = _convert_unet(tiny_sdxl_checkpoint, "ORIGINAL", folder / "sdxl.mlpackage")
+    palettize_package(sd, folder / "sd-6bit.mlpackage", nbits=6)
+    return {"sd": sd, "sdxl": sdxl, "sd-6bit": folder / "sd-6bit.mlpackage"}
+
+
+def _feeds(program, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feeds = {name: rng.standard_normal(shape).astype(np.float32) for name, (shape, _dtype) in program.inputs.items()}
+    feeds["timestep"] = rng.integers(0, 1000, size=program.inputs["timestep"][0]).astype(np.float32)
+    return feeds
+
+
+def _read_spec(package: Path):
+    from coremltools.proto import Model_pb2
+
+    spec = Model_pb2.Model()
+    spec.ParseFromString((package / "Data" / "com.apple.CoreML" / "model.mlmodel").read_bytes())
+    return spec
+
+
+def _weight_bytes_by_value(package: Path) -> dict[tuple[str, str], bytes]:
+    """(op output name, attribute) -> the blob's data bytes, for every weight blob of the program."""
+    spec = _read_spec(package)
+    raw = (package / "Data" / "com.apple.CoreML" / "weights" / "weight.bin").read_bytes()
+    function = spec.mlProgram.functions["main"]
+    found = {}
+    for op in function.block_specializations[function.opset].operations:
+        for attr, value in op.attributes.items():
+            if value.WhichOneof("value") == "blobFileValue":
+                offset = value.blobFileValue.offset
+                dtype, nbytes, data_offset = struct.unpack_from("<IQQ", raw, offset + 4)
+                found[(op.outputs[0].name, attr)] = (dtype, raw[data_offset : data_offset + nbytes])
+    return found
+
+
+CASES = [(m, n) for m in ("sd", "sdxl", "sd-6bit") for n in (2, 3)]
+
+
+@pytest.mark.parametrize("model,n", CASES)
+def test_chained_chunks_equal_the_whole_unet(unets, tmp_path, model, n):
+    src = unets[model]
+    result = chunk_program(src, n, tmp_path)
+    assert [p.path for p in result.parts] == [tmp_path / f"chunk{k}.mlpackage" for k in range(1, n + 1)]
+    whole = load_program(src)
+    feeds = _feeds(whole)
+    for precision in ("fp32", "fp16"):
+        expected = whole.run(feeds, precision=precision)["noise_pred"]
+        got = chain_run(result.paths, feeds, precision=precision)
+        assert list(got) == ["noise_pred"]
+        assert psnr(expected, got["noise_pred"]) >= MIN_DB, precision
+
+    # Parts are balanced in weight bytes and hold all of the weights, each once.
+    sizes = [p.weight_bytes for p in result.parts]
+    print(f"\n{model} in {n}: weight bytes {sizes} of {result.weight_bytes}; crossing bytes {[c.crossing_bytes for c in result.cuts]}")
+    assert sum(sizes) == result.weight_bytes
+    assert max(sizes) <= 1.25 * result.weight_bytes / n, sizes
+    assert min(sizes) >= 0.75 * result.weight_bytes / n, sizes
+
+
+@pytest.mark.parametrize("model,n", [("sd", 3), ("sdxl", 2)])
+def test_chunk_io_passes_every_crossing_value(unets, tmp_path, model, n):
+    src = unets[model]
+    result = chunk_program(src, n, tmp_path)
+    whole = load_program(src)
+    available = {name: (tuple(shape), np.dtype(dtype).name) for name, (shape, dtype) in whole.inputs.items()}
+    read_later: set[str] = set()
+    for part in result.parts:
+        program = load_program(part.path)
+        # The saved package declares exactly the I/O the result reports.
+        assert [(t.name, t.shape, t.dtype) for t in part.inputs] == [
+            (name, tuple(shape), np.dtype(dtype).name) for name, (shape, dtype) in program.inputs.items()
+        ]
+        assert [t.name for t in part.outputs] == program.outputs
+        assert [np.dtype(t.dtype) for t in part.outputs] == [program.output_dtypes[o] for o in program.outputs]
+        for t in part.inputs:
+            assert available[t.name] == (t.shape, t.dtype), t.name  # model input or an earlier part's output
+            read_later.add(t.name)
+        for t in part.outputs:
+            assert t.name not in available, t.name
+            available[t.name] = (t.shape, t.dtype)
+    # The first part takes original inputs only; the last one ends in noise_pred only.
+    assert {t.name for t in result.parts[0].inputs} <= set(whole.inputs)
+    assert [(t.name, t.shape) for t in result.parts[-1].outputs] == [("noise_pred", whole.inputs["sample"][0])]
+    # Every intermediate output is read by a later part; nothing is computed for nobody.
+    for part in result.parts[:-1]:
+        assert {t.name for t in part.outputs} <= read_later
+    # The crossing tensors of cut k: outputs of parts <= k that parts > k read.
+    for k, cut in enumerate(result.cuts, start=1):
+        before = {t.name for p in result.parts[:k] for t in p.outputs}
+        after = {t.name for p in result.parts[k:] for t in p.inputs}
+        assert {t.name for t in cut.crossing_tensors} == before & after
+        assert all(t.dtype == "float16" for t in cut.crossing_tensors)
+    # Same specification version and opset as the source.
+    source_spec = _read_spec(src)
+    for part in result.parts:
+        spec = _read_spec(part.path)
+        assert spec.specificationVersion == source_spec.specificationVersion
+        assert spec.mlProgram.functions["main"].opset == source_spec.mlProgram.functions["main"].opset
+    report = json.loads(json.dumps(result.to_dict()))
+    assert [p["weight_bytes"] for p in report["parts"]] == [p.weight_bytes for p in result.parts]
+
+
+def test_palettized_weights_move_byte_for_byte(unets, tmp_path):
+    src = unets["sd-6bit"]
+    result = chunk_program(src, 3, tmp_path)
+    source = _weight_bytes_by_value(src)
+    seen: dict = {}
+    for part in result.parts:
+        for key, blob in _weight_bytes_by_value(part.path).items():
+            assert blob == source[key], key  # same dtype code and same bytes
+            seen[key] = blob
+    assert set(seen) == set(source)
+    luts = [op for op, attr in source if attr == "lut"]
+    assert luts, "the 6-bit unet has no palettized weights"
+    assert sum(1 for _op, attr in seen if attr == "indices") == len(luts)
+
+
+def test_one_part_is_the_whole_program(unets, tmp_path):
+    result = chunk_program(unets["sd"], 1, tmp_path)
+    assert len(result.parts) == 1 and result.cuts == []
+    whole = load_program(unets["sd"])
+    part = load_program(result.paths[0])
+    assert part.inputs.keys() == whole.inputs.keys() and part.outputs == ["noise_pred"]
+    assert part.op_counts() == whole.op_counts()
+
+
+def test_cut_goes_where_the_smallest_tensor_crosses(tmp_path):
+    """Between equally balanced cut points, the one passing an [1, 8, 1, 1] vector wins over [1, 8, 16, 16] maps."""
+    import coremltools as ct
+    from coremltools.converters.mil import Builder as mb
+
+    rng = np.random.default_rng(0)
+    w = [rng.standard_normal((8, 8, 1, 1)).astype(np.float16) for _ in range(3)]
+
+    @mb.program(input_specs=[mb.TensorSpec((1, 8, 16, 16), dtype=ct.converters.mil.mil.types.fp16)], opset_version=ct.target.iOS17)
+    def prog(x):
+        h = mb.conv(x=x, weight=w[0], name="conv1")
+        h = mb.relu(x=h, name="relu1")
+        g = mb.reduce_mean(x=h, axes=[2, 3], keep_dims=True, name="pool")
+        g = mb.conv(x=g, weight=w[1], name="conv2")
+        g = mb.sigmoid(x=g, name="gate")
+        h = mb.mul(x=x, y=g, name="scaled")
+        return mb.conv(x=h, weight=w[2], name="noise_pred")
+
+    model = ct.convert(
+        prog,
+        convert_to="mlprogram",
+        minimum_deployment_target=ct.target.iOS17,
+        compute_precision=ct.precision.FLOAT16,
+        pass_pipeline=ct.PassPipeline.EMPTY,
+        skip_model_load=True,
+    )
+    model.save(str(tmp_path / "gate.mlpackage"))
+    result = chunk_program(tmp_path / "gate.mlpackage", 2, tmp_path / "parts")
+    (cut,) = result.cuts
+    assert [t.shape for t in cut.crossing_tensors] == [(1, 8, 1, 1)]
+    assert cut.after_op in ("pool", "conv2", "gate")
+    x = rng.standard_normal((1, 8, 16, 16)).astype(np.float32)
+    whole = load_program(tmp_path / "gate.mlpackage").run({"x": x}, precision="fp32")
+    chained = chain_run(result.paths, {"x": x}, precision="fp32")
+    assert psnr(whole["noise_pred"], chained["noise_pred"]) >= MIN_DB
+    assert [t.name for t in result.parts[1].inputs] == ["x", cut.crossing_tensors[0].name]
+
+
+def test_refuses_what_cannot_be_cut(unets, tmp_path):
+    with pytest.raises(ChunkError, match="cannot be cut into 100000 parts"):
+        chunk_program(unets["sd"], 100000, tmp_path)
+    with pytest.raises(ChunkError, match="at least 1"):
+        chunk_program(unets["sd"], 0, tmp_path)
+    with pytest.raises(SdbuildError, match="not an .mlpackage"):
+        chunk_program(tmp_path, 2, tmp_path / "out")
+
+
+def test_chain_run_names_a_missing_input(unets, tmp_path):
+    result = chunk_program(unets["sd"], 2, tmp_path)
+    feeds = _feeds(load_program(unets["sd"]))
+    del feeds["encoder_hidden_states"]
+    with pytest.raises(SdbuildError, match="encoder_hidden_states"):
+        chain_run(result.paths, feeds, precision="fp32")
