@@ -34,6 +34,7 @@ from sdbuild.recipe import Recipe, check_buildable, load_recipe
 from sdbuild.stages import ORDER, STAGES, Job, Stage
 
 DEFAULT_ARTIFACTS = Path("artifacts")
+CHAIN_MIN_DB = 60.0  # chunking must not change the numbers: chained parts vs the whole, fp32
 
 
 # --- keys --------------------------------------------------------------------
@@ -113,10 +114,17 @@ def build_graph(recipe: Recipe, source: dict, family: str) -> list[Node]:
         nodes += [trace, convert]
         if component in compressed:
             nodes.append(Node(STAGES["compress"], component, [convert]))
+    chunks = {}
+    if recipe.chunk is not None:
+        last = final_nodes(nodes).get("unet")
+        if last is not None:
+            chunks["unet"] = Node(STAGES["chunk"], "unet", [last])
+            nodes.append(chunks["unet"])
     for component, last in final_nodes(nodes).items():
         trace = next(n for n in nodes if n.component == component and n.stage.name == "trace")
         convert = next(n for n in nodes if n.component == component and n.stage.name == "convert")
-        nodes.append(Node(STAGES["verify"], component, list(dict.fromkeys([trace, convert, last]))))
+        deps = [trace, convert, last] + ([chunks[component]] if component in chunks else [])
+        nodes.append(Node(STAGES["verify"], component, list(dict.fromkeys(deps))))
     for node in nodes[1:]:
         node.fields = read_fields(recipe, node.stage.fields_for(node.component), {})
     return nodes
@@ -366,7 +374,6 @@ def plan_rows(build: Build) -> list[PlanRow]:
         rows.append(PlanRow("trace, convert, …", None, None, "pending", "after download"))
         return rows
     comps = list(final_nodes(build.nodes))
-    rows.append(PlanRow("chunk", None, None, "not built yet", "unet chunking (its own issue)"))
     if compiler_available():
         rows += [PlanRow("compile", c, None, "to build") for c in comps]
     else:
@@ -402,6 +409,7 @@ def run_build(
 ) -> BuildResult:
     """Build every stage (cache hits reused), then the bundle; write build.json and build.log."""
     from sdbuild.stages.bundle import write_bundle
+    from sdbuild.stages.chunk import chunk_facts, part_paths
     from sdbuild.stages.compile import SKIP_REASON, compiler_available
     from sdbuild.stages.verify import DEVICE_SKIPPED, read_psnr
 
@@ -483,6 +491,13 @@ def run_build(
         }
         if comp in psnr:
             report["components"][comp]["psnr"] = {k: round(v, 2) for k, v in psnr[comp].items() if k.endswith("psnr_db")}
+        chunk = next((n for n in build.nodes if n.stage.name == "chunk" and n.component == comp and n.entry), None)
+        if chunk is not None:
+            facts = chunk_facts(chunk.entry.path)
+            report["components"][comp]["chunks"] = {
+                "parts": [{"weight_bytes": p["weight_bytes"], "package_bytes": p["package_bytes"]} for p in facts["parts"]],
+                "crossing": [[t["name"] for t in c["crossing_tensors"]] for c in facts["cuts"]],
+            }
     if psnr and any("note" in p for p in psnr.values()):
         notes.append(DEVICE_SKIPPED)
         reporter.note(DEVICE_SKIPPED)
@@ -492,6 +507,11 @@ def run_build(
         reporter.note(SKIP_REASON)
     minimum = build.recipe.verify.psnr_min_db
     for comp, figures in psnr.items():
+        if figures.get("chain_psnr_db", CHAIN_MIN_DB) < CHAIN_MIN_DB:
+            raise SdbuildError(
+                f"verify {comp}: the chained chunks differ from the whole package: {figures['chain_psnr_db']:.1f} dB "
+                f"(fp32) is below {CHAIN_MIN_DB} dB; the bundle was not written"
+            )
         if figures["psnr_db"] < minimum:
             raise SdbuildError(
                 f"verify {comp}: PSNR {figures['psnr_db']:.1f} dB against the float32 reference is below "
@@ -504,7 +524,11 @@ def run_build(
     download = build.nodes[0]
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{build.recipe.name}-", dir=_mkdir(build.build_dir.parent)))
     try:
-        packages = {c: {"swift": [n.entry.path / "model.mlpackage"], "whole": n.entry.path / "model.mlpackage"} for c, n in finals.items()}
+        packages = {}
+        for comp, node in finals.items():
+            whole = node.entry.path / "model.mlpackage"
+            chunk = next((n for n in build.nodes if n.stage.name == "chunk" and n.component == comp), None)
+            packages[comp] = {"swift": part_paths(chunk.entry.path) if chunk else [whole], "whole": whole}
         write_bundle(build.recipe, build.family, packages, download.entry.path, staging)
         report["seconds"] = round(time.time() - started, 3)
         report["bundle_bytes"] = tree_bytes(staging)

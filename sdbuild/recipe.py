@@ -298,8 +298,6 @@ def unbuilt_features(recipe: Recipe) -> list[str]:
         out.append("resolution: a list of shapes (one model, several shapes) is not built yet (issue: conversion modules)")
     if recipe.model.refiner:
         out.append("model.refiner: the SDXL refiner is not built yet")
-    if recipe.chunk is not None:
-        out.append("chunk: unet chunking is not built yet (issue: chunk, compile and bundle)")
     if recipe.controlnet:
         out.append("controlnet: ControlNet conversion is not built yet (issue: ControlNet)")
     comp = recipe.compression

@@ -148,9 +148,9 @@ def test_cli_recipe_error_is_one_line_exit_2_and_writes_nothing(tmp_path):
 
 
 def test_cli_unbuilt_feature_exit_2(tmp_path):
-    p = write_recipe(tmp_path, "r", BASE + "chunk: {unet: 2}\n")
+    p = write_recipe(tmp_path, "r", "model: {version: synthetic:tiny-sdxl, refiner: stabilityai/stable-diffusion-xl-refiner-1.0}\n")
     done = run_cli("run", str(p), "--artifacts", str(tmp_path / "art"))
-    assert done.returncode == 2 and "chunk: unet chunking is not built yet" in done.stderr
+    assert done.returncode == 2 and "model.refiner: the SDXL refiner is not built yet" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
 
 
@@ -158,3 +158,31 @@ def test_cli_schema_is_json():
     done = run_cli("schema")
     assert done.returncode == 0
     assert json.loads(done.stdout)["title"] == "Recipe"
+
+
+HUB_RECIPES = ["sd14", "sd15", "sd21-base-6bit", "sdxl", "sdxl-6bit"]
+
+
+@pytest.mark.parametrize("name", HUB_RECIPES)
+def test_hub_recipes_plan_up_to_download_without_network(name, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    done = subprocess.run(
+        [sys.executable, "-m", "sdbuild.cli", "plan", str(REPO / "recipes" / f"{name}.yaml"), "--json", "--artifacts", str(tmp_path / "art")],
+        capture_output=True, text=True, env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)
+    assert rows[0]["stage"] == "download" and rows[0]["status"] == "needs network"
+    assert "not in the local cache" in rows[0]["detail"]
+    assert not (tmp_path / "art").exists()
+
+
+def test_real_recipes_say_what_the_published_tables_say():
+    sd21 = load_recipe(REPO / "recipes" / "sd21-base-6bit.yaml")
+    assert (sd21.attention, sd21.compute_unit, sd21.compression.nbits, sd21.chunk.unet) == ("SPLIT_EINSUM_V2", "CPU_AND_NE", 6, 2)
+    sdxl = load_recipe(REPO / "recipes" / "sdxl-6bit.yaml")
+    assert (sdxl.attention, sdxl.compute_unit, sdxl.compression.nbits, sdxl.resolution.height) == ("ORIGINAL", "CPU_AND_GPU", 6, 1024)

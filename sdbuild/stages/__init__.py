@@ -104,6 +104,15 @@ STAGES: dict[str, Stage] = {
             heavy=True,
         ),
         Stage(
+            "chunk",
+            "1",
+            "sdbuild.stages.chunk:run",
+            fields=("chunk",),
+            libraries=COREML_LIBS,
+            code=("sdbuild.stages.chunk", "sdbuild.mil.chunk"),
+            heavy=True,
+        ),
+        Stage(
             "verify",
             "1",
             "sdbuild.stages.verify:run",

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from sdbuild.metrics import psnr
 from sdbuild.stages import Job
+from sdbuild.stages.chunk import part_paths
 from sdbuild.stages.convert import PACKAGE
 from sdbuild.stages.trace import read_io
 
@@ -31,6 +32,7 @@ def run(job: Job, out: Path) -> dict:
     import numpy as np
     import torch
 
+    from sdbuild.mil.chunk import chain_run
     from sdbuild.mil.executor import load_program
     from sdbuild.models import TensorSpec, sample_inputs
 
@@ -41,6 +43,7 @@ def run(job: Job, out: Path) -> dict:
     shipped = load_program(shipped_dir / PACKAGE)
     float16 = load_program(job.upstream["convert"] / PACKAGE) if "compress" in job.upstream else None
     device = _device_model(shipped_dir / PACKAGE, job.fields["compute_unit"])
+    parts = [load_program(p) for p in part_paths(job.upstream["chunk"])] if "chunk" in job.upstream else None
 
     samples = []
     for i in range(job.fields["verify.samples"]):
@@ -49,8 +52,15 @@ def run(job: Job, out: Path) -> dict:
             result = reference(*[torch.from_numpy(feeds[s.name]) for s in specs])
         result = result if isinstance(result, (tuple, list)) else (result,)
         ref = {name: t.numpy().astype(np.float32) for name, t in zip(io["outputs"], result)}
-        got = shipped.run(feeds, precision="fp16")
+        if parts:
+            # What ships is the chain of parts: check it, and that it equals the whole package.
+            got = chain_run(parts, feeds, precision="fp16")
+            chain = _worst(shipped.run(feeds, precision="fp32"), chain_run(parts, feeds, precision="fp32"))
+        else:
+            got = shipped.run(feeds, precision="fp16")
         sample = {"seed": job.fields["verify.seed"] + i, "psnr_db": _worst(ref, got)}
+        if parts:
+            sample["chain_psnr_db"] = chain
         if float16 is not None:
             base = float16.run(feeds, precision="fp16")
             sample["float16_psnr_db"] = _worst(ref, base)
