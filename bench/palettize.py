@@ -95,7 +95,7 @@ def sd15_unet_package(cache: Path) -> Path:
         skip_model_load=True,
     )
     del traced
-    tmp = path.with_suffix(".tmp")
+    tmp = cache / "sd15-unet-fp16.partial.mlpackage"  # coremltools insists on the extension
     shutil.rmtree(tmp, ignore_errors=True)
     mlmodel.save(str(tmp))
     tmp.rename(path)
