@@ -103,6 +103,32 @@ def _remote(args, warn):
     return RemoteCache(url, require=args.require_remote_cache, warn=warn) if url else None
 
 
+def cmd_analyze(args) -> int:
+    from sdbuild.executor import prepare, run_build
+
+    build = prepare(args.recipe, Path(args.artifacts), with_analysis=True)
+    console = _console()
+    with RichReporter(console) as reporter:
+        run_build(build, until="analyze", reporter=reporter)
+    node = next(n for n in build.nodes if n.stage.name == "analyze")
+    analysis = node.entry.path / "analysis.json"
+    doc = json.loads(analysis.read_text())
+    if args.json:
+        print(json.dumps({"analysis": str(analysis), "plot": str(node.entry.path / "analysis.png"), "baselines": doc.get("baselines")}, indent=2))
+        return 0
+    from rich.table import Table
+
+    table = Table(title=f"mixed-bit pre-analysis: {doc.get('model_version')}")
+    table.add_column("recipe")
+    table.add_column("PSNR (dB)", justify="right")
+    for name, value in doc.get("baselines", {}).items():
+        table.add_row(name, f"{value:.1f}" if isinstance(value, (int, float)) else str(value))
+    console.print(table)
+    console.print(f"analysis: {analysis}")
+    console.print(f"plot: {node.entry.path / 'analysis.png'}")
+    return 0
+
+
 def cmd_plan(args) -> int:
     from rich.table import Table
 
@@ -272,6 +298,12 @@ def parser() -> argparse.ArgumentParser:
     plan.add_argument("--artifacts", default="artifacts")
     plan.add_argument("--json", action="store_true")
     plan.set_defaults(func=cmd_plan)
+
+    analyze = sub.add_parser("analyze", help="mixed-bit palettization pre-analysis of a recipe's unet")
+    analyze.add_argument("recipe")
+    analyze.add_argument("--artifacts", default="artifacts")
+    analyze.add_argument("--json", action="store_true")
+    analyze.set_defaults(func=cmd_analyze)
 
     matrix = sub.add_parser("matrix", help="expand recipes into variants")
     matrix.add_argument("recipe", nargs="+")

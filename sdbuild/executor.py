@@ -103,30 +103,60 @@ def components_of(recipe: Recipe, family: str) -> list[str]:
     return list(recipe.components or DEFAULT_COMPONENTS[family])
 
 
-def build_graph(recipe: Recipe, source: dict, family: str) -> list[Node]:
-    """Nodes in dependency order. ``source`` is what the download resolved to."""
+def pre_analysis_fields(recipe: Recipe, recipe_dir: Path) -> dict[str, Any]:
+    """A pre-analysis file named by the recipe enters the compress key by its content."""
+    from sdbuild.cache import sha256_file
+
+    name = recipe.compression.mixed_bit.pre_analysis
+    if name == "auto":
+        return {}
+    path = (recipe_dir / name).resolve()
+    if not path.is_file():
+        raise SdbuildError(
+            f"compression.mixed_bit.pre_analysis: file not found: {path} (paths are relative to the recipe's folder; or use auto)"
+        )
+    return {"pre_analysis_file": str(path), "pre_analysis_sha256": sha256_file(path)}
+
+
+def build_graph(
+    recipe: Recipe, source: dict, family: str, recipe_dir: Path = Path("."), with_analysis: bool = False
+) -> list[Node]:
+    """Nodes in dependency order. ``source`` is what the download resolved to.
+
+    Per component: trace → convert → (analyze) → compress → chunk, then a
+    verify over what ships. ``with_analysis`` adds the unet's mixed-bit
+    pre-analysis even when the recipe's compression does not use it
+    (``sdbuild analyze``).
+    """
     download = Node(STAGES["download"], None, fields=read_fields(recipe, STAGES["download"].fields, {"source": source}))
     nodes = [download]
-    compressed = set(recipe.compression.components) if recipe.compression else set()
+    comp = recipe.compression
+    compressed = set(comp.components) if comp else set()
+    mixed_bit = comp is not None and comp.mixed_bit is not None
+    if mixed_bit:
+        compressed &= {"unet"}  # the pre-analysis measures the unet; other components stay float16
+    analyze = None
+    if with_analysis or (mixed_bit and comp.mixed_bit.pre_analysis == "auto"):
+        analyze = Node(STAGES["analyze"], "unet", [download])
+    shipped: dict[str, list[Node]] = {}
     for component in components_of(recipe, family):
         trace = Node(STAGES["trace"], component, [download])
         convert = Node(STAGES["convert"], component, [trace])
-        nodes += [trace, convert]
+        chain = [trace, convert]
+        if component == "unet" and analyze is not None:
+            nodes.append(analyze)
         if component in compressed:
-            nodes.append(Node(STAGES["compress"], component, [convert]))
-    chunks = {}
-    if recipe.chunk is not None:
-        last = final_nodes(nodes).get("unet")
-        if last is not None:
-            chunks["unet"] = Node(STAGES["chunk"], "unet", [last])
-            nodes.append(chunks["unet"])
-    for component, last in final_nodes(nodes).items():
-        trace = next(n for n in nodes if n.component == component and n.stage.name == "trace")
-        convert = next(n for n in nodes if n.component == component and n.stage.name == "convert")
-        deps = [trace, convert, last] + ([chunks[component]] if component in chunks else [])
-        nodes.append(Node(STAGES["verify"], component, list(dict.fromkeys(deps))))
+            deps = [convert] + ([analyze] if mixed_bit and analyze is not None else [])
+            chain.append(Node(STAGES["compress"], component, deps))
+        if component == "unet" and recipe.chunk is not None:
+            chain.append(Node(STAGES["chunk"], component, [chain[-1]]))
+        nodes += chain
+        shipped[component] = chain
+    for component, chain in shipped.items():
+        nodes.append(Node(STAGES["verify"], component, chain))
     for node in nodes[1:]:
-        node.fields = read_fields(recipe, node.stage.fields_for(node.component), {})
+        extra = pre_analysis_fields(recipe, recipe_dir) if node.stage.name == "compress" and mixed_bit else {}
+        node.fields = read_fields(recipe, node.stage.fields_for(node.component) + tuple(extra), extra)
     return nodes
 
 
@@ -310,6 +340,7 @@ def prepare(
     *,
     strict: bool = True,
     remote: RemoteCache | None = None,
+    with_analysis: bool = False,
 ) -> Build:
     """Load and validate the recipe, resolve the checkpoint, build and key the graph.
 
@@ -332,7 +363,7 @@ def prepare(
         node = Node(STAGES["download"], None, fields=read_fields(recipe, STAGES["download"].fields, {"source": None}))
         return Build(recipe, recipe_path, Path(artifacts), [node], None, problem=str(e), remote=remote)
     family = family_of_source(source)
-    nodes = build_graph(recipe, source, family)
+    nodes = build_graph(recipe, source, family, recipe_path.parent, with_analysis)
     assign_keys(nodes)
     return Build(recipe, recipe_path, Path(artifacts), nodes, family, remote=remote)
 
@@ -432,7 +463,10 @@ def run_build(
             node.status = "skipped"
             continue
         upstream = {d.stage.name: d.entry.path for d in node.deps}
-        job = Job(node.stage.name, node.component, node.fields, upstream, build.recipe.name)
+        scratch = cache.root / ".scratch" / f"{node.stage.name}-{node.key}" if node.stage.resumable else None
+        if scratch is not None:
+            scratch.mkdir(parents=True, exist_ok=True)
+        job = Job(node.stage.name, node.component, node.fields, upstream, build.recipe.name, scratch)
         reporter.stage_started(node)
 
         def produce(tmp: Path, node=node, job=job) -> dict:
@@ -449,6 +483,8 @@ def run_build(
             reporter.stage_finished(node)
             raise
         node.entry, node.status = entry, {"hit": "cached", "remote": "downloaded", "miss": "built"}[how]
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
         node.seconds = entry.manifest.get("seconds", 0.0)
         node.peak_rss_bytes = entry.manifest.get("peak_rss_bytes", 0)
         reporter.stage_finished(node)

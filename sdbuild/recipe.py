@@ -300,9 +300,6 @@ def unbuilt_features(recipe: Recipe) -> list[str]:
         out.append("model.refiner: the SDXL refiner is not built yet")
     if recipe.controlnet:
         out.append("controlnet: ControlNet conversion is not built yet (issue: ControlNet)")
-    comp = recipe.compression
-    if comp is not None and (comp.linear8 or comp.mixed_bit is not None or comp.group_size is not None):
-        out.append("compression: linear8, mixed_bit and group_size are not built yet (issue: weight compression)")
     for c in recipe.components or []:
         if c in ("vae_encoder", "safety_checker"):
             out.append(f"components: {c} is not built yet (issue: conversion modules)")

@@ -47,6 +47,10 @@ def io_of(package: Path):
     import coremltools as ct
 
     spec = ct.models.MLModel(str(package), skip_model_load=True).get_spec()
+    float32 = ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT32
+    # Every input and output is float32, as Apple's pipelines feed and read them.
+    for feature in list(spec.description.input) + list(spec.description.output):
+        assert feature.type.multiArrayType.dataType == float32, (package.name, feature.name)
     ins = {i.name: list(i.type.multiArrayType.shape) for i in spec.description.input}
     outs = {o.name: list(o.type.multiArrayType.shape) for o in spec.description.output}
     return ins, outs

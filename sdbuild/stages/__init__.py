@@ -34,6 +34,7 @@ class Stage:
     code: tuple[str, ...] = ()
     heavy: bool = False
     per_component: bool = True
+    resumable: bool = False  # gets a scratch folder that survives a kill, removed once published
 
     def fields_for(self, component: str | None) -> tuple[str, ...]:
         return self.fields + self.component_fields.get(component or "", ())
@@ -52,6 +53,7 @@ class Job:
     fields: dict[str, Any]
     upstream: dict[str, Path]
     build_name: str = ""
+    scratch: Path | None = None  # kept across a killed run of this key: for resumable stages
 
 
 TORCH_LIBS = ("torch", "diffusers", "transformers", "safetensors")
@@ -95,6 +97,16 @@ STAGES: dict[str, Stage] = {
             heavy=True,
         ),
         Stage(
+            "analyze",
+            "1",
+            "sdbuild.stages.analyze:run",
+            fields=("model.version", "attention", "resolution", "unet_batch_one"),
+            libraries=TORCH_LIBS + ("numpy", "scikit-learn"),
+            code=("sdbuild.stages.analyze", "sdbuild.compress", "sdbuild.models"),
+            heavy=True,
+            resumable=True,
+        ),
+        Stage(
             "compress",
             "1",
             "sdbuild.stages.compress:run",
@@ -133,4 +145,4 @@ STAGES: dict[str, Stage] = {
 
 # Stages in build order, including those the executor runs itself (bundle) or
 # that are not built yet; plan and summary tables follow this order.
-ORDER = ("download", "trace", "convert", "compress", "chunk", "compile", "bundle", "verify")
+ORDER = ("download", "trace", "convert", "analyze", "compress", "chunk", "compile", "bundle", "verify")

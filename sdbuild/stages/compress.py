@@ -10,11 +10,18 @@ from sdbuild.stages.convert import PACKAGE
 
 
 def run(job: Job, out: Path) -> dict:
-    from sdbuild.compress import palettize_package
+    """Write the compressed ``model.mlpackage``: n-bit palettes, linear 8-bit or mixed-bit."""
+    from sdbuild.compress import linear8_package, mixed_bit_package, palettize_package
 
     settings = job.fields["compression"]
     src = job.upstream["convert"] / PACKAGE
-    stats = palettize_package(src, out / PACKAGE, nbits=settings["nbits"], group_size=settings.get("group_size"))
+    if settings.get("nbits") is not None:
+        stats = palettize_package(src, out / PACKAGE, nbits=settings["nbits"], group_size=settings.get("group_size"))
+    elif settings.get("linear8"):
+        stats = linear8_package(src, out / PACKAGE)
+    else:
+        analysis = job.fields.get("pre_analysis_file") or job.upstream["analyze"] / "analysis.json"
+        stats = mixed_bit_package(src, out / PACKAGE, Path(analysis), settings["mixed_bit"]["recipe"])
     return {"compression": _plain(stats)}
 
 

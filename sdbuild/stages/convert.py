@@ -19,6 +19,7 @@ def deployment_target(name: str):
 def run(job: Job, out: Path) -> dict:
     """Write ``model.mlpackage`` with the contract's input and output names."""
     import coremltools as ct
+    import numpy as np
     import torch
 
     trace_dir = job.upstream["trace"]
@@ -27,8 +28,10 @@ def run(job: Job, out: Path) -> dict:
     precision = ct.precision.FLOAT16 if io["precision"] == "float16" else ct.precision.FLOAT32
     mlmodel = ct.convert(
         traced,
-        inputs=[ct.TensorType(name=i["name"], shape=tuple(i["shape"])) for i in io["inputs"]],
-        outputs=[ct.TensorType(name=n) for n in io["outputs"]],
+        # float32 model inputs and outputs, as Apple's pipelines feed and read them; a float16
+        # input would also round token ids above 2048 before the graph casts them to integers.
+        inputs=[ct.TensorType(name=i["name"], shape=tuple(i["shape"]), dtype=np.float32) for i in io["inputs"]],
+        outputs=[ct.TensorType(name=n, dtype=np.float32) for n in io["outputs"]],
         convert_to="mlprogram",
         minimum_deployment_target=deployment_target(job.fields["target"]),
         compute_precision=precision,
