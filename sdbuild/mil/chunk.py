@@ -209,12 +209,23 @@ def _arg_names(op) -> list[str]:
     return names
 
 
-def _blob_refs(op) -> list[tuple[str, int]]:
-    refs = [(v.blobFileValue.fileName, v.blobFileValue.offset) for v in op.attributes.values() if v.WhichOneof("value") == "blobFileValue"]
+def _blob_values(op):
+    """Every weight-file value of ``op``: in its attributes (const, iOS16 constexpr ops) and
+    bound inline to its inputs (iOS18 constexpr ops), nested blocks included."""
+    for value in op.attributes.values():
+        if value.WhichOneof("value") == "blobFileValue":
+            yield value
+    for arg in op.inputs.values():
+        for binding in arg.arguments:
+            if binding.WhichOneof("binding") == "value" and binding.value.WhichOneof("value") == "blobFileValue":
+                yield binding.value
     for block in op.blocks:
         for inner in block.operations:
-            refs += _blob_refs(inner)
-    return refs
+            yield from _blob_values(inner)
+
+
+def _blob_refs(op) -> list[tuple[str, int]]:
+    return [(v.blobFileValue.fileName, v.blobFileValue.offset) for v in _blob_values(op)]
 
 
 def _tensor_info(name: str, value_type) -> TensorInfo | None:
@@ -412,13 +423,8 @@ def _feature(info: TensorInfo, description: str = ""):
 
 
 def _remap_blobs(op, new_offsets: dict[tuple[str, int], int]) -> None:
-    for value in op.attributes.values():
-        if value.WhichOneof("value") == "blobFileValue":
-            key = (value.blobFileValue.fileName, value.blobFileValue.offset)
-            value.blobFileValue.offset = new_offsets[key]
-    for block in op.blocks:
-        for inner in block.operations:
-            _remap_blobs(inner, new_offsets)
+    for value in _blob_values(op):
+        value.blobFileValue.offset = new_offsets[(value.blobFileValue.fileName, value.blobFileValue.offset)]
 
 
 def _tree_bytes(path: Path) -> int:

@@ -84,7 +84,10 @@ def _weight_bytes_by_value(package: Path) -> dict[tuple[str, str], bytes]:
     function = spec.mlProgram.functions["main"]
     found = {}
     for op in function.block_specializations[function.opset].operations:
-        for attr, value in op.attributes.items():
+        # iOS16 ops hold weights in attributes; iOS18 constexpr ops bind them inline to inputs.
+        values = list(op.attributes.items())
+        values += [(param, b.value) for param, arg in op.inputs.items() for b in arg.arguments if b.WhichOneof("binding") == "value"]
+        for attr, value in values:
             if value.WhichOneof("value") == "blobFileValue":
                 offset = value.blobFileValue.offset
                 dtype, nbytes, data_offset = struct.unpack_from("<IQQ", raw, offset + 4)
@@ -95,16 +98,35 @@ def _weight_bytes_by_value(package: Path) -> dict[tuple[str, str], bytes]:
 CASES = [(m, n) for m in ("sd", "sdxl", "sd-6bit") for n in (2, 3)]
 
 
+@pytest.fixture(scope="module")
+def whole(unets) -> dict:
+    """The unchunked programs, loaded once (loading dominates a tiny unet's run)."""
+    return {name: load_program(path) for name, path in unets.items()}
+
+
+@pytest.fixture(scope="module")
+def chunked(unets, tmp_path_factory):
+    """``chunked(model, n)`` -> (ChunkResult, loaded parts), each made once per module."""
+    made = {}
+
+    def make(model: str, n: int):
+        if (model, n) not in made:
+            result = chunk_program(unets[model], n, tmp_path_factory.mktemp(f"{model}-{n}"))
+            made[model, n] = (result, [load_program(p) for p in result.paths])
+        return made[model, n]
+
+    return make
+
+
 @pytest.mark.parametrize("model,n", CASES)
-def test_chained_chunks_equal_the_whole_unet(unets, tmp_path, model, n):
-    src = unets[model]
-    result = chunk_program(src, n, tmp_path)
-    assert [p.path for p in result.parts] == [tmp_path / f"chunk{k}.mlpackage" for k in range(1, n + 1)]
-    whole = load_program(src)
-    feeds = _feeds(whole)
-    for precision in ("fp32", "fp16"):
-        expected = whole.run(feeds, precision=precision)["noise_pred"]
-        got = chain_run(result.paths, feeds, precision=precision)
+def test_chained_chunks_equal_the_whole_unet(whole, chunked, model, n):
+    result, parts = chunked(model, n)
+    assert [p.path.name for p in result.parts] == [f"chunk{k}.mlpackage" for k in range(1, n + 1)]
+    feeds = _feeds(whole[model])
+    # fp16 rounds every intermediate as a device would: the chain must match that too.
+    for precision in ("fp32", "fp16") if n == 2 else ("fp32",):
+        expected = whole[model].run(feeds, precision=precision)["noise_pred"]
+        got = chain_run(parts, feeds, precision=precision)
         assert list(got) == ["noise_pred"]
         assert psnr(expected, got["noise_pred"]) >= MIN_DB, precision
 
@@ -117,14 +139,12 @@ def test_chained_chunks_equal_the_whole_unet(unets, tmp_path, model, n):
 
 
 @pytest.mark.parametrize("model,n", [("sd", 3), ("sdxl", 2)])
-def test_chunk_io_passes_every_crossing_value(unets, tmp_path, model, n):
+def test_chunk_io_passes_every_crossing_value(unets, whole, chunked, model, n):
     src = unets[model]
-    result = chunk_program(src, n, tmp_path)
-    whole = load_program(src)
-    available = {name: (tuple(shape), np.dtype(dtype).name) for name, (shape, dtype) in whole.inputs.items()}
+    result, parts = chunked(model, n)
+    available = {name: (tuple(shape), np.dtype(dtype).name) for name, (shape, dtype) in whole[model].inputs.items()}
     read_later: set[str] = set()
-    for part in result.parts:
-        program = load_program(part.path)
+    for part, program in zip(result.parts, parts):
         # The saved package declares exactly the I/O the result reports.
         assert [(t.name, t.shape, t.dtype) for t in part.inputs] == [
             (name, tuple(shape), np.dtype(dtype).name) for name, (shape, dtype) in program.inputs.items()
@@ -138,8 +158,8 @@ def test_chunk_io_passes_every_crossing_value(unets, tmp_path, model, n):
             assert t.name not in available, t.name
             available[t.name] = (t.shape, t.dtype)
     # The first part takes original inputs only; the last one ends in noise_pred only.
-    assert {t.name for t in result.parts[0].inputs} <= set(whole.inputs)
-    assert [(t.name, t.shape) for t in result.parts[-1].outputs] == [("noise_pred", whole.inputs["sample"][0])]
+    assert {t.name for t in result.parts[0].inputs} <= set(whole[model].inputs)
+    assert [(t.name, t.shape) for t in result.parts[-1].outputs] == [("noise_pred", whole[model].inputs["sample"][0])]
     # Every intermediate output is read by a later part; nothing is computed for nobody.
     for part in result.parts[:-1]:
         assert {t.name for t in part.outputs} <= read_later
@@ -159,9 +179,9 @@ def test_chunk_io_passes_every_crossing_value(unets, tmp_path, model, n):
     assert [p["weight_bytes"] for p in report["parts"]] == [p.weight_bytes for p in result.parts]
 
 
-def test_palettized_weights_move_byte_for_byte(unets, tmp_path):
+def test_palettized_weights_move_byte_for_byte(unets, chunked):
     src = unets["sd-6bit"]
-    result = chunk_program(src, 3, tmp_path)
+    result, _parts = chunked("sd-6bit", 3)
     source = _weight_bytes_by_value(src)
     seen: dict = {}
     for part in result.parts:
@@ -174,24 +194,30 @@ def test_palettized_weights_move_byte_for_byte(unets, tmp_path):
     assert sum(1 for _op, attr in seen if attr == "indices") == len(luts)
 
 
-def test_one_part_is_the_whole_program(unets, tmp_path):
-    result = chunk_program(unets["sd"], 1, tmp_path)
-    assert len(result.parts) == 1 and result.cuts == []
-    whole = load_program(unets["sd"])
-    part = load_program(result.paths[0])
-    assert part.inputs.keys() == whole.inputs.keys() and part.outputs == ["noise_pred"]
-    assert part.op_counts() == whole.op_counts()
+def test_one_part_is_the_whole_program(whole, chunked):
+    result, (part,) = chunked("sdxl", 1)
+    assert result.cuts == []
+    assert part.inputs == whole["sdxl"].inputs and part.outputs == ["noise_pred"]
+    assert part.op_counts() == whole["sdxl"].op_counts()
 
 
-def test_cut_goes_where_the_smallest_tensor_crosses(tmp_path):
-    """Between equally balanced cut points, the one passing an [1, 8, 1, 1] vector wins over [1, 8, 16, 16] maps."""
+@pytest.mark.parametrize("target,palettized", [("iOS17", False), ("iOS18", True)])
+def test_cut_goes_where_the_smallest_tensor_crosses(tmp_path, target, palettized):
+    """Between equally balanced cut points, the one passing an [1, 8, 1, 1] vector wins over [1, 8, 16, 16] maps.
+
+    The iOS18 variant is palettized: its constexpr ops bind LUT and indices
+    inline to their inputs (not as attributes), which the parts must carry too.
+    """
     import coremltools as ct
+    import coremltools.optimize.coreml as cto
     from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
 
     rng = np.random.default_rng(0)
     w = [rng.standard_normal((8, 8, 1, 1)).astype(np.float16) for _ in range(3)]
+    opset = getattr(ct.target, target)
 
-    @mb.program(input_specs=[mb.TensorSpec((1, 8, 16, 16), dtype=ct.converters.mil.mil.types.fp16)], opset_version=ct.target.iOS17)
+    @mb.program(input_specs=[mb.TensorSpec((1, 8, 16, 16), dtype=types.fp16)], opset_version=opset)
     def prog(x):
         h = mb.conv(x=x, weight=w[0], name="conv1")
         h = mb.relu(x=h, name="relu1")
@@ -204,21 +230,30 @@ def test_cut_goes_where_the_smallest_tensor_crosses(tmp_path):
     model = ct.convert(
         prog,
         convert_to="mlprogram",
-        minimum_deployment_target=ct.target.iOS17,
+        minimum_deployment_target=opset,
         compute_precision=ct.precision.FLOAT16,
         pass_pipeline=ct.PassPipeline.EMPTY,
         skip_model_load=True,
     )
-    model.save(str(tmp_path / "gate.mlpackage"))
-    result = chunk_program(tmp_path / "gate.mlpackage", 2, tmp_path / "parts")
+    if palettized:
+        config = cto.OpPalettizerConfig(nbits=4, mode="uniform", weight_threshold=0)
+        model = cto.palettize_weights(model, cto.OptimizationConfig(global_config=config))
+    src = tmp_path / "gate.mlpackage"
+    model.save(str(src))
+    result = chunk_program(src, 2, tmp_path / "parts")
     (cut,) = result.cuts
     assert [t.shape for t in cut.crossing_tensors] == [(1, 8, 1, 1)]
     assert cut.after_op in ("pool", "conv2", "gate")
     x = rng.standard_normal((1, 8, 16, 16)).astype(np.float32)
-    whole = load_program(tmp_path / "gate.mlpackage").run({"x": x}, precision="fp32")
+    whole = load_program(src).run({"x": x}, precision="fp32")
     chained = chain_run(result.paths, {"x": x}, precision="fp32")
     assert psnr(whole["noise_pred"], chained["noise_pred"]) >= MIN_DB
     assert [t.name for t in result.parts[1].inputs] == ["x", cut.crossing_tensors[0].name]
+    source = _weight_bytes_by_value(src)
+    moved = {k: v for part in result.parts for k, v in _weight_bytes_by_value(part.path).items()}
+    assert moved == source
+    if palettized:
+        assert sum(1 for _op, param in source if param == "indices") == 3
 
 
 def test_refuses_what_cannot_be_cut(unets, tmp_path):
@@ -230,9 +265,9 @@ def test_refuses_what_cannot_be_cut(unets, tmp_path):
         chunk_program(tmp_path, 2, tmp_path / "out")
 
 
-def test_chain_run_names_a_missing_input(unets, tmp_path):
-    result = chunk_program(unets["sd"], 2, tmp_path)
-    feeds = _feeds(load_program(unets["sd"]))
+def test_chain_run_names_a_missing_input(whole, chunked):
+    _result, parts = chunked("sd", 2)
+    feeds = _feeds(whole["sd"])
     del feeds["encoder_hidden_states"]
     with pytest.raises(SdbuildError, match="encoder_hidden_states"):
-        chain_run(result.paths, feeds, precision="fp32")
+        chain_run(parts, feeds, precision="fp32")
