@@ -1,0 +1,927 @@
+"""Image generation over a bundle: text → image and image → image, as Apple's pipelines do it.
+
+A ``Pipeline`` is built once from a bundle (its models load once) and then
+called many times:
+
+    pipe = Pipeline.from_bundle(Path("artifacts/builds/tiny"))
+    result = pipe.generate("a photo of a cat", seed=93, steps=20, scheduler="DPM++2M")
+    result.images  # float32 [N, 8H, 8W, 3] in [0, 1]
+
+The bundle may be a build folder (``artifacts/builds/<name>``), its
+``Resources/`` (Swift layout: ``TextEncoder``, ``Unet`` or ``UnetChunk1/2…``,
+``VAEDecoder`` … as ``.mlpackage`` or ``.mlmodelc``), or a folder of
+Python-layout packages (``Stable_Diffusion_version_<version>_<component>.mlpackage``),
+including ones published by others. Models run on Core ML on macOS and on the
+reference executor (float16, ``sdbuild.mil``) elsewhere.
+
+The arithmetic around the models follows diffusers' StableDiffusionPipeline,
+StableDiffusionImg2ImgPipeline and StableDiffusionXLPipeline step for step
+(the schedulers are diffusers' own), so with ``rng="torch"`` a bundle's image
+can be compared with diffusers' image of the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sdbuild.errors import NotBuiltYet, SdbuildError
+from sdbuild.stages.bundle import SWIFT_NAMES, TOKENIZER_FILES, python_package_name
+
+
+class GenerationError(SdbuildError):
+    """A generate request that cannot be met: missing bundle file, bad image, unknown scheduler…"""
+
+
+# --------------------------------------------------------------------------- schedulers
+
+# Canonical name → diffusers class. The names are those of Apple's Python pipeline, shortened.
+SCHEDULERS = {
+    "DDIM": "DDIMScheduler",
+    "DPMSolverMultistep": "DPMSolverMultistepScheduler",
+    "Euler": "EulerDiscreteScheduler",
+    "EulerAncestral": "EulerAncestralDiscreteScheduler",
+    "LMS": "LMSDiscreteScheduler",
+    "PNDM": "PNDMScheduler",
+    "DDPM": "DDPMScheduler",
+}
+# Other spellings people use (Apple's CLI, the Swift CLI, web UIs), compared squashed: lower case, no separators.
+_SCHEDULER_ALIASES = {
+    "dpm++2m": "DPMSolverMultistep",
+    "dpmpp2m": "DPMSolverMultistep",
+    "dpmpp": "DPMSolverMultistep",
+    "dpmsolver": "DPMSolverMultistep",
+    "dpmsolvermultistepscheduler": "DPMSolverMultistep",
+    "eulerdiscrete": "Euler",
+    "eulera": "EulerAncestral",
+    "eulerancestraldiscrete": "EulerAncestral",
+    "lmsdiscrete": "LMS",
+}
+
+# Scheduler configs for bundles that carry none: SD 1.5's and SDXL base's published ones.
+_DEFAULT_SCHEDULER_CONFIG = {
+    "sd": {
+        "_class_name": "PNDMScheduler",
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "num_train_timesteps": 1000,
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "skip_prk_steps": True,
+        "steps_offset": 1,
+        "prediction_type": "epsilon",
+    },
+    "sdxl": {
+        "_class_name": "EulerDiscreteScheduler",
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "num_train_timesteps": 1000,
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "skip_prk_steps": True,
+        "steps_offset": 1,
+        "timestep_spacing": "leading",
+        "interpolation_type": "linear",
+        "prediction_type": "epsilon",
+    },
+}
+# CONTRACT.md: latent scaling factors when the VAE config is not at hand.
+_DEFAULT_SCALING_FACTOR = {"sd": 0.18215, "sdxl": 0.13025}
+
+RNG_MODES = ("numpy", "torch")
+COMPUTE_UNITS = ("ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE")
+SCHEDULER_CONFIG = "scheduler_config.json"
+
+
+def scheduler_name(name: str) -> str:
+    """The canonical name (a key of ``SCHEDULERS``) for ``name`` or one of its aliases."""
+    squashed = re.sub(r"[\s_\-]", "", name).lower()
+    for canonical in SCHEDULERS:
+        if squashed in (canonical.lower(), SCHEDULERS[canonical].lower(), canonical.lower() + "scheduler"):
+            return canonical
+    if squashed in _SCHEDULER_ALIASES:
+        return _SCHEDULER_ALIASES[squashed]
+    raise GenerationError(f"--scheduler: unknown scheduler '{name}'; choose one of {', '.join(SCHEDULERS)} (or DPM++2M)")
+
+
+def make_scheduler(name: str, config: dict):
+    """A fresh diffusers scheduler of kind ``name`` built from a checkpoint's scheduler ``config``."""
+    import diffusers
+
+    cls = getattr(diffusers, SCHEDULERS[scheduler_name(name)])
+    return cls.from_config(config)
+
+
+# --------------------------------------------------------------------------- bundle discovery
+
+
+@dataclass
+class BundleFiles:
+    """What a bundle folder holds, found once.
+
+    ``models``: component (``text_encoder``, ``unet``, …) → model paths; several
+    for a chunked unet, in running order. ``folder``: where the models lie;
+    ``build_dir``: the build folder when there is one (with ``build.json``).
+    """
+
+    path: Path
+    folder: Path
+    layout: str  # swift | python
+    name: str
+    models: dict[str, list[Path]]
+    build_dir: Path | None = None
+    build: dict | None = None
+    model_version: str | None = None  # the Python layout's <version>, '/' written as '_'
+
+    @property
+    def family(self) -> str:
+        return "sdxl" if "text_encoder_2" in self.models else "sd"
+
+    def describe(self, component: str) -> str:
+        return ", ".join(p.name for p in self.models[component])
+
+
+REQUIRED = ("text_encoder", "unet", "vae_decoder")
+_PY_PREFIX = "Stable_Diffusion_version_"
+_PY_UNET_SUFFIX = "_unet.mlpackage"
+
+
+def find_bundle(path: Path, compiled_ok: bool = False) -> BundleFiles:
+    """Find the models of the bundle at ``path`` (build folder, ``Resources/`` or Python-layout folder).
+
+    ``compiled_ok``: accept ``.mlmodelc`` (Core ML on macOS); the reference
+    executor reads ``.mlpackage`` only. Raises GenerationError, one line, when a
+    required file is missing.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise GenerationError(f"--bundle {path}: no such folder")
+    build_dir = None
+    for candidate in (path, path.parent):
+        if (candidate / "build.json").is_file():
+            build_dir = candidate
+            break
+    if (path / "Resources").is_dir():
+        folder, layout = path / "Resources", "swift"
+    elif (path / "python").is_dir():
+        folder, layout = path / "python", "python"
+    elif any(_swift_model(path, SWIFT_NAMES[c], True) for c in REQUIRED):
+        folder, layout = path, "swift"
+    elif list(path.glob(_PY_PREFIX + "*" + _PY_UNET_SUFFIX)):
+        folder, layout = path, "python"
+    else:
+        raise GenerationError(
+            f"--bundle {path}: no bundle here: expected Resources/, {SWIFT_NAMES['unet']}.mlpackage, "
+            f"or {_PY_PREFIX}<version>{_PY_UNET_SUFFIX}"
+        )
+    build = json.loads((build_dir / "build.json").read_text()) if build_dir else None
+    name = build["name"] if build else (path.name if path.name not in ("Resources", "python") else path.parent.name)
+    if layout == "swift":
+        models, version = _swift_models(folder, compiled_ok), None
+    else:
+        models, version = _python_models(folder)
+    return BundleFiles(path, folder, layout, name, models, build_dir, build, version)
+
+
+def _swift_model(folder: Path, base: str, compiled_ok: bool) -> Path | None:
+    # Core ML loads compiled models fastest; the executor needs the package.
+    suffixes = (".mlmodelc", ".mlpackage") if compiled_ok else (".mlpackage",)
+    for suffix in suffixes:
+        if (folder / f"{base}{suffix}").exists():
+            return folder / f"{base}{suffix}"
+    return None
+
+
+def _swift_models(folder: Path, compiled_ok: bool) -> dict[str, list[Path]]:
+    models: dict[str, list[Path]] = {}
+    for component, base in SWIFT_NAMES.items():
+        found = _swift_model(folder, base, compiled_ok)
+        if found:
+            models[component] = [found]
+    # As the Swift loader does: chunks are checked first and used when both halves exist.
+    chunks = []
+    while chunk := _swift_model(folder, f"{SWIFT_NAMES['unet']}Chunk{len(chunks) + 1}", compiled_ok):
+        chunks.append(chunk)
+    if len(chunks) >= 2:
+        models["unet"] = chunks
+    for component in REQUIRED:
+        if component not in models:
+            base = SWIFT_NAMES[component]
+            if not compiled_ok and _swift_model(folder, base, True):
+                raise GenerationError(
+                    f"{folder}: {base}.mlmodelc is compiled; the reference executor runs .mlpackage files only "
+                    "(Core ML, on macOS, runs compiled models)"
+                )
+            raise GenerationError(f"{folder}: {base}.mlpackage is missing (the bundle needs it to generate)")
+    return models
+
+
+def _python_models(folder: Path) -> tuple[dict[str, list[Path]], str]:
+    unets = sorted(folder.glob(_PY_PREFIX + "*" + _PY_UNET_SUFFIX))
+    if not unets:
+        raise GenerationError(f"{folder}: {_PY_PREFIX}<version>{_PY_UNET_SUFFIX} is missing (the bundle needs it to generate)")
+    if len(unets) > 1:
+        raise GenerationError(
+            f"{folder}: packages of several model versions ({', '.join(p.name for p in unets)}); keep one per folder"
+        )
+    version = unets[0].name[len(_PY_PREFIX) : -len(_PY_UNET_SUFFIX)]
+    models = {}
+    for component in SWIFT_NAMES:
+        package = folder / python_package_name(version, component)
+        if package.exists():
+            models[component] = [package]
+    for component in REQUIRED:
+        if component not in models:
+            raise GenerationError(f"{folder}: {python_package_name(version, component)} is missing (the bundle needs it to generate)")
+    return models, version
+
+
+def _require_encoder(bundle: BundleFiles) -> None:
+    if "vae_encoder" not in bundle.models:
+        raise GenerationError(
+            f"{bundle.folder}: image-to-image needs {SWIFT_NAMES['vae_encoder']} in the bundle "
+            "(build with vae_encoder among the recipe's components)"
+        )
+
+
+def _checkpoint_of(bundle: BundleFiles) -> Path | None:
+    """The diffusers folder the bundle was built from, when this machine still has it.
+
+    A build folder's ``build.json`` names the download stage's key; the entry
+    (under ``artifacts/cache``) points at the checkpoint. A bundle copied
+    elsewhere, or a cache cleaned since, gives None.
+    """
+    from sdbuild.cache import LocalCache
+    from sdbuild.stages.download import checkpoint_dir
+
+    if not bundle.build:
+        return None
+    version = bundle.build.get("recipe", {}).get("model", {}).get("version")
+    if version and Path(version).expanduser().is_dir():
+        return Path(version).expanduser()
+    key = next((s.get("key") for s in bundle.build.get("stages", []) if s.get("stage") == "download"), None)
+    artifacts = bundle.build_dir.parent.parent  # artifacts/builds/<name>
+    if not key:
+        return None
+    entry = LocalCache(artifacts / "cache").get("download", key)
+    if entry is None:
+        return None
+    try:
+        folder = checkpoint_dir(entry.path)
+    except (OSError, ValueError, KeyError):
+        return None
+    return folder if folder.is_dir() else None
+
+
+def _hub_cached(bundle: BundleFiles, filename: str) -> Path | None:
+    """``filename`` of the bundle's hub checkpoint from the local Hugging Face cache (never the network).
+
+    The Python layout writes the hub id with '/' as '_', so every split point is tried.
+    """
+    version = bundle.model_version or (bundle.build or {}).get("recipe", {}).get("model", {}).get("version")
+    if not version:
+        return None
+    guesses = [version] if "/" in version else [version[:i] + "/" + version[i + 1 :] for i, c in enumerate(version) if c == "_"]
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    for repo in guesses:
+        try:
+            found = try_to_load_from_cache(repo, filename)
+        except Exception:  # a malformed repo id is just a wrong guess
+            continue
+        if isinstance(found, str):
+            return Path(found)
+    return None
+
+
+def _find_file(bundle: BundleFiles, checkpoint: Path | None, names: tuple[str, ...], checkpoint_name: str) -> Path | None:
+    """First of ``names`` beside the models or in the build folder, else ``checkpoint_name`` of the checkpoint."""
+    for folder in dict.fromkeys(f for f in (bundle.folder, bundle.build_dir, bundle.path) if f):
+        for name in names:
+            if (folder / name).is_file():
+                return folder / name
+    if checkpoint and (checkpoint / checkpoint_name).is_file():
+        return checkpoint / checkpoint_name
+    return _hub_cached(bundle, checkpoint_name)
+
+
+def load_tokenizer(bundle: BundleFiles, checkpoint: Path | None):
+    """The CLIP tokenizer from ``vocab.json`` and ``merges.txt`` beside the models (Swift layout).
+
+    For the Python layout, which carries no tokenizer, the same files are looked
+    for beside the packages, in the build folder, then in the checkpoint.
+    """
+    from transformers import CLIPTokenizer
+
+    for folder in dict.fromkeys(f for f in (bundle.folder, bundle.build_dir, bundle.path) if f):
+        if all((folder / n).is_file() for n in TOKENIZER_FILES):
+            # tokenizer_config.json, when present, carries the pad token (SD 2.x pads with '!').
+            if (folder / "tokenizer_config.json").is_file():
+                return CLIPTokenizer.from_pretrained(folder)
+            return CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"))
+    if checkpoint and all((checkpoint / "tokenizer" / n).is_file() for n in TOKENIZER_FILES):
+        return CLIPTokenizer.from_pretrained(checkpoint / "tokenizer")
+    vocab, merges = (_hub_cached(bundle, f"tokenizer/{n}") for n in TOKENIZER_FILES)
+    if vocab and merges:
+        return CLIPTokenizer(vocab=str(vocab), merges=str(merges))
+    raise GenerationError(
+        f"{bundle.folder}: no tokenizer: put the checkpoint's tokenizer files {' and '.join(TOKENIZER_FILES)} beside the models"
+    )
+
+
+# --------------------------------------------------------------------------- model runners
+
+
+class ModelRunner:
+    """One model, run on named arrays.
+
+    ``inputs``: name → (shape, numpy dtype) as declared; ``outputs``: names in order.
+    ``run(feeds)`` casts float feeds to the declared dtype and returns float32 outputs.
+    """
+
+    name: str
+    inputs: dict[str, tuple[tuple[int, ...], np.dtype]]
+    outputs: list[str]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
+class ExecutorRunner(ModelRunner):
+    """A ``.mlpackage`` on the reference executor, float16 as a device holds it."""
+
+    def __init__(self, path: Path):
+        from sdbuild.mil.executor import load_program
+
+        self.name = path.name
+        self.program = load_program(path)
+        self.inputs = dict(self.program.inputs)
+        self.outputs = list(self.program.outputs)
+
+    def run(self, feeds):
+        return self.program.run(_cast(feeds, self.inputs), precision="fp16")
+
+
+class CoreMLRunner(ModelRunner):
+    """A ``.mlpackage`` or ``.mlmodelc`` on Core ML (macOS only)."""
+
+    _DTYPES = {"Float16": np.float16, "Float32": np.float32, "Double": np.float64, "Int32": np.int32}
+
+    def __init__(self, path: Path, compute_unit: str):
+        import coremltools as ct
+
+        self.name = path.name
+        units = ct.ComputeUnit[compute_unit]
+        if path.suffix == ".mlmodelc":
+            self.model = ct.models.CompiledMLModel(str(path), compute_units=units)
+            # A compiled model keeps its interface in metadata.json (as the Swift package reads it).
+            meta = json.loads((path / "metadata.json").read_text())
+            meta = meta[0] if isinstance(meta, list) else meta
+            self.inputs = {
+                i["name"]: (tuple(json.loads(i["shape"])), np.dtype(self._DTYPES.get(i.get("dataType"), np.float32)))
+                for i in meta["inputSchema"]
+            }
+            self.outputs = [o["name"] for o in meta["outputSchema"]]
+        else:
+            from sdbuild.mil.executor import _ARRAY_DTYPES
+
+            self.model = ct.models.MLModel(str(path), compute_units=units)
+            spec = self.model.get_spec()
+            self.inputs = {
+                i.name: (tuple(i.type.multiArrayType.shape), np.dtype(_ARRAY_DTYPES.get(i.type.multiArrayType.dataType, np.float32)))
+                for i in spec.description.input
+            }
+            self.outputs = [o.name for o in spec.description.output]
+
+    def run(self, feeds):
+        out = self.model.predict(_cast(feeds, self.inputs, exact=True))
+        return {k: np.asarray(v, dtype=np.float32) if np.asarray(v).dtype.kind == "f" else np.asarray(v) for k, v in out.items()}
+
+
+class ChainedRunner(ModelRunner):
+    """Model parts run in sequence (a chunked unet): each part takes, by name, the
+    inputs it declares from the original feeds and the earlier parts' outputs."""
+
+    def __init__(self, parts: list[ModelRunner]):
+        self.parts = parts
+        self.name = " + ".join(p.name for p in parts)
+        produced: set[str] = set()
+        self.inputs = {}
+        for part in parts:
+            for name, decl in part.inputs.items():
+                if name not in produced and name not in self.inputs:
+                    self.inputs[name] = decl
+            produced.update(part.outputs)
+        self.outputs = list(parts[-1].outputs)
+
+    def run(self, feeds):
+        values = dict(feeds)
+        for part in self.parts:
+            values.update(part.run({n: values[n] for n in part.inputs}))
+        return {n: values[n] for n in self.outputs}
+
+
+def _cast(feeds: dict, declared: dict, exact: bool = False) -> dict:
+    """Feeds as the declared dtypes take them: ints as ints; floats as float32, or exact for Core ML."""
+    out = {}
+    for name, value in feeds.items():
+        dtype = declared[name][1] if name in declared else np.dtype(np.float32)
+        value = np.asarray(value)
+        if dtype.kind in "iu":
+            out[name] = value.astype(dtype)
+        elif exact:
+            out[name] = value.astype(dtype)
+        else:
+            out[name] = value.astype(np.float32, copy=False)
+    return out
+
+
+def default_backend() -> str:
+    return "coreml" if sys.platform == "darwin" else "executor"
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+@dataclass
+class Generation:
+    """One call's results: ``images`` float32 [N, 8H, 8W, 3] in [0, 1] (flagged ones black),
+    ``nsfw`` per image, ``latents`` [N, 4, H, W] after the last step, and what was used."""
+
+    images: np.ndarray
+    nsfw: list[bool]
+    latents: np.ndarray
+    settings: dict
+    notes: list[str] = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+
+
+class Pipeline:
+    """Stable Diffusion over a bundle's models; build once with ``from_bundle``, call ``generate`` many times."""
+
+    def __init__(self, bundle: BundleFiles, runners: dict[str, ModelRunner], tokenizer, scheduler_config: dict,
+                 scaling_factor: float, backend: str, compute_unit: str | None, notes: list[str], load_seconds: float):
+        self.bundle = bundle
+        self.runners = runners
+        self.tokenizer = tokenizer
+        self.scheduler_config = scheduler_config
+        self.scaling_factor = scaling_factor
+        self.backend = backend
+        self.compute_unit = compute_unit
+        self.notes = notes  # facts about the bundle, repeated with every generation
+        self.load_seconds = load_seconds
+        unet = runners["unet"]
+        shape = unet.inputs["sample"][0]
+        self.unet_batch = int(shape[0])  # 2: both guidance halves in one call; 1: a unet_batch_one bundle
+        self.latent_shape = tuple(int(s) for s in shape[1:])  # (4, H, W)
+        self.image_size = (8 * self.latent_shape[1], 8 * self.latent_shape[2])  # (height, width) in pixels
+        self.sequence_length = int(runners["text_encoder"].inputs["input_ids"][0][-1])
+        if self.family == "sdxl":
+            n_ids = int(unet.inputs["time_ids"][0][-1])
+            if n_ids != 6:
+                raise GenerationError(f"{bundle.describe('unet')}: takes {n_ids} time_ids (an SDXL refiner?); generate runs base models only")
+
+    @property
+    def family(self) -> str:
+        return self.bundle.family
+
+    @classmethod
+    def from_bundle(cls, path: Path, compute_unit: str | None = None, backend: str | None = None) -> "Pipeline":
+        """Find and load the bundle at ``path``: every model, the tokenizer, the scheduler config.
+
+        ``backend``: ``coreml`` (macOS) or ``executor``; default by platform.
+        ``compute_unit``: a Core ML compute unit; default the bundle's hint, else ALL.
+        """
+        started = time.perf_counter()
+        backend = backend or default_backend()
+        if compute_unit is not None and compute_unit not in COMPUTE_UNITS:
+            raise GenerationError(f"--compute-unit: unknown compute unit '{compute_unit}'; choose one of {', '.join(COMPUTE_UNITS)}")
+        bundle = find_bundle(path, compiled_ok=backend == "coreml")
+        notes: list[str] = []
+        if backend == "coreml":
+            hint = (bundle.build or {}).get("recipe", {}).get("compute_unit")
+            compute_unit = compute_unit or (hint if hint in COMPUTE_UNITS else "ALL")
+            make = lambda p: CoreMLRunner(p, compute_unit)  # noqa: E731
+        else:
+            if compute_unit is not None:
+                notes.append(f"--compute-unit {compute_unit} ignored: Core ML needs macOS; the reference executor runs on the CPU")
+            compute_unit = None
+            make = ExecutorRunner
+        checkpoint = _checkpoint_of(bundle)
+        tokenizer = load_tokenizer(bundle, checkpoint)
+        config_file = _find_file(bundle, checkpoint, (SCHEDULER_CONFIG, f"scheduler/{SCHEDULER_CONFIG}"), f"scheduler/{SCHEDULER_CONFIG}")
+        if config_file:
+            scheduler_config = json.loads(config_file.read_text())
+        else:
+            scheduler_config = dict(_DEFAULT_SCHEDULER_CONFIG[bundle.family])
+            label = "SDXL base" if bundle.family == "sdxl" else "Stable Diffusion 1.5"
+            notes.append(f"no {SCHEDULER_CONFIG} in the bundle: using {label}'s scheduler settings")
+        vae_config = _find_file(bundle, checkpoint, ("vae_config.json",), "vae/config.json")
+        scaling = json.loads(vae_config.read_text()).get("scaling_factor") if vae_config else None
+        scaling = float(scaling or _DEFAULT_SCALING_FACTOR[bundle.family])
+        runners: dict[str, ModelRunner] = {}
+        for component, paths in bundle.models.items():
+            parts = [make(p) for p in paths]
+            runners[component] = parts[0] if len(parts) == 1 else ChainedRunner(parts)
+        return cls(bundle, runners, tokenizer, scheduler_config, scaling, backend, compute_unit, notes, time.perf_counter() - started)
+
+    # ---- text
+
+    def tokenize(self, text: str) -> tuple[np.ndarray, bool]:
+        """Token ids [1, S] as float32 (the contract's input type), and whether the text was cut."""
+        ids = self.tokenizer(text, padding="max_length", max_length=self.sequence_length, truncation=True).input_ids
+        full = self.tokenizer(text, truncation=False).input_ids
+        return np.asarray([ids], dtype=np.float32), len(full) > self.sequence_length
+
+    def encode_text(self, text: str) -> tuple[np.ndarray, np.ndarray | None, bool]:
+        """(hidden states [1, S, C], pooled [1, C'] or None, truncated).
+
+        SD: the text encoder's last hidden state. SDXL: both encoders'
+        penultimate hidden states concatenated along C, and text_encoder_2's
+        projected pooled output.
+        """
+        ids, truncated = self.tokenize(text)
+        out = self.runners["text_encoder"].run({"input_ids": ids})
+        if self.family == "sd":
+            return out["last_hidden_state"], None, truncated
+        out2 = self.runners["text_encoder_2"].run({"input_ids": ids})
+        hidden = np.concatenate([out["hidden_embeds"], out2["hidden_embeds"]], axis=-1)
+        return hidden, out2["pooled_outputs"], truncated
+
+    # ---- generation
+
+    def generate(
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        seed: int = 93,
+        steps: int = 50,
+        guidance_scale: float = 7.5,
+        scheduler: str = "DDIM",
+        rng: str = "numpy",
+        image_count: int = 1,
+        image: np.ndarray | None = None,
+        strength: float = 0.75,
+        progress: bool = False,
+    ) -> Generation:
+        """Generate ``image_count`` images.
+
+        ``image``: a start image for image-to-image, float32 [8H, 8W, 3] in
+        [0, 1]; ``strength`` in (0, 1] says how much of the schedule runs over it.
+        ``rng``: ``numpy`` draws the initial latents as Apple's pipelines do
+        (``RandomState(seed).randn``); ``torch`` as diffusers does (a CPU
+        generator seeded with ``seed``, also used for ancestral noise).
+        """
+        import torch
+
+        name = scheduler_name(scheduler)
+        if rng not in RNG_MODES:
+            raise GenerationError(f"--rng: unknown mode '{rng}'; choose one of {', '.join(RNG_MODES)}")
+        if steps < 1 or image_count < 1:
+            raise GenerationError("--steps and --image-count must be at least 1")
+        if image is not None and not 0 < strength <= 1:
+            raise GenerationError(f"--strength {strength:g}: must be in (0, 1]")
+        if image is not None:
+            _require_encoder(self.bundle)
+        if image is not None and image.shape[:2] != self.image_size:
+            h, w = self.image_size
+            raise GenerationError(f"--image is {image.shape[1]}x{image.shape[0]} pixels; this bundle makes {w}x{h} images")
+        timings = {"unet_s": 0.0}
+        notes = list(self.notes)
+        started = time.perf_counter()
+
+        t0 = time.perf_counter()
+        conditioning, truncated = self._conditioning(prompt, negative_prompt, guidance_scale)
+        timings["text_encoder_s"] = time.perf_counter() - t0
+        if truncated:
+            notes.append(f"the prompt is longer than {self.sequence_length} tokens; the rest was cut")
+
+        sched = make_scheduler(name, self.scheduler_config)
+        sched.set_timesteps(steps)
+        noise = NoiseSource(seed, rng)
+        shape = (image_count, *self.latent_shape)
+        if image is None:
+            timesteps = sched.timesteps
+            latents = noise.draw(shape) * sched.init_noise_sigma
+        else:
+            t0 = time.perf_counter()
+            timesteps, latents = self._image_latents(sched, image, strength, steps, noise.draw, image_count)
+            timings["vae_encoder_s"] = time.perf_counter() - t0
+        # Ancestral schedulers draw noise every step; diffusers passes its generator on.
+        step_kwargs = {"generator": noise.generator} if "generator" in inspect.signature(sched.step).parameters else {}
+
+        bar = _progress_bar(len(timesteps)) if progress else None
+        t0 = time.perf_counter()
+        try:
+            for t in timesteps:
+                model_input = sched.scale_model_input(latents, t)
+                t1 = time.perf_counter()
+                noise_pred = self._predict_noise(model_input.numpy(), float(t), conditioning, guidance_scale)
+                timings["unet_s"] += time.perf_counter() - t1
+                latents = sched.step(torch.from_numpy(noise_pred), t, latents, **step_kwargs).prev_sample
+                if bar:
+                    bar[0].advance(bar[1])
+        finally:
+            if bar:
+                bar[0].stop()
+        timings["denoise_s"] = time.perf_counter() - t0
+        timings["per_step_s"] = timings["denoise_s"] / max(len(timesteps), 1)
+
+        t0 = time.perf_counter()
+        latents = latents.numpy().astype(np.float32)
+        images = np.stack([self.decode(latents[i : i + 1])[0] for i in range(image_count)])
+        timings["vae_decoder_s"] = time.perf_counter() - t0
+        nsfw = [False] * image_count
+        if "safety_checker" in self.runners:
+            t0 = time.perf_counter()
+            nsfw = [self.is_nsfw(img) for img in images]
+            timings["safety_checker_s"] = time.perf_counter() - t0
+            for i, flagged in enumerate(nsfw):
+                if flagged:
+                    images[i] = 0.0
+                    notes.append(f"the safety checker flagged image {i + 1} of {image_count}; it was blacked out")
+        timings["generate_s"] = time.perf_counter() - started
+        settings = {
+            "prompt": prompt,
+            "negative_prompt": negative_prompt,
+            "seed": seed,
+            "steps": steps,
+            "scheduler": name,
+            "guidance_scale": guidance_scale,
+            "rng": rng,
+            "bundle": self.bundle.name,
+        }
+        if image is not None:
+            settings["strength"] = strength
+        return Generation(images, nsfw, latents, settings, notes, {k: round(v, 4) for k, v in timings.items()})
+
+    def initial_latents(self, seed: int, rng: str, count: int, scheduler: str) -> np.ndarray:
+        """The text-to-image starting latents [count, 4, H, W] that ``generate`` uses for these settings."""
+        sched = make_scheduler(scheduler, self.scheduler_config)
+        sched.set_timesteps(1)
+        return (NoiseSource(seed, rng).draw((count, *self.latent_shape)) * sched.init_noise_sigma).numpy()
+
+    def _conditioning(self, prompt: str, negative_prompt: str, guidance_scale: float) -> tuple[dict, bool]:
+        """Unet inputs other than sample and timestep, batch 2 (negative row first) under guidance, else 1."""
+        hidden, pooled, truncated = self.encode_text(prompt)
+        rows = [(hidden, pooled)]
+        if guidance_scale > 1:  # diffusers' do_classifier_free_guidance
+            neg_hidden, neg_pooled, neg_cut = self.encode_text(negative_prompt)
+            rows.insert(0, (neg_hidden, neg_pooled))
+            truncated = truncated or neg_cut
+        # (1, S, C) → (1, C, 1, S): the Neural Engine-friendly layout of the contract.
+        cond = {"encoder_hidden_states": np.concatenate([h.transpose(0, 2, 1)[:, :, None, :] for h, _ in rows])}
+        if self.family == "sdxl":
+            h, w = self.image_size
+            # CONTRACT: (original h, w, crop top, left, target h, w); no crop, original = target.
+            time_ids = np.asarray([[h, w, 0, 0, h, w]], dtype=np.float32)
+            cond["text_embeds"] = np.concatenate([p for _, p in rows])
+            cond["time_ids"] = np.repeat(time_ids, len(rows), axis=0)
+        return cond, truncated
+
+    def _predict_noise(self, sample: np.ndarray, t: float, cond: dict, guidance_scale: float) -> np.ndarray:
+        """Guided noise prediction [N, 4, H, W] for latents ``sample`` [N, 4, H, W] at timestep ``t``."""
+        unet = self.runners["unet"]
+        guided = cond["encoder_hidden_states"].shape[0] == 2
+        out = []
+        for x in sample:
+            x = x[None]
+            if guided and self.unet_batch == 2:
+                feeds = dict(cond, sample=np.concatenate([x, x]), timestep=np.full((2,), t, np.float32))
+                uncond, text = np.split(unet.run(feeds)["noise_pred"], 2)
+            elif guided:  # a batch-one unet: one call per half
+                uncond, text = (
+                    unet.run(dict({k: v[i : i + 1] for k, v in cond.items()}, sample=x, timestep=np.full((1,), t, np.float32)))["noise_pred"]
+                    for i in (0, 1)
+                )
+            else:
+                # No guidance: a batch-two unet still needs two rows; the first is the answer.
+                feeds = {k: np.repeat(v, self.unet_batch, axis=0) for k, v in dict(cond, sample=x).items()}
+                feeds["timestep"] = np.full((self.unet_batch,), t, np.float32)
+                out.append(unet.run(feeds)["noise_pred"][:1])
+                continue
+            out.append(uncond + guidance_scale * (text - uncond))
+        return np.concatenate(out).astype(np.float32)
+
+    def _image_latents(self, sched, image: np.ndarray, strength: float, steps: int, draw, count: int):
+        """(timesteps left to run, noised latents [N, 4, H, W]) for image-to-image, as diffusers' img2img."""
+        import torch
+
+        init = min(int(steps * strength), steps)
+        start = max(steps - init, 0)
+        timesteps = sched.timesteps[start * sched.order :]
+        if hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(start * sched.order)
+        if len(timesteps) == 0:
+            raise GenerationError(f"--strength {strength:g} with {steps} steps leaves no step to run; raise either")
+        moments = self.encode_image(image)
+        mean, logvar = np.split(moments, 2, axis=1)
+        # diffusers' DiagonalGaussianDistribution: clamped log-variance, one draw per latent.
+        std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
+        sample = torch.from_numpy(mean) + torch.from_numpy(std) * draw(mean.shape)
+        init_latents = (self.scaling_factor * sample).repeat(count, 1, 1, 1)
+        noise = draw(init_latents.shape)
+        return timesteps, sched.add_noise(init_latents, noise, timesteps[:1].repeat(count))
+
+    def encode_image(self, image: np.ndarray) -> np.ndarray:
+        """Image [8H, 8W, 3] in [0, 1] → the VAE encoder's latent [1, 8, H, W]: mean, then log-variance (unscaled)."""
+        x = (2.0 * image.astype(np.float32) - 1.0).transpose(2, 0, 1)[None]
+        return self.runners["vae_encoder"].run({"x": x})["latent"].astype(np.float32)
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Latents [1, 4, H, W] (scaled) → image [1, 8H, 8W, 3] in [0, 1]."""
+        z = (latents / self.scaling_factor).astype(np.float32)
+        image = self.runners["vae_decoder"].run({"z": z})["image"]
+        return np.clip(image / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+
+    def is_nsfw(self, image: np.ndarray) -> bool:
+        """The bundle's safety checker on one image [8H, 8W, 3] in [0, 1]."""
+        checker = self.runners["safety_checker"]
+        feeds = {"clip_input": _clip_pixels(image), "adjustment": np.zeros((1,), np.float32)}
+        if "images" in checker.inputs:
+            _, height, width, _ = checker.inputs["images"][0]
+            feeds["images"] = _resize(image, int(height), int(width))[None]
+        flags = checker.run(feeds)["has_nsfw_concepts"]
+        return bool(np.any(np.asarray(flags) > 0))
+
+
+class NoiseSource:
+    """Gaussian draws for one generation, in the order diffusers makes them.
+
+    ``numpy``: NumPy's legacy ``RandomState(seed).randn``, float32, as Apple's
+    Python pipeline and Swift package draw latents. ``torch``: a CPU
+    ``torch.Generator`` seeded with ``seed``, as diffusers' ``randn_tensor``.
+    ``generator`` is also handed to schedulers that draw noise each step
+    (ancestral, DDPM): the same generator object in torch mode, as in
+    diffusers, and one seeded with ``seed`` in numpy mode.
+    """
+
+    def __init__(self, seed: int, rng: str):
+        import torch
+
+        if rng not in RNG_MODES:
+            raise GenerationError(f"--rng: unknown mode '{rng}'; choose numpy or torch")
+        self.rng = rng
+        self.generator = torch.Generator().manual_seed(seed)
+        self._state = np.random.RandomState(seed) if rng == "numpy" else None
+
+    def draw(self, shape: tuple[int, ...]):
+        """A float32 tensor of standard normal draws of ``shape``."""
+        import torch
+
+        if self._state is not None:
+            return torch.from_numpy(self._state.randn(*shape).astype(np.float32))
+        return torch.randn(tuple(shape), generator=self.generator, dtype=torch.float32)
+
+
+# CLIP's image normalization (what the safety checker's feature extractor applies).
+_CLIP_MEAN = np.asarray([0.48145466, 0.4578275, 0.40821073], np.float32)
+_CLIP_STD = np.asarray([0.26862954, 0.26130258, 0.27577711], np.float32)
+
+
+def _clip_pixels(image: np.ndarray, size: int = 224) -> np.ndarray:
+    """CLIPImageProcessor's defaults: shortest side to ``size`` (bicubic), centre crop, normalize → [1, 3, size, size]."""
+    from PIL import Image
+
+    pil = Image.fromarray(to_uint8(image))
+    scale = size / min(pil.size)
+    pil = pil.resize((max(size, round(pil.width * scale)), max(size, round(pil.height * scale))), Image.BICUBIC)
+    left, top = (pil.width - size) // 2, (pil.height - size) // 2
+    pixels = np.asarray(pil.crop((left, top, left + size, top + size)), np.float32) / 255.0
+    return ((pixels - _CLIP_MEAN) / _CLIP_STD).transpose(2, 0, 1)[None].astype(np.float32)
+
+
+def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    from PIL import Image
+
+    if image.shape[:2] == (height, width):
+        return image.astype(np.float32)
+    return np.asarray(Image.fromarray(to_uint8(image)).resize((width, height), Image.BICUBIC), np.float32) / 255.0
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """[.., 3] in [0, 1] → uint8, rounded as diffusers' numpy_to_pil does."""
+    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+
+
+def _progress_bar(total: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("denoising"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True)
+    task = bar.add_task("denoising", total=total)
+    bar.start()
+    return bar, task
+
+
+# --------------------------------------------------------------------------- files
+
+
+def image_file_name(prompt: str, seed: int, index: int | None = None) -> str:
+    """``<prompt words joined by _>[.<index>].<seed>.final.png``, as the seed's CLIs name images.
+
+    The prompt part keeps at most 75 characters, and none that a file name cannot hold.
+    """
+    stem = "_".join(prompt.split())[:75]
+    stem = re.sub(r"[/\\:*?\"<>|\x00-\x1f]", "_", stem) or "image"
+    return f"{stem}{'' if index is None else f'.{index}'}.{seed}.final.png"
+
+
+def load_image(path: Path) -> np.ndarray:
+    """An RGB image file as float32 [height, width, 3] in [0, 1]."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise GenerationError(f"--image {path}: no such file")
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"), np.float32) / 255.0
+    except (UnidentifiedImageError, OSError) as e:
+        raise GenerationError(f"--image {path}: not an image Pillow can read ({type(e).__name__})") from None
+
+
+def save_png(image: np.ndarray, path: Path, settings: dict) -> Path:
+    """Write ``image`` [H, W, 3] in [0, 1] as a PNG with ``settings`` in its text chunks."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in settings.items():
+        info.add_text(key, str(value))
+    info.add_text("software", "sdbuild")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(to_uint8(image)).save(path, pnginfo=info)
+    return path
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def run_generate(
+    bundle: Path,
+    prompt: str,
+    negative_prompt: str = "",
+    seed: int = 93,
+    steps: int = 50,
+    guidance_scale: float = 7.5,
+    scheduler: str = "DDIM",
+    rng: str = "numpy",
+    image_count: int = 1,
+    image: Path | None = None,
+    strength: float = 0.75,
+    compute_unit: str | None = None,
+    controlnet: list[str] | None = None,
+    controlnet_inputs: list[Path] | None = None,
+    controlnet_scale: float = 1.0,
+    output_dir: Path = Path("."),
+    progress: bool = False,
+) -> dict:
+    """``sdbuild generate``: load the bundle, generate, write PNGs.
+
+    Returns {"images": [paths], "notes": [lines], "timings": {name: seconds}}.
+    Every user error is a GenerationError (one line) raised before any model runs.
+    """
+    if controlnet:
+        raise NotBuiltYet("--controlnet: ControlNet generation is not built yet (issue: ControlNet)")
+    scheduler_name(scheduler)  # an unknown name fails before the models load
+    start_image = load_image(image) if image is not None else None
+    if start_image is not None:
+        # Refused before any model loads: the check needs only the file list.
+        _require_encoder(find_bundle(Path(bundle), compiled_ok=default_backend() == "coreml"))
+    pipe = Pipeline.from_bundle(Path(bundle), compute_unit=compute_unit)
+    result = pipe.generate(
+        prompt,
+        negative_prompt=negative_prompt,
+        seed=seed,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        scheduler=scheduler,
+        rng=rng,
+        image_count=image_count,
+        image=start_image,
+        strength=strength,
+        progress=progress,
+    )
+    paths = []
+    for i, img in enumerate(result.images):
+        index = i if image_count > 1 else None
+        settings = dict(result.settings, **({"image_index": i} if index is not None else {}))
+        paths.append(str(save_png(img, Path(output_dir) / image_file_name(prompt, seed, index), settings)))
+    timings = dict(result.timings, load_s=round(pipe.load_seconds, 4))
+    return {
+        "images": paths,
+        "notes": result.notes,
+        "timings": timings,
+        "backend": pipe.backend if pipe.compute_unit is None else f"{pipe.backend} ({pipe.compute_unit})",
+    }
