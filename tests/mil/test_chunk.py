@@ -26,7 +26,7 @@ MIN_DB = 60.0
 
 
 def _convert_unet(checkpoint: Path, attention: str, dst: Path) -> Path:
-    """Trace and convert the checkpoint's unet as the trace and convert stages do (64×64 image)."""
+    """Trace and convert the checkpoint's unet as the trace and convert stages do (64×64 image, float32 I/O)."""
     import coremltools as ct
     import torch
 
@@ -40,8 +40,9 @@ def _convert_unet(checkpoint: Path, attention: str, dst: Path) -> Path:
         )
     mlmodel = ct.convert(
         traced,
-        inputs=[ct.TensorType(name=s.name, shape=s.shape) for s in model.inputs],
-        outputs=[ct.TensorType(name="noise_pred")],
+        # float32 model I/O as the convert stage writes it: the program starts with casts to float16.
+        inputs=[ct.TensorType(name=s.name, shape=s.shape, dtype=np.float32) for s in model.inputs],
+        outputs=[ct.TensorType(name="noise_pred", dtype=np.float32)],
         convert_to="mlprogram",
         minimum_deployment_target=ct.target.macOS14,
         compute_precision=ct.precision.FLOAT16,
