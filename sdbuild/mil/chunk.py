@@ -261,7 +261,7 @@ class _Analysis:
     last_use: dict[str, int]
 
 
-def _analyse(block, input_names: set[str], weights_dir: Path, outputs: list[str]) -> _Analysis:
+def _analyse(block, input_names: set[str], weights_dir: Path, outputs: list[str], float16_io: bool = True) -> _Analysis:
     ops = list(block.operations)
     producer, types = {}, {}
     const_like: set[str] = set()  # values known before any input: consts, decompressed weights
@@ -324,7 +324,7 @@ def _analyse(block, input_names: set[str], weights_dir: Path, outputs: list[str]
         if last < first:
             continue
         info = _tensor_info(name, types[name])
-        if info is None:
+        if info is None or (info.dtype == "float16" and not float16_io):
             unrepresentable[first] += 1
             unrepresentable[last + 1] -= 1
         else:
@@ -458,7 +458,8 @@ def chunk_program(src: Path, n: int, dst_dir: Path, balance_tolerance: float = 0
     block = function.block_specializations[function.opset]
     input_names = [i.name for i in function.inputs]
     outputs = list(block.outputs)
-    analysis = _analyse(block, set(input_names), weights_dir, outputs)
+    io_version_ok = spec.specificationVersion >= _FLOAT16_IO_SPEC_VERSION
+    analysis = _analyse(block, set(input_names), weights_dir, outputs, float16_io=io_version_ok)
     R = len(analysis.runtime)
 
     # Final outputs come from the last part: no cut after the first op computing one.
@@ -475,7 +476,6 @@ def chunk_program(src: Path, n: int, dst_dir: Path, balance_tolerance: float = 0
     orig_features = {f.name: f for f in spec.description.input}
     orig_out_features = {f.name: f for f in spec.description.output}
     orig_inputs = {i.name: i for i in function.inputs}
-    io_version_ok = spec.specificationVersion >= _FLOAT16_IO_SPEC_VERSION
 
     dst_dir.mkdir(parents=True, exist_ok=True)
     result = ChunkResult(src, weight_bytes=sum(analysis.blob_bytes.values()))
