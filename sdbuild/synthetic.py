@@ -310,6 +310,62 @@ def _build_tiny_sdxl(dest: Path, seed: int) -> None:
     _write_tokenizer_files(dest / "tokenizer_2")
 
 
+def liven_controlnet(controlnet, seed: int):
+    """Give a freshly built diffusers ``ControlNetModel`` weights whose every path carries signal.
+
+    diffusers zero-initializes the zero convolutions (the conditioning
+    embedding's last one, one per skip, the mid block's), so an untrained
+    ControlNet emits zeros; and with PyTorch's default initialization the
+    control image fades through the conditioning embedding's eight
+    convolutions to almost nothing, so a test that swapped or flipped the image
+    would still pass. Here the zero convolutions get PyTorch's default
+    initialization, and the conditioning embedding's convolutions a normal
+    one with variance 3 / fan-in (no bias), which keeps activations at about
+    unit scale through SiLU. Returns ``controlnet``.
+    """
+    import torch
+    from torch import nn
+
+    generator = torch.Generator().manual_seed(seed)
+    embedding = controlnet.controlnet_cond_embedding
+    with torch.no_grad():
+        for conv in [embedding.conv_in, *embedding.blocks, embedding.conv_out]:
+            fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+            conv.weight.normal_(0.0, (3.0 / fan_in) ** 0.5, generator=generator)
+            conv.bias.zero_()
+    # reset_parameters draws from the global generator: seed it without disturbing the caller's stream.
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+            nn.Conv2d.reset_parameters(conv)
+    return controlnet
+
+
+def _build_tiny_controlnet(dest: Path, seed: int) -> None:
+    """A ControlNet for ``tiny-sd``'s unet (same blocks, widths and text width), as a plain ControlNet folder.
+
+    Weights as ``liven_controlnet`` sets them. Another seed gives another
+    ControlNet that fits the same unet, for tests of several at once.
+    """
+    from diffusers import ControlNetModel
+
+    controlnet = _seeded(
+        seed + 5,
+        lambda: ControlNetModel(
+            in_channels=4,
+            layers_per_block=1,
+            block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=8,
+            # Three stride-2 levels: the control image is at pixel size, 8× the latent.
+            conditioning_embedding_out_channels=(8, 16, 16, 32),
+        ),
+    )
+    liven_controlnet(controlnet, seed + 6).save_pretrained(dest, safe_serialization=True)
+
+
 def _write_tokenizer_files(folder: Path) -> None:
     """Rewrite the tokenizer files from our own deterministic writer.
 
@@ -321,4 +377,4 @@ def _write_tokenizer_files(folder: Path) -> None:
     write_clip_tokenizer(folder)
 
 
-_BUILDERS = {"tiny-sd": _build_tiny_sd, "tiny-sdxl": _build_tiny_sdxl}
+_BUILDERS = {"tiny-sd": _build_tiny_sd, "tiny-sdxl": _build_tiny_sdxl, "tiny-controlnet": _build_tiny_controlnet}

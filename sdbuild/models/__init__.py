@@ -18,7 +18,16 @@ from sdbuild.errors import NotBuiltYet, RecipeError
 
 TOKENS = 77
 FAMILIES = ("sd", "sdxl")
-COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder", "safety_checker")
+COMPONENTS = (
+    "text_encoder",
+    "text_encoder_2",
+    "unet",
+    "controlled_unet",
+    "controlnet",
+    "vae_decoder",
+    "vae_encoder",
+    "safety_checker",
+)
 DEFAULT_COMPONENTS = {
     "sd": ["text_encoder", "unet", "vae_decoder"],
     "sdxl": ["text_encoder", "text_encoder_2", "unet", "vae_decoder"],
@@ -85,21 +94,31 @@ def model_family(checkpoint: Path) -> str:
 def build_component(component: str, checkpoint: Path, options: BuildOptions) -> ComponentModel:
     """Load ``component`` of the diffusers folder ``checkpoint`` as a module to trace.
 
-    The module is sdbuild's own (``unet.py``, ``text_encoder.py``, ``vae.py``)
-    with the checkpoint's weights, every one of them used
+    The module is sdbuild's own (``unet.py``, ``text_encoder.py``, ``vae.py``,
+    ``controlnet.py``) with the checkpoint's weights, every one of them used
     (``WeightMismatchError`` otherwise), built for ``options.attention``.
+    For ``controlnet``, ``checkpoint`` is a ControlNet's own folder
+    (config.json and weights), not a pipeline.
     """
     from sdbuild.models.attention import check_implementation
 
     if component not in COMPONENTS:
         raise RecipeError(f"unknown component '{component}': choose from {', '.join(COMPONENTS)}")
     checkpoint = Path(checkpoint)
-    family = model_family(checkpoint)
     check_implementation(options.attention)
+    if component == "controlnet":
+        return _build_controlnet(checkpoint, options)
+    family = model_family(checkpoint)
     if component in ("text_encoder", "text_encoder_2"):
         return _build_text_encoder(component, checkpoint, family, options)
     if component == "unet":
         return _build_unet(checkpoint, options)
+    if component == "controlled_unet":
+        if family == "sdxl":
+            from sdbuild.models.controlnet import SDXL_REFUSAL
+
+            raise NotBuiltYet(f"{checkpoint}: {SDXL_REFUSAL}")
+        return _build_unet(checkpoint, options, controlled=True)
     if component in ("vae_decoder", "vae_encoder"):
         return _build_vae(component, checkpoint, options)
     raise NotBuiltYet(f"component '{component}' has no conversion module yet")
@@ -143,9 +162,11 @@ def _time_id_count(checkpoint: Path, config) -> int:
     return extra // config.addition_time_embed_dim
 
 
-def _build_unet(checkpoint: Path, options: BuildOptions) -> ComponentModel:
+def _build_unet(checkpoint: Path, options: BuildOptions, controlled: bool = False) -> ComponentModel:
+    """The unet; ``controlled``: the one that also takes ControlNet residuals (``additional_residual_i``)."""
     from diffusers import UNet2DConditionModel
 
+    from sdbuild.models.controlnet import ControlledUnet, residual_names
     from sdbuild.models.unet import Unet
 
     reference = UNet2DConditionModel.from_pretrained(checkpoint / "unet", use_safetensors=True).eval()
@@ -156,7 +177,7 @@ def _build_unet(checkpoint: Path, options: BuildOptions) -> ComponentModel:
         raise RecipeError(
             f"resolution {options.height}x{options.width}: the unet needs height and width divisible by {8 * factor}"
         )
-    module = Unet.from_diffusers(reference, options.attention)
+    module = (ControlledUnet if controlled else Unet).from_diffusers(reference, options.attention)
     b = options.batch
     inputs = [
         TensorSpec("sample", (b, cfg.in_channels, h, w)),
@@ -168,7 +189,45 @@ def _build_unet(checkpoint: Path, options: BuildOptions) -> ComponentModel:
         n_ids = _time_id_count(checkpoint, cfg)
         text_dim = cfg.projection_class_embeddings_input_dim - n_ids * cfg.addition_time_embed_dim
         inputs += [TensorSpec("text_embeds", (b, text_dim)), TensorSpec("time_ids", (b, n_ids))]
+    if controlled:
+        shapes = info["skip_shapes"]
+        inputs += [TensorSpec(name, shape) for name, shape in zip(residual_names(len(shapes)), shapes)]
     return ComponentModel(module, inputs, ["noise_pred"], info=info)
+
+
+def _build_controlnet(folder: Path, options: BuildOptions) -> ComponentModel:
+    """One ControlNet from its diffusers folder; outputs ``additional_residual_0…N`` (``info['residual_shapes']``)."""
+    from diffusers import ControlNetModel
+
+    from sdbuild.models.controlnet import ControlNet, check_controlnet_config, residual_names
+
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise RecipeError(f"{folder}: no config.json: not a diffusers ControlNet folder")
+    config = json.loads(config_file.read_text())
+    if config.get("_class_name") != "ControlNetModel":
+        raise RecipeError(f"{folder}: config.json describes a {config.get('_class_name')!r}, not a ControlNetModel")
+    # Refuse before loading weights: an unsupported full-size ControlNet is over a gigabyte.
+    check_controlnet_config(config)
+    h, w = options.latent
+    factor = 2 ** (len(config["block_out_channels"]) - 1)
+    if h % factor or w % factor:
+        raise RecipeError(
+            f"resolution {options.height}x{options.width}: the ControlNet needs height and width divisible by {8 * factor}"
+        )
+    reference = ControlNetModel.from_pretrained(folder, use_safetensors=True).eval()
+    module = ControlNet.from_diffusers(reference, options.attention)
+    cfg = module.config
+    b = options.batch
+    inputs = [
+        TensorSpec("sample", (b, cfg["in_channels"], h, w)),
+        TensorSpec("timestep", (b,), "timestep", 1000),
+        TensorSpec("encoder_hidden_states", (b, cfg["cross_attention_dim"], 1, TOKENS)),
+        TensorSpec("controlnet_cond", (b, cfg.get("conditioning_channels", 3), options.height, options.width), "image"),
+    ]
+    shapes = module.residual_shapes(b, h, w)
+    info = {"upcast_attention": bool(cfg.get("upcast_attention")), "residual_shapes": shapes}
+    return ComponentModel(module, inputs, residual_names(len(shapes)), info=info)
 
 
 def _build_vae(component: str, checkpoint: Path, options: BuildOptions) -> ComponentModel:

@@ -249,6 +249,60 @@ def _per_layer(value, layers: int) -> list[int]:
     return list(value) if isinstance(value, (list, tuple)) else [value] * layers
 
 
+def block_settings(cfg: dict) -> tuple[list, list, list]:
+    """Per down block: attention heads, transformer depth (an int or one per resnet), resnets."""
+    blocks = len(cfg["block_out_channels"])
+    # diffusers reads attention_head_dim as the head count when num_attention_heads is unset (its own naming quirk).
+    heads = _per_block(cfg.get("num_attention_heads") or cfg["attention_head_dim"], blocks)
+    depth = _per_block(cfg.get("transformer_layers_per_block", 1), blocks)
+    layers = _per_block(cfg["layers_per_block"], blocks)
+    return heads, depth, layers
+
+
+def encoder_blocks(cfg: dict, impl: str) -> tuple[nn.ModuleList, MidBlock]:
+    """The down blocks and the mid block that ``cfg`` describes.
+
+    Shared by the unet and the ControlNet, which is a trained copy of the
+    unet's encoder: both name these ``down_blocks`` and ``mid_block``.
+    """
+    channels = list(cfg["block_out_channels"])
+    blocks = len(channels)
+    heads, depth, layers = block_settings(cfg)
+    context_dim = cfg["cross_attention_dim"]
+    temb_ch = channels[0] * 4
+    down_blocks = nn.ModuleList()
+    out_ch = channels[0]
+    for i, kind in enumerate(cfg["down_block_types"]):
+        in_ch, out_ch = out_ch, channels[i]
+        cross = kind == "CrossAttnDownBlock2D"
+        down_blocks.append(
+            DownBlock(
+                in_ch, out_ch, temb_ch, layers[i], _per_layer(depth[i], layers[i]) if cross else [],
+                heads[i], context_dim, i < blocks - 1, cfg, impl,
+            )
+        )  # fmt: skip
+    mid_depth = depth[-1] if isinstance(depth[-1], int) else depth[-1][0]
+    mid_block = MidBlock(channels[-1], temb_ch, mid_depth, heads[-1], context_dim, cfg, impl)
+    return down_blocks, mid_block
+
+
+def skip_shapes(cfg: dict, down_blocks: nn.ModuleList, batch: int, height: int, width: int) -> list[tuple[int, ...]]:
+    """The skips ``down_blocks`` leave for a (height, width) latent, conv_in's first and the mid block's last.
+
+    These are the ControlNet residual shapes, in order: a ControlNet emits one
+    per skip and one for the mid block, and the controlled unet adds them.
+    """
+    shapes = [(batch, cfg["block_out_channels"][0], height, width)]
+    for block in down_blocks:
+        ch = block.resnets[-1].conv2.out_channels
+        shapes += [(batch, ch, height, width)] * len(block.resnets)
+        if len(block.downsamplers):
+            height, width = (height + 1) // 2, (width + 1) // 2
+            shapes.append((batch, ch, height, width))
+    shapes.append((batch, cfg["block_out_channels"][-1], height, width))
+    return shapes
+
+
 def check_unet_config(cfg: dict) -> None:
     """Refuse configurations this module would not reproduce, naming the key."""
     expected = {
@@ -306,10 +360,7 @@ class Unet(nn.Module):
         self.config = cfg
         channels = list(cfg["block_out_channels"])
         blocks = len(channels)
-        # diffusers reads attention_head_dim as the head count when num_attention_heads is unset (its own naming quirk).
-        heads = _per_block(cfg.get("num_attention_heads") or cfg["attention_head_dim"], blocks)
-        depth = _per_block(cfg.get("transformer_layers_per_block", 1), blocks)
-        layers = _per_block(cfg["layers_per_block"], blocks)
+        heads, depth, layers = block_settings(cfg)
         context_dim = cfg["cross_attention_dim"]
         temb_ch = channels[0] * 4
 
@@ -321,20 +372,7 @@ class Unet(nn.Module):
             self.add_time_proj = SinusoidalEmbedding(cfg["addition_time_embed_dim"], cfg["flip_sin_to_cos"], cfg["freq_shift"])
             self.add_embedding = TimestepEmbedding(cfg["projection_class_embeddings_input_dim"], temb_ch)
 
-        self.down_blocks = nn.ModuleList()
-        out_ch = channels[0]
-        for i, kind in enumerate(cfg["down_block_types"]):
-            in_ch, out_ch = out_ch, channels[i]
-            cross = kind == "CrossAttnDownBlock2D"
-            self.down_blocks.append(
-                DownBlock(
-                    in_ch, out_ch, temb_ch, layers[i], _per_layer(depth[i], layers[i]) if cross else [],
-                    heads[i], context_dim, i < blocks - 1, cfg, impl,
-                )
-            )  # fmt: skip
-
-        mid_depth = depth[-1] if isinstance(depth[-1], int) else depth[-1][0]
-        self.mid_block = MidBlock(channels[-1], temb_ch, mid_depth, heads[-1], context_dim, cfg, impl)
+        self.down_blocks, self.mid_block = encoder_blocks(cfg, impl)
 
         up_depth = cfg.get("reverse_transformer_layers_per_block") or list(reversed(depth))
         up_layers = list(reversed(layers))
@@ -365,15 +403,7 @@ class Unet(nn.Module):
 
     def skip_shapes(self, batch: int, height: int, width: int) -> list[tuple[int, ...]]:
         """Shapes of the ControlNet residuals for a (height, width) latent: each down-block skip, then the mid block."""
-        shapes = [(batch, self.config["block_out_channels"][0], height, width)]
-        for block in self.down_blocks:
-            ch = block.resnets[-1].conv2.out_channels
-            shapes += [(batch, ch, height, width)] * len(block.resnets)
-            if len(block.downsamplers):
-                height, width = (height + 1) // 2, (width + 1) // 2
-                shapes.append((batch, ch, height, width))
-        shapes.append((batch, self.config["block_out_channels"][-1], height, width))
-        return shapes
+        return skip_shapes(self.config, self.down_blocks, batch, height, width)
 
     def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None, additional_residuals=None):
         """See the class docstring; ``additional_residuals`` (a ControlNet's outputs, in ``skip_shapes`` order) may be None."""
