@@ -387,7 +387,10 @@ def choose_cuts(analysis: _Analysis, n: int, balance_tolerance: float, last_cut:
         hi = last_cut - (n - 1 - k)  # leave room for the remaining cuts
         valid = [c for c in range(lo, hi + 1) if analysis.representable[c]]
         if not valid:
-            raise ChunkError(f"cannot cut the program into {n} parts: too few places where only tensors cross")
+            raise ChunkError(
+                f"cannot cut the program into {n} parts: every cut in reach would pass a value that cannot be a "
+                "model input (a flexible shape, a non-tensor or an unsupported dtype); chunking needs one static resolution"
+            )
         target = share * k
         distance = {c: abs(int(cumulative[c]) - target) for c in valid}
         window = [c for c in valid if distance[c] <= balance_tolerance * share]
