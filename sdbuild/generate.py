@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from sdbuild.errors import NotBuiltYet, SdbuildError
-from sdbuild.stages.bundle import SWIFT_NAMES, TOKENIZER_FILES, python_package_name
+from sdbuild.stages.bundle import PIPELINE_FILE, SWIFT_NAMES, TOKENIZER_FILES, python_package_name, swift_name
 
 
 class GenerationError(SdbuildError):
@@ -140,11 +140,17 @@ class BundleFiles:
     models: dict[str, list[Path]]
     build_dir: Path | None = None
     build: dict | None = None
-    model_version: str | None = None  # the Python layout's <version>, '/' written as '_'
+    facts: dict = field(default_factory=dict)  # the bundle's pipeline.json: scheduler, VAE scaling, hints
+    model_version: str | None = None  # as built, or the Python layout's <version> ('/' written as '_')
 
     @property
     def family(self) -> str:
         return "sdxl" if "text_encoder_2" in self.models else "sd"
+
+    @property
+    def search_folders(self) -> list[Path]:
+        """Where files beside the models may lie: their folder, then the build folder."""
+        return list(dict.fromkeys(f for f in (self.folder, self.build_dir, self.path) if f))
 
     def describe(self, component: str) -> str:
         return ", ".join(p.name for p in self.models[component])
@@ -167,7 +173,7 @@ def find_bundle(path: Path, compiled_ok: bool = False) -> BundleFiles:
         raise GenerationError(f"--bundle {path}: no such folder")
     build_dir = None
     for candidate in (path, path.parent):
-        if (candidate / "build.json").is_file():
+        if (candidate / "build.json").is_file() or (candidate / PIPELINE_FILE).is_file():
             build_dir = candidate
             break
     if (path / "Resources").is_dir():
@@ -183,13 +189,27 @@ def find_bundle(path: Path, compiled_ok: bool = False) -> BundleFiles:
             f"--bundle {path}: no bundle here: expected Resources/, {SWIFT_NAMES['unet']}.mlpackage, "
             f"or {_PY_PREFIX}<version>{_PY_UNET_SUFFIX}"
         )
-    build = json.loads((build_dir / "build.json").read_text()) if build_dir else None
-    name = build["name"] if build else (path.name if path.name not in ("Resources", "python") else path.parent.name)
+    build = _read_json(build_dir / "build.json") if build_dir else None
+    facts = (_read_json(build_dir / PIPELINE_FILE) if build_dir else None) or {}
+    if build:
+        name = build.get("name") or build_dir.name
+    else:
+        name = path.name if path.name not in ("Resources", "python") else path.parent.name
     if layout == "swift":
         models, version = _swift_models(folder, compiled_ok), None
     else:
         models, version = _python_models(folder)
-    return BundleFiles(path, folder, layout, name, models, build_dir, build, version)
+    version = facts.get("model_version") or (build or {}).get("recipe", {}).get("model", {}).get("version") or version
+    return BundleFiles(path, folder, layout, name, models, build_dir, build, facts, version)
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        raise GenerationError(f"{path}: not valid JSON; rebuild the bundle") from None
 
 
 def _swift_model(folder: Path, base: str, compiled_ok: bool) -> Path | None:
@@ -209,10 +229,12 @@ def _swift_models(folder: Path, compiled_ok: bool) -> dict[str, list[Path]]:
             models[component] = [found]
     # As the Swift loader does: chunks are checked first and used when both halves exist.
     chunks = []
-    while chunk := _swift_model(folder, f"{SWIFT_NAMES['unet']}Chunk{len(chunks) + 1}", compiled_ok):
+    while chunk := _swift_model(folder, swift_name("unet", len(chunks) + 1), compiled_ok):
         chunks.append(chunk)
     if len(chunks) >= 2:
         models["unet"] = chunks
+    elif chunks and "unet" not in models:
+        raise GenerationError(f"{folder}: {swift_name('unet', 2)}.mlpackage is missing ({chunks[0].name} is there; the chunked unet needs every part)")
     for component in REQUIRED:
         if component not in models:
             base = SWIFT_NAMES[component]
@@ -254,32 +276,11 @@ def _require_encoder(bundle: BundleFiles) -> None:
 
 
 def _checkpoint_of(bundle: BundleFiles) -> Path | None:
-    """The diffusers folder the bundle was built from, when this machine still has it.
-
-    A build folder's ``build.json`` names the download stage's key; the entry
-    (under ``artifacts/cache``) points at the checkpoint. A bundle copied
-    elsewhere, or a cache cleaned since, gives None.
-    """
-    from sdbuild.cache import LocalCache
-    from sdbuild.stages.download import checkpoint_dir
-
-    if not bundle.build:
-        return None
-    version = bundle.build.get("recipe", {}).get("model", {}).get("version")
-    if version and Path(version).expanduser().is_dir():
+    """The local diffusers folder the bundle was built from, when its model version names one."""
+    version = bundle.facts.get("model_version") or (bundle.build or {}).get("recipe", {}).get("model", {}).get("version")
+    if version and (Path(version).expanduser() / "model_index.json").is_file():
         return Path(version).expanduser()
-    key = next((s.get("key") for s in bundle.build.get("stages", []) if s.get("stage") == "download"), None)
-    artifacts = bundle.build_dir.parent.parent  # artifacts/builds/<name>
-    if not key:
-        return None
-    entry = LocalCache(artifacts / "cache").get("download", key)
-    if entry is None:
-        return None
-    try:
-        folder = checkpoint_dir(entry.path)
-    except (OSError, ValueError, KeyError):
-        return None
-    return folder if folder.is_dir() else None
+    return None
 
 
 def _hub_cached(bundle: BundleFiles, filename: str) -> Path | None:
@@ -287,7 +288,7 @@ def _hub_cached(bundle: BundleFiles, filename: str) -> Path | None:
 
     The Python layout writes the hub id with '/' as '_', so every split point is tried.
     """
-    version = bundle.model_version or (bundle.build or {}).get("recipe", {}).get("model", {}).get("version")
+    version = bundle.model_version
     if not version:
         return None
     guesses = [version] if "/" in version else [version[:i] + "/" + version[i + 1 :] for i, c in enumerate(version) if c == "_"]
@@ -306,8 +307,9 @@ def _hub_cached(bundle: BundleFiles, filename: str) -> Path | None:
 
 
 def _find_file(bundle: BundleFiles, checkpoint: Path | None, names: tuple[str, ...], checkpoint_name: str) -> Path | None:
-    """First of ``names`` beside the models or in the build folder, else ``checkpoint_name`` of the checkpoint."""
-    for folder in dict.fromkeys(f for f in (bundle.folder, bundle.build_dir, bundle.path) if f):
+    """First of ``names`` beside the models or in the build folder, else ``checkpoint_name``
+    of the local checkpoint, else of the hub checkpoint in the local cache."""
+    for folder in bundle.search_folders:
         for name in names:
             if (folder / name).is_file():
                 return folder / name
@@ -324,7 +326,7 @@ def load_tokenizer(bundle: BundleFiles, checkpoint: Path | None):
     """
     from transformers import CLIPTokenizer
 
-    for folder in dict.fromkeys(f for f in (bundle.folder, bundle.build_dir, bundle.path) if f):
+    for folder in bundle.search_folders:
         if all((folder / n).is_file() for n in TOKENIZER_FILES):
             # tokenizer_config.json, when present, carries the pad token (SD 2.x pads with '!').
             if (folder / "tokenizer_config.json").is_file():
@@ -359,18 +361,24 @@ class ModelRunner:
 
 
 class ExecutorRunner(ModelRunner):
-    """A ``.mlpackage`` on the reference executor, float16 as a device holds it."""
+    """A ``.mlpackage`` on the reference executor, float16 as a device holds it; or the parts
+    of a chunked one, run in sequence by ``sdbuild.mil.chunk.chain_run``."""
 
-    def __init__(self, path: Path):
+    def __init__(self, paths: list[Path]):
         from sdbuild.mil.executor import load_program
 
-        self.name = path.name
-        self.program = load_program(path)
-        self.inputs = dict(self.program.inputs)
-        self.outputs = list(self.program.outputs)
+        self.programs = [load_program(p) for p in paths]
+        self.name = " + ".join(p.name for p in paths)
+        self.inputs = _chain_inputs([(prog.inputs, prog.outputs) for prog in self.programs])
+        self.outputs = list(self.programs[-1].outputs)
 
     def run(self, feeds):
-        return self.program.run(_cast(feeds, self.inputs), precision="fp16")
+        from sdbuild.mil.chunk import chain_run
+
+        feeds = _cast(feeds, self.inputs)
+        if len(self.programs) == 1:
+            return self.programs[0].run(feeds, precision="fp16")
+        return chain_run(self.programs, feeds, precision="fp16")
 
 
 class CoreMLRunner(ModelRunner):
@@ -410,19 +418,13 @@ class CoreMLRunner(ModelRunner):
 
 
 class ChainedRunner(ModelRunner):
-    """Model parts run in sequence (a chunked unet): each part takes, by name, the
-    inputs it declares from the original feeds and the earlier parts' outputs."""
+    """Model parts run in sequence (a chunked unet on Core ML): each part takes, by name,
+    the inputs it declares from the original feeds and the earlier parts' outputs."""
 
     def __init__(self, parts: list[ModelRunner]):
         self.parts = parts
         self.name = " + ".join(p.name for p in parts)
-        produced: set[str] = set()
-        self.inputs = {}
-        for part in parts:
-            for name, decl in part.inputs.items():
-                if name not in produced and name not in self.inputs:
-                    self.inputs[name] = decl
-            produced.update(part.outputs)
+        self.inputs = _chain_inputs([(part.inputs, part.outputs) for part in parts])
         self.outputs = list(parts[-1].outputs)
 
     def run(self, feeds):
@@ -430,6 +432,18 @@ class ChainedRunner(ModelRunner):
         for part in self.parts:
             values.update(part.run({n: values[n] for n in part.inputs}))
         return {n: values[n] for n in self.outputs}
+
+
+def _chain_inputs(parts: list[tuple[dict, list[str]]]) -> dict:
+    """The inputs of parts run in sequence: those no earlier part produces, in first-use order."""
+    produced: set[str] = set()
+    inputs: dict = {}
+    for declared, outputs in parts:
+        for name, decl in declared.items():
+            if name not in produced and name not in inputs:
+                inputs[name] = decl
+        produced.update(outputs)
+    return inputs
 
 
 def _cast(feeds: dict, declared: dict, exact: bool = False) -> dict:
@@ -510,9 +524,12 @@ class Pipeline:
         bundle = find_bundle(path, compiled_ok=backend == "coreml")
         notes: list[str] = []
         if backend == "coreml":
-            hint = (bundle.build or {}).get("recipe", {}).get("compute_unit")
+            hint = bundle.facts.get("compute_unit") or (bundle.build or {}).get("recipe", {}).get("compute_unit")
             compute_unit = compute_unit or (hint if hint in COMPUTE_UNITS else "ALL")
-            make = lambda p: CoreMLRunner(p, compute_unit)  # noqa: E731
+
+            def make(paths):
+                parts = [CoreMLRunner(p, compute_unit) for p in paths]
+                return parts[0] if len(parts) == 1 else ChainedRunner(parts)
         else:
             if compute_unit is not None:
                 notes.append(f"--compute-unit {compute_unit} ignored: Core ML needs macOS; the reference executor runs on the CPU")
@@ -520,20 +537,20 @@ class Pipeline:
             make = ExecutorRunner
         checkpoint = _checkpoint_of(bundle)
         tokenizer = load_tokenizer(bundle, checkpoint)
-        config_file = _find_file(bundle, checkpoint, (SCHEDULER_CONFIG, f"scheduler/{SCHEDULER_CONFIG}"), f"scheduler/{SCHEDULER_CONFIG}")
-        if config_file:
-            scheduler_config = json.loads(config_file.read_text())
-        else:
+        scheduler_config = bundle.facts.get("scheduler")
+        if not scheduler_config:
+            found = _find_file(bundle, checkpoint, (SCHEDULER_CONFIG,), f"scheduler/{SCHEDULER_CONFIG}")
+            scheduler_config = json.loads(found.read_text()) if found else None
+        if not scheduler_config:
             scheduler_config = dict(_DEFAULT_SCHEDULER_CONFIG[bundle.family])
             label = "SDXL base" if bundle.family == "sdxl" else "Stable Diffusion 1.5"
-            notes.append(f"no {SCHEDULER_CONFIG} in the bundle: using {label}'s scheduler settings")
-        vae_config = _find_file(bundle, checkpoint, ("vae_config.json",), "vae/config.json")
-        scaling = json.loads(vae_config.read_text()).get("scaling_factor") if vae_config else None
+            notes.append(f"no {PIPELINE_FILE} or {SCHEDULER_CONFIG} with the bundle: using {label}'s scheduler settings")
+        scaling = bundle.facts.get("vae_scaling_factor")
+        if scaling is None:
+            found = _find_file(bundle, checkpoint, (), "vae/config.json")
+            scaling = json.loads(found.read_text()).get("scaling_factor") if found else None
         scaling = float(scaling or _DEFAULT_SCALING_FACTOR[bundle.family])
-        runners: dict[str, ModelRunner] = {}
-        for component, paths in bundle.models.items():
-            parts = [make(p) for p in paths]
-            runners[component] = parts[0] if len(parts) == 1 else ChainedRunner(parts)
+        runners = {component: make(paths) for component, paths in bundle.models.items()}
         return cls(bundle, runners, tokenizer, scheduler_config, scaling, backend, compute_unit, notes, time.perf_counter() - started)
 
     # ---- text

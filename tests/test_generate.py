@@ -38,8 +38,9 @@ from sdbuild.stages.download import checkpoint_dir
 PROMPT = "a photo of a cat on a red sofa"
 SIZE = "resolution: {height: 64, width: 64}\nverify: {samples: 1}\n"
 RECIPES = {
-    # layout both: the Python-layout copy serves the "published by others" test.
-    "sd16": "model: {version: 'synthetic:tiny-sd'}\nbundle: {layout: both}\n" + SIZE,
+    # Chunked, layout both: Resources/ holds UnetChunk1/2, python/ the whole unet, so one
+    # build gives the chunked-against-whole figure and the "published by others" folder.
+    "sd16": "model: {version: 'synthetic:tiny-sd'}\nchunk: {unet: 2}\nbundle: {layout: both}\n" + SIZE,
     # 6-bit and batch-one together: one extra unet build covers both paths.
     "sd6b1": "model: {version: 'synthetic:tiny-sd'}\nunet_batch_one: true\ncompression: {nbits: 6, components: [unet]}\n" + SIZE,
     "xl16": "model: {version: 'synthetic:tiny-sdxl'}\n" + SIZE,
@@ -120,7 +121,8 @@ def sd_encoder_bundle(sd16, tmp_path_factory) -> Path:
     bundle = work / "bundle"
     shutil.copytree(build_dir / "Resources", bundle / "Resources")
     shutil.copytree(work / "convert" / convert.PACKAGE, bundle / "Resources" / "VAEEncoder.mlpackage")
-    shutil.copyfile(build_dir / "build.json", bundle / "build.json")
+    for name in ("build.json", "pipeline.json"):
+        shutil.copyfile(build_dir / name, bundle / name)
     return bundle
 
 
@@ -242,29 +244,36 @@ def test_image_count_draws_each_image_its_own_latents(sd_pipe):
 # --------------------------------------------------------------------------- bundle layouts
 
 
-def test_python_layout_published_by_others(sd16, sd_pipe, tmp_path):
-    """A bare folder of Python-layout packages: no build.json, tokenizer files beside the packages."""
+def test_python_layout_published_by_others_and_chunked_against_whole(sd16, sd_pipe, tmp_path, record_property):
+    """A bare folder of Python-layout packages (whole unet), no build.json nor pipeline.json,
+    against the build's Swift layout (chunked unet)."""
     folder = tmp_path / "downloaded"
     shutil.copytree(sd16[0] / "python", folder)
+    (folder / "vocab.json").unlink()
     with pytest.raises(GenerationError, match="no tokenizer"):
         Pipeline.from_bundle(folder, backend="executor")
-    for name in ("vocab.json", "merges.txt"):
-        shutil.copyfile(sd16[0] / "Resources" / name, folder / name)
+    shutil.copyfile(sd16[0] / "Resources" / "vocab.json", folder / "vocab.json")
     pipe = Pipeline.from_bundle(folder, backend="executor")
     assert pipe.bundle.layout == "python" and pipe.bundle.model_version == "synthetic:tiny-sd"
+    assert [p.name for p in pipe.bundle.models["unet"]] == ["Stable_Diffusion_version_synthetic:tiny-sd_unet.mlpackage"]
     assert any("scheduler settings" in n for n in pipe.notes)
-    # The synthetic checkpoint's PNDM settings are SD 1.5's: the defaults give the same image.
-    kw = dict(seed=9, steps=2, guidance_scale=2.0, scheduler="PNDM")
-    np.testing.assert_array_equal(pipe.generate(PROMPT, **kw).images, sd_pipe.generate(PROMPT, **kw).images)
+    # The synthetic checkpoint's PNDM settings are SD 1.5's: the defaults give the same schedule.
+    kw = dict(seed=9, steps=2, guidance_scale=2.0, scheduler="PNDM", rng="torch")
+    db = psnr(pipe.generate(PROMPT, **kw).images, sd_pipe.generate(PROMPT, **kw).images)
+    record("sd chunked (2 parts) bundle vs whole unet", db, record_property)
+    assert db >= 60
 
 
-def test_bundle_discovery_from_build_folder_and_resources(sd16):
+def test_bundle_discovery_from_build_folder_and_resources(sd16, sd_pipe):
     by_build = find_bundle(sd16[0])
     by_resources = find_bundle(sd16[0] / "Resources")
     assert by_build.layout == by_resources.layout == "swift"
     assert by_build.models == by_resources.models
     assert by_build.name == by_resources.name == "sd16"
-    assert [p.name for p in by_build.models["unet"]] == ["Unet.mlpackage"]
+    assert [p.name for p in by_build.models["unet"]] == ["UnetChunk1.mlpackage", "UnetChunk2.mlpackage"]
+    # pipeline.json carries the checkpoint's scheduler and VAE settings.
+    assert sd_pipe.scheduler_config["_class_name"] == "PNDMScheduler" and sd_pipe.notes == []
+    assert sd_pipe.scaling_factor == pytest.approx(0.18215)
 
 
 def test_safety_checker_blacks_out_flagged_images(sd16, tmp_path):
@@ -366,11 +375,13 @@ def test_cli_writes_named_png_with_settings(sd_encoder_bundle, tmp_path):
 
 
 def _one_line_error(done, *fragments):
+    """Non-zero exit and one "error:" line, the last. (coremltools' own import chatter may precede it.)"""
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr[-2000:]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in done.stderr, done.stderr[-2000:]
     for fragment in fragments:
-        assert fragment in lines[0]
+        assert fragment in errors[0]
 
 
 def test_cli_errors_are_one_line(sd16, sd_encoder_bundle, tmp_path):
@@ -381,8 +392,12 @@ def test_cli_errors_are_one_line(sd16, sd_encoder_bundle, tmp_path):
 
     broken = tmp_path / "broken"
     shutil.copytree(bundle / "Resources", broken)
-    shutil.rmtree(broken / "Unet.mlpackage")
-    _one_line_error(run_cli("generate", "--bundle", broken, "--prompt", "x"), "Unet.mlpackage is missing")
+    shutil.rmtree(broken / "UnetChunk2.mlpackage")
+    _one_line_error(run_cli("generate", "--bundle", broken, "--prompt", "x"), "UnetChunk2.mlpackage is missing")
+    no_decoder = tmp_path / "no-decoder"
+    shutil.copytree(bundle / "Resources", no_decoder)
+    shutil.rmtree(no_decoder / "VAEDecoder.mlpackage")
+    _one_line_error(run_cli("generate", "--bundle", no_decoder, "--prompt", "x"), "VAEDecoder.mlpackage is missing")
 
     small = tmp_path / "small.png"
     Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(small)
