@@ -41,8 +41,7 @@ RECIPES = {
     # Chunked, layout both: Resources/ holds UnetChunk1/2, python/ the whole unet, so one
     # build gives the chunked-against-whole figure and the "published by others" folder.
     "sd16": "model: {version: 'synthetic:tiny-sd'}\nchunk: {unet: 2}\nbundle: {layout: both}\n" + SIZE,
-    # 6-bit and batch-one together: one extra unet build covers both paths.
-    "sd6b1": "model: {version: 'synthetic:tiny-sd'}\nunet_batch_one: true\ncompression: {nbits: 6, components: [unet]}\n" + SIZE,
+    "sd6": "model: {version: 'synthetic:tiny-sd'}\ncompression: {nbits: 6, components: [unet]}\n" + SIZE,
     "xl16": "model: {version: 'synthetic:tiny-sdxl'}\n" + SIZE,
     "xl6": "model: {version: 'synthetic:tiny-sdxl'}\ncompression: {nbits: 6, components: [unet]}\n" + SIZE,
 }
@@ -161,13 +160,37 @@ def test_sd_fp16_bundle_matches_diffusers(sd_pipe, sd_reference, record_property
     assert psnr(ref, other.images) < MATCH_DB
 
 
-def test_sd_6bit_batch_one_bundle_against_fp16(artifacts, sd_pipe, record_property):
-    pipe6 = Pipeline.from_bundle(build(artifacts, "sd6b1")[0], backend="executor")
-    assert (pipe6.unet_batch, sd_pipe.unet_batch) == (1, 2)
+def test_sd_6bit_bundle_against_fp16(artifacts, sd_pipe, record_property):
+    pipe6 = Pipeline.from_bundle(build(artifacts, "sd6")[0], backend="executor")
     kw = dict(seed=7, steps=4, guidance_scale=2.0, scheduler="DDIM", rng="torch")
     db = psnr(sd_pipe.generate(PROMPT, **kw).images, pipe6.generate(PROMPT, **kw).images)
-    record("sd 6-bit (batch-one) bundle vs fp16 bundle", db, record_property)
+    record("sd 6-bit bundle vs fp16 bundle", db, record_property)
     assert db >= SIX_BIT_FLOOR_DB
+
+
+class BatchOneView(ModelRunner):
+    """A batch-two unet seen as a unet_batch_one bundle's: each row runs alone (duplicated), one answer kept."""
+
+    def __init__(self, unet: ModelRunner):
+        self.unet, self.name, self.outputs, self.calls = unet, "batch-one view", unet.outputs, 0
+        self.inputs = {n: ((1, *shape[1:]), dtype) for n, (shape, dtype) in unet.inputs.items()}
+
+    def run(self, feeds):
+        self.calls += 1
+        assert all(v.shape[0] == 1 for v in feeds.values())
+        return {k: v[:1] for k, v in self.unet.run({k: np.repeat(v, 2, axis=0) for k, v in feeds.items()}).items()}
+
+
+@pytest.mark.parametrize("guidance", [2.0, 1.0])
+def test_batch_one_unet_gives_the_batch_two_image(sd_pipe, guidance):
+    view = BatchOneView(sd_pipe.runners["unet"])
+    one = Pipeline(sd_pipe.bundle, dict(sd_pipe.runners, unet=view), sd_pipe.tokenizer, sd_pipe.scheduler_config,
+                   sd_pipe.scaling_factor, "executor", None, [], 0.0)  # fmt: skip
+    assert (one.unet_batch, sd_pipe.unet_batch) == (1, 2)
+    kw = dict(seed=2, steps=2, guidance_scale=guidance, scheduler="Euler", rng="torch")
+    np.testing.assert_array_equal(one.generate(PROMPT, **kw).images, sd_pipe.generate(PROMPT, **kw).images)
+    # Guidance: one call per half; none (scale 1, as diffusers): the conditional half only.
+    assert view.calls == (4 if guidance > 1 else 2)
 
 
 def test_sdxl_fp16_bundle_matches_diffusers(artifacts, xl_pipe, record_property):
