@@ -19,6 +19,7 @@ demo: install
 	$(BIN)/sdbuild run recipes/tiny.yaml
 
 test: install
+	sh scripts/ensure-chromium.sh
 	$(BIN)/pytest -q
 
 test-slow: install

@@ -119,14 +119,21 @@ def pre_analysis_fields(recipe: Recipe, recipe_dir: Path) -> dict[str, Any]:
 
 
 def build_graph(
-    recipe: Recipe, source: dict, family: str, recipe_dir: Path = Path("."), with_analysis: bool = False
+    recipe: Recipe,
+    source: dict,
+    family: str,
+    recipe_dir: Path = Path("."),
+    with_analysis: bool = False,
+    controlnets: dict[str, dict] | None = None,
 ) -> list[Node]:
     """Nodes in dependency order. ``source`` is what the download resolved to.
 
     Per component: trace → convert → (analyze) → compress → chunk, then a
     verify over what ships. ``with_analysis`` adds the unet's mixed-bit
     pre-analysis even when the recipe's compression does not use it
-    (``sdbuild analyze``).
+    (``sdbuild analyze``). ``controlnets`` maps each of the recipe's
+    ControlNets to its resolved source; with any, the controlled unet is built
+    beside the plain one.
     """
     download = Node(STAGES["download"], None, fields=read_fields(recipe, STAGES["download"].fields, {"source": source}))
     nodes = [download]
@@ -139,22 +146,37 @@ def build_graph(
     if with_analysis or (mixed_bit and comp.mixed_bit.pre_analysis == "auto"):
         analyze = Node(STAGES["analyze"], "unet", [download])
     shipped: dict[str, list[Node]] = {}
-    for component in components_of(recipe, family):
+    unets = ["unet"] + (["controlled_unet"] if recipe.controlnet else [])
+    components = components_of(recipe, family)
+    if recipe.controlnet and "unet" in components:
+        components.insert(components.index("unet") + 1, "controlled_unet")
+    for component in components:
         trace = Node(STAGES["trace"], component, [download])
         convert = Node(STAGES["convert"], component, [trace])
         chain = [trace, convert]
         if component == "unet" and analyze is not None:
             nodes.append(analyze)
-        if component in compressed:
+        if component in compressed or (component == "controlled_unet" and "unet" in compressed):
             deps = [convert] + ([analyze] if mixed_bit and analyze is not None else [])
             chain.append(Node(STAGES["compress"], component, deps))
-        if component == "unet" and recipe.chunk is not None:
+        if component in unets and recipe.chunk is not None:
             chain.append(Node(STAGES["chunk"], component, [chain[-1]]))
         nodes += chain
+        shipped[component] = chain
+    for name, source in (controlnets or {}).items():
+        component = f"controlnet/{name}"
+        fetch = Node(STAGES["download"], component, fields={"source": source})
+        trace = Node(STAGES["trace"], component, [fetch])
+        chain = [trace, Node(STAGES["convert"], component, [trace])]
+        if "controlnet" in compressed and not mixed_bit:
+            chain.append(Node(STAGES["compress"], component, [chain[-1]]))
+        nodes += [fetch, *chain]
         shipped[component] = chain
     for component, chain in shipped.items():
         nodes.append(Node(STAGES["verify"], component, chain))
     for node in nodes[1:]:
+        if node.stage.name == "download":
+            continue  # a ControlNet's download reads its own source only
         extra = pre_analysis_fields(recipe, recipe_dir) if node.stage.name == "compress" and mixed_bit else {}
         node.fields = read_fields(recipe, node.stage.fields_for(node.component) + tuple(extra), extra)
     return nodes
@@ -203,7 +225,7 @@ def _child_main(run: str, job: Job, out: str, log: str, conn) -> None:
         result = _call_stage(run, job, Path(out))
         conn.send(("ok", result))
     except SdbuildError as e:
-        conn.send(("user", f"{type(e).__module__}.{type(e).__name__}", str(e)))
+        conn.send(("user", e.exit_code, str(e)))
     except BaseException as e:  # report, with the traceback in the log
         traceback.print_exc()
         conn.send(("crash", type(e).__name__, str(e).strip().splitlines()[0] if str(e).strip() else ""))
@@ -283,7 +305,9 @@ def run_in_child(run: str, job: Job, out: Path, log: Path) -> dict:
         hint = " (out of memory?)" if proc.exitcode == -signal.SIGKILL else ""
         raise SdbuildError(f"{where}: the stage process died, {how}{hint}; see {log}")
     if message[0] == "user":
-        raise SdbuildError(message[2])
+        error = SdbuildError(message[2])
+        error.exit_code = message[1]  # a recipe error in a stage is still exit status 2
+        raise error
     if message[0] == "crash":
         raise SdbuildError(f"{where} failed: {message[1]}: {message[2]} (traceback in {log})")
     result = message[1]
@@ -363,9 +387,25 @@ def prepare(
         node = Node(STAGES["download"], None, fields=read_fields(recipe, STAGES["download"].fields, {"source": None}))
         return Build(recipe, recipe_path, Path(artifacts), [node], None, problem=str(e), remote=remote)
     family = family_of_source(source)
-    nodes = build_graph(recipe, source, family, recipe_path.parent, with_analysis)
+    controlnets = resolve_controlnets(recipe, family)
+    nodes = build_graph(recipe, source, family, recipe_path.parent, with_analysis, controlnets)
     assign_keys(nodes)
     return Build(recipe, recipe_path, Path(artifacts), nodes, family, remote=remote)
+
+
+def resolve_controlnets(recipe: Recipe, family: str) -> dict[str, dict]:
+    """The recipe's ControlNets resolved like the checkpoint (hub, folder or synthetic)."""
+    from sdbuild.errors import NotBuiltYet
+    from sdbuild.models.controlnet import SDXL_REFUSAL
+    from sdbuild.stages.download import resolve_source
+
+    if recipe.controlnet and family == "sdxl":
+        raise NotBuiltYet(f"controlnet: {SDXL_REFUSAL}")
+    m = recipe.model
+    return {
+        name: resolve_source(name, "main", None, m.allow_pickle, key=f"controlnet[{i}]", single=True)
+        for i, name in enumerate(recipe.controlnet)
+    }
 
 
 def variants_of(recipe_path: str | Path, variant: str | None = None) -> list[tuple[str, dict]]:
@@ -439,6 +479,7 @@ def run_build(
     reporter: Reporter | None = None,
 ) -> BuildResult:
     """Build every stage (cache hits reused), then the bundle; write build.json and build.log."""
+    from sdbuild.report import write_report
     from sdbuild.stages.bundle import write_bundle
     from sdbuild.stages.chunk import chunk_facts, part_paths
     from sdbuild.stages.compile import SKIP_REASON, compiler_available
@@ -532,8 +573,11 @@ def run_build(
             facts = chunk_facts(chunk.entry.path)
             report["components"][comp]["chunks"] = {
                 "parts": [{"weight_bytes": p["weight_bytes"], "package_bytes": p["package_bytes"]} for p in facts["parts"]],
-                "crossing": [[t["name"] for t in c["crossing_tensors"]] for c in facts["cuts"]],
+                "crossing": [c["crossing_tensors"] for c in facts["cuts"]],
             }
+    analyze = next((n for n in build.nodes if n.stage.name == "analyze" and n.entry), None)
+    if analyze is not None and (analyze.entry.path / "analysis.png").is_file():
+        report["compression_plot"] = str(analyze.entry.path / "analysis.png")
     if psnr and any("note" in p for p in psnr.values()):
         notes.append(DEVICE_SKIPPED)
         reporter.note(DEVICE_SKIPPED)
@@ -568,8 +612,13 @@ def run_build(
         write_bundle(build.recipe, build.family, packages, download.entry.path, staging)
         report["seconds"] = round(time.time() - started, 3)
         report["bundle_bytes"] = tree_bytes(staging)
+        if report.get("compression_plot"):
+            # The bundle keeps its own copy: the cache entry may be collected.
+            shutil.copyfile(report["compression_plot"], staging / "compression.png")
+            report["compression_plot"] = "compression.png"
         write_json_atomic(staging / "build.json", report)
         shutil.copyfile(log, staging / "build.log")
+        write_report(staging)
         _publish_dir(staging, build.build_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -110,6 +110,14 @@ class Recipe(_Strict):
             raise ValueError("must be letters, digits, '.', '_' or '-' (it names the build folder)")
         return v
 
+    @model_validator(mode="after")
+    def _controlnet_needs_batch_two(self):
+        if self.controlnet and self.unet_batch_one:
+            raise ValueError("controlnet with unet_batch_one: Apple's ControlNet pipelines run the unet at batch 2; remove unet_batch_one")
+        if len(set(self.controlnet)) != len(self.controlnet):
+            raise ValueError("controlnet lists a ControlNet twice")
+        return self
+
     @field_validator("components")
     @classmethod
     def _unique(cls, v):
@@ -298,8 +306,6 @@ def unbuilt_features(recipe: Recipe) -> list[str]:
         out.append("resolution: a list of shapes (one model, several shapes) is not built yet (issue: conversion modules)")
     if recipe.model.refiner:
         out.append("model.refiner: the SDXL refiner is not built yet")
-    if recipe.controlnet:
-        out.append("controlnet: ControlNet conversion is not built yet (issue: ControlNet)")
     for c in recipe.components or []:
         if c in ("vae_encoder", "safety_checker"):
             out.append(f"components: {c} is not built yet (issue: conversion modules)")

@@ -37,11 +37,16 @@ class Stage:
     resumable: bool = False  # gets a scratch folder that survives a kill, removed once published
 
     def fields_for(self, component: str | None) -> tuple[str, ...]:
-        return self.fields + self.component_fields.get(component or "", ())
+        return self.fields + self.component_fields.get(component_kind(component), ())
 
     def function(self):
         module, name = self.run.split(":")
         return getattr(importlib.import_module(module), name)
+
+
+def component_kind(component: str | None) -> str:
+    """``controlnet/lllyasviel/sd-controlnet-mlsd`` → ``controlnet``; other names are their own kind."""
+    return (component or "").split("/")[0]
 
 
 @dataclass
@@ -74,26 +79,28 @@ STAGES: dict[str, Stage] = {
         ),
         Stage(
             "trace",
-            "1",
+            "2",
             "sdbuild.stages.trace:run",
             component_fields={
                 "unet": ("attention", "resolution", "unet_batch_one"),
+                "controlled_unet": ("attention", "resolution", "unet_batch_one"),
+                "controlnet": ("attention", "resolution", "unet_batch_one"),
                 "vae_decoder": ("resolution",),
                 "vae_encoder": ("resolution",),
                 "text_encoder": ("attention",),
                 "text_encoder_2": ("attention",),
             },
             libraries=TORCH_LIBS,
-            code=("sdbuild.stages.trace", "sdbuild.models"),
+            code=("sdbuild.stages.trace", "sdbuild.models", "sdbuild.convert"),
             heavy=True,
         ),
         Stage(
             "convert",
-            "1",
+            "2",
             "sdbuild.stages.convert:run",
             fields=("target",),
             libraries=(*TORCH_LIBS, *COREML_LIBS),
-            code=("sdbuild.stages.convert",),
+            code=("sdbuild.stages.convert", "sdbuild.convert"),
             heavy=True,
         ),
         Stage(

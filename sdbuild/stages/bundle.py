@@ -24,7 +24,9 @@ SWIFT_NAMES = {
     "vae_decoder": "VAEDecoder",
     "vae_encoder": "VAEEncoder",
     "safety_checker": "SafetyChecker",
+    "controlled_unet": "ControlledUnet",
 }
+PYTHON_NAMES = {"controlled_unet": "control-unet"}
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 PIPELINE_FILE = "pipeline.json"
 SPEC_PATH = Path("Data/com.apple.CoreML/model.mlmodel")
@@ -44,18 +46,28 @@ DESCRIPTIONS = {
     "image": "decoded image in [-1, 1], [1, 3, 8H, 8W]",
     "x": "image in [-1, 1], [1, 3, 8H, 8W]",
     "latent": "mean (channels 0-3) and log-variance (4-7) of the latent, unscaled [1, 8, H, W]",
+    "additional_residual": "ControlNet residual: down-block residuals in order, the mid-block residual last",
+    "controlnet_cond": "control image [B, 3, 8H, 8W]",
 }
 
 
 def swift_name(component: str, part: int | None = None) -> str:
-    """``Unet`` or, for part 1 of a chunked unet, ``UnetChunk1``."""
+    """``Unet``; ``UnetChunk1`` for part 1 of a chunked unet; ``controlnet/<Name>`` for a ControlNet."""
+    if component.startswith("controlnet/"):
+        return f"controlnet/{controlnet_swift_name(component.split('/', 1)[1])}"
     base = SWIFT_NAMES[component]
     return f"{base}Chunk{part}" if part else base
 
 
 def python_package_name(model_version: str, component: str) -> str:
-    """Apple's Python pipeline name: every '/' of the model version becomes '_'."""
-    return f"Stable_Diffusion_version_{model_version.replace('/', '_')}_{component}.mlpackage"
+    """Apple's Python pipeline name: every '/' of the model version becomes '_'.
+
+    A ControlNet is ``controlnet/<its version with / as _>.mlpackage``.
+    """
+    if component.startswith("controlnet/"):
+        return f"controlnet/{component.split('/', 1)[1].replace('/', '_')}.mlpackage"
+    name = PYTHON_NAMES.get(component, component)
+    return f"Stable_Diffusion_version_{model_version.replace('/', '_')}_{name}.mlpackage"
 
 
 def controlnet_swift_name(hub_id: str) -> str:
@@ -72,7 +84,8 @@ def _link(src, dst) -> None:
 
 def _metadata(recipe, component: str) -> dict[str, str]:
     comp = recipe.compression
-    if comp is None or component not in comp.components:
+    kind = {"controlled_unet": "unet"}.get(component, component.split("/")[0])
+    if comp is None or kind not in comp.components or (comp.mixed_bit is not None and kind != "unet"):
         compression = "float16"
     elif comp.nbits is not None:
         compression = f"{comp.nbits}-bit palettization" + (f", groups of {comp.group_size}" if comp.group_size else "")
@@ -113,7 +126,9 @@ def place_package(src: Path, dst: Path, metadata: dict[str, str]) -> None:
         if key.startswith("com.sdbuild."):
             meta.userDefined[key] = value
     for feature in list(spec.description.input) + list(spec.description.output):
-        feature.shortDescription = DESCRIPTIONS.get(re.sub(r"_\d+$", "", feature.name), feature.name)
+        known = DESCRIPTIONS.get(re.sub(r"_\d+$", "", feature.name))
+        # Keep what an earlier stage wrote (the chunker describes intermediate values).
+        feature.shortDescription = known or feature.shortDescription or feature.name
     target = dst / SPEC_PATH
     target.unlink()
     target.write_bytes(spec.SerializeToString())
@@ -152,6 +167,7 @@ def write_bundle(recipe, family: str, packages: dict[str, dict], download_entry:
             chunked = len(parts["swift"]) > 1
             for i, package in enumerate(parts["swift"], start=1):
                 target = resources / f"{swift_name(component, i if chunked else None)}.mlpackage"
+                target.parent.mkdir(parents=True, exist_ok=True)
                 place_package(package, target, _metadata(recipe, component))
                 written.append(target)
         for name in TOKENIZER_FILES:
@@ -161,6 +177,7 @@ def write_bundle(recipe, family: str, packages: dict[str, dict], download_entry:
         folder.mkdir(parents=True)
         for component, parts in packages.items():
             target = folder / python_package_name(recipe.model.version, component)
+            target.parent.mkdir(parents=True, exist_ok=True)
             place_package(parts["whole"], target, _metadata(recipe, component))
             written.append(target)
         for name in TOKENIZER_FILES:

@@ -25,10 +25,14 @@ class DownloadError(SdbuildError):
     """The checkpoint cannot be had."""
 
 
-def _patterns(variant: str | None, allow_pickle: bool) -> list[str]:
-    weights = [f"*/*.{variant}.safetensors"] if variant else ["*/*.safetensors"]
+def _patterns(variant: str | None, allow_pickle: bool, single: bool) -> list[str]:
+    """What to fetch: a pipeline's configs, tokenizer and weights; or one model's (a ControlNet)."""
+    folder = "" if single else "*/"
+    weights = [f"{folder}*.{variant}.safetensors"] if variant else [f"{folder}*.safetensors"]
     if allow_pickle:
-        weights += [f"*/*{p[1:]}" for p in PICKLED_WEIGHTS]
+        weights += [f"{folder}*{p[1:]}" for p in PICKLED_WEIGHTS]
+    if single:
+        return ["config.json", *weights]
     return ["model_index.json", "*/config.json", "scheduler/*", "tokenizer*/*", *weights]
 
 
@@ -46,7 +50,7 @@ def _folder_digest(folder: Path) -> str:
 
 def check_weights_safe(folder: Path, allow_pickle: bool, origin: str) -> None:
     """Refuse a checkpoint whose weights exist only as pickles unless the recipe allows it."""
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+    for sub in [folder] + sorted(p for p in folder.iterdir() if p.is_dir()):
         has_safe = any(sub.glob("*.safetensors"))
         pickled = [p.name for pat in PICKLED_WEIGHTS for p in sub.glob(pat)]
         if pickled and not has_safe and not allow_pickle:
@@ -56,29 +60,36 @@ def check_weights_safe(folder: Path, allow_pickle: bool, origin: str) -> None:
             )
 
 
-def resolve_source(version: str, revision: str, variant: str | None, allow_pickle: bool) -> dict:
-    """What the checkpoint is, concretely: the ``source`` field of the download key."""
+def resolve_source(
+    version: str, revision: str, variant: str | None, allow_pickle: bool, *, key: str = "model.version", single: bool = False
+) -> dict:
+    """What the checkpoint is, concretely: the ``source`` field of the download key.
+
+    ``single`` is for one model (a ControlNet: ``config.json`` at the top)
+    rather than a pipeline (``model_index.json``); ``key`` names the recipe key in errors.
+    """
     if is_synthetic(version):
         return {"kind": "synthetic", "name": version, "seed": 0}
     folder = Path(version).expanduser()
+    marker = "config.json" if single else "model_index.json"
     if folder.is_dir():
         folder = folder.resolve()
-        if not (folder / "model_index.json").is_file():
-            raise DownloadError(f"model.version: {folder} is not a diffusers folder (no model_index.json)")
-        check_weights_safe(folder, allow_pickle, f"model.version {folder}")
+        if not (folder / marker).is_file():
+            raise DownloadError(f"{key}: {folder} is not a diffusers folder (no {marker})")
+        check_weights_safe(folder, allow_pickle, f"{key} {folder}")
         return {"kind": "folder", "path": str(folder), "content": _folder_digest(folder)}
     if version.startswith((".", "/", "~")) or version.count("/") != 1:
-        raise DownloadError(f"model.version: '{version}' is neither a local folder nor a hub id (owner/name)")
-    snapshot = _hub_snapshot(version, revision, variant, allow_pickle)
-    check_weights_safe(snapshot, allow_pickle, f"model.version {version}")
+        raise DownloadError(f"{key}: '{version}' is neither a local folder nor a hub id (owner/name)")
+    snapshot = _hub_snapshot(version, revision, variant, allow_pickle, key, single)
+    check_weights_safe(snapshot, allow_pickle, f"{key} {version}")
     return {"kind": "hub", "repo": version, "commit": snapshot.name, "path": str(snapshot)}
 
 
-def _hub_snapshot(repo: str, revision: str, variant: str | None, allow_pickle: bool) -> Path:
+def _hub_snapshot(repo: str, revision: str, variant: str | None, allow_pickle: bool, key: str, single: bool) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    patterns = _patterns(variant, allow_pickle)
+    patterns = _patterns(variant, allow_pickle, single)
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     try:
         return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns, local_files_only=offline))
@@ -86,12 +97,12 @@ def _hub_snapshot(repo: str, revision: str, variant: str | None, allow_pickle: b
         pass
     except Exception as e:  # network errors come in many types; fall back to the local cache
         if type(e).__name__ in ("RepositoryNotFoundError", "RevisionNotFoundError", "GatedRepoError"):
-            raise DownloadError(f"model.version: {repo}@{revision}: {type(e).__name__} on the Hugging Face Hub") from None
+            raise DownloadError(f"{key}: {repo}@{revision}: {type(e).__name__} on the Hugging Face Hub") from None
     try:
         return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns, local_files_only=True))
     except Exception:
         raise DownloadError(
-            f"model.version: cannot reach the Hugging Face Hub for '{repo}' and it is not in the local cache; "
+            f"{key}: cannot reach the Hugging Face Hub for '{repo}' and it is not in the local cache; "
             "download it where there is network, or set model.version to a local diffusers folder"
         ) from None
 
