@@ -358,7 +358,24 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def quiet_libraries() -> None:
+    """Keep the libraries' import-time chatter (untested-version notices, missing macOS
+    frameworks, tracer warnings) off the user's terminal: our own lines say what matters."""
+    import logging
+    import os
+    import warnings
+
+    for name in ("coremltools", "transformers", "diffusers", "torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*TracerWarning.*")
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()
     args = parser().parse_args(argv)
     try:
         return args.func(args)
