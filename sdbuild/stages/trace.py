@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sdbuild.stages import Job
+from sdbuild.stages import Job, component_kind
 from sdbuild.stages.download import checkpoint_dir
 
 
@@ -27,7 +27,7 @@ def run(job: Job, out: Path) -> dict:
 
     from sdbuild.models import build_component, sample_inputs
 
-    model = build_component(job.component, checkpoint_dir(job.upstream["download"]), build_options(job.fields))
+    model = build_component(component_kind(job.component), checkpoint_dir(job.upstream["download"]), build_options(job.fields))
     example = sample_inputs(model.inputs, seed=0)
     args = [torch.from_numpy(example[s.name]) for s in model.inputs]
     with torch.no_grad():
