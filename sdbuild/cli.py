@@ -8,22 +8,13 @@ import sys
 from pathlib import Path
 
 from sdbuild.errors import SdbuildError
+from sdbuild.report import human_bytes
 
 
 def _console(stderr: bool = False):
     from rich.console import Console
 
     return Console(stderr=stderr, highlight=False)
-
-
-def _human_bytes(n: int | None) -> str:
-    if n is None:
-        return ""
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 class RichReporter:
@@ -83,8 +74,8 @@ def cmd_run(args) -> int:
                     row["component"] or "",
                     row["cache"],
                     f"{row['seconds']:.1f}" if row["cache"] == "miss" else "",
-                    _human_bytes(row["peak_rss_bytes"]) if row["cache"] == "miss" else "",
-                    _human_bytes(row["bytes"]),
+                    human_bytes(row["peak_rss_bytes"]) if row["cache"] == "miss" else "",
+                    human_bytes(row["bytes"]),
                 )
             console.print(table)
             console.print(f"bundle: {result.build_dir}")
@@ -217,7 +208,7 @@ def cmd_cache(args) -> int:
         if args.json:
             print(json.dumps([{"stage": e.stage, "key": e.key, "bytes": e.manifest.get("bytes"), "component": e.manifest.get("fields", {}).get("component")} for e in entries], indent=2))
         for e in entries if not args.json else []:
-            console.print(f"{e.stage:9} {e.key}  {e.manifest.get('fields', {}).get('component') or '':15} {_human_bytes(e.manifest.get('bytes'))}")
+            console.print(f"{e.stage:9} {e.key}  {e.manifest.get('fields', {}).get('component') or '':15} {human_bytes(e.manifest.get('bytes'))}")
         return 0
     if args.action == "verify":
         problems = cache.verify()
@@ -232,7 +223,7 @@ def cmd_cache(args) -> int:
                 if row.get("key"):
                     keep.add((row["stage"], row["key"]))
         count, freed = cache.gc(keep)
-        console.print(f"removed {count} entries not used by any build, {_human_bytes(freed)} freed")
+        console.print(f"removed {count} entries not used by any build, {human_bytes(freed)} freed")
         return 0
     return 2
 
