@@ -612,6 +612,11 @@ def run_build(
         write_bundle(build.recipe, build.family, packages, download.entry.path, staging)
         report["seconds"] = round(time.time() - started, 3)
         report["bundle_bytes"] = tree_bytes(staging)
+        if build.recipe.verify.sample_image:
+            job = Job("sample", None, {"verify.seed": build.recipe.verify.seed}, {"bundle": staging}, build.recipe.name)
+            reporter.note("generating a sample image for the report")
+            facts = run_in_child("sdbuild.stages.sample:run", job, staging, log)
+            report["sample_image"] = facts["sample_image"]
         if report.get("compression_plot"):
             # The bundle keeps its own copy: the cache entry may be collected.
             shutil.copyfile(report["compression_plot"], staging / "compression.png")

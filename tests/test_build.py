@@ -68,6 +68,19 @@ def test_demo_bundle_has_contract_files_names_and_shapes(artifacts):
     assert (resources / "merges.txt").read_text().startswith("#version: 0.2\n")
 
 
+def test_report_and_sample_image(artifacts):
+    from PIL import Image
+
+    build = artifacts / "builds" / "tiny"
+    report = build_json(artifacts, "tiny")
+    assert report["sample_image"]["path"] == "sample.png" and report["sample_image"]["steps"] > 0
+    image = Image.open(build / "sample.png")
+    assert image.size == (64, 64) and image.text["prompt"] == report["sample_image"]["prompt"]
+    html = (build / "report.html").read_text()
+    assert "data:image/png;base64," in html and "PSNR" in html
+    assert (build / "report.md").read_text().count("|") > 20
+
+
 def test_bundle_files_are_not_symlinks_into_the_cache(artifacts):
     for p in (artifacts / "builds" / "tiny").rglob("*"):
         assert not p.is_symlink(), p
