@@ -613,10 +613,7 @@ def run_build(
         report["seconds"] = round(time.time() - started, 3)
         report["bundle_bytes"] = tree_bytes(staging)
         if build.recipe.verify.sample_image:
-            job = Job("sample", None, {"verify.seed": build.recipe.verify.seed}, {"bundle": staging}, build.recipe.name)
-            reporter.note("generating a sample image for the report")
-            facts = run_in_child("sdbuild.stages.sample:run", job, staging, log)
-            report["sample_image"] = facts["sample_image"]
+            report["sample_image"] = _sample_image(build, staging, log, reporter, report)
         if report.get("compression_plot"):
             # The bundle keeps its own copy: the cache entry may be collected.
             shutil.copyfile(report["compression_plot"], staging / "compression.png")
@@ -629,6 +626,38 @@ def run_build(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return BuildResult(build.build_dir, report)
+
+
+def _sample_image(build: Build, bundle: Path, log: Path, reporter: Reporter, report: dict) -> dict:
+    """Generate (or take from the cache) the report's sample image; copy it into ``bundle``.
+
+    Its key follows every shipped model's verify key, so it is a function of
+    exactly the packages the bundle holds; the bundle folder itself is only
+    where the stage reads them from.
+    """
+    node = Node(STAGES["sample"], None, [n for n in build.nodes if n.stage.name == "verify"])
+    node.fields = read_fields(build.recipe, node.stage.fields, {})
+    assign_keys([node])
+    job = Job("sample", None, node.fields, {"bundle": bundle}, build.recipe.name)
+    reporter.stage_started(node)
+
+    def produce(tmp: Path) -> dict:
+        with open(log, "a") as f:
+            f.write(f"\n=== sample ({node.key})\n")
+        return run_in_child(node.stage.run, job, tmp, log)
+
+    entry, how = build.cache.build("sample", node.key, produce, node.record)
+    node.status = {"hit": "cached", "remote": "downloaded", "miss": "built"}[how]
+    reporter.stage_finished(node)
+    report["stages"].append(
+        {"stage": "sample", "component": None, "key": node.key, "status": node.status, "cache": how,
+         "seconds": entry.seconds if how == "miss" else 0.0, "build_seconds": entry.seconds,
+         "peak_rss_bytes": entry.manifest.get("peak_rss_bytes", 0) if how == "miss" else 0,
+         "bytes": entry.manifest.get("bytes")}
+    )
+    facts = entry.manifest["sample_image"]
+    shutil.copyfile(entry.path / facts["path"], bundle / facts["path"])
+    return facts
 
 
 def _mkdir(p: Path) -> Path:

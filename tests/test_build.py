@@ -92,8 +92,9 @@ def test_build_json_reports_every_stage(artifacts):
     rows = {(r["stage"], r["component"]): r for r in report["stages"]}
     assert set(rows) == {
         ("download", None),
-        *((s, c) for s in ("trace", "convert") for c in ("text_encoder", "unet", "vae_decoder")),
+        *((s, c) for s in ("trace", "convert", "verify") for c in ("text_encoder", "unet", "vae_decoder")),
         ("compress", "unet"),
+        ("sample", None),
     }
     for row in rows.values():
         assert len(row["key"]) == 24 and row["build_seconds"] > 0
@@ -122,7 +123,8 @@ def test_nbits_change_reuses_download_trace_convert(artifacts, tmp_path):
     done = run_cli("run", recipe, "--artifacts", artifacts)
     assert done.returncode == 0, done.stderr[-2000:]
     got = statuses(build_json(artifacts, "tiny-4bit"))
-    assert got.pop(("compress", "unet")) == "miss"
+    # What depends on the 4-bit unet is new; everything before compress comes from the cache.
+    assert [got.pop(k) for k in (("compress", "unet"), ("verify", "unet"), ("sample", None))] == ["miss"] * 3
     assert set(got.values()) == {"hit"}
     first = {(r["stage"], r["component"]): r["key"] for r in build_json(artifacts, "tiny")["stages"]}
     second = {(r["stage"], r["component"]): r["key"] for r in build_json(artifacts, "tiny-4bit")["stages"]}

@@ -141,6 +141,16 @@ STAGES: dict[str, Stage] = {
             heavy=True,
         ),
         Stage(
+            "sample",
+            "1",
+            "sdbuild.stages.sample:run",
+            fields=("verify.seed",),
+            libraries=(*TORCH_LIBS, *COREML_LIBS),
+            code=("sdbuild.stages.sample", "sdbuild.generate", "sdbuild.mil"),
+            heavy=True,
+            per_component=False,
+        ),
+        Stage(
             "compile",
             "1",
             "sdbuild.stages.compile:run",
