@@ -209,6 +209,18 @@ def test_layout_both_writes_swift_and_python_trees(artifacts, tmp_path):
     assert run_cli("cache", "verify", "--artifacts", artifacts).returncode == 0
 
 
+def test_layout_python_alone_has_no_swift_resources(artifacts, tmp_path):
+    recipe = write_recipe(tmp_path, "tiny-py", f"extends: {TINY}\nname: tiny-py\nbundle: {{layout: python}}\n")
+    done = run_cli("run", recipe, "--artifacts", artifacts)
+    assert done.returncode == 0, done.stderr[-2000:]
+    build = artifacts / "builds" / "tiny-py"
+    assert not (build / "Resources").exists()
+    prefix = "Stable_Diffusion_version_synthetic:tiny-sd_"
+    assert sorted(p.name for p in (build / "python").iterdir()) == sorted(
+        [f"{prefix}{c}.mlpackage" for c in ("text_encoder", "unet", "vae_decoder")] + ["merges.txt", "vocab.json"]
+    )
+
+
 def test_bundle_survives_cache_gc(artifacts, tmp_path):
     import shutil
 
