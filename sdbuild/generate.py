@@ -32,8 +32,15 @@ from pathlib import Path
 
 import numpy as np
 
-from sdbuild.errors import NotBuiltYet, SdbuildError
-from sdbuild.stages.bundle import PIPELINE_FILE, SWIFT_NAMES, TOKENIZER_FILES, python_package_name, swift_name
+from sdbuild.errors import SdbuildError
+from sdbuild.stages.bundle import (
+    PIPELINE_FILE,
+    SWIFT_NAMES,
+    TOKENIZER_FILES,
+    controlnet_swift_name,
+    python_package_name,
+    swift_name,
+)
 
 
 class GenerationError(SdbuildError):
@@ -142,6 +149,7 @@ class BundleFiles:
     build: dict | None = None
     facts: dict = field(default_factory=dict)  # the bundle's pipeline.json: scheduler, VAE scaling, hints
     model_version: str | None = None  # as built, or the Python layout's <version> ('/' written as '_')
+    controlnets: dict[str, Path] = field(default_factory=dict)  # file stem under controlnet/ → model path
 
     @property
     def family(self) -> str:
@@ -200,7 +208,19 @@ def find_bundle(path: Path, compiled_ok: bool = False) -> BundleFiles:
     else:
         models, version = _python_models(folder)
     version = facts.get("model_version") or (build or {}).get("recipe", {}).get("model", {}).get("version") or version
-    return BundleFiles(path, folder, layout, name, models, build_dir, build, facts, version)
+    controlnets = _controlnet_models(folder / "controlnet", compiled_ok)
+    return BundleFiles(path, folder, layout, name, models, build_dir, build, facts, version, controlnets)
+
+
+def _controlnet_models(folder: Path, compiled_ok: bool) -> dict[str, Path]:
+    """``controlnet/<Name>.mlpackage`` (or ``.mlmodelc`` for Core ML), by file stem."""
+    found: dict[str, Path] = {}
+    if not folder.is_dir():
+        return found
+    for suffix in (".mlmodelc", ".mlpackage") if compiled_ok else (".mlpackage",):
+        for model in sorted(folder.glob("*" + suffix)):
+            found.setdefault(model.name[: -len(suffix)], model)
+    return found
 
 
 def _read_json(path: Path) -> dict | None:
@@ -235,6 +255,13 @@ def _swift_models(folder: Path, compiled_ok: bool) -> dict[str, list[Path]]:
         models["unet"] = chunks
     elif chunks and "unet" not in models:
         raise GenerationError(f"{folder}: {swift_name('unet', 2)}.mlpackage is missing ({chunks[0].name} is there; the chunked unet needs every part)")
+    # The controlled unet (ControlNet bundles) is chunked alike; an incomplete one is left out
+    # here, so text-to-image still runs, and named when a ControlNet asks for it.
+    controlled = []
+    while chunk := _swift_model(folder, swift_name("controlled_unet", len(controlled) + 1), compiled_ok):
+        controlled.append(chunk)
+    if len(controlled) >= 2:
+        models["controlled_unet"] = controlled
     for component in REQUIRED:
         if component not in models:
             base = SWIFT_NAMES[component]
@@ -265,6 +292,56 @@ def _python_models(folder: Path) -> tuple[dict[str, list[Path]], str]:
         if component not in models:
             raise GenerationError(f"{folder}: {python_package_name(version, component)} is missing (the bundle needs it to generate)")
     return models, version
+
+
+def _recipe_controlnets(bundle: BundleFiles) -> list[str]:
+    """The ControlNet ids the bundle was built with (its recipe's ``controlnet:`` list), when known."""
+    listed = (bundle.build or {}).get("recipe", {}).get("controlnet") or bundle.facts.get("controlnet") or []
+    return [str(n) for n in listed]
+
+
+def _same_folder(a: str, b: str) -> bool:
+    try:
+        pa, pb = Path(a).expanduser(), Path(b).expanduser()
+        return pa.is_dir() and pb.is_dir() and pa.resolve() == pb.resolve()
+    except OSError:
+        return False
+
+
+def find_controlnet(bundle: BundleFiles, name: str) -> Path:
+    """The bundle's model for the ControlNet ``name``.
+
+    ``name`` is its id as in the recipe (hub id, ``synthetic:…``, or a local
+    folder, which may also be spelt as another path to the same folder), or the
+    bundle's own file name for it. File names come from ``sdbuild.stages.bundle``:
+    ``controlnet/<UpperCamelCase>`` (Swift layout), ``controlnet/<id with / as _>`` (Python).
+    """
+    listed = _recipe_controlnets(bundle)
+    ids = [name] + [entry for entry in listed if entry != name and _same_folder(entry, name)]
+    for cn_id in ids:
+        component = f"controlnet/{cn_id}"
+        stems = (
+            swift_name(component).split("/", 1)[1],
+            python_package_name(bundle.model_version or "", component).split("/", 1)[1].removesuffix(".mlpackage"),
+        )
+        for stem in stems:
+            if stem in bundle.controlnets:
+                return bundle.controlnets[stem]
+    if name in bundle.controlnets:
+        return bundle.controlnets[name]
+    if not bundle.controlnets:
+        raise GenerationError(f"--controlnet {name}: this bundle has no ControlNets (build it with controlnet: in the recipe)")
+    held = listed or sorted(bundle.controlnets)
+    raise GenerationError(f"--controlnet {name}: not in this bundle; it holds {', '.join(held)}")
+
+
+def _require_controlled_unet(bundle: BundleFiles) -> None:
+    if "controlled_unet" not in bundle.models:
+        base = SWIFT_NAMES["controlled_unet"]
+        raise GenerationError(
+            f"{bundle.folder}: --controlnet needs {base} (or {base}Chunk1/2) in the bundle "
+            "(build with controlnet: in the recipe and unet among its components)"
+        )
 
 
 def _require_encoder(bundle: BundleFiles) -> None:
@@ -550,8 +627,25 @@ class Pipeline:
             found = _find_file(bundle, checkpoint, (), "vae/config.json")
             scaling = json.loads(found.read_text()).get("scaling_factor") if found else None
         scaling = float(scaling or _DEFAULT_SCALING_FACTOR[bundle.family])
-        runners = {component: make(paths) for component, paths in bundle.models.items()}
-        return cls(bundle, runners, tokenizer, scheduler_config, scaling, backend, compute_unit, notes, time.perf_counter() - started)
+        # The controlled unet and the ControlNets load when a generation first asks for them.
+        runners = {component: make(paths) for component, paths in bundle.models.items() if component != "controlled_unet"}
+        pipe = cls(bundle, runners, tokenizer, scheduler_config, scaling, backend, compute_unit, notes, time.perf_counter() - started)
+        pipe._make = make
+        return pipe
+
+    def _runner(self, key: str, paths: list[Path]) -> ModelRunner:
+        """A model loaded on first use and kept (``controlled_unet``, ``controlnet/<file>``)."""
+        if key not in self.runners:
+            make = getattr(self, "_make", None) or ExecutorRunner
+            self.runners[key] = make(paths)
+        return self.runners[key]
+
+    def controlnet_runners(self, names: list[str]) -> tuple[ModelRunner, list[ModelRunner]]:
+        """(the controlled unet, one runner per ControlNet ``names``), loaded once."""
+        _require_controlled_unet(self.bundle)
+        paths = [find_controlnet(self.bundle, n) for n in names]
+        unet = self._runner("controlled_unet", self.bundle.models["controlled_unet"])
+        return unet, [self._runner(f"controlnet/{p.name}", [p]) for p in paths]
 
     # ---- text
 
@@ -591,6 +685,9 @@ class Pipeline:
         image: np.ndarray | None = None,
         strength: float = 0.75,
         progress: bool = False,
+        controlnet: list[str] | None = None,
+        controlnet_images: list[np.ndarray] | None = None,
+        controlnet_scale: float | list[float] = 1.0,
     ) -> Generation:
         """Generate ``image_count`` images.
 
@@ -599,6 +696,11 @@ class Pipeline:
         ``rng``: ``numpy`` draws the initial latents as Apple's pipelines do
         (``RandomState(seed).randn``); ``torch`` as diffusers does (a CPU
         generator seeded with ``seed``, also used for ancestral noise).
+        ``controlnet``: ControlNet ids (as in the recipe), with one control image
+        each in ``controlnet_images`` (float32 [8H, 8W, 3] in [0, 1]); their
+        residuals, times ``controlnet_scale`` (one number, or one per ControlNet),
+        are summed and fed to the bundle's controlled unet, as diffusers'
+        StableDiffusionControlNetPipeline (and MultiControlNetModel) do.
         """
         import torch
 
@@ -614,6 +716,7 @@ class Pipeline:
         if image is not None and image.shape[:2] != self.image_size:
             h, w = self.image_size
             raise GenerationError(f"--image is {image.shape[1]}x{image.shape[0]} pixels; this bundle makes {w}x{h} images")
+        control = self._control(controlnet or [], controlnet_images or [], controlnet_scale)
         timings = {"unet_s": 0.0}
         notes = list(self.notes)
         started = time.perf_counter()
@@ -644,7 +747,7 @@ class Pipeline:
             for t in timesteps:
                 model_input = sched.scale_model_input(latents, t)
                 t1 = time.perf_counter()
-                noise_pred = self._predict_noise(model_input.numpy(), float(t), conditioning, guidance_scale)
+                noise_pred = self._predict_noise(model_input.numpy(), float(t), conditioning, guidance_scale, control)
                 timings["unet_s"] += time.perf_counter() - t1
                 latents = sched.step(torch.from_numpy(noise_pred), t, latents, **step_kwargs).prev_sample
                 if bar:
@@ -681,6 +784,9 @@ class Pipeline:
         }
         if image is not None:
             settings["strength"] = strength
+        if control is not None:
+            settings["controlnet"] = ", ".join(controlnet)
+            settings["controlnet_scale"] = ", ".join(f"{s:g}" for s in control[2])
         return Generation(images, nsfw, latents, settings, notes, {k: round(v, 4) for k, v in timings.items()})
 
     def initial_latents(self, seed: int, rng: str, count: int, scheduler: str) -> np.ndarray:
@@ -707,8 +813,50 @@ class Pipeline:
             cond["time_ids"] = np.repeat(time_ids, len(rows), axis=0)
         return cond, truncated
 
-    def _predict_noise(self, sample: np.ndarray, t: float, cond: dict, guidance_scale: float) -> np.ndarray:
-        """Guided noise prediction [N, 4, H, W] for latents ``sample`` [N, 4, H, W] at timestep ``t``."""
+    def _control(self, names: list[str], images: list[np.ndarray], scale) -> tuple | None:
+        """(controlled unet, ControlNet runners, scales, control images [1, 3, 8H, 8W]) or None; checks first."""
+        if not names and not images:
+            return None
+        if len(names) != len(images):
+            raise GenerationError(
+                f"--controlnet-inputs: {len(images)} control image{'s' if len(images) != 1 else ''} for "
+                f"{len(names)} ControlNet{'s' if len(names) != 1 else ''}; give one image per ControlNet, in the same order"
+            )
+        scales = [float(s) for s in scale] if isinstance(scale, (list, tuple)) else [float(scale)] * len(names)
+        if len(scales) != len(names):
+            raise GenerationError(f"--controlnet-scale: {len(scales)} scales for {len(names)} ControlNets; give one, or one each")
+        h, w = self.image_size
+        for name, img in zip(names, images):
+            if img.ndim != 3 or img.shape[:2] != (h, w):
+                got = f"{img.shape[1]}x{img.shape[0]} pixels" if img.ndim == 3 else f"of shape {img.shape}"
+                raise GenerationError(f"--controlnet-inputs: the image for {name} is {got}; this bundle makes {w}x{h} images")
+        unet, runners = self.controlnet_runners(names)
+        conds = [np.asarray(img, np.float32).transpose(2, 0, 1)[None] for img in images]
+        return unet, runners, scales, conds
+
+    def _controlled_unet(self, feeds: dict, control: tuple) -> np.ndarray:
+        """The controlled unet's noise_pred for batch ``feeds``, with the ControlNets' residuals summed."""
+        unet, runners, scales, conds = control
+        batch = feeds["sample"].shape[0]
+        residuals: dict[str, np.ndarray] = {}
+        for runner, scale, cond in zip(runners, scales, conds):
+            out = runner.run(dict(feeds, controlnet_cond=np.repeat(cond, batch, axis=0)))
+            for key, value in out.items():
+                if key.startswith("additional_residual_"):
+                    residuals[key] = residuals.get(key, 0.0) + scale * value.astype(np.float32)
+        missing = [n for n in unet.inputs if n.startswith("additional_residual_") and n not in residuals]
+        if missing:
+            raise GenerationError(f"{unet.name}: takes {', '.join(missing)}, which the ControlNets do not give; rebuild the bundle")
+        return unet.run(dict(feeds, **residuals))["noise_pred"]
+
+    def _predict_noise(self, sample: np.ndarray, t: float, cond: dict, guidance_scale: float, control: tuple | None = None) -> np.ndarray:
+        """Guided noise prediction [N, 4, H, W] for latents ``sample`` [N, 4, H, W] at timestep ``t``.
+
+        With ``control`` (from ``_control``), the ControlNets run on the same batch
+        and the controlled unet takes their summed residuals.
+        """
+        if control is not None:
+            return self._predict_controlled(sample, t, cond, guidance_scale, control)
         unet = self.runners["unet"]
         guided = cond["encoder_hidden_states"].shape[0] == 2
         out = []
@@ -729,6 +877,26 @@ class Pipeline:
                 out.append(unet.run(feeds)["noise_pred"][:1])
                 continue
             out.append(uncond + guidance_scale * (text - uncond))
+        return np.concatenate(out).astype(np.float32)
+
+    def _predict_controlled(self, sample: np.ndarray, t: float, cond: dict, guidance_scale: float, control: tuple) -> np.ndarray:
+        unet = control[0]
+        batch = int(unet.inputs["sample"][0][0])  # 2 (recipes refuse unet_batch_one with ControlNets)
+        guided = cond["encoder_hidden_states"].shape[0] == 2
+        out = []
+        for x in sample:
+            x = x[None]
+            if guided:
+                feeds = dict(cond, sample=np.concatenate([x, x]), timestep=np.full((2,), t, np.float32))
+                if batch == 2:
+                    uncond, text = np.split(self._controlled_unet(feeds, control), 2)
+                else:
+                    uncond, text = (self._controlled_unet({k: v[i : i + 1] for k, v in feeds.items()}, control) for i in (0, 1))
+                out.append(uncond + guidance_scale * (text - uncond))
+            else:
+                feeds = {k: np.repeat(v, batch, axis=0) for k, v in dict(cond, sample=x).items()}
+                feeds["timestep"] = np.full((batch,), t, np.float32)
+                out.append(self._controlled_unet(feeds, control)[:1])
         return np.concatenate(out).astype(np.float32)
 
     def _image_latents(self, sched, image: np.ndarray, strength: float, steps: int, draw, count: int):
@@ -854,18 +1022,18 @@ def image_file_name(prompt: str, seed: int, index: int | None = None) -> str:
     return f"{stem}{'' if index is None else f'.{index}'}.{seed}.final.png"
 
 
-def load_image(path: Path) -> np.ndarray:
-    """An RGB image file as float32 [height, width, 3] in [0, 1]."""
+def load_image(path: Path, flag: str = "--image") -> np.ndarray:
+    """An RGB image file as float32 [height, width, 3] in [0, 1]; ``flag`` names it in errors."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     if not path.is_file():
-        raise GenerationError(f"--image {path}: no such file")
+        raise GenerationError(f"{flag} {path}: no such file")
     try:
         with Image.open(path) as img:
             return np.asarray(img.convert("RGB"), np.float32) / 255.0
     except (UnidentifiedImageError, OSError) as e:
-        raise GenerationError(f"--image {path}: not an image Pillow can read ({type(e).__name__})") from None
+        raise GenerationError(f"{flag} {path}: not an image Pillow can read ({type(e).__name__})") from None
 
 
 def save_png(image: np.ndarray, path: Path, settings: dict) -> Path:
@@ -909,13 +1077,24 @@ def run_generate(
     Returns {"images": [paths], "notes": [lines], "timings": {name: seconds}}.
     Every user error is a GenerationError (one line) raised before any model runs.
     """
-    if controlnet:
-        raise NotBuiltYet("--controlnet: ControlNet generation is not built yet (issue: ControlNet)")
+    controlnet, controlnet_inputs = list(controlnet or []), list(controlnet_inputs or [])
     scheduler_name(scheduler)  # an unknown name fails before the models load
+    if len(controlnet) != len(controlnet_inputs):
+        raise GenerationError(
+            f"--controlnet-inputs: {len(controlnet_inputs)} control image{'s' if len(controlnet_inputs) != 1 else ''} for "
+            f"{len(controlnet)} ControlNet{'s' if len(controlnet) != 1 else ''}; give one image per ControlNet, in the same order"
+        )
     start_image = load_image(image) if image is not None else None
-    if start_image is not None:
-        # Refused before any model loads: the check needs only the file list.
-        _require_encoder(find_bundle(Path(bundle), compiled_ok=default_backend() == "coreml"))
+    control_images = [load_image(p, flag="--controlnet-inputs") for p in controlnet_inputs]
+    if start_image is not None or controlnet:
+        # Refused before any model loads: the checks need only the file list.
+        files = find_bundle(Path(bundle), compiled_ok=default_backend() == "coreml")
+        if start_image is not None:
+            _require_encoder(files)
+        if controlnet:
+            _require_controlled_unet(files)
+            for name in controlnet:
+                find_controlnet(files, name)
     pipe = Pipeline.from_bundle(Path(bundle), compute_unit=compute_unit)
     result = pipe.generate(
         prompt,
@@ -929,6 +1108,9 @@ def run_generate(
         image=start_image,
         strength=strength,
         progress=progress,
+        controlnet=controlnet,
+        controlnet_images=control_images,
+        controlnet_scale=controlnet_scale,
     )
     paths = []
     for i, img in enumerate(result.images):
