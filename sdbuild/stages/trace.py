@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from sdbuild.stages import Job, component_kind
@@ -22,17 +23,26 @@ def build_options(fields: dict):
 
 
 def run(job: Job, out: Path) -> dict:
-    """Write ``module.pt`` (TorchScript) and ``io.json`` (inputs, outputs, precision)."""
+    """Write ``module.pt`` (TorchScript, float32 weights) and ``io.json`` (inputs, outputs, precision)."""
     import torch
 
+    from sdbuild.convert import skip_weight_init, trace_module
     from sdbuild.models import build_component, sample_inputs
 
-    model = build_component(component_kind(job.component), checkpoint_dir(job.upstream["download"]), build_options(job.fields))
+    phases = {}
+    started = time.perf_counter()
+    # Every weight comes from the checkpoint (build_component checks it): no random ones first.
+    with skip_weight_init():
+        model = build_component(component_kind(job.component), checkpoint_dir(job.upstream["download"]), build_options(job.fields))
+    phases["build_s"] = round(time.perf_counter() - started, 1)
     example = sample_inputs(model.inputs, seed=0)
     args = [torch.from_numpy(example[s.name]) for s in model.inputs]
-    with torch.no_grad():
-        traced = torch.jit.trace(model.module, args, strict=False, check_trace=False)
+    started = time.perf_counter()
+    traced = trace_module(model.module, args)
+    phases["trace_s"] = round(time.perf_counter() - started, 1)
+    started = time.perf_counter()
     torch.jit.save(traced, str(out / "module.pt"))
+    phases["save_s"] = round(time.perf_counter() - started, 1)
     io = {
         "inputs": [{"name": s.name, "shape": list(s.shape), "kind": s.kind, "high": s.high} for s in model.inputs],
         "outputs": model.outputs,
@@ -40,7 +50,7 @@ def run(job: Job, out: Path) -> dict:
         "info": model.info,
     }
     (out / "io.json").write_text(json.dumps(io, indent=2))
-    return {"inputs": {s.name: list(s.shape) for s in model.inputs}, "outputs": model.outputs}
+    return {"inputs": {s.name: list(s.shape) for s in model.inputs}, "outputs": model.outputs, "phases_s": phases}
 
 
 def read_io(entry_path: Path) -> dict:

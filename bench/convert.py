@@ -1,0 +1,264 @@
+"""Benchmark: trace + convert (and optionally palettize, chunk) one full-size component, as the stages do it.
+
+    .venv/bin/python bench/convert.py --model sd15 --component unet --attention SPLIT_EINSUM --json
+    .venv/bin/python bench/convert.py --model sdxl --component unet --attention ORIGINAL --nbits 6 --chunk 2 --json
+    .venv/bin/python bench/convert.py            # every target below, one process each, then a table
+
+The checkpoint is a diffusers folder with the public configuration of the
+model and random weights (seed 0; no hub is reachable), made once in its own
+process and cached under ``--cache``, so making it is not measured. A
+measured run calls the real stage functions (``sdbuild.stages.trace``,
+``convert``, ``compress``, ``chunk``) through ``executor.run_in_child``, one
+fresh child process per stage as a build runs them, and samples the RSS of
+this process and all its children together: ``peak_rss_gib`` is the peak of
+the whole tree. ``wall_s`` is trace + convert (process start and imports
+included); palettization and chunking are timed separately.
+
+Timings mean something only on an idle machine: the load average before and
+after each run goes into its JSON (``load_before``, ``load_after``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "bench" / "results"
+
+# SDXL base 1.0's unet (public config); SD 1.5 / 2.1-base come from the full-size model tests.
+SDXL_UNET = {
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,
+    "sample_size": 128,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "upcast_attention": False,
+    "use_linear_projection": True,
+}
+RESOLUTION = {"sd15": 512, "sd21-base": 512, "sdxl": 1024}
+
+# (model, component, attention, nbits, chunk): what `make bench` measures. SDXL last: it takes longest.
+TARGETS = [
+    ("sd15", "unet", "SPLIT_EINSUM", None, None),
+    ("sd15", "unet", "ORIGINAL", None, None),
+    ("sd15", "unet", "SPLIT_EINSUM", 6, None),
+    ("sd15", "text_encoder", "ORIGINAL", None, None),
+    ("sd15", "vae_decoder", "ORIGINAL", None, None),
+    ("sdxl", "unet", "ORIGINAL", None, None),
+    ("sdxl", "unet", "ORIGINAL", 6, 2),
+]
+
+
+def configs(model: str) -> dict:
+    sys.path.insert(0, str(ROOT / "tests" / "models"))
+    from full_size import ARCHS  # the full-size SD 1.5 / 2.1-base configs, shared with the model tests
+
+    if model == "sdxl":
+        return {"unet": SDXL_UNET}
+    return ARCHS[model]
+
+
+def make_checkpoint(model: str, path: Path) -> None:
+    """A diffusers folder: model_index.json and the model's unet, text_encoder and VAE, random weights (seed 0)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = configs(model)
+    tmp = path.with_name(path.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    index = {"_class_name": "StableDiffusionXLPipeline" if model == "sdxl" else "StableDiffusionPipeline"}
+    torch.manual_seed(0)
+    UNet2DConditionModel(**cfg["unet"]).save_pretrained(tmp / "unet", safe_serialization=True)
+    index["unet"] = ["diffusers", "UNet2DConditionModel"]
+    if "text_encoder" in cfg:
+        torch.manual_seed(0)
+        CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])).save_pretrained(tmp / "text_encoder", safe_serialization=True)
+        index["text_encoder"] = ["transformers", "CLIPTextModel"]
+    if "vae_decoder" in cfg:
+        torch.manual_seed(0)
+        AutoencoderKL(**cfg["vae_decoder"]).save_pretrained(tmp / "vae", safe_serialization=True)
+        index["vae"] = ["diffusers", "AutoencoderKL"]
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+    tmp.rename(path)
+
+
+def checkpoint(model: str, cache: Path) -> Path:
+    """The cached checkpoint folder, made in a child process the first time (not measured)."""
+    path = cache / f"ckpt-{model}"
+    if not (path / "model_index.json").is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        print(f"making the {model} checkpoint (random weights) in {path} ...", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, __file__, "--make-checkpoint", model, "--cache", str(cache)], check=True)
+    return path
+
+
+def package_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def measure(args) -> dict:
+    """Run the stages for one target in child processes; figures as JSON-ready dict."""
+    from sdbuild.executor import _TreeMemory, run_in_child
+    from sdbuild.stages import STAGES, Job
+
+    ckpt = checkpoint(args.model, args.cache)
+    side = args.resolution or RESOLUTION[args.model]
+    fields = {
+        "trace": {"attention": args.attention, "resolution": {"height": side, "width": side}, "unet_batch_one": False},
+        "convert": {"target": args.target},
+        "compress": {"compression": {"nbits": args.nbits, "components": [args.component]}},
+        "chunk": {"chunk": {"unet": args.chunk}},
+    }
+    stages = ["trace", "convert"] + (["compress"] if args.nbits else []) + (["chunk"] if args.chunk else [])
+    result = {
+        "model": args.model,
+        "component": args.component,
+        "attention": args.attention,
+        "resolution": side,
+        "nbits": args.nbits,
+        "chunk": args.chunk,
+        "target": args.target,
+        "load_before": [round(x, 2) for x in os.getloadavg()],
+        "cpus": len(os.sched_getaffinity(0)),
+        "stages": {},
+    }
+    work = Path(tempfile.mkdtemp(prefix="bench-convert-", dir=args.cache))
+    tree = _TreeMemory(os.getpid())
+    tree.start()
+    upstream = {"download": ckpt.parent}
+    try:
+        # checkpoint_dir() reads a download entry's ``source.json``: point one at the cached folder.
+        download = work / "download"
+        download.mkdir()
+        (download / "source.json").write_text(json.dumps({"kind": "local", "path": str(ckpt)}))
+        upstream = {"download": download}
+        for name in stages:
+            out = work / name
+            out.mkdir()
+            job = Job(name, args.component, fields[name], dict(upstream), build_name="bench")
+            started = time.perf_counter()
+            facts = run_in_child(STAGES[name].run, job, out, work / f"{name}.log")
+            result["stages"][name] = {
+                "seconds": round(time.perf_counter() - started, 1),
+                "peak_rss_gib": round(facts["peak_rss_bytes"] / 2**30, 2),
+                "phases_s": facts.get("phases_s"),
+            }
+            upstream[name] = out
+        final = upstream[stages[-1]]
+        parts = sorted(final.glob("*.mlpackage"))
+        result["package_bytes"] = sum(package_bytes(p) for p in parts)
+        result["packages"] = {p.name: package_bytes(p) for p in parts}
+    finally:
+        peak = tree.stop()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            result["kept"] = str(work)
+    s = result["stages"]
+    result["wall_s"] = round(s["trace"]["seconds"] + s["convert"]["seconds"], 1)
+    result["peak_rss_gib"] = round(peak / 2**30, 2)
+    if "compress" in s:
+        result["palettize_s"] = s["compress"]["seconds"]
+    if "chunk" in s:
+        result["chunk_s"] = s["chunk"]["seconds"]
+    result["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    return result
+
+
+def result_name(model, component, attention, nbits, chunk) -> str:
+    name = f"convert-{model}-{component}-{attention}"
+    name += f"-{nbits}bit" if nbits else ""
+    name += f"-chunk{chunk}" if chunk else ""
+    return name + ".json"
+
+
+def run_all(args) -> None:
+    rows = []
+    for model, component, attention, nbits, chunk in TARGETS:
+        cmd = [sys.executable, __file__, "--model", model, "--component", component, "--attention", attention,
+               "--cache", str(args.cache), "--json"]  # fmt: skip
+        cmd += ["--nbits", str(nbits)] if nbits else []
+        cmd += ["--chunk", str(chunk)] if chunk else []
+        print(" ".join(cmd[1:]), file=sys.stderr, flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            rows.append((model, component, attention, nbits, chunk, None))
+            continue
+        result = json.loads(proc.stdout)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / result_name(model, component, attention, nbits, chunk)).write_text(json.dumps(result, indent=2) + "\n")
+        rows.append((model, component, attention, nbits, chunk, result))
+    print(f"{'target':<42} {'wall s':>7} {'palett. s':>9} {'peak GiB':>8} {'package MiB':>11} {'load':>5}")
+    for model, component, attention, nbits, chunk, r in rows:
+        label = f"{model} {component} {attention}" + (f" {nbits}-bit" if nbits else "") + (f" /{chunk}" if chunk else "")
+        if r is None:
+            print(f"{label:<42} failed")
+            continue
+        pal = f"{r['palettize_s']:.1f}" if "palettize_s" in r else "-"
+        print(
+            f"{label:<42} {r['wall_s']:>7.1f} {pal:>9} {r['peak_rss_gib']:>8.2f} "
+            f"{r['package_bytes'] / 2**20:>11.1f} {r['load_before'][0]:>5.2f}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["sd15", "sd21-base", "sdxl"])
+    parser.add_argument("--component", choices=["unet", "text_encoder", "vae_decoder"], default="unet")
+    parser.add_argument("--attention", choices=["ORIGINAL", "SPLIT_EINSUM", "SPLIT_EINSUM_V2"], default="SPLIT_EINSUM")
+    parser.add_argument("--nbits", type=int)
+    parser.add_argument("--chunk", type=int)
+    parser.add_argument("--resolution", type=int, help="image side in pixels (default: the model's)")
+    parser.add_argument("--target", default="macOS14")
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/sdbuild-bench"))
+    parser.add_argument("--keep", action="store_true", help="keep the stage outputs (path in the JSON)")
+    parser.add_argument("--json", action="store_true", help="one target: print its figures as one JSON object")
+    parser.add_argument("--make-checkpoint", metavar="MODEL", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.cache = args.cache.resolve()
+    if args.make_checkpoint:
+        make_checkpoint(args.make_checkpoint, args.cache / f"ckpt-{args.make_checkpoint}")
+        return
+    if args.model is None:
+        run_all(args)
+        return
+    result = measure(args)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        path = RESULTS / result_name(args.model, args.component, args.attention, args.nbits, args.chunk)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""The float16 precision pass, folding each weight's cast as soon as it can.
+
+coremltools' ``common::add_fp16_cast`` inserts a ``cast`` to float16 before
+every op that reads a float32 value; for a constant the cast's value is
+computed on the spot, and only the later ``const_elimination`` and
+``dead_code_elimination`` passes replace the casts by float16 constants and
+drop the float32 ones. Between the two, every weight is held in float32 and
+in float16. ``add_fp16_cast_folding`` does the same casts op by op, and once
+all the readers of a float32 constant read it through casts, it replaces
+those casts by float16 constants as ``const_elimination`` would (same value,
+same name, same place) and removes the float32 constant, whose memory then
+goes back.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+
+from coremltools.converters.mil.mil import Builder as mb
+from coremltools.converters.mil.mil import types
+from coremltools.converters.mil.mil.passes.defs.quantization import add_fp16_cast
+from coremltools.converters.mil.mil.passes.pass_registry import register_pass
+
+PASS_NAME = "sdbuild::add_fp16_cast_folding"
+_SLICE = 1 << 20  # elements per slice of a weight in the overflow test
+
+
+@register_pass(namespace="sdbuild")
+class add_fp16_cast_folding(add_fp16_cast):
+    """``common::add_fp16_cast``, with casts of float32 constants folded as soon as all their readers are cast."""
+
+    def apply(self, prog):
+        # The TorchScript module the frontend loaded may sit in a reference cycle; until it
+        # is collected, its tensors keep the float32 weights alive whatever the program drops.
+        gc.collect()
+        super().apply(prog)
+
+    @staticmethod
+    def fp16_overflow(op) -> bool:
+        """The base pass's test, computed in slices: any finite-range input constant above float16's range.
+
+        The base pass takes ``np.where`` of a whole weight (four int64 index
+        arrays: about 1 GB for SD's largest convolution) once per reader.
+        """
+        for var in _input_vars(op):
+            if var.op is not None and var.op.op_type == "const" and var.is_tensor_or_scalar_of(dtype="fp32"):
+                flat = np.asarray(var.op.val.val).reshape(-1)
+                for start in range(0, flat.size, _SLICE):
+                    magnitude = np.abs(flat[start : start + _SLICE])
+                    # Magnitudes from 1e38 up stand for infinities (attention masks): float16 inf is fine.
+                    if np.max(magnitude, where=magnitude < 1e38, initial=0.0) > 65504:
+                        return True
+        return False
+
+    def transform_op(self, op):
+        constants = [v for v in _input_vars(op) if v.op is not None and v.op.op_type == "const" and v.dtype == types.fp32]
+        transformed = super().transform_op(op)
+        for var in constants:
+            _fold_casts_of(var)
+        return transformed
+
+
+def _input_vars(op):
+    for value in op.inputs.values():
+        yield from value if isinstance(value, (list, tuple)) else (value,)
+
+
+def _fold_casts_of(var) -> None:
+    """If every reader of the float32 constant ``var`` is a float16 cast, make each cast a constant and drop ``var``."""
+    readers = list(var.child_ops)
+    if not readers or var in var.op.enclosing_block.outputs:
+        return
+    for reader in readers:
+        out = reader.outputs[0]
+        if reader.op_type != "cast" or out.dtype != types.fp16 or out.val is None:
+            return
+    for cast in readers:
+        out = cast.outputs[0]
+        block = cast.enclosing_block
+        # Built in the pass's own block context: entering the block again would, on leaving,
+        # re-walk the whole block (coremltools' non-replaceable-var propagation) for each weight.
+        folded = mb.const(val=out.val, before_op=cast, name=out.name)
+        block.replace_uses_of_var_after_op(anchor_op=cast, old_var=out, new_var=folded)
+        block.remove_ops([cast])
+    const = var.op
+    const.enclosing_block.remove_ops([const])
+    # The base pass walks a list of the block's ops taken before it started, removed ops
+    # included, so the removed const stays reachable until the pass ends: let go of its
+    # value (held by its output and by its ``val`` input) now.
+    var._sym_val = None
+    const.val._sym_val = None

@@ -1,0 +1,54 @@
+"""A traced component (``module.pt`` + its I/O) to a saved ML program package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def conversion_pipeline(precision: str):
+    """coremltools' default pass pipeline; for float16, with ``add_fp16_cast_folding`` in ``add_fp16_cast``'s place.
+
+    (``ct.convert`` sets options on ``common::add_fp16_cast`` only for a
+    ``FP16ComputePrecision`` object, not for ``ct.precision.FLOAT16``.)
+    """
+    import coremltools as ct
+
+    from sdbuild.convert.precision import PASS_NAME
+
+    pipeline = ct.PassPipeline.DEFAULT
+    if precision == "float16":
+        passes = list(pipeline.passes)
+        passes[passes.index("common::add_fp16_cast")] = PASS_NAME
+        pipeline.passes = passes
+    return pipeline
+
+
+def convert_traced(module_path: Path, inputs: list[dict], outputs: list[str], precision: str, target: str, package: Path) -> None:
+    """Convert the TorchScript file ``module_path`` and save it as the package ``package``.
+
+    ``inputs``: [{name, shape}] in the module's argument order; ``outputs``:
+    output names in order; both float32 in the model's interface whatever
+    ``precision`` (``float16`` | ``float32``) it computes in. ``target``:
+    minimum deployment target name (``macOS14``).
+    """
+    import coremltools as ct
+    import numpy as np
+
+    from sdbuild.convert import precision as _registers_pass  # noqa: F401
+
+    mlmodel = ct.convert(
+        # A path, not a module: the converter loads it and lets go of it once its
+        # weights are in the program, so the float32 weights are not held twice.
+        str(module_path),
+        source="pytorch",
+        # float32 model inputs and outputs, as Apple's pipelines feed and read them; a float16
+        # input would also round token ids above 2048 before the graph casts them to integers.
+        inputs=[ct.TensorType(name=i["name"], shape=tuple(i["shape"]), dtype=np.float32) for i in inputs],
+        outputs=[ct.TensorType(name=n, dtype=np.float32) for n in outputs],
+        convert_to="mlprogram",
+        minimum_deployment_target=getattr(ct.target, target),
+        compute_precision=ct.precision.FLOAT16 if precision == "float16" else ct.precision.FLOAT32,
+        pass_pipeline=conversion_pipeline(precision),
+        skip_model_load=True,
+    )
+    mlmodel.save(str(package))
