@@ -185,7 +185,8 @@ def build_graph(
 def assign_keys(nodes: list[Node]) -> None:
     for node in nodes:
         s = node.stage
-        upstream = {d.stage.name: d.key for d in node.deps}
+        # By stage and component: a node may follow several of one stage (sample follows every verify).
+        upstream = {f"{d.stage.name}:{d.component or ''}": d.key for d in node.deps}
         versions = library_versions(s.libraries)
         version = f"{s.version}+{code_digest(s.code)}"
         fields = dict(node.fields, component=node.component)
@@ -628,6 +629,14 @@ def run_build(
     return BuildResult(build.build_dir, report)
 
 
+def sample_node(build: Build) -> Node:
+    """The report's sample image, keyed after every shipped model's verify."""
+    node = Node(STAGES["sample"], None, [n for n in build.nodes if n.stage.name == "verify"])
+    node.fields = read_fields(build.recipe, node.stage.fields, {})
+    assign_keys([node])
+    return node
+
+
 def _sample_image(build: Build, bundle: Path, log: Path, reporter: Reporter, report: dict) -> dict:
     """Generate (or take from the cache) the report's sample image; copy it into ``bundle``.
 
@@ -635,9 +644,7 @@ def _sample_image(build: Build, bundle: Path, log: Path, reporter: Reporter, rep
     exactly the packages the bundle holds; the bundle folder itself is only
     where the stage reads them from.
     """
-    node = Node(STAGES["sample"], None, [n for n in build.nodes if n.stage.name == "verify"])
-    node.fields = read_fields(build.recipe, node.stage.fields, {})
-    assign_keys([node])
+    node = sample_node(build)
     job = Job("sample", None, node.fields, {"bundle": bundle}, build.recipe.name)
     reporter.stage_started(node)
 

@@ -1,0 +1,40 @@
+"""The stage graph and its keys, without building anything."""
+
+from __future__ import annotations
+
+from helpers import REPO, write_recipe
+
+from sdbuild.executor import prepare, sample_node
+
+TINY = REPO / "recipes" / "tiny.yaml"
+
+
+def keys(build) -> dict:
+    return {(n.stage.name, n.component): n.key for n in build.nodes}
+
+
+def test_keys_change_exactly_downstream_of_a_changed_field(tmp_path):
+    six = prepare(TINY, tmp_path)
+    eight = prepare(write_recipe(tmp_path, "t8", f"extends: {TINY}\nname: t8\ncompression: {{nbits: 8}}\n"), tmp_path)
+    a, b = keys(six), keys(eight)
+    changed = {k for k in a if a[k] != b[k]}
+    assert changed == {("compress", "unet"), ("verify", "unet")}
+
+
+def test_sample_key_follows_every_shipped_model(tmp_path):
+    """The sample follows all verify nodes, not only one of them (they share a stage name)."""
+    six = prepare(TINY, tmp_path)
+    eight = prepare(write_recipe(tmp_path, "t8", f"extends: {TINY}\nname: t8\ncompression: {{nbits: 8}}\n"), tmp_path)
+    # Only the unet differs, and its verify is not the last verify node in the graph.
+    assert [n.component for n in six.nodes if n.stage.name == "verify"][-1] != "unet"
+    assert sample_node(six).key != sample_node(eight).key
+    assert sample_node(six).key == sample_node(prepare(TINY, tmp_path)).key
+
+
+def test_attention_changes_trace_of_unet_but_not_of_vae(tmp_path):
+    split = prepare(TINY, tmp_path)
+    original = prepare(write_recipe(tmp_path, "o", f"extends: {TINY}\nname: o\nattention: ORIGINAL\n"), tmp_path)
+    a, b = keys(split), keys(original)
+    assert a[("trace", "unet")] != b[("trace", "unet")]
+    assert a[("trace", "vae_decoder")] == b[("trace", "vae_decoder")]
+    assert a[("download", None)] == b[("download", None)]
