@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo test test-slow bench matrix clean
 
 install: $(STAMP)
 
@@ -24,6 +24,19 @@ test: install
 
 test-slow: install
 	$(BIN)/pytest -q -m slow
+
+bench: install
+	$(BIN)/python bench/convert.py
+	$(BIN)/python bench/palettize.py
+	$(BIN)/python bench/executor.py
+	$(BIN)/python bench/generate.py
+	$(BIN)/python bench/matrix.py
+
+# Build every variant of a matrix recipe locally: make matrix RECIPE=recipes/x.yaml
+RECIPE ?= recipes/tiny.yaml
+matrix: install
+	$(BIN)/sdbuild matrix $(RECIPE)
+	$(BIN)/sdbuild run $(RECIPE)
 
 clean:
 	rm -rf artifacts/cache artifacts/builds artifacts/logs

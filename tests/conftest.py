@@ -23,3 +23,15 @@ def tiny_sdxl_checkpoint(tmp_path_factory) -> Path:
     from sdbuild.synthetic import make_synthetic
 
     return make_synthetic("synthetic:tiny-sdxl", tmp_path_factory.mktemp("ckpt") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def warm_artifacts(tmp_path_factory) -> Path:
+    """One artifacts folder shared by the modules that do not test cold builds.
+
+    The cache is keyed by content, so what one module built (the tiny unet's
+    trace and convert, say) is a hit for the next; build names differ per module.
+    Modules that assert on cache misses (test_build, test_matrix, the remote
+    cache) keep folders of their own.
+    """
+    return tmp_path_factory.mktemp("warm-artifacts")

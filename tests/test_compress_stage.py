@@ -19,9 +19,9 @@ verify: {samples: 1}
 
 
 @pytest.fixture(scope="module")
-def art(tmp_path_factory):
-    """Artifacts holding the tiny float16 unet, converted once for this module."""
-    art = tmp_path_factory.mktemp("art")
+def art(warm_artifacts, tmp_path_factory):
+    """Artifacts holding the tiny float16 unet (shared with other modules' builds)."""
+    art = warm_artifacts
     recipe = write_recipe(tmp_path_factory.mktemp("r"), "cs16", "name: cs16\n" + BASE)
     done = run_cli("run", recipe, "--artifacts", art)
     assert done.returncode == 0, done.stderr[-2000:]

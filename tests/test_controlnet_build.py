@@ -21,8 +21,8 @@ verify: {samples: 1}
 
 
 @pytest.fixture(scope="module")
-def build(tmp_path_factory):
-    art = tmp_path_factory.mktemp("art")
+def build(warm_artifacts, tmp_path_factory):
+    art = warm_artifacts
     recipe = write_recipe(tmp_path_factory.mktemp("r"), "tiny-cn", RECIPE)
     done = run_cli("run", recipe, "--artifacts", art)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -19,7 +19,6 @@ import pytest
 import torch
 
 from helpers import run_cli, write_recipe
-from sdbuild.errors import NotBuiltYet
 from sdbuild.generate import (
     SCHEDULERS,
     ChainedRunner,
@@ -56,10 +55,10 @@ FIGURES: dict[str, float] = {}
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory) -> Path:
+def artifacts(warm_artifacts) -> Path:
     # The stage cache is keyed by content, so a kept folder is safe to reuse between runs.
     kept = os.environ.get("SDBUILD_TEST_ARTIFACTS")
-    return Path(kept) if kept else tmp_path_factory.mktemp("gen-artifacts")
+    return Path(kept) if kept else warm_artifacts
 
 
 _BUILDS: dict[str, tuple[Path, Path, Path]] = {}
@@ -367,11 +366,6 @@ def test_image_file_names_follow_the_seed_clis():
     assert image_file_name("a photo of  an astronaut", 93) == "a_photo_of_an_astronaut.93.final.png"
     assert image_file_name("a/b", 1, index=2) == "a_b.2.1.final.png"
     assert len(image_file_name("word " * 40, 5)) == 75 + len(".5.final.png")
-
-
-def test_controlnet_is_refused_until_built(sd16, tmp_path):
-    with pytest.raises(NotBuiltYet, match="ControlNet generation is not built yet"):
-        run_generate(sd16[0], PROMPT, controlnet=["lllyasviel/sd-controlnet-mlsd"], output_dir=tmp_path)
 
 
 # --------------------------------------------------------------------------- the command line

@@ -30,14 +30,14 @@ GEN = dict(seed=7, steps=4, guidance_scale=2.0, scheduler="DDIM", rng="torch")
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(warm_artifacts):
     """(build folder, SD checkpoint, {ControlNet id: its diffusers folder}, control image paths)."""
     from sdbuild.executor import prepare, run_build
     from sdbuild.synthetic import make_synthetic
 
     # The stage cache is keyed by content, so a kept folder is safe to reuse between runs.
     kept = os.environ.get("SDBUILD_TEST_ARTIFACTS")
-    work = Path(kept) if kept else tmp_path_factory.mktemp("cn-gen")
+    work = Path(kept) if kept else warm_artifacts
     cn2 = work / "cn2"
     if not cn2.is_dir():
         make_synthetic("synthetic:tiny-controlnet", cn2, seed=1)
