@@ -229,8 +229,8 @@ def test_bundle_survives_cache_gc(artifacts, tmp_path):
 
     copy = tmp_path / "art"
     shutil.copytree(artifacts, copy)
-    shutil.rmtree(copy / "builds" / "tiny-both", ignore_errors=True)
-    (copy / "builds" / "tiny" / "build.json").unlink()  # nothing references the cache any more
+    for report in (copy / "builds").glob("*/build.json"):
+        report.unlink()  # nothing references the cache any more
     assert run_cli("cache", "gc", "--artifacts", copy).returncode == 0
     assert not any((copy / "cache" / "convert").iterdir())
     from sdbuild.mil.executor import load_program

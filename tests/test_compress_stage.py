@@ -69,6 +69,7 @@ def test_analyze_then_mixed_bit_from_the_analysis_file(art, tmp_path):
 
     # Editing the analysis file must invalidate the compress entry, never read as cached.
     doc = json.loads((tmp_path / "analysis.json").read_text())
+    doc["model_version"] += " (edited)"
     (tmp_path / "analysis.json").write_text(json.dumps(doc, indent=1))
     plan = json.loads(run_cli("plan", mixed, "--artifacts", art, "--json").stdout)
     status = {r["stage"]: r["status"] for r in plan if r["component"] == "unet"}

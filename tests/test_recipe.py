@@ -118,8 +118,8 @@ def test_deep_merge_child_wins(tmp_path):
 
 
 def test_unbuilt_feature_stops_with_one_line(tmp_path):
-    p = write_recipe(tmp_path, "r", BASE + "controlnet: [lllyasviel/sd-controlnet-mlsd]\n")
-    with pytest.raises(NotBuiltYet, match=r"controlnet: ControlNet conversion is not built yet"):
+    p = write_recipe(tmp_path, "r", BASE + "components: [unet, safety_checker]\n")
+    with pytest.raises(NotBuiltYet, match=r"components: safety_checker is not built yet"):
         check_buildable(load_recipe(p), p)
 
 
