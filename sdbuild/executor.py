@@ -125,6 +125,7 @@ def build_graph(
     recipe_dir: Path = Path("."),
     with_analysis: bool = False,
     controlnets: dict[str, dict] | None = None,
+    compiler: str | None = None,
 ) -> list[Node]:
     """Nodes in dependency order. ``source`` is what the download resolved to.
 
@@ -133,7 +134,8 @@ def build_graph(
     pre-analysis even when the recipe's compression does not use it
     (``sdbuild analyze``). ``controlnets`` maps each of the recipe's
     ControlNets to its resolved source; with any, the controlled unet is built
-    beside the plain one.
+    beside the plain one. ``compiler`` is coremlcompiler's version where it
+    exists (macOS): then every shipped package is compiled too.
     """
     download = Node(STAGES["download"], None, fields=read_fields(recipe, STAGES["download"].fields, {"source": source}))
     nodes = [download]
@@ -174,9 +176,14 @@ def build_graph(
         shipped[component] = chain
     for component, chain in shipped.items():
         nodes.append(Node(STAGES["verify"], component, chain))
+    if compiler is not None:
+        for component, chain in shipped.items():
+            node = Node(STAGES["compile"], component, [chain[-1]])
+            node.fields = {"coremlcompiler": compiler}
+            nodes.append(node)
     for node in nodes[1:]:
-        if node.stage.name == "download":
-            continue  # a ControlNet's download reads its own source only
+        if node.stage.name in ("download", "compile"):
+            continue  # a ControlNet's download reads its own source only; compile, the compiler's version
         extra = pre_analysis_fields(recipe, recipe_dir) if node.stage.name == "compress" and mixed_bit else {}
         node.fields = read_fields(recipe, node.stage.fields_for(node.component) + tuple(extra), extra)
     return nodes
@@ -389,7 +396,10 @@ def prepare(
         return Build(recipe, recipe_path, Path(artifacts), [node], None, problem=str(e), remote=remote)
     family = family_of_source(source)
     controlnets = resolve_controlnets(recipe, family)
-    nodes = build_graph(recipe, source, family, recipe_path.parent, with_analysis, controlnets)
+    from sdbuild.stages.compile import compiler_available, compiler_version
+
+    compiler = compiler_version() if compiler_available() else None
+    nodes = build_graph(recipe, source, family, recipe_path.parent, with_analysis, controlnets, compiler)
     assign_keys(nodes)
     return Build(recipe, recipe_path, Path(artifacts), nodes, family, remote=remote)
 
@@ -445,10 +455,7 @@ def plan_rows(build: Build) -> list[PlanRow]:
     if build.problem:
         rows.append(PlanRow("trace, convert, …", None, None, "pending", "after download"))
         return rows
-    comps = list(final_nodes(build.nodes))
-    if compiler_available():
-        rows += [PlanRow("compile", c, None, "to build") for c in comps]
-    else:
+    if not compiler_available():
         rows.append(PlanRow("compile", None, None, "skipped", "needs macOS with Xcode tools; bundle keeps .mlpackage"))
     rows.append(PlanRow("bundle", None, None, "to build", f"artifacts/builds/{build.recipe.name}"))
     # verify rows are keyed nodes: move them after bundle, where they belong in ORDER.
@@ -483,6 +490,7 @@ def run_build(
     from sdbuild.report import write_report
     from sdbuild.stages.bundle import write_bundle
     from sdbuild.stages.chunk import chunk_facts, part_paths
+    from sdbuild.stages.compile import compiled_paths
     from sdbuild.stages.compile import SKIP_REASON, compiler_available
     from sdbuild.stages.verify import DEVICE_SKIPPED, read_psnr
 
@@ -609,7 +617,11 @@ def run_build(
         for comp, node in finals.items():
             whole = node.entry.path / "model.mlpackage"
             chunk = next((n for n in build.nodes if n.stage.name == "chunk" and n.component == comp), None)
-            packages[comp] = {"swift": part_paths(chunk.entry.path) if chunk else [whole], "whole": whole}
+            compiled = next((n for n in build.nodes if n.stage.name == "compile" and n.component == comp and n.entry), None)
+            swift = part_paths(chunk.entry.path) if chunk else [whole]
+            if compiled is not None:
+                swift = compiled_paths(compiled.entry.path, compiled.entry.manifest)
+            packages[comp] = {"swift": swift, "whole": whole}
         write_bundle(build.recipe, build.family, packages, download.entry.path, staging)
         report["seconds"] = round(time.time() - started, 3)
         report["bundle_bytes"] = tree_bytes(staging)

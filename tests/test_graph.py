@@ -38,3 +38,18 @@ def test_attention_changes_trace_of_unet_but_not_of_vae(tmp_path):
     assert a[("trace", "unet")] != b[("trace", "unet")]
     assert a[("trace", "vae_decoder")] == b[("trace", "vae_decoder")]
     assert a[("download", None)] == b[("download", None)]
+
+
+def test_compile_nodes_only_where_the_compiler_exists_and_keyed_by_its_version(tmp_path, monkeypatch):
+    import sdbuild.stages.compile as compile_stage
+
+    assert not [n for n in prepare(TINY, tmp_path).nodes if n.stage.name == "compile"]  # Linux: none
+    monkeypatch.setattr(compile_stage, "compiler_available", lambda: True)
+    monkeypatch.setattr(compile_stage, "compiler_version", lambda: "coremlcompiler 3400.1")
+    nodes = prepare(TINY, tmp_path).nodes
+    compiled = {n.component: n for n in nodes if n.stage.name == "compile"}
+    assert set(compiled) == {"text_encoder", "unet", "vae_decoder"}
+    assert compiled["unet"].deps[0].stage.name == "compress"  # what ships is what is compiled
+    monkeypatch.setattr(compile_stage, "compiler_version", lambda: "coremlcompiler 3500.2")
+    newer = {n.component: n.key for n in prepare(TINY, tmp_path).nodes if n.stage.name == "compile"}
+    assert newer["unet"] != compiled["unet"].key

@@ -154,8 +154,10 @@ STAGES: dict[str, Stage] = {
             "compile",
             "1",
             "sdbuild.stages.compile:run",
+            fields=("coremlcompiler",),  # the compiler's version, read at plan time
             libraries=("coremltools",),
             code=("sdbuild.stages.compile",),
+            heavy=True,
         ),
     )
 }

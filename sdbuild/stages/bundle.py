@@ -166,9 +166,13 @@ def write_bundle(recipe, family: str, packages: dict[str, dict], download_entry:
         for component, parts in packages.items():
             chunked = len(parts["swift"]) > 1
             for i, package in enumerate(parts["swift"], start=1):
-                target = resources / f"{swift_name(component, i if chunked else None)}.mlpackage"
+                # Compiled models (macOS) keep the metadata they were compiled with.
+                target = resources / f"{swift_name(component, i if chunked else None)}{package.suffix}"
                 target.parent.mkdir(parents=True, exist_ok=True)
-                place_package(package, target, _metadata(recipe, component))
+                if package.suffix == ".mlmodelc":
+                    shutil.copytree(package, target, copy_function=_link)
+                else:
+                    place_package(package, target, _metadata(recipe, component))
                 written.append(target)
         for name in TOKENIZER_FILES:
             shutil.copyfile(checkpoint / "tokenizer" / name, resources / name)
