@@ -298,7 +298,7 @@ class RemoteCache:
         self.warn(f"remote cache entry {stage}/{key}: {why}; discarded, it will be rebuilt")
         for path in [self._manifest(stage, key)] + ([self._blob(bad_blob)] if bad_blob else []):
             try:
-                self.fs.rm_file(path)
+                self.fs.rm(path)
             except FileNotFoundError:
                 pass
         return False
