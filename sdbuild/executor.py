@@ -323,16 +323,6 @@ def run_in_child(run: str, job: Job, out: Path, log: Path) -> dict:
     return result
 
 
-def run_inline(run: str, job: Job, out: Path) -> dict:
-    import resource
-
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    result = _call_stage(run, job, out)
-    result.pop("self_peak_rss_bytes", None)
-    result["peak_rss_bytes"] = before
-    return result
-
-
 # --- plan and run ------------------------------------------------------------
 
 
@@ -522,9 +512,7 @@ def run_build(
         def produce(tmp: Path, node=node, job=job) -> dict:
             with open(log, "a") as f:
                 f.write(f"\n=== {node.label} ({node.key})\n")
-            if node.stage.heavy:
-                return run_in_child(node.stage.run, job, tmp, log)
-            return run_inline(node.stage.run, job, tmp)
+            return run_in_child(node.stage.run, job, tmp, log)
 
         try:
             entry, how = cache.build(node.stage.name, node.key, produce, node.record, force=node.stage.name in force)

@@ -7,7 +7,6 @@ The executor derives every cache key from these declarations.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,8 @@ class Stage:
     component_fields: more fields read for one component only;
     libraries: distributions whose versions enter the key;
     code: sdbuild modules or packages whose source enters the key;
-    heavy: run in a child process (memory goes back, a crash loses nothing else);
-    run: ``module:function`` called as ``function(job, out) -> dict``.
+    run: ``module:function`` called as ``function(job, out) -> dict``, always in a
+    child process (memory goes back when it ends, a crash loses nothing else).
     """
 
     name: str
@@ -32,16 +31,10 @@ class Stage:
     component_fields: dict[str, tuple[str, ...]] = field(default_factory=dict)
     libraries: tuple[str, ...] = ()
     code: tuple[str, ...] = ()
-    heavy: bool = False
-    per_component: bool = True
     resumable: bool = False  # gets a scratch folder that survives a kill, removed once published
 
     def fields_for(self, component: str | None) -> tuple[str, ...]:
         return self.fields + self.component_fields.get(component_kind(component), ())
-
-    def function(self):
-        module, name = self.run.split(":")
-        return getattr(importlib.import_module(module), name)
 
 
 def component_kind(component: str | None) -> str:
@@ -74,8 +67,6 @@ STAGES: dict[str, Stage] = {
             fields=("model.version", "model.revision", "model.variant", "model.allow_pickle", "source"),
             libraries=("huggingface_hub", *TORCH_LIBS),
             code=("sdbuild.stages.download", "sdbuild.synthetic"),
-            heavy=True,
-            per_component=False,
         ),
         Stage(
             "trace",
@@ -92,7 +83,6 @@ STAGES: dict[str, Stage] = {
             },
             libraries=TORCH_LIBS,
             code=("sdbuild.stages.trace", "sdbuild.models", "sdbuild.convert"),
-            heavy=True,
         ),
         Stage(
             "convert",
@@ -101,7 +91,6 @@ STAGES: dict[str, Stage] = {
             fields=("target",),
             libraries=(*TORCH_LIBS, *COREML_LIBS),
             code=("sdbuild.stages.convert", "sdbuild.convert"),
-            heavy=True,
         ),
         Stage(
             "analyze",
@@ -110,7 +99,6 @@ STAGES: dict[str, Stage] = {
             fields=("model.version", "attention", "resolution", "unet_batch_one"),
             libraries=TORCH_LIBS + ("numpy", "scikit-learn"),
             code=("sdbuild.stages.analyze", "sdbuild.compress", "sdbuild.models"),
-            heavy=True,
             resumable=True,
         ),
         Stage(
@@ -120,7 +108,6 @@ STAGES: dict[str, Stage] = {
             fields=("compression",),
             libraries=(*COREML_LIBS, "scikit-learn"),
             code=("sdbuild.stages.compress", "sdbuild.compress"),
-            heavy=True,
         ),
         Stage(
             "chunk",
@@ -129,7 +116,6 @@ STAGES: dict[str, Stage] = {
             fields=("chunk",),
             libraries=COREML_LIBS,
             code=("sdbuild.stages.chunk", "sdbuild.mil.chunk"),
-            heavy=True,
         ),
         Stage(
             "verify",
@@ -138,7 +124,6 @@ STAGES: dict[str, Stage] = {
             fields=("verify.samples", "verify.seed", "compute_unit"),
             libraries=(*TORCH_LIBS, *COREML_LIBS),
             code=("sdbuild.stages.verify", "sdbuild.mil", "sdbuild.metrics", "sdbuild.models"),
-            heavy=True,
         ),
         Stage(
             "sample",
@@ -147,8 +132,6 @@ STAGES: dict[str, Stage] = {
             fields=("verify.seed",),
             libraries=(*TORCH_LIBS, *COREML_LIBS),
             code=("sdbuild.stages.sample", "sdbuild.generate", "sdbuild.mil"),
-            heavy=True,
-            per_component=False,
         ),
         Stage(
             "compile",
@@ -157,7 +140,6 @@ STAGES: dict[str, Stage] = {
             fields=("coremlcompiler",),  # the compiler's version, read at plan time
             libraries=("coremltools",),
             code=("sdbuild.stages.compile",),
-            heavy=True,
         ),
     )
 }
