@@ -153,3 +153,141 @@ def test_skip_weight_init_leaves_parameters_unfilled_and_restores_init():
     assert torch.count_nonzero(filled) == 0
     torch.nn.init.normal_(filled)
     assert torch.count_nonzero(filled) > 0
+
+
+def _graph_text(traced) -> str:
+    """The inlined graph without source locations or TorchScript's per-trace class-name mangling."""
+    import re
+
+    text = re.sub(r"#[^\n]*", "", str(traced.inlined_graph))
+    return re.sub(r"\.?___torch_mangle_\d+", "", text)
+
+
+TRACE_CASES = [
+    ("sd", component, attention)
+    for component in ("unet", "text_encoder", "vae_decoder")
+    for attention in ("ORIGINAL", "SPLIT_EINSUM", "SPLIT_EINSUM_V2")
+] + [("sdxl", "unet", "ORIGINAL"), ("sdxl", "text_encoder_2", "ORIGINAL")]
+
+
+@pytest.mark.parametrize("family,component,attention", TRACE_CASES)
+def test_trace_without_attention_values_records_the_plain_graph(
+    tiny_sd_checkpoint, tiny_sdxl_checkpoint, family, component, attention, tmp_path
+):
+    """trace_module leaves attention unfilled, yet records the graph a plain trace records, and the saved module computes."""
+    import torch
+
+    from sdbuild.convert import trace_module
+    from sdbuild.models import BuildOptions, build_component
+
+    checkpoint = tiny_sd_checkpoint if family == "sd" else tiny_sdxl_checkpoint
+    # 128 px: a 256-long query sequence in the unet's first transformer, longer than its chunks in V2
+    model = build_component(component, checkpoint, BuildOptions(attention=attention, height=128, width=128))
+    values = sample_inputs(model.inputs, seed=0)
+    args = [torch.from_numpy(values[s.name]) for s in model.inputs]
+    with torch.no_grad():
+        plain = torch.jit.trace(model.module, args, strict=False, check_trace=False)
+        eager = model.module(*args)
+    ours = trace_module(model.module, args)
+    assert _graph_text(ours) == _graph_text(plain)
+
+    torch.jit.save(ours, str(tmp_path / "module.pt"))
+    with torch.no_grad():
+        got = torch.jit.load(str(tmp_path / "module.pt"))(*args)
+    eager, got = (eager, got) if isinstance(eager, tuple) else ((eager,), (got,))
+    for want, have in zip(eager, got):
+        assert psnr(want.numpy(), have.numpy()) >= 100
+
+
+def test_unfilled_attention_weights_are_not_resident_and_kernels_come_back():
+    import psutil
+    import torch
+
+    from sdbuild.convert.tracing import unfilled_attention_weights
+
+    a, b = torch.randn(16, 2048, 64), torch.randn(16, 64, 2048)
+    process = psutil.Process()
+    with unfilled_attention_weights():
+        before = process.memory_info().rss
+        scores = torch.matmul(a, b)  # 256 MiB of float32
+        probabilities = scores.softmax(dim=-1)
+        grown = process.memory_info().rss - before
+        assert scores.shape == probabilities.shape == (16, 2048, 2048)
+    assert grown < 64 * 2**20, f"{grown / 2**20:.0f} MiB became resident"
+    del scores, probabilities
+    # Outside, the built-in kernels compute again.
+    small_a, small_b = a[:2, :3], b[:2, :, :5]
+    expected = (small_a.unsqueeze(-1) * small_b.unsqueeze(1)).sum(dim=2)
+    torch.testing.assert_close(torch.bmm(small_a, small_b), expected)
+    rows = torch.tensor([[1.0, 2.0, 3.0]]).softmax(dim=-1)
+    torch.testing.assert_close(rows.sum(), torch.tensor(1.0))
+    assert rows[0, 2] > rows[0, 1] > rows[0, 0]
+
+
+@pytest.mark.parametrize("attention", ["ORIGINAL", "SPLIT_EINSUM"])
+def test_upcast_attention_keeps_scores_float32(attention, tmp_path):
+    """An upcast_attention unet (SD 2.x-like) converts with q·k and softmax in float32, and only those."""
+    import torch
+    from coremltools.converters.mil.mil import types
+
+    from models.families import diffusers_unet_output, unet_family, unet_inputs
+    from sdbuild.compress.package import iter_ops, load_pymil
+    from sdbuild.convert import convert_traced, trace_module
+    from sdbuild.models.unet import Unet
+
+    unet, _ = unet_family("sd2")
+    assert unet.config.upcast_attention
+    inputs = unet_inputs(unet, None, height=16, width=16)
+    traced = trace_module(Unet.from_diffusers(unet, attention), list(inputs.values()))
+    torch.jit.save(traced, str(tmp_path / "module.pt"))
+    specs = [{"name": k, "shape": list(v.shape)} for k, v in inputs.items()]
+
+    def softmax_and_products(upcast: bool):
+        package = tmp_path / f"upcast-{upcast}.mlpackage"
+        convert_traced(tmp_path / "module.pt", specs, ["noise_pred"], "float16", "macOS14", package, upcast_attention=upcast)
+        ops = list(iter_ops(load_pymil(package)))
+        softmax_inputs = [op.x.dtype for op in ops if op.op_type == "softmax"]
+        float32_products = [op for op in ops if op.op_type in ("matmul", "einsum") and op.outputs[0].dtype == types.fp32]
+        float32_convs = [op for op in ops if op.op_type == "conv" and op.outputs[0].dtype == types.fp32]
+        return package, softmax_inputs, float32_products, float32_convs
+
+    package, softmax_inputs, products, convs = softmax_and_products(True)
+    assert softmax_inputs and set(softmax_inputs) == {types.fp32}
+    assert len(products) == len(softmax_inputs)  # q·k of each head; the probabilities·v product is float16
+    assert convs == []
+    _, plain_softmax_inputs, plain_products, _ = softmax_and_products(False)
+    assert set(plain_softmax_inputs) == {types.fp16} and plain_products == []
+
+    from sdbuild.mil.executor import load_program
+
+    values = {k: v.numpy() for k, v in inputs.items()}
+    out = load_program(package).run(values, precision="fp16")["noise_pred"]
+    assert psnr(diffusers_unet_output(unet, inputs).numpy(), out) >= 40
+
+
+_FRAGMENT = """
+import sys, numpy as np, psutil
+if sys.argv[1] == "stage":
+    from sdbuild.executor import _give_freed_memory_back
+    _give_freed_memory_back()
+process = psutil.Process()
+block = np.ones(8 << 20, np.uint8)
+del block  # glibc now serves blocks below 8 MiB from its heap, unless told otherwise
+arrays = [np.ones(2 << 20, np.uint8) for _ in range(100)]
+before = process.memory_info().rss
+del arrays[::2]  # 100 MiB freed, in holes between live arrays
+print((before - process.memory_info().rss) / 2**20)
+"""
+
+
+def test_stage_processes_give_freed_activations_back():
+    """A stage child frees memory for real; a default process keeps freed heap holes resident (glibc)."""
+    import subprocess
+    import sys
+
+    def given_back_mib(mode: str) -> float:
+        out = subprocess.run([sys.executable, "-c", _FRAGMENT, mode], capture_output=True, text=True, check=True)
+        return float(out.stdout.strip())
+
+    assert given_back_mib("stage") > 90
+    assert given_back_mib("default") < 20  # what the stage setting is for

@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from multiprocessing import get_context
+from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +68,13 @@ def _digest(array: np.ndarray) -> str:
     """Key of a weight (or channel group) as the palettization pass will hand it to the LUT function."""
     data = np.ascontiguousarray(array)
     return hashlib.blake2b(data.tobytes(), digest_size=16).hexdigest() + str(data.shape) + str(data.dtype)
+
+
+# Workers start from a small forkserver (spawn where there is none), never forked from this process:
+# a forked worker's page tables map every weight of the loaded program, so each worker's RSS
+# counted the whole program again (the 6-bit stage measured 3.8x the float16 weights with 2
+# workers) and a worker touching its copy-on-write pages could really double it.
+_POOL_START = "forkserver" if "forkserver" in get_all_start_methods() else "spawn"
 
 
 def _kmeans_job(job: tuple[str, np.ndarray, int]) -> tuple[str, np.ndarray]:
@@ -133,13 +140,12 @@ def make_palettizer(bits_by_const: dict[str, int] | int, group_size: int | None,
             # Largest first, so no big layer starts last while the other workers idle.
             jobs.sort(key=lambda job: -job[1].size)
             n_workers = max(1, min(workers, len(jobs)))
-            log.info("palettize: k-means for %d weights in %d worker process(es)", len(jobs), n_workers)
+            start = _POOL_START if n_workers > 1 else "this process"
+            log.info("palettize: k-means for %d weights in %d worker process(es) (%s)", len(jobs), n_workers, start)
             if n_workers == 1:
                 self.luts.update(_kmeans_job(job) for job in jobs)
                 return
-            # fork on Linux shares the loaded torch/coremltools modules; macOS forks badly.
-            ctx = get_context("fork" if os.name == "posix" and os.uname().sysname == "Linux" else "spawn")
-            with ctx.Pool(n_workers) as pool:
+            with get_context(_POOL_START).Pool(n_workers) as pool:
                 self.luts.update(pool.imap_unordered(_kmeans_job, jobs, chunksize=1))
 
         @staticmethod

@@ -91,3 +91,58 @@ def _fold_casts_of(var) -> None:
     # value (held by its output and by its ``val`` input) now.
     var._sym_val = None
     const.val._sym_val = None
+
+
+# --- upcast attention ----------------------------------------------------------
+
+# Ops that carry attention scores from the q·k product to the softmax unchanged in kind:
+# the mask addition and the reshapes and transposes a converter puts between them.
+_SCORE_PATH = frozenset({"add", "mul", "real_div", "reshape", "transpose", "squeeze", "expand_dims"})
+_PRODUCTS = frozenset({"matmul", "einsum"})
+_MAX_PATH = 4
+
+
+def cast_all(op) -> bool:
+    """The float16 pass's op selector for a model computed in float16 throughout."""
+    return True
+
+
+def cast_all_but_attention_scores(op) -> bool:
+    """The op selector for ``upcast_attention`` models (SD 2.1's unet): attention scores stay float32.
+
+    diffusers computes q·kᵀ and the softmax in float32 for these models and
+    casts the probabilities back before they weight the values; scores of
+    large-norm queries overflow float16 otherwise. False (keep float32) for
+    every ``softmax``, the ``matmul``/``einsum`` whose product reaches a
+    softmax through at most a few mask additions, reshapes and transposes,
+    and the ops on that path; True for all others.
+    """
+    if op.op_type == "softmax":
+        return False
+    out = op.outputs[0] if op.outputs else None
+    if out is None or not _reaches_softmax(out, _MAX_PATH):
+        return True
+    if op.op_type in _PRODUCTS:
+        return False
+    return not (op.op_type in _SCORE_PATH and _comes_from_product(op, _MAX_PATH))
+
+
+def _reaches_softmax(var, steps: int) -> bool:
+    for child in var.child_ops:
+        if child.op_type == "softmax":
+            return True
+        if steps and child.op_type in _SCORE_PATH and _reaches_softmax(child.outputs[0], steps - 1):
+            return True
+    return False
+
+
+def _comes_from_product(op, steps: int) -> bool:
+    for var in _input_vars(op):
+        producer = var.op
+        if producer is None:
+            continue
+        if producer.op_type in _PRODUCTS:
+            return True
+        if steps and producer.op_type in _SCORE_PATH and _comes_from_product(producer, steps - 1):
+            return True
+    return False

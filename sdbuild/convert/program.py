@@ -5,31 +5,46 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def conversion_pipeline(precision: str):
+def conversion_pipeline(precision: str, upcast_attention: bool = False):
     """coremltools' default pass pipeline; for float16, with ``add_fp16_cast_folding`` in ``add_fp16_cast``'s place.
 
+    ``upcast_attention``: attention scores and softmax stay float32
+    (``precision.cast_all_but_attention_scores``). The selector is always
+    set: a registered pass is one object, and an option left from an earlier
+    conversion in the same process would otherwise still apply.
     (``ct.convert`` sets options on ``common::add_fp16_cast`` only for a
     ``FP16ComputePrecision`` object, not for ``ct.precision.FLOAT16``.)
     """
     import coremltools as ct
 
-    from sdbuild.convert.precision import PASS_NAME
+    from sdbuild.convert.precision import PASS_NAME, cast_all, cast_all_but_attention_scores
 
     pipeline = ct.PassPipeline.DEFAULT
     if precision == "float16":
         passes = list(pipeline.passes)
         passes[passes.index("common::add_fp16_cast")] = PASS_NAME
         pipeline.passes = passes
+        selector = cast_all_but_attention_scores if upcast_attention else cast_all
+        pipeline.set_options(PASS_NAME, {"op_selector": selector})
     return pipeline
 
 
-def convert_traced(module_path: Path, inputs: list[dict], outputs: list[str], precision: str, target: str, package: Path) -> None:
+def convert_traced(
+    module_path: Path,
+    inputs: list[dict],
+    outputs: list[str],
+    precision: str,
+    target: str,
+    package: Path,
+    upcast_attention: bool = False,
+) -> None:
     """Convert the TorchScript file ``module_path`` and save it as the package ``package``.
 
     ``inputs``: [{name, shape}] in the module's argument order; ``outputs``:
     output names in order; both float32 in the model's interface whatever
     ``precision`` (``float16`` | ``float32``) it computes in. ``target``:
-    minimum deployment target name (``macOS14``).
+    minimum deployment target name (``macOS14``). ``upcast_attention``: the
+    model's config asks for attention scores in float32 (SD 2.1's unet).
     """
     import coremltools as ct
     import numpy as np
@@ -48,7 +63,7 @@ def convert_traced(module_path: Path, inputs: list[dict], outputs: list[str], pr
         convert_to="mlprogram",
         minimum_deployment_target=getattr(ct.target, target),
         compute_precision=ct.precision.FLOAT16 if precision == "float16" else ct.precision.FLOAT32,
-        pass_pipeline=conversion_pipeline(precision),
+        pass_pipeline=conversion_pipeline(precision, upcast_attention),
         skip_model_load=True,
     )
     mlmodel.save(str(package))

@@ -1,8 +1,9 @@
-"""Building and tracing a component without filling weights twice."""
+"""Building and tracing a component without filling weights twice, or attention weights at all."""
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 
@@ -36,7 +37,41 @@ def _leave_as_is(tensor, *args, **kwargs):
     return tensor
 
 
+@contextlib.contextmanager
+def unfilled_attention_weights():
+    """Within: CPU ``bmm`` and ``softmax`` return tensors of the right shape and dtype, never computed.
+
+    A trace records which ops run on which values, not what the values are,
+    and no sdbuild module branches on a value. The ops that matter for memory
+    are attention's: with ORIGINAL attention, SD 1.5's first transformer holds
+    (2, 8, 4096, 4096) float32 scores and as large a softmax, 2.1 GB on top of
+    the weights. Left unfilled, those tensors never become resident (fresh
+    pages are backed only once written), and the trace is the same graph:
+    ``torch.jit.trace`` records ``aten::matmul``, ``aten::einsum`` and
+    ``aten::softmax`` above the CPU kernels replaced here (a test compares the
+    graphs and runs the saved module). Everything after an attention is then
+    computed on garbage, which a trace does not look at.
+    """
+
+    def bmm(a, b):
+        return torch.empty((a.shape[0], a.shape[1], b.shape[2]), dtype=a.dtype)
+
+    def softmax(x, dim, half_to_float):
+        return torch.empty(x.shape, dtype=torch.float32 if half_to_float else x.dtype)
+
+    with warnings.catch_warnings():
+        # torch warns that a registered kernel is being overridden: that is the point, until the exit.
+        warnings.simplefilter("ignore", UserWarning)
+        library = torch.library.Library("aten", "IMPL")
+        library.impl("bmm", bmm, "CPU")
+        library.impl("_softmax", softmax, "CPU")
+    try:
+        yield
+    finally:
+        library._destroy()  # the built-in kernels again
+
+
 def trace_module(module, example: list) -> torch.jit.ScriptModule:
-    """``torch.jit.trace`` of ``module`` on the ``example`` tensors, without autograd state."""
-    with torch.no_grad():
+    """``torch.jit.trace`` of ``module`` on the ``example`` tensors, without autograd state or attention values."""
+    with torch.no_grad(), unfilled_attention_weights():
         return torch.jit.trace(module, example, strict=False, check_trace=False)

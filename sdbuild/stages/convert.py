@@ -22,6 +22,12 @@ def run(job: Job, out: Path) -> dict:
     io = read_io(trace_dir)
     started = time.perf_counter()
     convert_traced(
-        trace_dir / "module.pt", io["inputs"], io["outputs"], io["precision"], job.fields["target"], out / PACKAGE
+        trace_dir / "module.pt",
+        io["inputs"],
+        io["outputs"],
+        io["precision"],
+        job.fields["target"],
+        out / PACKAGE,
+        upcast_attention=bool(io.get("info", {}).get("upcast_attention")),
     )
-    return {"precision": io["precision"], "phases_s": {"convert_s": round(time.perf_counter() - started, 1)}}
+    return {"precision": io["precision"], "upcast_attention": bool(io.get("info", {}).get("upcast_attention")), "phases_s": {"convert_s": round(time.perf_counter() - started, 1)}}

@@ -94,6 +94,14 @@ def test_workers_are_logged_and_do_not_change_the_result(unet_package, palettize
     assert all(np.array_equal(one[n], many[n]) for n in one)
 
 
+def test_kmeans_workers_are_not_forked_from_the_stage(unet_package, tmp_path, caplog):
+    """A forked worker maps every weight of the loaded program: the stage's tree RSS counted it once per worker."""
+    with caplog.at_level(logging.INFO, logger="sdbuild.compress.palettize"):
+        palettize_package(unet_package, tmp_path / "two.mlpackage", 4, workers=2)
+    started = [r.getMessage() for r in caplog.records if "2 worker process" in r.getMessage()]
+    assert started and ("(forkserver)" in started[0] or "(spawn)" in started[0]), started
+
+
 def test_linear8_is_8_bits_per_weight_and_close(unet_package, linear8):
     path, stats = linear8
     assert set(stats.layer_bits.values()) == {8}
