@@ -306,8 +306,6 @@ def unbuilt_features(recipe: Recipe) -> list[str]:
         out.append("resolution: a list of shapes (one model, several shapes) is not built yet (issue: conversion modules)")
     if recipe.model.refiner:
         out.append("model.refiner: the SDXL refiner is not built yet")
-    if "safety_checker" in (recipe.components or []):
-        out.append("components: safety_checker is not built yet (issue: conversion modules)")
     return out
 
 

@@ -21,6 +21,9 @@ CORPUS = Path(__file__).parent / "data" / "corpus.txt"
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 TOKENIZER_MERGES = 400
 MAX_TOKENS = 77
+# The tiny safety checker's thresholds, first and last (see _safety_checker).
+CONCEPT_THRESHOLDS = (0.21, 0.37)
+SPECIAL_THRESHOLDS = (0.48, 0.52)
 
 
 def synthetic_names() -> list[str]:
@@ -224,7 +227,7 @@ def _tokenizer(folder: Path):
 
 
 def _build_tiny_sd(dest: Path, seed: int) -> None:
-    """SD 1.x-shaped: one CLIP text encoder, a two-level unet, a four-block VAE."""
+    """SD 1.x-shaped: one CLIP text encoder, a two-level unet, a four-block VAE, a safety checker."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     with tempfile.TemporaryDirectory() as tok_dir:
@@ -257,6 +260,70 @@ def _build_tiny_sd(dest: Path, seed: int) -> None:
         )
         pipe.save_pretrained(dest, safe_serialization=True)
     _write_tokenizer_files(dest / "tokenizer")
+    # Beside the pipeline, not in model_index.json (which keeps safety_checker: null): with random
+    # weights it flags most of tiny-sd's own images, and diffusers pipelines loaded from tiny-sd (the
+    # image tests' references) would black them out. sdbuild reads the folder itself when asked.
+    _safety_checker(seed + 7).save_pretrained(dest / "safety_checker")
+    _write_feature_extractor(dest / "feature_extractor")
+
+
+def _safety_checker(seed: int):
+    """A StableDiffusionSafetyChecker: a two-layer, 32-wide CLIP vision tower on 224×224 in 32-pixel patches.
+
+    The vision tower's random weights have three times transformers' default
+    spread (``initializer_factor``): at the default, every input gives almost
+    the same embedding (pairwise cosine 0.99), so every input would be
+    flagged alike. The 17 concept and 3 special-care embeddings are seeded
+    normal draws; the thresholds are set so that, for the default seed, about
+    half of standard normal ``clip_input`` draws are flagged and a tenth hit a
+    special-care concept (with ``adjustment`` 0), so tests find flagged and
+    unflagged inputs.
+    """
+    import torch
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig
+
+    config = CLIPConfig(
+        # The checker uses only the vision tower; CLIPConfig wants a text config too: a small one.
+        text_config=dict(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+            bos_token_id=62, eos_token_id=63, pad_token_id=63,
+        ),  # fmt: skip
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            image_size=224, patch_size=32, initializer_factor=3.0,
+        ),  # fmt: skip
+        projection_dim=32,
+    )
+    checker = _seeded(seed, lambda: StableDiffusionSafetyChecker(config))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        checker.concept_embeds.normal_(generator=generator)
+        checker.special_care_embeds.normal_(generator=generator)
+        # Distinct thresholds, so a test would see concepts or weights taken in the wrong order.
+        checker.concept_embeds_weights.copy_(torch.linspace(CONCEPT_THRESHOLDS[0], CONCEPT_THRESHOLDS[1], 17))
+        checker.special_care_embeds_weights.copy_(torch.linspace(SPECIAL_THRESHOLDS[0], SPECIAL_THRESHOLDS[1], 3))
+    return checker.eval()
+
+
+def _write_feature_extractor(folder: Path) -> None:
+    """CLIP's image preprocessing config, as Stable Diffusion checkpoints ship it (written by us: same bytes always)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {
+        "crop_size": {"height": 224, "width": 224},
+        "do_center_crop": True,
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_processor_type": "CLIPImageProcessor",
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "resample": 3,
+        "rescale_factor": 1 / 255,
+        "size": {"shortest_edge": 224},
+    }
+    (folder / "preprocessor_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _build_tiny_sdxl(dest: Path, seed: int) -> None:

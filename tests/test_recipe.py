@@ -118,9 +118,13 @@ def test_deep_merge_child_wins(tmp_path):
 
 
 def test_unbuilt_feature_stops_with_one_line(tmp_path):
-    p = write_recipe(tmp_path, "r", BASE + "components: [unet, safety_checker]\n")
-    with pytest.raises(NotBuiltYet, match=r"components: safety_checker is not built yet"):
+    p = write_recipe(tmp_path, "r", BASE.replace("tiny-sd\n", "tiny-sd\n  refiner: synthetic:tiny-sdxl\n"))
+    with pytest.raises(NotBuiltYet, match=r"model.refiner: the SDXL refiner is not built yet") as info:
         check_buildable(load_recipe(p), p)
+    assert "\n" not in str(info.value) and str(info.value).startswith(str(p))
+    # The safety checker, once refused here, is built now.
+    ok = write_recipe(tmp_path, "ok", BASE + "components: [unet, safety_checker]\n")
+    check_buildable(load_recipe(ok), ok)
 
 
 def test_schema_lists_keys():

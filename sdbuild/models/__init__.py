@@ -17,6 +17,7 @@ import numpy as np
 from sdbuild.errors import NotBuiltYet, RecipeError
 
 TOKENS = 77
+SAFETY_CHECKER_IMAGES = 512  # the side of the safety checker's `images` input, fixed by the Swift package
 FAMILIES = ("sd", "sdxl")
 COMPONENTS = (
     "text_encoder",
@@ -40,7 +41,8 @@ class TensorSpec:
 
     ``kind`` is ``normal`` (standard normal), ``tokens`` (integer ids below
     ``high``, held in float32 as the contract says), ``timestep`` (integers
-    in [0, high)), or ``image`` (uniform in [-1, 1]).
+    in [0, high)), ``image`` (uniform in [-1, 1]) or ``pixels`` (uniform in
+    [0, 1], as pipelines hand decoded images to the safety checker).
     """
 
     name: str
@@ -95,8 +97,9 @@ def build_component(component: str, checkpoint: Path, options: BuildOptions) -> 
     """Load ``component`` of the diffusers folder ``checkpoint`` as a module to trace.
 
     The module is sdbuild's own (``unet.py``, ``text_encoder.py``, ``vae.py``,
-    ``controlnet.py``) with the checkpoint's weights, every one of them used
-    (``WeightMismatchError`` otherwise), built for ``options.attention``.
+    ``controlnet.py``, ``safety_checker.py``) with the checkpoint's weights,
+    every one of them used (``WeightMismatchError`` otherwise), built for
+    ``options.attention``.
     For ``controlnet``, ``checkpoint`` is a ControlNet's own folder
     (config.json and weights), not a pipeline.
     """
@@ -121,6 +124,8 @@ def build_component(component: str, checkpoint: Path, options: BuildOptions) -> 
         return _build_unet(checkpoint, options, controlled=True)
     if component in ("vae_decoder", "vae_encoder"):
         return _build_vae(component, checkpoint, options)
+    if component == "safety_checker":
+        return _build_safety_checker(checkpoint, options)
     raise NotBuiltYet(f"component '{component}' has no conversion module yet")
 
 
@@ -248,6 +253,35 @@ def _build_vae(component: str, checkpoint: Path, options: BuildOptions) -> Compo
     return ComponentModel(module, [spec], ["latent"], precision)
 
 
+def _build_safety_checker(checkpoint: Path, options: BuildOptions) -> ComponentModel:
+    """The NSFW classifier: clip_input [1, 3, 224, 224], images [1, 512, 512, 3], adjustment [1]
+    → has_nsfw_concepts [1], filtered_images [1, 512, 512, 3], concept_scores [1, 17].
+
+    224 is the checkpoint's vision image size. ``images`` is 512×512 whatever
+    the recipe's resolution: Apple's Swift package feeds an array of exactly
+    that shape (CONTRACT.md), and Core ML refuses any other; the image to
+    judge comes in through ``clip_input``. The Python pipeline, which feeds
+    its generated image there, matches at 512×512, the size of every
+    checkpoint that ships a safety checker (SD 1.x).
+    """
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    from sdbuild.models.safety_checker import SafetyChecker
+
+    folder = checkpoint / "safety_checker"
+    if not (folder / "config.json").is_file():
+        raise RecipeError(f"{checkpoint}: no safety_checker/config.json: this checkpoint ships no safety checker")
+    reference = StableDiffusionSafetyChecker.from_pretrained(folder, use_safetensors=True).eval()
+    module = SafetyChecker.from_diffusers(reference, options.attention)
+    size = module.image_size
+    inputs = [
+        TensorSpec("clip_input", (1, 3, size, size)),
+        TensorSpec("images", (1, SAFETY_CHECKER_IMAGES, SAFETY_CHECKER_IMAGES, 3), "pixels"),
+        TensorSpec("adjustment", (1,)),
+    ]
+    return ComponentModel(module, inputs, ["has_nsfw_concepts", "filtered_images", "concept_scores"])
+
+
 def sample_inputs(inputs: list[TensorSpec], seed: int) -> dict[str, np.ndarray]:
     """Seeded random float32 values for ``inputs``, each valid for its kind."""
     rng = np.random.default_rng(seed)
@@ -263,6 +297,8 @@ def sample_inputs(inputs: list[TensorSpec], seed: int) -> dict[str, np.ndarray]:
             out[spec.name] = rng.integers(0, spec.high or 1000, size=spec.shape).astype(np.float32)
         elif spec.kind == "image":
             out[spec.name] = rng.uniform(-1, 1, size=spec.shape).astype(np.float32)
+        elif spec.kind == "pixels":
+            out[spec.name] = rng.uniform(0, 1, size=spec.shape).astype(np.float32)
         else:
             out[spec.name] = rng.standard_normal(size=spec.shape).astype(np.float32)
     return out

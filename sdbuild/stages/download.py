@@ -1,9 +1,10 @@
 """Download: bring the checkpoint's files to this machine.
 
-Hub ids go through huggingface_hub (only configs, tokenizer and weights);
-local folders are used in place; synthetic models are generated. The key
-holds what was resolved (hub commit, folder content hash, generator), so a
-moved hub branch or an edited folder never reads as cached.
+Hub ids go through huggingface_hub (only configs, tokenizer, the safety
+checker's image preprocessing config and weights); local folders are used in
+place; synthetic models are generated. The key holds what was resolved (hub
+commit, folder content hash, generator), so a moved hub branch or an edited
+folder never reads as cached.
 """
 
 from __future__ import annotations
@@ -26,14 +27,19 @@ class DownloadError(SdbuildError):
 
 
 def _patterns(variant: str | None, allow_pickle: bool, single: bool) -> list[str]:
-    """What to fetch: a pipeline's configs, tokenizer and weights; or one model's (a ControlNet)."""
+    """What to fetch: a pipeline's configs, tokenizer and weights; or one model's (a ControlNet).
+
+    A pipeline's ``*/`` patterns take every model folder, the safety
+    checker's among them; ``feature_extractor/`` holds no weights, only
+    CLIP's image preprocessing config, which goes with the safety checker.
+    """
     folder = "" if single else "*/"
     weights = [f"{folder}*.{variant}.safetensors"] if variant else [f"{folder}*.safetensors"]
     if allow_pickle:
         weights += [f"{folder}*{p[1:]}" for p in PICKLED_WEIGHTS]
     if single:
         return ["config.json", *weights]
-    return ["model_index.json", "*/config.json", "scheduler/*", "tokenizer*/*", *weights]
+    return ["model_index.json", "*/config.json", "scheduler/*", "tokenizer*/*", "feature_extractor/*", *weights]
 
 
 def _folder_digest(folder: Path) -> str:

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from sdbuild.errors import NotBuiltYet, RecipeError
+from sdbuild.errors import RecipeError
 from sdbuild.metrics import psnr
 from sdbuild.models import BuildOptions, build_component, sample_inputs
 from sdbuild.models.text_encoder import TextEncoder
@@ -123,12 +123,14 @@ def test_refiner_takes_five_time_ids(tmp_path):
     run(model)
 
 
-def test_refusals(tiny_sd_checkpoint):
+def test_refusals(tiny_sd_checkpoint, tmp_path):
     with pytest.raises(RecipeError, match="unknown component"):
         build_component("unet_chunk", tiny_sd_checkpoint, OPTIONS)
     with pytest.raises(RecipeError, match="attention implementation"):
         build_component("unet", tiny_sd_checkpoint, BuildOptions(attention="FAST"))
     with pytest.raises(RecipeError, match="divisible by 16"):
         build_component("unet", tiny_sd_checkpoint, BuildOptions(height=72, width=64))
-    with pytest.raises(NotBuiltYet, match="safety_checker"):
-        build_component("safety_checker", tiny_sd_checkpoint, OPTIONS)
+    # The safety checker is built now; a pipeline that ships none (every SDXL one) is told so in one line.
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(RecipeError, match="ships no safety checker"):
+        build_component("safety_checker", tmp_path, OPTIONS)
