@@ -80,6 +80,7 @@ STAGES: dict[str, Stage] = {
                 "vae_encoder": ("resolution",),
                 "text_encoder": ("attention",),
                 "text_encoder_2": ("attention",),
+                "safety_checker": ("attention",),
             },
             libraries=TORCH_LIBS,
             code=("sdbuild.stages.trace", "sdbuild.models", "sdbuild.convert"),
