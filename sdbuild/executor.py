@@ -224,35 +224,8 @@ def _set_parent_death_signal() -> None:
             pass
 
 
-# glibc's mallopt parameter for the size from which an allocation gets its own mapping.
-_M_MMAP_THRESHOLD = -3
-_OWN_MAPPING_FROM = 1 << 20
-
-
-def _give_freed_memory_back() -> None:
-    """From 1 MiB up, every allocation is its own mapping, unmapped when freed (glibc only).
-
-    glibc otherwise raises that threshold to the largest block freed so far (up
-    to 32 MiB), after which a model's activations come from the heap, whose
-    freed holes stay resident. Tracing SDXL's unet at 1024×1024 peaked at
-    16.1 GiB that way, 10.8 GiB with the threshold fixed. Elsewhere (macOS's
-    allocator) nothing changes.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-    except OSError:
-        libc = None
-    if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version"):
-        libc.mallopt(_M_MMAP_THRESHOLD, _OWN_MAPPING_FROM)
-
-
 def _child_main(run: str, job: Job, out: str, log: str, conn) -> None:
     _set_parent_death_signal()
-    _give_freed_memory_back()
     fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)

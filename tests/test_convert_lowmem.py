@@ -267,9 +267,9 @@ def test_upcast_attention_keeps_scores_float32(attention, tmp_path):
 
 _FRAGMENT = """
 import sys, numpy as np, psutil
-if sys.argv[1] == "stage":
-    from sdbuild.executor import _give_freed_memory_back
-    _give_freed_memory_back()
+if sys.argv[1] == "trace":
+    from sdbuild.convert import give_freed_memory_back
+    give_freed_memory_back()
 process = psutil.Process()
 block = np.ones(8 << 20, np.uint8)
 del block  # glibc now serves blocks below 8 MiB from its heap, unless told otherwise
@@ -280,8 +280,8 @@ print((before - process.memory_info().rss) / 2**20)
 """
 
 
-def test_stage_processes_give_freed_activations_back():
-    """A stage child frees memory for real; a default process keeps freed heap holes resident (glibc)."""
+def test_trace_process_gives_freed_activations_back():
+    """The trace stage's process frees memory for real; a default process keeps freed heap holes resident (glibc)."""
     import subprocess
     import sys
 
@@ -289,5 +289,5 @@ def test_stage_processes_give_freed_activations_back():
         out = subprocess.run([sys.executable, "-c", _FRAGMENT, mode], capture_output=True, text=True, check=True)
         return float(out.stdout.strip())
 
-    assert given_back_mib("stage") > 90
+    assert given_back_mib("trace") > 90
     assert given_back_mib("default") < 20  # what the stage setting is for

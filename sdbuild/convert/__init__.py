@@ -26,6 +26,6 @@ the same order, the same constants under the same names.
 """
 
 from sdbuild.convert.program import convert_traced, conversion_pipeline
-from sdbuild.convert.tracing import skip_weight_init, trace_module
+from sdbuild.convert.tracing import give_freed_memory_back, skip_weight_init, trace_module
 
-__all__ = ["convert_traced", "conversion_pipeline", "skip_weight_init", "trace_module"]
+__all__ = ["convert_traced", "conversion_pipeline", "give_freed_memory_back", "skip_weight_init", "trace_module"]

@@ -7,6 +7,34 @@ import warnings
 
 import torch
 
+# glibc's mallopt parameter for the size from which an allocation gets its own mapping.
+_M_MMAP_THRESHOLD = -3
+_OWN_MAPPING_FROM = 1 << 20
+
+
+def give_freed_memory_back() -> None:
+    """From now on in this process, every allocation from 1 MiB up is its own mapping, unmapped when freed (glibc).
+
+    glibc otherwise raises that threshold to the largest block freed so far (up
+    to 32 MiB), after which a model's activations come from the heap, whose
+    freed holes stay resident. Tracing SDXL's unet at 1024×1024 peaked at
+    16.1 GiB that way, 10.8 GiB with the threshold fixed; SD 1.5's 4.8 and
+    3.7 GiB. It costs page faults (about a third more CPU time in SD 1.5's
+    trace), so the trace stage asks for it, not every stage. Elsewhere (macOS's
+    allocator) nothing changes.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        libc = None
+    if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version"):
+        libc.mallopt(_M_MMAP_THRESHOLD, _OWN_MAPPING_FROM)
+
+
 # torch.nn.init functions that fill a fresh parameter; each returns its tensor.
 _INIT_FUNCTIONS = (
     "uniform_", "normal_", "trunc_normal_", "constant_", "zeros_", "ones_", "eye_", "dirac_",

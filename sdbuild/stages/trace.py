@@ -26,9 +26,10 @@ def run(job: Job, out: Path) -> dict:
     """Write ``module.pt`` (TorchScript, float32 weights) and ``io.json`` (inputs, outputs, precision)."""
     import torch
 
-    from sdbuild.convert import skip_weight_init, trace_module
+    from sdbuild.convert import give_freed_memory_back, skip_weight_init, trace_module
     from sdbuild.models import build_component, sample_inputs
 
+    give_freed_memory_back()  # this stage runs in a process of its own
     phases = {}
     started = time.perf_counter()
     # Every weight comes from the checkpoint (build_component checks it): no random ones first.
