@@ -2,12 +2,15 @@
 
     python tests/models/full_size.py ARCH COMPONENT ATTENTION RESULT.json
 
-ARCH is ``sd15`` or ``sd21-base`` (the public configs below; weights random,
-seed 0), COMPONENT ``unet``, ``text_encoder`` or ``vae_decoder``. It builds the
-diffusers/transformers module, loads it into sdbuild's module, checks the two
-agree in float32 on one input, traces and converts as the convert stage does
-(float16, macOS14), and writes wall seconds per phase, peak RSS and the PSNR
-to RESULT.json. One component per process, so peak RSS is that component's.
+ARCH is ``sd15``, ``sd21-base`` or ``sdxl`` (the public configs below; weights
+random, seed 0), COMPONENT ``unet``, ``text_encoder`` or ``vae_decoder`` (SDXL:
+``unet`` only). It builds the diffusers/transformers module, loads it into
+sdbuild's module, checks the two agree in float32 on one input, traces and
+converts as the trace and convert stages do (float16, macOS14), runs the
+package through sdbuild's reference executor in float16 against the
+float32 PyTorch output, and writes wall seconds per phase, peak RSS and the
+PSNRs to RESULT.json. One component per process, so peak RSS is that
+component's (the float32 check included).
 """
 
 from __future__ import annotations
@@ -83,11 +86,38 @@ SD_VAE = {
     "norm_num_groups": 32,
     "sample_size": 512,
 }
+# SDXL base 1.0's unet (public config).
+SDXL_UNET = {
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,
+    "sample_size": 128,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "upcast_attention": False,
+    "use_linear_projection": True,
+}
 ARCHS = {
     "sd15": {"unet": SD15_UNET, "text_encoder": SD15_TEXT, "vae_decoder": SD_VAE},
     "sd21-base": {"unet": SD21_BASE_UNET, "text_encoder": SD21_TEXT, "vae_decoder": SD_VAE},
+    "sdxl": {"unet": SDXL_UNET},
 }
-LATENT = 64  # 512×512 images
+LATENTS = {"sd15": 64, "sd21-base": 64, "sdxl": 128}  # 512×512 and 1024×1024 images
 
 
 def peak_rss_gib() -> float:
@@ -103,20 +133,25 @@ def build(arch: str, component: str, attention: str):
     config = ARCHS[arch][component]
     torch.manual_seed(0)
     g = np.random.default_rng(0)
+    latent = LATENTS[arch]
     if component == "unet":
         from diffusers import UNet2DConditionModel
 
         ref = UNet2DConditionModel(**config).eval()
         ours = Unet.from_diffusers(ref, attention)
         inputs = {
-            "sample": g.standard_normal((2, 4, LATENT, LATENT)).astype(np.float32),
+            "sample": g.standard_normal((2, 4, latent, latent)).astype(np.float32),
             "timestep": np.array([981.0, 981.0], dtype=np.float32),
             "encoder_hidden_states": g.standard_normal((2, config["cross_attention_dim"], 1, 77)).astype(np.float32),
         }
+        if config.get("addition_embed_type") == "text_time":  # SDXL: pooled text (1280) and six time ids
+            inputs["text_embeds"] = g.standard_normal((2, 1280)).astype(np.float32)
+            inputs["time_ids"] = np.array([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]] * 2, dtype=np.float32)
 
         def reference(t):
             ctx = t["encoder_hidden_states"].squeeze(2).transpose(1, 2)
-            return [ref(t["sample"], t["timestep"], ctx, return_dict=False)[0]]
+            added = {"text_embeds": t["text_embeds"], "time_ids": t["time_ids"]} if "text_embeds" in t else None
+            return [ref(t["sample"], t["timestep"], ctx, added_cond_kwargs=added, return_dict=False)[0]]
 
         return ref, ours, inputs, ["noise_pred"], reference
     if component == "text_encoder":
@@ -137,14 +172,15 @@ def build(arch: str, component: str, attention: str):
 
     ref = AutoencoderKL(**config).eval()
     ours = VaeDecoder.from_diffusers(ref, attention)
-    inputs = {"z": g.standard_normal((1, 4, LATENT, LATENT)).astype(np.float32)}
+    inputs = {"z": g.standard_normal((1, 4, latent, latent)).astype(np.float32)}
     return ref, ours, inputs, ["image"], lambda t: [ref.decode(t["z"]).sample]
 
 
 def measure(arch: str, component: str, attention: str) -> dict:
-    import coremltools as ct
-
+    from sdbuild.compress.package import iter_ops, load_pymil
+    from sdbuild.convert import convert_traced, trace_module
     from sdbuild.metrics import psnr
+    from sdbuild.mil.executor import load_program
 
     phases = {}
     start = time.perf_counter()
@@ -159,40 +195,31 @@ def measure(arch: str, component: str, attention: str) -> dict:
     got = got if isinstance(got, tuple) else (got,)
     fp32_psnr = {n: psnr(e.numpy(), o.numpy()) for n, e, o in zip(outputs, expected, got)}
     phases["check_s"] = time.perf_counter() - t0
-    del ref, expected, got
+    expected = [e.numpy() for e in expected]
+    del ref, got, reference
 
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        traced = torch.jit.trace(ours, list(tensors.values()), strict=False, check_trace=False)
-    phases["trace_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    mlmodel = ct.convert(
-        traced,
-        inputs=[ct.TensorType(name=k, shape=v.shape, dtype=np.float32) for k, v in inputs.items()],
-        outputs=[ct.TensorType(name=n) for n in outputs],
-        convert_to="mlprogram",
-        minimum_deployment_target=ct.target.macOS14,
-        compute_precision=ct.precision.FLOAT16,
-        skip_model_load=True,
-    )
-    phases["convert_s"] = time.perf_counter() - t0
-    max_rank = 0
-
-    def visit(block):
-        nonlocal max_rank
-        for op in block.operations:
-            for value in op.outputs:
-                max_rank = max(max_rank, len(value.shape))
-            for inner in op.blocks:
-                visit(inner)
-
-    visit(mlmodel._mil_program.functions["main"])
-    t0 = time.perf_counter()
+    # Trace and convert as the trace and convert stages do (sdbuild.convert: attention left
+    # unfilled while tracing, the converter loading module.pt itself, the folding float16 pass).
+    params_m = round(sum(p.numel() for p in ours.parameters()) / 1e6, 1)
     with tempfile.TemporaryDirectory() as tmp:
-        mlmodel.save(str(Path(tmp) / "model.mlpackage"))
-        size = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
-    phases["save_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        traced = trace_module(ours, list(tensors.values()))
+        torch.jit.save(traced, str(Path(tmp) / "module.pt"))
+        del traced, ours
+        phases["trace_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        specs = [{"name": k, "shape": list(v.shape)} for k, v in inputs.items()]
+        package = Path(tmp) / "model.mlpackage"
+        convert_traced(Path(tmp) / "module.pt", specs, outputs, "float16", "macOS14", package)
+        phases["convert_s"] = time.perf_counter() - t0
+        size = sum(f.stat().st_size for f in package.rglob("*") if f.is_file())
+        max_rank = max(len(v.shape) for op in iter_ops(load_pymil(package)) for v in op.outputs)
+
+        t0 = time.perf_counter()
+        executed = load_program(package).run(inputs, precision="fp16")
+        fp16_psnr = {n: psnr(e, executed[n]) for n, e in zip(outputs, expected)}
+        phases["execute_fp16_s"] = time.perf_counter() - t0
     return {
         "arch": arch,
         "component": component,
@@ -201,9 +228,10 @@ def measure(arch: str, component: str, attention: str) -> dict:
         "phases_s": {k: round(v, 1) for k, v in phases.items()},
         "peak_rss_gib": round(peak_rss_gib(), 2),
         "fp32_psnr_db": {k: round(v, 1) for k, v in fp32_psnr.items()},
+        "fp16_executor_psnr_db": {k: round(v, 1) for k, v in fp16_psnr.items()},
         "max_rank": max_rank,
         "package_mib": round(size / 2**20, 1),
-        "params_m": round(sum(p.numel() for p in ours.parameters()) / 1e6, 1),
+        "params_m": params_m,
         "torch_threads": torch.get_num_threads(),
     }
 

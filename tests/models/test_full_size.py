@@ -1,4 +1,4 @@
-"""Full-size SD 1.5 and SD 2.1-base components: conversion time and memory (slow; run with -m slow).
+"""Full-size SD 1.5 and SD 2.1-base components and SDXL's unet: conversion time, memory, PSNR (slow; -m slow).
 
 Each case converts one component in a child process (tests/models/full_size.py)
 and merges its figures into bench/results/models-<arch>.json, keyed by
@@ -20,6 +20,7 @@ from .families import ATTENTIONS
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE.parents[1] / "bench" / "results"
 CASES = [(a, c, att) for a in ("sd15", "sd21-base") for c in ("unet", "text_encoder", "vae_decoder") for att in ATTENTIONS]
+CASES.append(("sdxl", "unet", "ORIGINAL"))  # 1024×1024; about 14 GiB with its float32 check
 
 
 @pytest.mark.slow
@@ -43,5 +44,6 @@ def test_full_size_conversion(arch, component, attention, tmp_path):
     path.write_text(json.dumps(dict(sorted(table.items())), indent=2) + "\n")
 
     assert min(result["fp32_psnr_db"].values()) >= 60
+    assert min(result["fp16_executor_psnr_db"].values()) >= 35
     if attention != "ORIGINAL":
         assert result["max_rank"] <= 4
