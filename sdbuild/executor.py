@@ -379,6 +379,13 @@ def prepare(
     m = recipe.model
     try:
         source = resolve_source(m.version, m.revision, m.variant, m.allow_pickle)
+        if m.custom_vae:
+            # A VAE folder or hub repo (config.json at its top), in the download key: the VAE
+            # components, and everything downstream of the download, follow it.
+            vae = resolve_source(m.custom_vae, "main", None, m.allow_pickle, key="model.custom_vae", single=True)
+            if vae["kind"] == "synthetic":
+                raise DownloadError("model.custom_vae: synthetic models are whole pipelines; give a VAE folder or hub id")
+            source = {**source, "custom_vae": vae}
     except DownloadError as e:
         if strict:
             raise

@@ -37,7 +37,9 @@ class ModelSource(_Strict):
     version: str = Field(description="hub id | local diffusers folder | synthetic:tiny-sd | synthetic:tiny-sdxl")
     revision: str = "main"
     variant: str | None = Field(None, description="weights variant on the hub, e.g. fp16")
-    custom_vae: str | None = None
+    custom_vae: str | None = Field(
+        None, description="VAE folder or hub id (config.json at its top) the VAE components are converted from"
+    )
     refiner: str | None = None
     allow_pickle: bool = Field(False, description="allow .bin/.ckpt pickled weights (unsafe); default: safetensors only")
 

@@ -93,7 +93,7 @@ def model_family(checkpoint: Path) -> str:
     return "sdxl" if "text_encoder_2" in index or "XL" in index.get("_class_name", "") else "sd"
 
 
-def build_component(component: str, checkpoint: Path, options: BuildOptions) -> ComponentModel:
+def build_component(component: str, checkpoint: Path, options: BuildOptions, vae: Path | None = None) -> ComponentModel:
     """Load ``component`` of the diffusers folder ``checkpoint`` as a module to trace.
 
     The module is sdbuild's own (``unet.py``, ``text_encoder.py``, ``vae.py``,
@@ -101,7 +101,8 @@ def build_component(component: str, checkpoint: Path, options: BuildOptions) -> 
     every one of them used (``WeightMismatchError`` otherwise), built for
     ``options.attention``.
     For ``controlnet``, ``checkpoint`` is a ControlNet's own folder
-    (config.json and weights), not a pipeline.
+    (config.json and weights), not a pipeline. ``vae``: the folder the VAE
+    components load from instead of ``checkpoint / "vae"`` (a custom VAE).
     """
     from sdbuild.models.attention import check_implementation
 
@@ -123,7 +124,7 @@ def build_component(component: str, checkpoint: Path, options: BuildOptions) -> 
             raise NotBuiltYet(f"{checkpoint}: {SDXL_REFUSAL}")
         return _build_unet(checkpoint, options, controlled=True)
     if component in ("vae_decoder", "vae_encoder"):
-        return _build_vae(component, checkpoint, options)
+        return _build_vae(component, Path(vae) if vae else checkpoint / "vae", options)
     if component == "safety_checker":
         return _build_safety_checker(checkpoint, options)
     raise NotBuiltYet(f"component '{component}' has no conversion module yet")
@@ -235,12 +236,15 @@ def _build_controlnet(folder: Path, options: BuildOptions) -> ComponentModel:
     return ComponentModel(module, inputs, residual_names(len(shapes)), info=info)
 
 
-def _build_vae(component: str, checkpoint: Path, options: BuildOptions) -> ComponentModel:
+def _build_vae(component: str, folder: Path, options: BuildOptions) -> ComponentModel:
+    """``folder``: an AutoencoderKL's diffusers folder (the checkpoint's ``vae/`` or a recipe's custom VAE)."""
     from diffusers import AutoencoderKL
 
     from sdbuild.models.vae import VaeDecoder, VaeEncoder, needs_float32
 
-    reference = AutoencoderKL.from_pretrained(checkpoint / "vae", use_safetensors=True).eval()
+    if not (folder / "config.json").is_file():
+        raise RecipeError(f"{folder}: no config.json: not a diffusers VAE folder")
+    reference = AutoencoderKL.from_pretrained(folder, use_safetensors=True).eval()
     # SDXL's VAE overflows in float16 (its config says force_upcast).
     precision = "float32" if needs_float32(reference.config) else "float16"
     h, w = options.latent

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from sdbuild import __version__
-from sdbuild.stages.download import checkpoint_dir
+from sdbuild.stages.download import checkpoint_dir, vae_dir
 
 SWIFT_NAMES = {
     "text_encoder": "TextEncoder",
@@ -134,9 +134,9 @@ def place_package(src: Path, dst: Path, metadata: dict[str, str]) -> None:
     target.write_bytes(spec.SerializeToString())
 
 
-def pipeline_facts(recipe, family: str, checkpoint: Path) -> dict:
-    """What a pipeline needs beyond the models: family, VAE scaling, scheduler config."""
-    vae = json.loads((checkpoint / "vae" / "config.json").read_text())
+def pipeline_facts(recipe, family: str, checkpoint: Path, vae_folder: Path | None = None) -> dict:
+    """What a pipeline needs beyond the models: family, VAE scaling (of the custom VAE, if any), scheduler config."""
+    vae = json.loads(((vae_folder or checkpoint / "vae") / "config.json").read_text())
     scheduler = json.loads((checkpoint / "scheduler" / "scheduler_config.json").read_text())
     return {
         "model_version": recipe.model.version,
@@ -186,5 +186,5 @@ def write_bundle(recipe, family: str, packages: dict[str, dict], download_entry:
             written.append(target)
         for name in TOKENIZER_FILES:
             shutil.copyfile(checkpoint / "tokenizer" / name, folder / name)
-    (dest / PIPELINE_FILE).write_text(json.dumps(pipeline_facts(recipe, family, checkpoint), indent=2))
+    (dest / PIPELINE_FILE).write_text(json.dumps(pipeline_facts(recipe, family, checkpoint, vae_dir(download_entry)), indent=2))
     return written

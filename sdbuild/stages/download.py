@@ -114,8 +114,15 @@ def _hub_snapshot(repo: str, revision: str, variant: str | None, allow_pickle: b
 
 
 def run(job: Job, out: Path) -> dict:
-    """Materialize the checkpoint: ``out/model`` for synthetic models, else a pointer file."""
+    """Materialize the checkpoint: ``out/model`` for synthetic models, else a pointer file.
+
+    A recipe's ``model.custom_vae`` (resolved into ``source["custom_vae"]``)
+    gets a pointer file of its own, ``custom_vae.json``: the VAE components
+    load from that folder instead of the checkpoint's ``vae/``.
+    """
     source = job.fields["source"]
+    if source.get("custom_vae"):
+        (out / "custom_vae.json").write_text(json.dumps(source["custom_vae"], indent=2))
     if source["kind"] == "synthetic":
         make_synthetic(source["name"], out / "model", seed=source["seed"])
         return {"checkpoint": "model"}
@@ -129,3 +136,11 @@ def checkpoint_dir(entry_path: Path) -> Path:
     if (entry_path / "model").is_dir():
         return entry_path / "model"
     return Path(json.loads((entry_path / "source.json").read_text())["path"])
+
+
+def vae_dir(entry_path: Path) -> Path:
+    """The folder the VAE components load from: the recipe's ``model.custom_vae``, else the checkpoint's ``vae/``."""
+    pointer = Path(entry_path) / "custom_vae.json"
+    if pointer.is_file():
+        return Path(json.loads(pointer.read_text())["path"])
+    return checkpoint_dir(entry_path) / "vae"

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from sdbuild.stages import Job, component_kind
-from sdbuild.stages.download import checkpoint_dir
+from sdbuild.stages.download import checkpoint_dir, vae_dir
 
 
 def build_options(fields: dict):
@@ -34,7 +34,10 @@ def run(job: Job, out: Path) -> dict:
     started = time.perf_counter()
     # Every weight comes from the checkpoint (build_component checks it): no random ones first.
     with skip_weight_init():
-        model = build_component(component_kind(job.component), checkpoint_dir(job.upstream["download"]), build_options(job.fields))
+        download = job.upstream["download"]
+        kind = component_kind(job.component)
+        vae = vae_dir(download) if kind in ("vae_decoder", "vae_encoder") else None
+        model = build_component(kind, checkpoint_dir(download), build_options(job.fields), vae=vae)
     phases["build_s"] = round(time.perf_counter() - started, 1)
     example = sample_inputs(model.inputs, seed=0)
     args = [torch.from_numpy(example[s.name]) for s in model.inputs]
