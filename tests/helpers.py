@@ -20,3 +20,16 @@ def run_cli(*args, cwd=None, timeout=900) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "sdbuild.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout
     )
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Non-zero exit and one "error:" line, the last, holding every fragment.
+
+    (coremltools' own import chatter may precede it.)
+    """
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in done.stderr, done.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]

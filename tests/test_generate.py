@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import run_cli, write_recipe
+from helpers import assert_one_line_error, run_cli, write_recipe
 from sdbuild.generate import (
     SCHEDULERS,
     ChainedRunner,
@@ -391,35 +391,25 @@ def test_cli_writes_named_png_with_settings(sd_encoder_bundle, tmp_path):
     assert info["bundle"] == "sd16"
 
 
-def _one_line_error(done, *fragments):
-    """Non-zero exit and one "error:" line, the last. (coremltools' own import chatter may precede it.)"""
-    assert done.returncode != 0
-    lines = done.stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in done.stderr, done.stderr[-2000:]
-    for fragment in fragments:
-        assert fragment in errors[0]
-
-
 def test_cli_errors_are_one_line(sd16, sd_encoder_bundle, tmp_path):
     from PIL import Image
 
     bundle = sd16[0]
-    _one_line_error(run_cli("generate", "--bundle", bundle, "--prompt", "x", "--scheduler", "Heun"), "unknown scheduler 'Heun'", "DDIM")
+    assert_one_line_error(run_cli("generate", "--bundle", bundle, "--prompt", "x", "--scheduler", "Heun"), "unknown scheduler 'Heun'", "DDIM")
 
     broken = tmp_path / "broken"
     shutil.copytree(bundle / "Resources", broken)
     shutil.rmtree(broken / "UnetChunk2.mlpackage")
-    _one_line_error(run_cli("generate", "--bundle", broken, "--prompt", "x"), "UnetChunk2.mlpackage is missing")
+    assert_one_line_error(run_cli("generate", "--bundle", broken, "--prompt", "x"), "UnetChunk2.mlpackage is missing")
     no_decoder = tmp_path / "no-decoder"
     shutil.copytree(bundle / "Resources", no_decoder)
     shutil.rmtree(no_decoder / "VAEDecoder.mlpackage")
-    _one_line_error(run_cli("generate", "--bundle", no_decoder, "--prompt", "x"), "VAEDecoder.mlpackage is missing")
+    assert_one_line_error(run_cli("generate", "--bundle", no_decoder, "--prompt", "x"), "VAEDecoder.mlpackage is missing")
 
     small = tmp_path / "small.png"
     Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(small)
-    _one_line_error(run_cli("generate", "--bundle", bundle, "--prompt", "x", "--image", small), "VAEEncoder")
-    _one_line_error(
+    assert_one_line_error(run_cli("generate", "--bundle", bundle, "--prompt", "x", "--image", small), "VAEEncoder")
+    assert_one_line_error(
         run_cli("generate", "--bundle", sd_encoder_bundle, "--prompt", "x", "--image", small, "--steps", 1),
         "48x32 pixels", "64x64",
     )

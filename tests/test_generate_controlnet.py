@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import run_cli, write_recipe
+from helpers import assert_one_line_error, run_cli, write_recipe
 from sdbuild.generate import GenerationError, Pipeline, find_bundle, find_controlnet, load_image, make_scheduler
 from sdbuild.metrics import psnr
 from sdbuild.stages.download import checkpoint_dir
@@ -146,15 +146,6 @@ def test_controlnet_lookup_by_recipe_id_folder_and_file_name(built, tmp_path):
         find_controlnet(swift, "lllyasviel/sd-controlnet-mlsd")
 
 
-def _one_line_error(done, *fragments):
-    assert done.returncode != 0
-    lines = done.stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in done.stderr, done.stderr[-2000:]
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-
-
 def test_cli_generates_with_two_controlnets(built, tmp_path):
     from PIL import Image
 
@@ -173,14 +164,14 @@ def test_cli_controlnet_errors_are_one_line(built, tmp_path):
 
     build_dir, _, _, images = built
     base = ("generate", "--bundle", build_dir, "--prompt", "x", "--steps", 1, "-o", tmp_path / "out")
-    _one_line_error(run_cli(*base, "--controlnet", CN1, "--controlnet-inputs", *images), "2 control images for 1 ControlNet")
+    assert_one_line_error(run_cli(*base, "--controlnet", CN1, "--controlnet-inputs", *images), "2 control images for 1 ControlNet")
     small = tmp_path / "small.png"
     Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(small)
-    _one_line_error(run_cli(*base, "--controlnet", CN1, "--controlnet-inputs", small), "48x32 pixels", "64x64")
-    _one_line_error(run_cli(*base, "--controlnet", "lllyasviel/sd-controlnet-mlsd", "--controlnet-inputs", images[0]), "not in this bundle")
+    assert_one_line_error(run_cli(*base, "--controlnet", CN1, "--controlnet-inputs", small), "48x32 pixels", "64x64")
+    assert_one_line_error(run_cli(*base, "--controlnet", "lllyasviel/sd-controlnet-mlsd", "--controlnet-inputs", images[0]), "not in this bundle")
     no_controlled = tmp_path / "no-controlled"
     shutil.copytree(build_dir / "Resources", no_controlled)
     for part in no_controlled.glob("ControlledUnet*"):
         shutil.rmtree(part)
-    _one_line_error(run_cli("generate", "--bundle", no_controlled, "--prompt", "x", "--controlnet", CN1, "--controlnet-inputs", images[0]), "ControlledUnet")
+    assert_one_line_error(run_cli("generate", "--bundle", no_controlled, "--prompt", "x", "--controlnet", CN1, "--controlnet-inputs", images[0]), "ControlledUnet")
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())

@@ -134,9 +134,12 @@ def place_package(src: Path, dst: Path, metadata: dict[str, str]) -> None:
     target.write_bytes(spec.SerializeToString())
 
 
-def pipeline_facts(recipe, family: str, checkpoint: Path, vae_folder: Path | None = None) -> dict:
-    """What a pipeline needs beyond the models: family, VAE scaling (of the custom VAE, if any), scheduler config."""
-    vae = json.loads(((vae_folder or checkpoint / "vae") / "config.json").read_text())
+def pipeline_facts(recipe, family: str, checkpoint: Path, vae_folder: Path) -> dict:
+    """What a pipeline needs beyond the models: family, VAE scaling, scheduler config.
+
+    ``vae_folder``: the VAE the bundle's VAE models come from (``download.vae_dir``).
+    """
+    vae = json.loads((vae_folder / "config.json").read_text())
     scheduler = json.loads((checkpoint / "scheduler" / "scheduler_config.json").read_text())
     return {
         "model_version": recipe.model.version,

@@ -20,6 +20,7 @@ def run(job: Job, out: Path) -> dict:
 
     trace_dir = job.upstream["trace"]
     io = read_io(trace_dir)
+    upcast_attention = bool(io.get("info", {}).get("upcast_attention"))
     started = time.perf_counter()
     convert_traced(
         trace_dir / "module.pt",
@@ -28,6 +29,10 @@ def run(job: Job, out: Path) -> dict:
         io["precision"],
         job.fields["target"],
         out / PACKAGE,
-        upcast_attention=bool(io.get("info", {}).get("upcast_attention")),
+        upcast_attention=upcast_attention,
     )
-    return {"precision": io["precision"], "upcast_attention": bool(io.get("info", {}).get("upcast_attention")), "phases_s": {"convert_s": round(time.perf_counter() - started, 1)}}
+    return {
+        "precision": io["precision"],
+        "upcast_attention": upcast_attention,
+        "phases_s": {"convert_s": round(time.perf_counter() - started, 1)},
+    }

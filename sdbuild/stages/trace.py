@@ -35,9 +35,8 @@ def run(job: Job, out: Path) -> dict:
     # Every weight comes from the checkpoint (build_component checks it): no random ones first.
     with skip_weight_init():
         download = job.upstream["download"]
-        kind = component_kind(job.component)
-        vae = vae_dir(download) if kind in ("vae_decoder", "vae_encoder") else None
-        model = build_component(kind, checkpoint_dir(download), build_options(job.fields), vae=vae)
+        options = build_options(job.fields)
+        model = build_component(component_kind(job.component), checkpoint_dir(download), options, vae=vae_dir(download))
     phases["build_s"] = round(time.perf_counter() - started, 1)
     example = sample_inputs(model.inputs, seed=0)
     args = [torch.from_numpy(example[s.name]) for s in model.inputs]
