@@ -4,29 +4,50 @@ An entry is ``<root>/<stage>/<key>/`` holding the stage's files and a
 ``manifest.json`` (key, inputs, fields, versions, sha256 of every file,
 seconds, peak RSS). It is written in a temporary folder and published by one
 atomic rename, so a crash never leaves a half entry that looks whole; a file
-lock per key stops two runs from building the same entry twice.
+lock per key stops two runs from building the same entry twice. Published
+files are read-only.
+
+Every hit is checked against its manifest before anything uses it: a fast
+path compares each file's size, mtime and inode with the state recorded when
+its sha256 last matched (``<root>/.state/<stage>/<key>.json``, as DVC keeps a
+state of known-good files); a file whose stat changed is hashed again. An entry
+that fails is discarded with one warning and rebuilt.
+
+Temporary folders (``<root>/.tmp/<stage>-<key>-p<pid>-*``) belong to the run
+holding the key's lock; those of runs no longer alive are swept away.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from sdbuild.errors import SdbuildError
 
 MANIFEST = "manifest.json"
 KEY_LENGTH = 24
+STATE = ".state"
+TEMP = ".tmp"
+SCRATCH = ".scratch"
+# Errors that mean "the disk (or the file size limit) is full", not a bug.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# ``<stage>-<key>-p<pid>-<random>``: a build's work folder, owned by the run holding the key's lock.
+_WORK_NAME = re.compile(r"^(?P<stage>[a-z_]+)-(?P<key>[0-9a-f]{6,64})-(?:p(?P<pid>\d+)-)?")
+_PID_NAME = re.compile(r"-p(?P<pid>\d+)-|^\.old-.*-(?P<oldpid>\d+)$")
 
 
 def stage_key(stage: str, version: str, fields: dict[str, Any], upstream: dict[str, str], versions: dict[str, str]) -> str:
@@ -71,12 +92,112 @@ class Entry:
         return self.manifest.get("seconds", 0.0)
 
 
-class LocalCache:
-    """The cache under ``root`` (normally ``artifacts/cache``)."""
+def file_stat(path: Path) -> list[int]:
+    """What the fast check compares: size, mtime (ns) and inode."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
 
-    def __init__(self, root: Path, remote: "RemoteCache | None" = None):
+
+def _files_under(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() or p.is_symlink()} - {MANIFEST}
+
+
+def _seal(root: Path) -> None:
+    """Make every file under ``root`` read-only: a published entry is never edited in place."""
+    for p in root.rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            p.chmod(stat.S_IMODE(p.stat().st_mode) & ~0o222)
+
+
+FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
+
+
+def clone_file(src, dst) -> str:
+    """Copy ``src`` to a new, writable file ``dst``; returns how: ``reflink`` or ``copy``.
+
+    A reflink (copy-on-write: instant, no space used until one side changes)
+    where the filesystem can (btrfs, XFS, APFS via ``cp -c``…), else a byte
+    copy (``copy_file_range`` in the kernel where it can). Never a hard link:
+    a bundle must not share a writable inode with the cache.
+    """
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        try:
+            import fcntl
+
+            fcntl.ioctl(fout.fileno(), FICLONE, fin.fileno())
+            return "reflink"
+        except (OSError, ImportError):
+            pass
+        try:
+            while os.copy_file_range(fin.fileno(), fout.fileno(), 1 << 30):
+                pass
+        except (OSError, AttributeError) as e:
+            if isinstance(e, OSError) and e.errno in DISK_FULL:
+                raise
+            fin.seek(0)
+            fout.seek(0)
+            fout.truncate()
+            shutil.copyfileobj(fin, fout, 1 << 22)
+    return "copy"
+
+
+def _remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def pid_alive(pid: int, since: float | None = None) -> bool:
+    """Whether process ``pid`` runs and (given ``since``, a file time) started before then."""
+    import psutil
+
+    if pid == os.getpid():
+        return True
+    try:
+        proc = psutil.Process(pid)
+        # A process that started after the folder was last written cannot own it (pid reuse).
+        return proc.status() != psutil.STATUS_ZOMBIE and (since is None or proc.create_time() <= since + 1)
+    except psutil.Error:
+        return False
+
+
+class DiskFullError(SdbuildError):
+    """No space left on a device (or over the file size limit) while writing ``path``."""
+
+
+def disk_full_line(error: OSError, path: Path | str) -> str:
+    """One line for a full disk: the path being written and how to go on."""
+    where = error.filename or path
+    return f"{where}: no space left on the device ({os.strerror(error.errno)}); nothing was published: free some space and run again"
+
+
+@contextmanager
+def disk_full_as_error(path: Path | str):
+    """Turn a full disk met inside the block into one DiskFullError line naming ``path``."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        raise DiskFullError(disk_full_line(e, path)) from None
+
+
+def stage_tmpdir(out: Path) -> Path | None:
+    """The TMPDIR for a stage writing ``out`` (a work folder's ``entry/``): beside it, removed with it."""
+    tmp = Path(out).parent / "tmp"
+    return tmp if Path(out).name == "entry" and tmp.is_dir() else None
+
+
+class LocalCache:
+    """The cache under ``root`` (normally ``artifacts/cache``).
+
+    ``verify_hashes`` makes every hit hash all its files (no fast path);
+    ``warn`` prints one line (default: ``warning: …`` on stderr).
+    """
+
+    def __init__(self, root: Path, remote: "RemoteCache | None" = None, *, verify_hashes: bool = False, warn: Callable[[str], None] | None = None):
         self.root = Path(root)
         self.remote = remote
+        self.verify_hashes = verify_hashes
+        self.warn = warn or (lambda line: print(f"warning: {line}", file=sys.stderr, flush=True))
 
     def entry_path(self, stage: str, key: str) -> Path:
         return self.root / stage / key
@@ -86,16 +207,100 @@ class LocalCache:
         locks.mkdir(parents=True, exist_ok=True)
         return FileLock(str(locks / f"{stage}-{key}.lock"))
 
+    def _state_path(self, stage: str, key: str) -> Path:
+        return self.root / STATE / stage / f"{key}.json"
+
     def get(self, stage: str, key: str) -> Entry | None:
         """The published entry, or None. An entry without a readable manifest does not exist."""
         path = self.entry_path(stage, key)
         try:
             manifest = json.loads((path / MANIFEST).read_text())
-        except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
             return None
-        if manifest.get("key") != key:
+        except OSError:
+            return None
+        if not isinstance(manifest, dict) or manifest.get("key") != key or not isinstance(manifest.get("files"), dict):
             return None
         return Entry(stage, key, path, manifest)
+
+    # --- checking an entry against its manifest ---------------------------------
+
+    def _known_good(self, entry: Entry) -> dict:
+        try:
+            state = json.loads(self._state_path(entry.stage, entry.key).read_text())
+        except (OSError, ValueError):
+            return {}
+        return state if isinstance(state, dict) else {}
+
+    def _record_good(self, entry: Entry) -> None:
+        """Remember each file's stat as known good (its sha256 matched just now)."""
+        try:
+            state = {rel: file_stat(entry.path / rel) for rel in entry.manifest["files"]}
+            write_json_atomic(self._state_path(entry.stage, entry.key), state)
+        except OSError:
+            pass  # no state only means the next hit hashes again
+
+    def stale_files(self, entry: Entry) -> list[str]:
+        """Files of ``entry`` whose size, mtime or inode differ from when they last matched (or that are missing)."""
+        state = self._known_good(entry)
+        out = []
+        for rel in entry.manifest["files"]:
+            try:
+                if state.get(rel) != file_stat(entry.path / rel):
+                    out.append(rel)
+            except OSError:
+                out.append(rel)
+        return out
+
+    def check(self, entry: Entry, full: bool = False) -> str | None:
+        """None when ``entry`` matches its manifest, else what is wrong (one phrase).
+
+        Files whose stat matches the known-good state are trusted (the fast
+        path); the others, or all with ``full``, are hashed.
+        """
+        want = entry.manifest["files"]
+        have = _files_under(entry.path)
+        for rel in sorted(set(want) - have):
+            return f"{rel} is missing"
+        for rel in sorted(have - set(want)):
+            return f"{rel} is not in its manifest"
+        suspects = list(want) if full else self.stale_files(entry)
+        for rel in suspects:
+            try:
+                if sha256_file(entry.path / rel) != want[rel]:
+                    return f"{rel} does not match its sha256"
+            except OSError as e:
+                return f"{rel} cannot be read ({e.strerror})"
+        if suspects:
+            self._record_good(entry)
+        return None
+
+    def status(self, stage: str, key: str) -> str:
+        """``cached`` (passes the fast check), ``stale`` (a run will re-hash it, and rebuild it if bad) or ``to build``."""
+        entry = self.get(stage, key)
+        if entry is None:
+            return "stale" if self.entry_path(stage, key).exists() else "to build"
+        if _files_under(entry.path) != set(entry.manifest["files"]) or self.stale_files(entry):
+            return "stale"
+        return "cached"
+
+    def _discard(self, stage: str, key: str) -> None:
+        """Move the entry out of the way (one rename), then delete it. Hold the key's lock."""
+        final = self.entry_path(stage, key)
+        if final.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f"old-p{os.getpid()}-", dir=_mkdirs(self.root / TEMP)))
+            final.rename(trash / "entry")
+            _remove_tree(trash)
+        self._state_path(stage, key).unlink(missing_ok=True)
+
+    # --- building ------------------------------------------------------------------
+
+    def work_dir(self, stage: str, key: str) -> Path:
+        """A fresh folder in the cache's temp area: ``entry/`` becomes the entry, ``tmp/`` is the stage's TMPDIR."""
+        work = Path(tempfile.mkdtemp(prefix=f"{stage}-{key}-p{os.getpid()}-", dir=_mkdirs(self.root / TEMP)))
+        (work / "entry").mkdir()
+        (work / "tmp").mkdir()
+        return work
 
     def build(self, stage: str, key: str, produce: Callable[[Path], dict], record: dict, force: bool = False) -> tuple[Entry, str]:
         """Return the entry for (stage, key), building it with ``produce(tmp_dir)`` if absent.
@@ -103,23 +308,36 @@ class LocalCache:
         ``produce`` writes the stage's files into ``tmp_dir`` and returns facts
         for the manifest (it may include ``seconds`` and ``peak_rss_bytes``).
         ``record`` is what the key was made of (fields, upstream, versions).
-        Returns (entry, how): ``hit`` (local cache), ``remote`` (downloaded from
-        the remote cache) or ``miss`` (built here, then uploaded to the remote).
+        Returns (entry, how): ``hit`` (local cache, checked against its
+        manifest), ``remote`` (downloaded from the remote cache, every file
+        hashed) or ``miss`` (built here, then uploaded to the remote). A local
+        entry that fails its check is discarded with one warning and rebuilt.
+        A full disk is one DiskFullError line; nothing is published.
         """
-        with self._lock(stage, key):
+        from sdbuild import faults
+
+        with self._lock(stage, key), disk_full_as_error(self.root):
             existing = self.get(stage, key)
-            if existing and not force:
-                return existing, "hit"
-            (self.root / ".tmp").mkdir(parents=True, exist_ok=True)
+            if not force:
+                problem = self.check(existing, full=self.verify_hashes) if existing else None
+                if existing and problem is None:
+                    return existing, "hit"
+                if existing or self.entry_path(stage, key).exists():
+                    why = problem or f"{MANIFEST} is missing or unreadable"
+                    self.warn(f"cache entry {stage}/{key}: {why}; discarded, it will be rebuilt")
+                    self._discard(stage, key)
             if self.remote is not None and not force:
-                tmp = Path(tempfile.mkdtemp(prefix=f"{stage}-{key}-", dir=self.root / ".tmp"))
+                work = self.work_dir(stage, key)
                 try:
-                    if self.remote.fetch(stage, key, tmp):
-                        self._publish(tmp, stage, key)
-                        return self.get(stage, key), "remote"
+                    if self.remote.fetch(stage, key, work / "entry"):
+                        self._publish(work / "entry", stage, key)
+                        entry = self.get(stage, key)
+                        self._record_good(entry)  # fetch hashed every file
+                        return entry, "remote"
                 finally:
-                    shutil.rmtree(tmp, ignore_errors=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f"{stage}-{key}-", dir=self.root / ".tmp"))
+                    _remove_tree(work)
+            work = self.work_dir(stage, key)
+            tmp = work / "entry"
             try:
                 start = time.time()
                 facts = produce(tmp) or {}
@@ -135,11 +353,14 @@ class LocalCache:
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 }
                 _write_json(tmp / MANIFEST, manifest)
+                _seal(tmp)
+                faults.point("before-publish", stage, key)
                 self._publish(tmp, stage, key)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+            finally:
+                _remove_tree(work)
             entry = Entry(stage, key, self.entry_path(stage, key), manifest)
+            self._record_good(entry)
+            faults.point("after-publish", stage, key)
             if self.remote is not None:
                 self.remote.upload(entry)
         return entry, "miss"
@@ -148,58 +369,136 @@ class LocalCache:
         """Make the finished folder ``tmp`` the entry, in one rename."""
         final = self.entry_path(stage, key)
         final.parent.mkdir(parents=True, exist_ok=True)
+        self._state_path(stage, key).unlink(missing_ok=True)
         if final.exists():
             # --force: move the old entry aside first; the new one replaces it in one rename.
-            trash = Path(tempfile.mkdtemp(prefix="old-", dir=self.root / ".tmp"))
+            trash = Path(tempfile.mkdtemp(prefix=f"old-p{os.getpid()}-", dir=self.root / TEMP))
             final.rename(trash / "entry")
             tmp.rename(final)
-            shutil.rmtree(trash, ignore_errors=True)
+            _remove_tree(trash)
         else:
             tmp.rename(final)
 
-    def entries(self) -> list[Entry]:
-        out = []
-        if not self.root.is_dir():
-            return out
-        for stage_dir in sorted(self.root.iterdir()):
-            if stage_dir.name.startswith(".") or not stage_dir.is_dir():
-                continue
-            for key_dir in sorted(stage_dir.iterdir()):
-                entry = self.get(stage_dir.name, key_dir.name)
-                if entry:
-                    out.append(entry)
-        return out
+    # --- listing, verifying, collecting --------------------------------------------
 
-    def verify(self) -> list[tuple[Entry, str]]:
-        """Re-hash every entry; returns (entry, problem) for each that does not match its manifest."""
-        problems = []
-        for entry in self.entries():
-            want = entry.manifest.get("files", {})
-            have = hash_tree(entry.path)
-            for name in sorted(set(want) | set(have)):
-                if want.get(name) != have.get(name):
-                    what = "missing" if name not in have else "unexpected" if name not in want else "changed"
-                    problems.append((entry, f"{name} {what}"))
-                    break
+    def _entry_dirs(self) -> list[tuple[str, Path]]:
+        if not self.root.is_dir():
+            return []
+        return [
+            (stage_dir.name, key_dir)
+            for stage_dir in sorted(self.root.iterdir())
+            if not stage_dir.name.startswith(".") and stage_dir.is_dir()
+            for key_dir in sorted(stage_dir.iterdir())
+        ]
+
+    def entries(self) -> list[Entry]:
+        return [e for stage, path in self._entry_dirs() if (e := self.get(stage, path.name))]
+
+    def verify(self) -> list[tuple[Entry | str, str]]:
+        """Re-hash every entry: (entry, problem) for each that does not match its manifest,
+        (``stage/key``, problem) for a folder whose manifest is missing or unreadable, and
+        (``.tmp/name``, problem) for a temporary folder of a run that is no longer alive."""
+        problems: list[tuple[Entry | str, str]] = []
+        for stage, path in self._entry_dirs():
+            entry = self.get(stage, path.name)
+            if entry is None:
+                problems.append((f"{stage}/{path.name}", f"{MANIFEST} is missing, truncated or unreadable"))
+                continue
+            problem = self.check(entry, full=True)
+            if problem:
+                problems.append((entry, problem))
+        for leftover in self.dead_temps():
+            problems.append((leftover.relative_to(self.root).as_posix(), "temporary folder of a run that is no longer alive (cache gc removes it)"))
         return problems
 
+    def dead_temps(self, scratch: bool = False) -> list[Path]:
+        """Temporary folders of runs no longer alive: ``.tmp/*`` (and ``.scratch/*`` with ``scratch``).
+
+        A build's work folder is alive while its key's lock is held; other
+        folders carry their run's pid. A folder that names neither is dead once a day old.
+        """
+        out = []
+        folders = [(TEMP, p) for p in _children(self.root / TEMP)]
+        if scratch:
+            folders += [(SCRATCH, p) for p in _children(self.root / SCRATCH)]
+        for kind, path in folders:
+            work = _WORK_NAME.match(path.name)
+            owner = _PID_NAME.search(path.name)
+            if work and self._lock_free(work["stage"], work["key"]):
+                out.append(path)
+            elif not work and owner:
+                pid = int(owner["pid"] or owner["oldpid"])
+                if not pid_alive(pid, _mtime(path)):
+                    out.append(path)
+            elif not work and not owner and time.time() - _mtime(path) > 86400:
+                out.append(path)
+        return out
+
+    def _lock_free(self, stage: str, key: str) -> bool:
+        lock = self._lock(stage, key)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            return False
+        lock.release()
+        return True
+
+    def sweep(self, scratch: bool = False) -> int:
+        """Remove the temporary folders of runs no longer alive; returns the bytes freed.
+
+        The resumable stages' ``.scratch`` folders are kept unless ``scratch``:
+        the next run of their key resumes from them.
+        """
+        freed = 0
+        for leftover in self.dead_temps(scratch):
+            freed += tree_bytes(leftover)
+            _remove_tree(leftover)
+        return freed
+
     def gc(self, keep: set[tuple[str, str]]) -> tuple[int, int]:
-        """Delete entries not in ``keep`` and leftover temporary folders; returns (entries, bytes) freed."""
+        """Delete entries not in ``keep`` and temporary folders of dead runs; returns (entries, bytes) freed."""
         count = freed = 0
-        for entry in self.entries():
-            if (entry.stage, entry.key) not in keep:
-                with self._lock(entry.stage, entry.key):
-                    freed += tree_bytes(entry.path)
-                    shutil.rmtree(entry.path)
+        for stage, path in self._entry_dirs():
+            if (stage, path.name) not in keep:
+                with self._lock(stage, path.name):
+                    freed += tree_bytes(path)
+                    self._discard(stage, path.name)
                     count += 1
-        tmp = self.root / ".tmp"
-        if tmp.is_dir():
-            for leftover in tmp.iterdir():
-                # A live build holds its key's lock; only folders older than a day are surely dead.
-                if time.time() - leftover.stat().st_mtime > 86400:
-                    freed += tree_bytes(leftover)
-                    shutil.rmtree(leftover, ignore_errors=True)
+        freed += self.sweep(scratch=True)
         return count, freed
+
+
+def sweep_build_temps(builds: Path) -> int:
+    """Remove staging folders (``.tmp-<name>-p<pid>-*``, ``.old-<name>-<pid>``) of runs no longer alive; bytes freed."""
+    freed = 0
+    for path in _children(Path(builds)):
+        if not path.name.startswith((".tmp-", ".old-")):
+            continue
+        owner = _PID_NAME.search(path.name)
+        dead = not pid_alive(int(owner["pid"] or owner["oldpid"]), _mtime(path)) if owner else time.time() - _mtime(path) > 86400
+        if dead:
+            freed += tree_bytes(path)
+            _remove_tree(path)
+    return freed
+
+
+def _children(folder: Path) -> list[Path]:
+    try:
+        return sorted(Path(folder).iterdir())
+    except OSError:
+        return []
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return time.time()
+
+
+def _mkdirs(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
 
 
 def _write_json(path: Path, doc: dict) -> None:

@@ -50,14 +50,18 @@ def cmd_run(args) -> int:
     from rich.table import Table
 
     from sdbuild.executor import prepare, run_build, variants_of
+    from sdbuild.recipe import check_variants
 
     console = _console()
     err = _console(stderr=True)
     remote = _remote(args, lambda line: err.print(f"[yellow]warning:[/] {line}", soft_wrap=True))
     results = []
+    for recipe in args.recipe:
+        check_variants(recipe)  # every recipe and variant is valid before any work starts
     todo = [(recipe, overrides) for recipe in args.recipe for _, overrides in variants_of(recipe, args.variant)]
     for recipe, overrides in todo:
         build = prepare(recipe, Path(args.artifacts), overrides, remote=remote)
+        build.verify_hashes = args.verify_hashes
         if args.json:
             result = run_build(build, force=tuple(args.force or ()), until=args.until)
         else:
@@ -127,7 +131,9 @@ def cmd_plan(args) -> int:
     from rich.table import Table
 
     from sdbuild.executor import plan_rows, prepare
+    from sdbuild.recipe import check_variants
 
+    check_variants(args.recipe)  # the errors run would give, before it starts
     build = prepare(args.recipe, Path(args.artifacts), strict=False)
     rows = plan_rows(build)
     if args.json:
@@ -136,7 +142,7 @@ def cmd_plan(args) -> int:
     table = Table(title=f"plan: {build.recipe.name}")
     for col in ("stage", "component", "status", "key", "detail"):
         table.add_column(col)
-    colors = {"cached": "green", "to build": "cyan", "needs network": "red"}
+    colors = {"cached": "green", "to build": "cyan", "stale": "red", "needs network": "red"}
     for r in rows:
         color = colors.get(r.status, "yellow")
         table.add_row(r.stage, r.component or "", f"[{color}]{r.status}[/]", r.key or "", r.detail)
@@ -213,7 +219,8 @@ def cmd_cache(args) -> int:
     if args.action == "verify":
         problems = cache.verify()
         for entry, what in problems:
-            console.print(f"[red]bad[/] {entry.stage}/{entry.key}: {what}")
+            name = entry if isinstance(entry, str) else f"{entry.stage}/{entry.key}"
+            console.print(f"[red]bad[/] {name}: {what}", soft_wrap=True)
         console.print(f"{len(cache.entries())} entries, {len(problems)} bad")
         return 1 if problems else 0
     if args.action == "gc":
@@ -222,8 +229,11 @@ def cmd_cache(args) -> int:
             for row in json.loads(build_json.read_text()).get("stages", []):
                 if row.get("key"):
                     keep.add((row["stage"], row["key"]))
+        from sdbuild.cache import sweep_build_temps
+
         count, freed = cache.gc(keep)
-        console.print(f"removed {count} entries not used by any build, {human_bytes(freed)} freed")
+        freed += sweep_build_temps(Path(args.artifacts) / "builds")
+        console.print(f"removed {count} entries not used by any build and the temporary folders of finished runs, {human_bytes(freed)} freed")
         return 0
     return 2
 
@@ -272,8 +282,15 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line and exit status 2, like every other input error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sdbuild", description="Build Core ML Stable Diffusion bundles from YAML recipes.")
+    p = _Parser(prog="sdbuild", description="Build Core ML Stable Diffusion bundles from YAML recipes.")
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="build recipes")
@@ -284,6 +301,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--variant", metavar="NAME", help="build one variant of a matrix recipe (default: all)")
     run.add_argument("--cache-url", metavar="URL", help="remote stage cache, any fsspec URL (or SDBUILD_CACHE_URL)")
     run.add_argument("--require-remote-cache", action="store_true", help="fail instead of going local-only when the remote is down")
+    run.add_argument("--verify-hashes", action="store_true", help="hash every file of every cache hit (default: only files whose size, mtime or inode changed)")
     run.add_argument("--json", action="store_true")
     run.set_defaults(func=cmd_run)
 
@@ -376,6 +394,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        # The machine, not the input: a full disk, a folder that cannot be written.
+        from sdbuild.cache import DISK_FULL, disk_full_line
+
+        where = e.filename or args.__dict__.get("artifacts") or "."
+        line = disk_full_line(e, where) if e.errno in DISK_FULL else f"{where}: {e.strerror or type(e).__name__}"
+        print(f"error: {line}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

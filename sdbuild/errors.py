@@ -1,4 +1,10 @@
-"""Errors a user can cause. The CLI prints them as one line and exits non-zero."""
+"""Errors a user can cause. The CLI prints them as one line and exits non-zero.
+
+Exit status, for every command: 2 when the user's input is wrong (an
+argument, a recipe or a file it names, a path that is not what the command
+expects); 1 when a build or run fails (a stage, a verify gate, the network, a
+full disk, a damaged package or cache file); 130 when interrupted.
+"""
 
 
 class SdbuildError(Exception):
@@ -9,6 +15,12 @@ class SdbuildError(Exception):
 
 class RecipeError(SdbuildError):
     """A recipe that does not validate (exit status 2)."""
+
+    exit_code = 2
+
+
+class UsageError(SdbuildError):
+    """A command-line argument out of range or a path that is not what the command expects (exit status 2)."""
 
     exit_code = 2
 

@@ -27,10 +27,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from sdbuild import __version__
-from sdbuild.cache import Entry, LocalCache, RemoteCache, stage_key, tree_bytes, write_json_atomic
+from sdbuild import __version__, faults
+from sdbuild.cache import (
+    DISK_FULL,
+    Entry,
+    LocalCache,
+    RemoteCache,
+    DiskFullError,
+    disk_full_line,
+    stage_key,
+    stage_tmpdir,
+    sweep_build_temps,
+    tree_bytes,
+    write_json_atomic,
+)
 from sdbuild.errors import SdbuildError
-from sdbuild.recipe import Recipe, check_buildable, load_recipe
+from sdbuild.recipe import Recipe, check_buildable, check_local_sources, load_recipe
 from sdbuild.stages import ORDER, STAGES, Job, Stage
 
 DEFAULT_ARTIFACTS = Path("artifacts")
@@ -226,6 +238,15 @@ def _set_parent_death_signal() -> None:
 
 def _child_main(run: str, job: Job, out: str, log: str, conn) -> None:
     _set_parent_death_signal()
+    tmp = stage_tmpdir(Path(out))
+    if tmp is not None:
+        # Libraries' temporary files (coremltools' tmp*.mlpackage) go in the cache's temp area, and with it.
+        # multiprocessing's socket folder stays in the system's (a socket path is at most 107 bytes); it goes at exit.
+        import multiprocessing.util
+
+        multiprocessing.util.get_temp_dir()
+        os.environ["TMPDIR"] = str(tmp)
+        tempfile.tempdir = None
     fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -234,6 +255,12 @@ def _child_main(run: str, job: Job, out: str, log: str, conn) -> None:
         conn.send(("ok", result))
     except SdbuildError as e:
         conn.send(("user", e.exit_code, str(e)))
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            traceback.print_exc()
+            conn.send(("crash", type(e).__name__, str(e)))
+        else:
+            conn.send(("user", 1, f"{job.stage} {job.component or ''}: ".replace(" :", ":") + disk_full_line(e, out)))
     except BaseException as e:  # report, with the traceback in the log
         traceback.print_exc()
         conn.send(("crash", type(e).__name__, str(e).strip().splitlines()[0] if str(e).strip() else ""))
@@ -245,8 +272,14 @@ def _child_main(run: str, job: Job, out: str, log: str, conn) -> None:
 def _call_stage(run: str, job: Job, out: Path) -> dict:
     import importlib
 
+    from sdbuild import faults
+
     module, name = run.split(":")
+    labels = (job.stage, f"{job.stage}/{job.component}")
+    faults.point("child-start", *labels)
+    faults.watch_child_writes(out, *labels)
     result = getattr(importlib.import_module(module), name)(job, out) or {}
+    faults.point("child-end", *labels)
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -337,10 +370,11 @@ class Build:
     family: str | None
     problem: str | None = None  # why the graph stops at download (e.g. offline)
     remote: RemoteCache | None = None
+    verify_hashes: bool = False  # every cache hit hashes all its files (no fast path)
 
     @property
     def cache(self) -> LocalCache:
-        return LocalCache(self.artifacts / "cache", self.remote)
+        return LocalCache(self.artifacts / "cache", self.remote, verify_hashes=self.verify_hashes)
 
     @property
     def build_dir(self) -> Path:
@@ -376,6 +410,7 @@ def prepare(
     recipe_path = Path(recipe_path)
     recipe = load_recipe(recipe_path, overrides)
     check_buildable(recipe, recipe_path)
+    check_local_sources(recipe, recipe_path)
     m = recipe.model
     try:
         source = resolve_source(m.version, m.revision, m.variant, m.allow_pickle)
@@ -434,7 +469,7 @@ class PlanRow:
     stage: str
     component: str | None
     key: str | None
-    status: str  # cached | to build | not built yet | skipped: … | needs network
+    status: str  # cached | stale | to build | not built yet | skipped: … | needs network
     detail: str = ""
 
 
@@ -447,8 +482,9 @@ def plan_rows(build: Build) -> list[PlanRow]:
         if node.key is None:
             rows.append(PlanRow(node.stage.name, node.component, None, "needs network", build.problem or ""))
             continue
-        cached = build.cache.get(node.stage.name, node.key) is not None
-        rows.append(PlanRow(node.stage.name, node.component, node.key, "cached" if cached else "to build"))
+        status = build.cache.status(node.stage.name, node.key)
+        detail = "changed since last checked: the run re-hashes it and rebuilds it if bad" if status == "stale" else ""
+        rows.append(PlanRow(node.stage.name, node.component, node.key, status, detail))
     if build.problem:
         rows.append(PlanRow("trace, convert, …", None, None, "pending", "after download"))
         return rows
@@ -504,6 +540,8 @@ def run_build(
     log = logs / f"{build.recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
     log.touch()
     cache = build.cache
+    cache.sweep()  # temporary folders of killed runs; never a live run's
+    sweep_build_temps(build.artifacts / "builds")
     notes: list[str] = []
     for node in build.nodes:
         if ORDER.index(node.stage.name) > limit:
@@ -606,7 +644,7 @@ def run_build(
         return BuildResult(build.build_dir, report)
 
     download = build.nodes[0]
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{build.recipe.name}-", dir=_mkdir(build.build_dir.parent)))
+    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{build.recipe.name}-p{os.getpid()}-", dir=_mkdir(build.build_dir.parent)))
     try:
         packages = {}
         for comp, node in finals.items():
@@ -629,9 +667,13 @@ def run_build(
         write_json_atomic(staging / "build.json", report)
         shutil.copyfile(log, staging / "build.log")
         write_report(staging)
+        faults.point("bundle", "bundle")
         _publish_dir(staging, build.build_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in DISK_FULL:
+            # The bundle, report or build.json met a full disk: one line, nothing published.
+            raise DiskFullError(disk_full_line(e, build.build_dir)) from None
         raise
     return BuildResult(build.build_dir, report)
 

@@ -17,7 +17,7 @@ import json
 import math
 from pathlib import Path
 
-from sdbuild.errors import SdbuildError
+from sdbuild.errors import SdbuildError, UsageError
 from sdbuild.report import human_bytes
 
 # Core ML's ArrayFeatureType data types.
@@ -201,6 +201,9 @@ def inspect_package(package: Path) -> dict:
     }
     facts["metadata"] = {k: v for k, v in facts["metadata"].items() if v}
     if facts["model_type"] == "mlProgram":
+        from sdbuild.mil.executor import check_package_weights
+
+        check_package_weights(package, spec)  # a package missing its weights is not "normal"
         name = spec.description.defaultFunctionName or "main"
         function = spec.mlProgram.functions[name]
         ops = _all_ops(function.block_specializations[function.opset])
@@ -262,7 +265,7 @@ def inspect_path(path: Path) -> dict:
     """
     path = Path(path)
     if not path.exists():
-        raise SdbuildError(f"{path}: no such file or folder")
+        raise UsageError(f"{path}: no such file or folder")
     if path.suffix == ".mlpackage" or (path / "Manifest.json").is_file():
         package = inspect_package(path)
         return {"path": str(path), "kind": "package", "packages": [package], "files": [], "total_bytes": package["bytes"]}
@@ -270,10 +273,10 @@ def inspect_path(path: Path) -> dict:
         model = inspect_compiled(path)
         return {"path": str(path), "kind": "package", "packages": [model], "files": [], "total_bytes": model["bytes"]}
     if not path.is_dir():
-        raise SdbuildError(f"{path}: not a bundle folder nor an .mlpackage / .mlmodelc")
+        raise UsageError(f"{path}: not a bundle folder nor an .mlpackage / .mlmodelc")
     models = _models_in(path)
     if not models:
-        raise SdbuildError(f"{path}: no .mlpackage or .mlmodelc inside: not a bundle")
+        raise UsageError(f"{path}: no .mlpackage or .mlmodelc inside: not a bundle")
     packages = []
     for model in models:
         facts = inspect_package(model) if model.suffix == ".mlpackage" else inspect_compiled(model)

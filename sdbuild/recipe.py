@@ -160,33 +160,148 @@ class _Located:
             path = path[:-1]
 
 
-def _compose(path: Path) -> tuple[Any, dict[tuple, int]]:
-    """Parse YAML safely, keeping the 1-based line of every key path."""
+MAX_RECIPE_BYTES = 1 << 20  # recipes are a few hundred bytes; anything near this is not one
+MAX_DEPTH = 32  # nesting of mappings and lists
+MAX_ALIASES = 100  # uses of *anchor
+MAX_NODES = 20_000
+MAX_VARIANTS = 256  # a matrix expands into at most this many builds  # values after aliases are expanded (a YAML alias bomb is billions)
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses deep nesting and alias expansion beyond small bounds, as it composes."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+        self._aliases = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_ALIASES:
+                raise _Refused(self.peek_event().start_mark, f"more than {MAX_ALIASES} aliases (*name); write the values out")
+        self._depth += 1
+        if self._depth > MAX_DEPTH:
+            raise _Refused(self.peek_event().start_mark, f"nested more than {MAX_DEPTH} levels deep")
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+class _Refused(Exception):
+    def __init__(self, mark, problem: str):
+        super().__init__(problem)
+        self.mark, self.problem = mark, problem
+
+
+def _read_text(path: Path) -> str:
+    """The recipe's text: refused (one line) when too big, binary or not UTF-8."""
     try:
-        text = path.read_text()
+        size = path.stat().st_size
+        if path.is_dir():
+            raise RecipeError(f"{path}: is a folder, not a recipe file")
+        if size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"{path}:1: {size} bytes is not a recipe (the limit is {MAX_RECIPE_BYTES >> 20} MiB)")
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise RecipeError(f"{path}: recipe file not found") from None
     except OSError as e:
         raise RecipeError(f"{path}: cannot read recipe: {e.strerror}") from None
+    if b"\0" in raw:
+        line = raw[: raw.index(b"\0")].count(b"\n") + 1
+        raise RecipeError(f"{path}:{line}: a binary file (NUL byte), not a YAML recipe")
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise RecipeError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); save the recipe as UTF-8") from None
+
+
+def _expanded(node, memo: dict) -> tuple[int, int]:
+    """(values, depth) ``node`` stands for once aliases are expanded, in linear time (shared nodes are measured once)."""
+    if id(node) in memo:
+        if memo[id(node)] is None:
+            raise _Refused(node.start_mark, "an alias refers to a value that contains it")
+        return memo[id(node)]
+    memo[id(node)] = None  # in progress: meeting it again below is a cycle
+    children = []
+    if isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    elif isinstance(node, yaml.SequenceNode):
+        children = node.value
+    size, depth = 1, 1
+    for child in children:
+        s, d = _expanded(child, memo)
+        size, depth = min(size + s, MAX_NODES + 1), max(depth, d + 1)
+    memo[id(node)] = (size, depth)
+    return size, depth
+
+
+def _check_keys(node, path: Path) -> None:
+    """Duplicate keys in one mapping are an error (YAML says so; PyYAML keeps the last silently)."""
+    seen: set[int] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        if isinstance(n, yaml.MappingNode):
+            keys: dict = {}
+            for k, v in n.value:
+                if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge":
+                    if k.value in keys:
+                        raise RecipeError(
+                            f"{path}:{k.start_mark.line + 1}: {k.value}: duplicate key (first at line {keys[k.value]}); keep one"
+                        )
+                    keys[k.value] = k.start_mark.line + 1
+                stack += [k, v]
+        elif isinstance(n, yaml.SequenceNode):
+            stack += n.value
+
+
+def _compose(path: Path) -> tuple[Any, dict[tuple, int]]:
+    """Parse YAML safely, keeping the 1-based line of every key path.
+
+    Bounded: size, nesting depth, aliases and their expansion are limited, so
+    a hostile file fails fast in little memory, with one line.
+    """
+    text = _read_text(path)
+    loader = _RecipeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None:
+            size, depth = _expanded(node, {})
+            if size > MAX_NODES:
+                raise _Refused(node.start_mark, f"expands to more than {MAX_NODES} values (aliases?)")
+            if depth > MAX_DEPTH:
+                raise _Refused(node.start_mark, f"nested more than {MAX_DEPTH} levels deep once aliases are expanded")
+            _check_keys(node, path)
+        data = loader.construct_document(node) if node is not None else None
+    except _Refused as e:
+        raise RecipeError(f"{path}:{e.mark.line + 1}: not a recipe: {e.problem}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise RecipeError(f"{path}{line}: not valid YAML: {problem}") from None
+    except (RecursionError, ValueError, TypeError, OverflowError) as e:
+        # The constructor meets values YAML allows and Python does not (e.g. a list used as a key).
+        raise RecipeError(f"{path}: not a recipe: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    finally:
+        loader.dispose()
     lines: dict[tuple, int] = {}
 
     def walk(n, prefix):
         if isinstance(n, yaml.MappingNode):
             for k, v in n.value:
-                key = prefix + (k.value,)
-                lines[key] = k.start_mark.line + 1
+                key = prefix + (k.value if isinstance(k, yaml.ScalarNode) else f"<{k.id}>",)
+                lines.setdefault(key, k.start_mark.line + 1)
                 walk(v, key)
         elif isinstance(n, yaml.SequenceNode):
             for i, v in enumerate(n.value):
-                lines[prefix + (i,)] = v.start_mark.line + 1
+                lines.setdefault(prefix + (i,), v.start_mark.line + 1)
                 walk(v, prefix + (i,))
 
     if node is not None:
@@ -273,11 +388,59 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
     data.setdefault("name", path.stem)
     for dotted, value in (overrides or {}).items():
         _set_dotted(data, dotted, value)
+        # A matrix value's errors point at the matrix line that gave it.
+        if ("matrix", dotted) in located.where:
+            located.where.setdefault(tuple(dotted.split(".")), located.where[("matrix", dotted)])
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
         raise RecipeError(_format_error(first, located, path)) from None
+
+
+def key_location(path: str | Path, *key: str | int) -> str:
+    """``file:line`` where ``key`` (a key path) was written in the recipe or a recipe it extends; the file alone if unknown."""
+    located = _Located()
+    _load_tree(Path(path), located, ())
+    where = located.find(tuple(key))
+    return f"{where[0]}:{where[1]}" if where else str(path)
+
+
+def check_local_sources(recipe: Recipe, path: str | Path) -> None:
+    """Folders the recipe names (model.version, model.custom_vae, controlnet) must exist and be diffusers folders.
+
+    Checked before any work and by ``plan`` alike; a missing folder is the
+    user's input (exit 2, file:line), not a download failure.
+    """
+    from sdbuild.synthetic import is_synthetic
+
+    named = [(("model", "version"), recipe.model.version, "model_index.json")]
+    if recipe.model.custom_vae:
+        named.append((("model", "custom_vae"), recipe.model.custom_vae, "config.json"))
+    named += [(("controlnet", i), name, "config.json") for i, name in enumerate(recipe.controlnet)]
+    for key, value, marker in named:
+        dotted = ".".join(str(k) for k in key)
+        if is_synthetic(value):
+            continue
+        folder = Path(value).expanduser()
+        if folder.is_dir():
+            if not (folder / marker).is_file():
+                raise RecipeError(f"{key_location(path, *key)}: {dotted}: {folder.resolve()} is not a diffusers folder (no {marker})")
+        elif value.startswith((".", "/", "~")) or value.count("/") != 1:
+            raise RecipeError(
+                f"{key_location(path, *key)}: {dotted}: folder not found: {folder.absolute()} "
+                "(a local diffusers folder, relative to the current folder, or a hub id owner/name)"
+            )
+
+
+def check_variants(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
+    """Expand and validate every variant of a recipe, as ``run`` would; returns them (name, overrides)."""
+    variants = expand_matrix(path)
+    for _, overrides in variants:
+        recipe = load_recipe(path, overrides)
+        check_buildable(recipe, path)
+        check_local_sources(recipe, path)
+    return variants
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
@@ -331,6 +494,11 @@ def expand_matrix(recipe_path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     if not base.matrix:
         return [(base.name, {})]
     keys = list(base.matrix)
+    count = 1
+    for k in keys:
+        count *= len(base.matrix[k])
+    if count > MAX_VARIANTS:
+        raise RecipeError(f"{key_location(recipe_path, 'matrix')}: matrix: {count} variants; the limit is {MAX_VARIANTS}: split the recipe")
     variants = []
     for values in itertools.product(*(base.matrix[k] for k in keys)):
         overrides = dict(zip(keys, values))

@@ -99,7 +99,7 @@ def test_verify_finds_changed_and_missing_files(tmp_path):
     (a.path / "model.bin").write_bytes(b"tampered")
     (b.path / "sub" / "x.txt").unlink()
     problems = {(e.key, what) for e, what in cache.verify()}
-    assert problems == {("a", "model.bin changed"), ("b", "sub/x.txt missing")}
+    assert problems == {("a", "model.bin does not match its sha256"), ("b", "sub/x.txt is missing")}
 
 
 def test_gc_keeps_only_referenced(tmp_path):

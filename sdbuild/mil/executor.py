@@ -33,7 +33,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from sdbuild.errors import ModelInputError, PackageError, UnsupportedOpError
+from sdbuild.errors import ModelInputError, PackageError, UnsupportedOpError, UsageError
 from sdbuild.mil import kernels as _kernels
 
 PRECISIONS = ("fp16", "fp32")
@@ -226,6 +226,12 @@ def _check_weights(pkg: Path, spec, weights_dir: Path) -> None:
         by_file.setdefault(name.split("/")[-1], set()).add(offset)
     for name, offsets in by_file.items():
         _check_weight_file(pkg, weights_dir / name, offsets)
+
+
+def check_package_weights(pkg: Path, spec) -> None:
+    """PackageError (one line) when a weight the ML program ``spec`` points at is missing or truncated in ``pkg``."""
+    _spec_file, weights_dir = _read_manifest(Path(pkg))
+    _check_weights(Path(pkg), spec, weights_dir)
 
 
 # --------------------------------------------------------------------------- the program
@@ -642,6 +648,21 @@ def load_program(path, kernels: dict | None = None) -> Program:
     return Program(pkg, spec, program.functions[name], kernels)
 
 
+def check_exec_paths(model: Path, inputs_npz: Path, output_npz: Path) -> None:
+    """Refuse paths that cannot work, before the model loads (UsageError, one line)."""
+    if not model.exists():
+        raise UsageError(f"{model}: no such package; give an .mlpackage folder")
+    if not inputs_npz.is_file():
+        raise UsageError(f"--inputs {inputs_npz}: no such file; give an .npz of the model's inputs")
+    if output_npz.is_dir():
+        raise UsageError(f"--output {output_npz}: is a folder; give a file name ending in .npz")
+    blocker = next((p for p in output_npz.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UsageError(f"--output {output_npz}: {blocker} is a file, not a folder")
+    if output_npz.resolve() == inputs_npz.resolve():
+        raise UsageError(f"--output {output_npz}: is the inputs file; give another name")
+
+
 def exec_files(model: Path, inputs_npz: Path, output_npz: Path, precision: str = "fp16", profile: bool = False) -> dict:
     """Run ``model`` on the arrays in ``inputs_npz``; save the outputs to ``output_npz``.
 
@@ -649,6 +670,7 @@ def exec_files(model: Path, inputs_npz: Path, output_npz: Path, precision: str =
     {"outputs": {name: shape list}, "precision": ..., "seconds": run time,
     "profile": {op_type: seconds, slowest first} or None}.
     """
+    check_exec_paths(Path(model), Path(inputs_npz), Path(output_npz))
     prog = load_program(model)
     try:
         with np.load(inputs_npz, allow_pickle=False) as data:

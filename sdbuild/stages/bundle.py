@@ -1,20 +1,22 @@
 """Bundle: lay the finished packages out as Apple's consumers expect them.
 
 This module is the one place that knows bundle file names (CONTRACT.md).
-Weights are hard-linked (or copied) out of the cache, never symlinked, so a
-bundle survives ``sdbuild cache gc`` and being zipped; each package's spec is
-written anew with sdbuild's metadata and descriptions of its inputs and outputs.
+Files are reflinked (copy-on-write) out of the cache where the filesystem can,
+else copied: never symlinked, so a bundle survives ``sdbuild cache gc`` and
+being zipped, and never hard-linked, so editing a bundle cannot change the
+cache. Each package's spec is written anew with sdbuild's metadata and
+descriptions of its inputs and outputs.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
 
 from sdbuild import __version__
+from sdbuild.cache import clone_file
 from sdbuild.stages.download import checkpoint_dir, vae_dir
 
 SWIFT_NAMES = {
@@ -76,10 +78,8 @@ def controlnet_swift_name(hub_id: str) -> str:
 
 
 def _link(src, dst) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:  # another filesystem, or links not allowed
-        shutil.copy2(src, dst)
+    """A new, writable file: a reflink where the filesystem can, else a copy (never a hard link)."""
+    clone_file(src, dst)
 
 
 def _metadata(recipe, component: str) -> dict[str, str]:
@@ -109,11 +109,7 @@ def _metadata(recipe, component: str) -> dict[str, str]:
 
 
 def place_package(src: Path, dst: Path, metadata: dict[str, str]) -> None:
-    """Link ``src``'s files to ``dst`` and write a new spec carrying ``metadata``.
-
-    The spec is written to a fresh file, never through a hard link, so the
-    cache entry's own spec is left untouched.
-    """
+    """Copy (reflink) ``src``'s files to ``dst`` and write a new spec carrying ``metadata``."""
     import coremltools as ct
 
     shutil.copytree(src, dst, copy_function=_link)
