@@ -46,7 +46,7 @@ SCRATCH = ".scratch"
 # Errors that mean "the disk (or the file size limit) is full", not a bug.
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 # ``<stage>-<key>-p<pid>-<random>``: a build's work folder, owned by the run holding the key's lock.
-_WORK_NAME = re.compile(r"^(?P<stage>[a-z_]+)-(?P<key>[0-9a-f]{6,64})-(?:p(?P<pid>\d+)-)?")
+_WORK_NAME = re.compile(r"^(?P<stage>[a-z_]+)-(?P<key>[0-9a-f]{6,64})(?:-|$)")
 _PID_NAME = re.compile(r"-p(?P<pid>\d+)-|^\.old-.*-(?P<oldpid>\d+)$")
 
 

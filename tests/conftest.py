@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,20 @@ import pytest
 # No test may reach a hub; a test that needs one is a bug.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+@pytest.fixture(scope="session", autouse=True)
+def private_tmpdir(tmp_path_factory) -> Path:
+    """TMPDIR for the whole run (and every process it starts) is a pytest folder, not the system's.
+
+    Libraries write temporary files there (coremltools: tmp*.mlpackage); pytest
+    keeps the last few runs' folders and removes older ones.
+    """
+    folder = tmp_path_factory.getbasetemp() / "tmp"
+    folder.mkdir(exist_ok=True)
+    os.environ["TMPDIR"] = str(folder)
+    tempfile.tempdir = None
+    return folder
+
 
 @pytest.fixture(scope="session")
 def tiny_sd_checkpoint(tmp_path_factory) -> Path:

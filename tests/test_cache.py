@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -109,3 +111,183 @@ def test_gc_keeps_only_referenced(tmp_path):
     count, freed = cache.gc({("convert", "a")})
     assert count == 1 and freed > 0
     assert cache.get("convert", "a") and not cache.get("convert", "b")
+
+
+# --- every hit is checked against its manifest ------------------------------------
+
+
+def hashes_counted(monkeypatch) -> list:
+    import sdbuild.cache as cache_module
+
+    calls = []
+    real = cache_module.sha256_file
+
+    def counting(path, *a, **k):
+        calls.append(Path(path).name)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(cache_module, "sha256_file", counting)
+    return calls
+
+
+def test_hit_takes_the_fast_path_when_nothing_changed(tmp_path, monkeypatch):
+    cache = LocalCache(tmp_path)
+    cache.build("convert", "k1", write_files, {})
+    calls = hashes_counted(monkeypatch)
+    _, how = cache.build("convert", "k1", lambda t: pytest.fail("must not rebuild"), {})
+    assert how == "hit" and calls == []  # size, mtime and inode matched: nothing hashed
+    LocalCache(tmp_path, verify_hashes=True).build("convert", "k1", lambda t: pytest.fail("must not rebuild"), {})
+    assert sorted(calls) == ["model.bin", "x.txt"]  # --verify-hashes hashes every file
+
+
+def test_a_touched_but_unchanged_file_is_hashed_once_then_trusted(tmp_path, monkeypatch):
+    cache = LocalCache(tmp_path)
+    entry, _ = cache.build("convert", "k1", write_files, {})
+    os.utime(entry.path / "model.bin", ns=(1, 1))
+    assert cache.status("convert", "k1") == "stale"
+    calls = hashes_counted(monkeypatch)
+    assert cache.build("convert", "k1", lambda t: pytest.fail("content is fine"), {})[1] == "hit"
+    assert calls == ["model.bin"]
+    assert cache.status("convert", "k1") == "cached"
+
+
+@pytest.mark.parametrize("fault", ["flip", "truncate", "delete", "extra", "manifest"])
+def test_a_bad_entry_is_one_warning_then_rebuilt(tmp_path, fault):
+    warnings = []
+    cache = LocalCache(tmp_path, warn=warnings.append)
+    entry, _ = cache.build("convert", "k1", write_files, {})
+    target = entry.path / "model.bin"
+    if fault == "flip":
+        data = bytearray(target.read_bytes())
+        data[0] ^= 0x01
+        target.chmod(0o644)
+        target.write_bytes(bytes(data))
+    elif fault == "truncate":
+        os.truncate(target, 3)
+    elif fault == "delete":
+        target.unlink()
+    elif fault == "extra":
+        (entry.path / "sub" / "stray.bin").write_bytes(b"?")
+    else:
+        manifest = entry.path / "manifest.json"
+        manifest.chmod(0o644)
+        manifest.write_text(manifest.read_text()[:40])
+    assert cache.status("convert", "k1") == "stale"
+    rebuilt, how = cache.build("convert", "k1", write_files, {})
+    assert how == "miss" and len(warnings) == 1 and "\n" not in warnings[0]
+    assert "convert/k1" in warnings[0] and "rebuilt" in warnings[0]
+    assert (rebuilt.path / "model.bin").read_bytes() == b"weights"
+    assert cache.check(rebuilt, full=True) is None and cache.status("convert", "k1") == "cached"
+
+
+def test_a_change_that_keeps_size_and_mtime_needs_verify_hashes(tmp_path):
+    cache = LocalCache(tmp_path)
+    entry, _ = cache.build("convert", "k1", write_files, {})
+    target = entry.path / "model.bin"
+    before = target.stat()
+    with open(target, "r+b") as f:  # same inode, same size
+        f.write(b"W")
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert cache.check(entry) is None  # what the fast path cannot see…
+    assert cache.check(entry, full=True) == "model.bin does not match its sha256"  # …--verify-hashes does
+
+
+def test_published_files_are_read_only(tmp_path):
+    entry, _ = LocalCache(tmp_path).build("convert", "k1", write_files, {})
+    files = [p for p in entry.path.rglob("*") if p.is_file()]
+    assert files and all(p.stat().st_mode & 0o222 == 0 for p in files)
+
+
+def test_verify_reports_unreadable_manifests_and_orphaned_temp_folders(tmp_path):
+    cache = LocalCache(tmp_path)
+    entry, _ = cache.build("convert", "k1", write_files, {})
+    manifest = entry.path / "manifest.json"
+    manifest.chmod(0o644)
+    manifest.write_text('{"key": "k1", "fi')
+    (tmp_path / ".tmp" / f"trace-{'a' * 24}-p999999-xyz").mkdir()
+    problems = {(str(e), what.split(" ")[0]) for e, what in cache.verify()}
+    assert ("convert/k1", "manifest.json") in problems
+    assert (f".tmp/trace-{'a' * 24}-p999999-xyz", "temporary") in problems
+
+
+def test_sweep_removes_only_temp_folders_of_dead_runs(tmp_path):
+    import subprocess
+    import sys
+
+    cache = LocalCache(tmp_path)
+    temp = tmp_path / ".tmp"
+    temp.mkdir()
+    dead_work = temp / f"convert-{'b' * 24}-p999999-abc"  # nobody holds its key's lock
+    live_work = temp / f"convert-{'c' * 24}-p1-abc"
+    dead_trash = temp / "old-p999999-abc"
+    own_trash = temp / f"old-p{os.getpid()}-abc"
+    for folder in (dead_work, live_work, dead_trash, own_trash):
+        (folder / "entry").mkdir(parents=True)
+        (folder / "entry" / "f").write_bytes(b"x" * 10)
+    # Another process holds live_work's key lock, as a running build does.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from filelock import FileLock; l = FileLock(sys.argv[1]); l.acquire(); print('held', flush=True); time.sleep(60)",
+         str(tmp_path / ".locks" / f"convert-{'c' * 24}.lock")],
+        stdout=subprocess.PIPE, text=True,
+    )
+    (tmp_path / ".locks").mkdir(exist_ok=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert cache.sweep() == 20
+        assert sorted(p.name for p in temp.iterdir()) == sorted([live_work.name, own_trash.name])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert cache.sweep() == 10 and [p.name for p in temp.iterdir()] == [own_trash.name]
+
+
+def test_build_temps_of_dead_runs_are_removed(tmp_path):
+    from sdbuild.cache import sweep_build_temps
+
+    dead, live = tmp_path / ".tmp-tiny-p999999-abc", tmp_path / f".tmp-tiny-p{os.getpid()}-abc"
+    old, build = tmp_path / ".old-tiny-999999", tmp_path / "tiny"
+    for folder in (dead, live, old, build):
+        folder.mkdir()
+    sweep_build_temps(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, build.name])
+
+
+def test_gc_removes_broken_entries_and_dead_scratch(tmp_path):
+    cache = LocalCache(tmp_path)
+    cache.build("convert", "a", write_files, {})
+    (tmp_path / "convert" / "half").mkdir()
+    (tmp_path / ".scratch" / f"analyze-{'d' * 24}").mkdir(parents=True)
+    count, _ = cache.gc({("convert", "a")})
+    assert count == 1 and sorted(p.name for p in (tmp_path / "convert").iterdir()) == ["a"]
+    assert list((tmp_path / ".scratch").iterdir()) == []
+
+
+def test_a_full_disk_while_building_is_one_line_and_publishes_nothing(tmp_path):
+    import errno
+
+    from sdbuild.cache import DiskFullError
+
+    def fills_the_disk(tmp):
+        (tmp / "model.bin").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(DiskFullError) as info:
+        LocalCache(tmp_path).build("convert", "k1", fills_the_disk, {})
+    assert str(tmp_path) in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "convert" / "k1").exists() and list((tmp_path / ".tmp").iterdir()) == []
+
+
+def test_clone_file_never_shares_an_inode(tmp_path):
+    from sdbuild.cache import clone_file
+
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(3 << 20))
+    src.chmod(0o444)
+    how = clone_file(src, tmp_path / "dst.bin")
+    dst = tmp_path / "dst.bin"
+    assert how in ("reflink", "copy") and dst.read_bytes() == src.read_bytes()
+    assert dst.stat().st_ino != src.stat().st_ino and src.stat().st_nlink == 1
+    assert dst.stat().st_mode & 0o200  # the copy is the user's to edit…
+    with open(dst, "r+b") as f:
+        f.write(b"edited")
+    assert src.read_bytes()[:6] != b"edited"  # …and editing it leaves the source alone
