@@ -47,7 +47,8 @@ SCRATCH = ".scratch"
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 # ``<stage>-<key>-p<pid>-<random>``: a build's work folder, owned by the run holding the key's lock.
 _WORK_NAME = re.compile(r"^(?P<stage>[a-z_]+)-(?P<key>[0-9a-f]{6,64})(?:-|$)")
-_PID_NAME = re.compile(r"-p(?P<pid>\d+)-|^\.old-.*-(?P<oldpid>\d+)$")
+# Other temporary folders end in ``-p<pid>-<8 random>`` (tempfile.mkdtemp's suffix).
+_PID_NAME = re.compile(r"-p(?P<pid>\d+)-[a-z0-9_]{8}$|^\.old-.*-(?P<oldpid>\d+)$")
 
 
 def stage_key(stage: str, version: str, fields: dict[str, Any], upstream: dict[str, str], versions: dict[str, str]) -> str:

@@ -9,6 +9,7 @@ a digest of its own source.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -41,7 +42,7 @@ from sdbuild.cache import (
     tree_bytes,
     write_json_atomic,
 )
-from sdbuild.errors import SdbuildError
+from sdbuild.errors import RecipeError, SdbuildError, UsageError
 from sdbuild.recipe import Recipe, check_buildable, check_local_sources, load_recipe
 from sdbuild.stages import ORDER, STAGES, Job, Stage
 
@@ -124,7 +125,7 @@ def pre_analysis_fields(recipe: Recipe, recipe_dir: Path) -> dict[str, Any]:
         return {}
     path = (recipe_dir / name).resolve()
     if not path.is_file():
-        raise SdbuildError(
+        raise RecipeError(
             f"compression.mixed_bit.pre_analysis: file not found: {path} (paths are relative to the recipe's folder; or use auto)"
         )
     return {"pre_analysis_file": str(path), "pre_analysis_sha256": sha256_file(path)}
@@ -460,7 +461,7 @@ def variants_of(recipe_path: str | Path, variant: str | None = None) -> list[tup
         return variants
     chosen = [v for v in variants if v[0] == variant]
     if not chosen:
-        raise SdbuildError(f"--variant: {recipe_path} has no variant '{variant}'; it has {', '.join(n for n, _ in variants)}")
+        raise UsageError(f"--variant: {recipe_path} has no variant '{variant}'; it has {', '.join(n for n, _ in variants)}")
     return chosen
 
 
@@ -530,9 +531,9 @@ def run_build(
     reporter = reporter or Reporter()
     for name in force:
         if name not in ORDER:
-            raise SdbuildError(f"--force: unknown stage '{name}'; stages are {', '.join(ORDER)}")
+            raise UsageError(f"--force: unknown stage '{name}'; stages are {', '.join(ORDER)}")
     if until is not None and until not in ORDER:
-        raise SdbuildError(f"--until: unknown stage '{until}'; stages are {', '.join(ORDER)}")
+        raise UsageError(f"--until: unknown stage '{until}'; stages are {', '.join(ORDER)}")
     limit = ORDER.index(until) if until else len(ORDER) - 1
     started = time.time()
     logs = build.artifacts / "logs"
@@ -722,11 +723,22 @@ def _mkdir(p: Path) -> Path:
 
 
 def _publish_dir(staging: Path, final: Path) -> None:
-    """Replace ``final`` by ``staging`` with renames; the old build is removed only after."""
-    if final.exists():
-        old = final.with_name(f".old-{final.name}-{os.getpid()}")
-        final.rename(old)
-        staging.rename(final)
+    """Replace ``final`` by ``staging`` with renames; the old build is removed only after.
+
+    Two runs of one recipe may publish at once: whoever finds ``final`` taken
+    moves it aside and tries again.
+    """
+    for _ in range(5):
+        try:
+            staging.rename(final)
+            return
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        old = Path(tempfile.mkdtemp(prefix=f".old-{final.name}-p{os.getpid()}-", dir=final.parent))
+        try:
+            final.rename(old / "build")
+        except FileNotFoundError:
+            pass  # the other run moved it first
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(final)
+    staging.rename(final)

@@ -204,10 +204,10 @@ def test_verify_reports_unreadable_manifests_and_orphaned_temp_folders(tmp_path)
     manifest = entry.path / "manifest.json"
     manifest.chmod(0o644)
     manifest.write_text('{"key": "k1", "fi')
-    (tmp_path / ".tmp" / f"trace-{'a' * 24}-p999999-xyz").mkdir()
+    (tmp_path / ".tmp" / f"trace-{'a' * 24}-p999999-xyzxyzxy").mkdir()
     problems = {(str(e), what.split(" ")[0]) for e, what in cache.verify()}
     assert ("convert/k1", "manifest.json") in problems
-    assert (f".tmp/trace-{'a' * 24}-p999999-xyz", "temporary") in problems
+    assert (f".tmp/trace-{'a' * 24}-p999999-xyzxyzxy", "temporary") in problems
 
 
 def test_sweep_removes_only_temp_folders_of_dead_runs(tmp_path):
@@ -217,10 +217,10 @@ def test_sweep_removes_only_temp_folders_of_dead_runs(tmp_path):
     cache = LocalCache(tmp_path)
     temp = tmp_path / ".tmp"
     temp.mkdir()
-    dead_work = temp / f"convert-{'b' * 24}-p999999-abc"  # nobody holds its key's lock
-    live_work = temp / f"convert-{'c' * 24}-p1-abc"
-    dead_trash = temp / "old-p999999-abc"
-    own_trash = temp / f"old-p{os.getpid()}-abc"
+    dead_work = temp / f"convert-{'b' * 24}-p999999-abcdefgh"  # nobody holds its key's lock
+    live_work = temp / f"convert-{'c' * 24}-p1-abcdefgh"
+    dead_trash = temp / "old-p999999-abcdefgh"
+    own_trash = temp / f"old-p{os.getpid()}-abcdefgh"
     for folder in (dead_work, live_work, dead_trash, own_trash):
         (folder / "entry").mkdir(parents=True)
         (folder / "entry" / "f").write_bytes(b"x" * 10)
@@ -244,7 +244,7 @@ def test_sweep_removes_only_temp_folders_of_dead_runs(tmp_path):
 def test_build_temps_of_dead_runs_are_removed(tmp_path):
     from sdbuild.cache import sweep_build_temps
 
-    dead, live = tmp_path / ".tmp-tiny-p999999-abc", tmp_path / f".tmp-tiny-p{os.getpid()}-abc"
+    dead, live = tmp_path / ".tmp-tiny-p999999-abcdefgh", tmp_path / f".tmp-tiny-p{os.getpid()}-abcdefgh"
     old, build = tmp_path / ".old-tiny-999999", tmp_path / "tiny"
     for folder in (dead, live, old, build):
         folder.mkdir()

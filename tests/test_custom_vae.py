@@ -79,7 +79,8 @@ def test_bundle_records_the_custom_vae_scaling(tiny_sd_checkpoint, custom_vae, t
 def test_missing_custom_vae_is_one_line(tiny_sd_checkpoint, tmp_path):
     recipe = _recipe(tmp_path, tiny_sd_checkpoint, tmp_path / "no-such-vae")
     proc = run_cli("run", recipe, "--artifacts", tmp_path / "artifacts")
-    assert proc.returncode == 1  # a download error, as for model.version
+    assert proc.returncode == 2  # the user's input, as for a missing model.version folder
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: model.custom_vae: ") and "no-such-vae" in lines[0], proc.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"error: {recipe}:") and "model.custom_vae: " in lines[0], proc.stderr
+    assert "no-such-vae" in lines[0], proc.stderr
     assert not (tmp_path / "artifacts" / "cache").exists() or not any((tmp_path / "artifacts" / "cache").rglob("manifest.json"))

@@ -32,7 +32,7 @@ def test_matrix_json_lists_variants_with_commands_and_runners(tmp_path):
 def test_unknown_variant_is_one_line(tmp_path):
     recipe = write_recipe(tmp_path, "mx", MATRIX)
     done = run_cli("run", recipe, "--variant", "mx-nbits-5", "--artifacts", tmp_path / "art")
-    assert done.returncode == 1
+    assert done.returncode == 2  # the user's input
     assert done.stderr.strip() == f"error: --variant: {recipe} has no variant 'mx-nbits-5'; it has mx-nbits-2, mx-nbits-4, mx-nbits-8"
 
 
