@@ -331,6 +331,7 @@ class LocalCache:
                 work = self.work_dir(stage, key)
                 try:
                     if self.remote.fetch(stage, key, work / "entry"):
+                        _seal(work / "entry")
                         self._publish(work / "entry", stage, key)
                         entry = self.get(stage, key)
                         self._record_good(entry)  # fetch hashed every file

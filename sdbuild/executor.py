@@ -31,10 +31,10 @@ from typing import Any, Callable
 from sdbuild import __version__, faults
 from sdbuild.cache import (
     DISK_FULL,
+    DiskFullError,
     Entry,
     LocalCache,
     RemoteCache,
-    DiskFullError,
     disk_full_line,
     stage_key,
     stage_tmpdir,
@@ -261,7 +261,8 @@ def _child_main(run: str, job: Job, out: str, log: str, conn) -> None:
             traceback.print_exc()
             conn.send(("crash", type(e).__name__, str(e)))
         else:
-            conn.send(("user", 1, f"{job.stage} {job.component or ''}: ".replace(" :", ":") + disk_full_line(e, out)))
+            where = f"{job.stage} {job.component}" if job.component else job.stage
+            conn.send(("user", 1, f"{where}: {disk_full_line(e, out)}"))  # the machine, not a bug: one line
     except BaseException as e:  # report, with the traceback in the log
         traceback.print_exc()
         conn.send(("crash", type(e).__name__, str(e).strip().splitlines()[0] if str(e).strip() else ""))
@@ -272,8 +273,6 @@ def _child_main(run: str, job: Job, out: str, log: str, conn) -> None:
 
 def _call_stage(run: str, job: Job, out: Path) -> dict:
     import importlib
-
-    from sdbuild import faults
 
     module, name = run.split(":")
     labels = (job.stage, f"{job.stage}/{job.component}")

@@ -198,12 +198,12 @@ class _Refused(Exception):
 def _read_text(path: Path) -> str:
     """The recipe's text: refused (one line) when too big, binary or not UTF-8."""
     try:
-        size = path.stat().st_size
         if path.is_dir():
             raise RecipeError(f"{path}: is a folder, not a recipe file")
-        if size > MAX_RECIPE_BYTES:
-            raise RecipeError(f"{path}:1: {size} bytes is not a recipe (the limit is {MAX_RECIPE_BYTES >> 20} MiB)")
-        raw = path.read_bytes()
+        with open(path, "rb") as f:  # read at most one byte past the limit: /dev/zero is not a recipe either
+            raw = f.read(MAX_RECIPE_BYTES + 1)
+        if len(raw) > MAX_RECIPE_BYTES:
+            raise RecipeError(f"{path}:1: more than {MAX_RECIPE_BYTES >> 20} MiB is not a recipe (the limit is {MAX_RECIPE_BYTES >> 20} MiB)")
     except FileNotFoundError:
         raise RecipeError(f"{path}: recipe file not found") from None
     except OSError as e:
@@ -268,8 +268,9 @@ def _compose(path: Path) -> tuple[Any, dict[tuple, int]]:
     a hostile file fails fast in little memory, with one line.
     """
     text = _read_text(path)
-    loader = _RecipeLoader(text)
+    loader = None
     try:
+        loader = _RecipeLoader(text)  # refuses unprintable characters already
         node = loader.get_single_node()
         if node is not None:
             size, depth = _expanded(node, {})
@@ -284,13 +285,16 @@ def _compose(path: Path) -> tuple[Any, dict[tuple, int]]:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
+        if isinstance(e, yaml.reader.ReaderError):
+            line = f":{text[: e.position].count(chr(10)) + 1}"
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise RecipeError(f"{path}{line}: not valid YAML: {problem}") from None
     except (RecursionError, ValueError, TypeError, OverflowError) as e:
         # The constructor meets values YAML allows and Python does not (e.g. a list used as a key).
         raise RecipeError(f"{path}: not a recipe: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     lines: dict[tuple, int] = {}
 
     def walk(n, prefix):

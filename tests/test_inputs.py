@@ -82,6 +82,11 @@ def test_hostile_recipe_is_one_line_with_file_and_line_exit_2(tmp_path, capsys, 
     assert not (tmp_path / "art" / "cache").exists()
 
 
+def test_a_device_or_folder_is_not_a_recipe(tmp_path, capsys):
+    one_line(capsys, 2, ["plan", "/dev/zero"], "/dev/zero:1:", "limit is 1 MiB")
+    one_line(capsys, 2, ["plan", tmp_path], "is a folder")
+
+
 def test_alias_bomb_fails_fast_in_little_memory(tmp_path):
     import resource
     import time
