@@ -121,7 +121,8 @@ def clone_file(src, dst) -> str:
     copy (``copy_file_range`` in the kernel where it can). Never a hard link:
     a bundle must not share a writable inode with the cache.
     """
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
+    # A full disk leaves as DiskFullError, not OSError: shutil.copytree would fold it into a list of strings.
+    with disk_full_as_error(dst), open(src, "rb") as fin, open(dst, "wb") as fout:
         try:
             import fcntl
 
@@ -161,13 +162,26 @@ def pid_alive(pid: int, since: float | None = None) -> bool:
 
 
 class DiskFullError(SdbuildError):
-    """No space left on a device (or over the file size limit) while writing ``path``."""
+    """No space left on a device (or over the file size limit): ``oserror`` is what the system said."""
+
+    def __init__(self, message: str, oserror: OSError | None = None):
+        super().__init__(message)
+        self.oserror = oserror
 
 
 def disk_full_line(error: OSError, path: Path | str) -> str:
-    """One line for a full disk: the path being written and how to go on."""
-    where = error.filename or path
-    return f"{where}: no space left on the device ({os.strerror(error.errno)}); nothing was published: free some space and run again"
+    """One line for a full disk: what was being written (``path``, the file if known) and how to go on."""
+    file = f" (writing {error.filename})" if error.filename and str(error.filename) != str(path) else ""
+    return f"{path}: no space left on the device: {os.strerror(error.errno)}{file}; nothing was published: free some space and run again"
+
+
+def as_disk_full(error: BaseException) -> OSError | None:
+    """The OSError saying the disk is full behind ``error``, if that is what it is."""
+    if isinstance(error, DiskFullError):
+        return error.oserror
+    if isinstance(error, OSError) and error.errno in DISK_FULL:
+        return error
+    return None
 
 
 @contextmanager
@@ -175,10 +189,11 @@ def disk_full_as_error(path: Path | str):
     """Turn a full disk met inside the block into one DiskFullError line naming ``path``."""
     try:
         yield
-    except OSError as e:
-        if e.errno not in DISK_FULL:
+    except (OSError, DiskFullError) as e:
+        full = as_disk_full(e)
+        if full is None:
             raise
-        raise DiskFullError(disk_full_line(e, path)) from None
+        raise DiskFullError(disk_full_line(full, path), full) from None
 
 
 def stage_tmpdir(out: Path) -> Path | None:

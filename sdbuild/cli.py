@@ -398,8 +398,14 @@ def main(argv: list[str] | None = None) -> int:
         # The machine, not the input: a full disk, a folder that cannot be written.
         from sdbuild.cache import DISK_FULL, disk_full_line
 
+        import shutil
+
         where = e.filename or args.__dict__.get("artifacts") or "."
-        line = disk_full_line(e, where) if e.errno in DISK_FULL else f"{where}: {e.strerror or type(e).__name__}"
+        if isinstance(e, shutil.Error) and e.args and isinstance(e.args[0], list) and e.args[0]:
+            _src, where, why = e.args[0][0]  # copytree's list of failures: the first says enough
+            line = f"{where}: {why}"
+        else:
+            line = disk_full_line(e, where) if e.errno in DISK_FULL else f"{where}: {e.strerror or type(e).__name__}"
         print(f"error: {line}", file=sys.stderr)
         return 1
 

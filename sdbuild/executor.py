@@ -35,6 +35,7 @@ from sdbuild.cache import (
     Entry,
     LocalCache,
     RemoteCache,
+    as_disk_full,
     disk_full_line,
     stage_key,
     stage_tmpdir,
@@ -671,9 +672,10 @@ def run_build(
         _publish_dir(staging, build.build_dir)
     except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(e, OSError) and e.errno in DISK_FULL:
+        full = as_disk_full(e)
+        if full is not None:
             # The bundle, report or build.json met a full disk: one line, nothing published.
-            raise DiskFullError(disk_full_line(e, build.build_dir)) from None
+            raise DiskFullError(disk_full_line(full, build.build_dir), full) from None
         raise
     return BuildResult(build.build_dir, report)
 

@@ -127,7 +127,7 @@ def place_package(src: Path, dst: Path, metadata: dict[str, str]) -> None:
         feature.shortDescription = known or feature.shortDescription or feature.name
     target = dst / SPEC_PATH
     target.unlink()
-    target.write_bytes(spec.SerializeToString())
+    target.write_bytes(spec.SerializeToString(deterministic=True))  # map order fixed: the same bundle, byte for byte
 
 
 def pipeline_facts(recipe, family: str, checkpoint: Path, vae_folder: Path) -> dict:
