@@ -9,6 +9,7 @@ a digest of its own source.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -43,13 +44,17 @@ _digests: dict[str, str] = {}
 
 
 def library_versions(names: tuple[str, ...]) -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in names:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = "absent"
-    return out
+    """Installed versions from package metadata (no import), ``absent`` for what is not installed."""
+    return {"python": platform.python_version(), **{name: _distribution_version(name) for name in names}}
+
+
+@functools.lru_cache(maxsize=None)
+def _distribution_version(name: str) -> str:
+    # Each lookup parses a METADATA file: once per run per distribution, not once per stage.
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
 
 
 def code_digest(modules: tuple[str, ...]) -> str:
@@ -404,10 +409,11 @@ def prepare(
 def resolve_controlnets(recipe: Recipe, family: str) -> dict[str, dict]:
     """The recipe's ControlNets resolved like the checkpoint (hub, folder or synthetic)."""
     from sdbuild.errors import NotBuiltYet
-    from sdbuild.models.controlnet import SDXL_REFUSAL
     from sdbuild.stages.download import resolve_source
 
     if recipe.controlnet and family == "sdxl":
+        from sdbuild.models.controlnet import SDXL_REFUSAL  # imports torch: only on this refusal
+
         raise NotBuiltYet(f"controlnet: {SDXL_REFUSAL}")
     m = recipe.model
     return {
@@ -617,7 +623,10 @@ def run_build(
             if compiled is not None:
                 swift = compiled_paths(compiled.entry.path, compiled.entry.manifest)
             packages[comp] = {"swift": swift, "whole": whole}
-        write_bundle(build.recipe, build.family, packages, download.entry.path, staging)
+        key = bundle_key(build)
+        if not _reuse_bundle(build.build_dir, key, staging):
+            write_bundle(build.recipe, build.family, packages, download.entry.path, staging)
+        report["bundle"] = {"key": key, "files": _bundle_files(staging)}
         report["seconds"] = round(time.time() - started, 3)
         report["bundle_bytes"] = tree_bytes(staging)
         if build.recipe.verify.sample_image:
@@ -634,6 +643,53 @@ def run_build(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return BuildResult(build.build_dir, report)
+
+
+BUNDLE_FILES_EXCLUDED = ("build.json", "build.log", "report.html", "report.md")  # rewritten by every run
+
+
+def bundle_key(build: Build) -> str:
+    """What the files ``write_bundle`` lays out are a function of: the recipe, the family, every stage key."""
+    from sdbuild.stages import bundle
+
+    version = f"{__version__}+{code_digest((bundle.__name__,))}"
+    fields = {"recipe": build.recipe.model_dump(mode="json"), "family": build.family}
+    upstream = {f"{n.stage.name}:{n.component or ''}": n.key for n in build.nodes}
+    return stage_key("bundle", version, fields, upstream, library_versions(("coremltools",)))
+
+
+def _bundle_files(folder: Path) -> dict[str, int]:
+    """Size of each file ``write_bundle`` wrote under ``folder``, by relative path."""
+    return {
+        p.relative_to(folder).as_posix(): p.stat().st_size
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.relative_to(folder).as_posix() not in BUNDLE_FILES_EXCLUDED
+    }
+
+
+def _reuse_bundle(previous: Path, key: str, staging: Path) -> bool:
+    """Link the previous build's bundle files into ``staging`` if it was written with ``key``; True if done.
+
+    A warm run thus rewrites no package spec (which would import coremltools).
+    The previous build must still hold every file it listed, at its size.
+    """
+    try:
+        old = json.loads((previous / "build.json").read_text()).get("bundle") or {}
+    except (OSError, ValueError):
+        return False
+    files = old.get("files") or {}
+    if old.get("key") != key or not files:
+        return False
+    for rel, size in files.items():
+        path = previous / rel
+        if path.is_symlink() or not path.is_file() or path.stat().st_size != size:
+            return False
+    from sdbuild.stages.bundle import _link
+
+    for rel in files:
+        (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+        _link(previous / rel, staging / rel)
+    return True
 
 
 def sample_node(build: Build) -> Node:

@@ -106,13 +106,37 @@ def test_build_json_reports_every_stage(artifacts):
     assert (artifacts / "builds" / "tiny" / "build.log").stat().st_size > 0
 
 
+HEAVY = ("torch", "coremltools", "diffusers", "transformers", "sklearn", "matplotlib")
+
+
+def run_cli_watching_imports(*args) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """Run the command line in a child process; also return the heavy libraries it imported."""
+    code = (
+        "import json, sys\n"
+        "from sdbuild.cli import main\n"
+        "rc = main(sys.argv[1:])\n"
+        f"heavy = sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r}))\n"
+        "print('heavy imports: ' + json.dumps(heavy), file=sys.stderr)\n"
+        "sys.exit(rc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=900)
+    line = next(l for l in reversed(done.stderr.splitlines()) if l.startswith("heavy imports: "))
+    return done, json.loads(line.split(": ", 1)[1])
+
+
 def test_second_run_hits_cache_for_every_stage(artifacts):
-    started = time.time()
-    done = run_cli("run", TINY, "--artifacts", artifacts)
+    before = build_json(artifacts, "tiny")["bundle"]
+    done, heavy = run_cli_watching_imports("run", TINY, "--artifacts", artifacts)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert time.time() - started < 15
+    # Every stage a hit, so no stage process ran and nothing heavy was imported.
     assert set(statuses(build_json(artifacts, "tiny")).values()) == {"hit"}
-    plan = run_cli("plan", TINY, "--artifacts", artifacts, "--json")
+    assert heavy == []
+    # The bundle was taken over from the previous build, not rewritten, and is still whole.
+    assert build_json(artifacts, "tiny")["bundle"] == before
+    for name, (inputs, outputs) in CONTRACT.items():
+        assert io_of(artifacts / "builds" / "tiny" / "Resources" / f"{name}.mlpackage") == (inputs, outputs), name
+    plan, heavy = run_cli_watching_imports("plan", TINY, "--artifacts", artifacts, "--json")
+    assert heavy == []
     rows = json.loads(plan.stdout)
     keyed = [r for r in rows if r["key"]]
     assert keyed and all(r["status"] == "cached" for r in keyed)
