@@ -139,6 +139,7 @@ class Node:
     entry: Entry | None = None
     seconds: float = 0.0
     peak_rss_bytes: int = 0
+    window: tuple[float, float] | None = None  # when it ran in this run: (start, end), time.time()
 
     @property
     def label(self) -> str:
@@ -538,7 +539,8 @@ class MemoryGate:
 
 
 def default_jobs() -> int:
-    return os.cpu_count() or 1
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def schedule(
@@ -793,12 +795,15 @@ def run_build(
     to_build = [n for n in todo if n.stage.name in force or cache.get(n.stage.name, n.key) is None]
     if to_build:
         start_stage_server()  # it imports the libraries while the cache is checked
-    estimates = PeakEstimates(cache)
+    estimates, estimated = PeakEstimates(cache), {}
 
     def estimate(node: Node) -> int:
-        return estimates.peak(node.stage.name, node.component, input_bytes(node)) if node in to_build else 0
+        if node not in estimated:
+            estimated[node] = estimates.peak(node.stage.name, node.component, input_bytes(node)) if node in to_build else 0
+        return estimated[node]
 
     def run_node(node: Node) -> None:
+        begun = time.time()
         upstream = {d.stage.name: d.entry.path for d in node.deps}
         scratch = cache.root / ".scratch" / f"{node.stage.name}-{node.key}" if node.stage.resumable else None
         if scratch is not None:
@@ -823,6 +828,7 @@ def run_build(
             shutil.rmtree(scratch, ignore_errors=True)
         node.seconds = entry.manifest.get("seconds", 0.0)
         node.peak_rss_bytes = entry.manifest.get("peak_rss_bytes", 0)
+        node.window = (begun, time.time())
 
     def finished(node: Node, error: BaseException | None) -> None:
         if error is not None:
@@ -855,6 +861,8 @@ def run_build(
                 "build_seconds": n.seconds,
                 "peak_rss_bytes": n.peak_rss_bytes if n.status == "built" else 0,
                 "bytes": n.entry.manifest.get("bytes") if n.entry else None,
+                # Seconds from the run's start: stages built side by side overlap.
+                "ran_s": [round(t - started, 2) for t in n.window] if n.window else None,
             }
             for n in build.nodes
         ],
@@ -1024,10 +1032,13 @@ def _sample_image(build: Build, bundle: Path, log: Path, reporter: Reporter, rep
     return facts
 
 
+_log_lock = threading.Lock()  # stages finishing side by side append one at a time
+
+
 def _append_log(log: Path, node: Node, part: Path, keep: bool = False) -> None:
     """Append a stage's own log to the build's, under a header naming it; ``keep`` leaves the part."""
     text = part.read_text(errors="replace") if part.is_file() else ""
-    with open(log, "a") as f:
+    with _log_lock, open(log, "a") as f:
         f.write(f"\n=== {node.label} ({node.key})\n{text}")
     if not keep:
         part.unlink(missing_ok=True)

@@ -41,3 +41,22 @@ def crash(job, out: Path) -> dict:
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def pool(job, out: Path) -> dict:
+    """Square numbers in a pool of workers started from a forkserver of this stage's own, as k-means does."""
+    from multiprocessing import get_context
+
+    with get_context("forkserver").Pool(2) as workers:
+        pids = set(workers.map(_worker_pid, range(8)))
+        squares = workers.map(_square, range(5))
+    return {"squares": squares, "worker_pids": len(pids - {os.getpid()})}
+
+
+def _square(x: int) -> int:
+    return x * x
+
+
+def _worker_pid(_: int) -> int:
+    time.sleep(0.05)
+    return os.getpid()

@@ -106,6 +106,16 @@ def test_build_json_reports_every_stage(artifacts):
     assert (artifacts / "builds" / "tiny" / "build.log").stat().st_size > 0
 
 
+def test_independent_stages_were_built_side_by_side(artifacts):
+    # The fixture's cold build ran with the default --jobs (the cores); a one-core machine builds one at a time.
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one core: stages run one at a time")
+    built = [r for r in build_json(artifacts, "tiny")["stages"] if r["cache"] == "miss" and r["stage"] != "sample"]
+    windows = [(r["ran_s"], r["stage"], r["component"]) for r in built]
+    overlapping = [(a[1:], b[1:]) for i, a in enumerate(windows) for b in windows[i + 1 :] if a[0][0] < b[0][1] and b[0][0] < a[0][1]]
+    assert overlapping, windows
+
+
 HEAVY = ("torch", "coremltools", "diffusers", "transformers", "sklearn", "matplotlib")
 
 
@@ -142,6 +152,51 @@ def test_second_run_hits_cache_for_every_stage(artifacts):
     assert keyed and all(r["status"] == "cached" for r in keyed)
 
 
+def same_stage_output(a: Path, b: Path) -> list[str]:
+    """Files of two cache entries that differ in content, beyond what differs between any two runs.
+
+    Random per save: a TorchScript archive's serialization id and debug tables,
+    an mlpackage's item ids, and protobuf's map order in a spec (compared parsed).
+    """
+    import zipfile
+
+    import coremltools as ct
+
+    files = lambda entry: {p.relative_to(entry).as_posix() for p in entry.rglob("*") if p.is_file() and p.name != "manifest.json"}
+    names = files(a) | files(b)
+    differ = sorted(names ^ (files(a) & files(b)))
+    for name in sorted(files(a) & files(b)):
+        x, y = a / name, b / name
+        if name.endswith("Manifest.json"):
+            same = sorted(json.loads(x.read_text())["itemInfoEntries"].values(), key=str) == sorted(
+                json.loads(y.read_text())["itemInfoEntries"].values(), key=str
+            )
+        elif name.endswith("model.mlmodel"):
+            same = ct.utils.load_spec(str(x.parents[2])) == ct.utils.load_spec(str(y.parents[2]))
+        elif name.endswith(".pt"):
+            members = lambda z: {n: z.read(n) for n in z.namelist() if not n.endswith((".debug_pkl", "serialization_id"))}
+            with zipfile.ZipFile(x) as zx, zipfile.ZipFile(y) as zy:
+                same = members(zx) == members(zy)
+        else:
+            same = x.read_bytes() == y.read_bytes()
+        if not same:
+            differ.append(name)
+    return differ
+
+
+def test_one_stage_at_a_time_gives_the_same_outputs_as_side_by_side(artifacts, tmp_path):
+    from sdbuild.executor import prepare
+
+    sequential = tmp_path / "sequential"
+    done = run_cli("run", TINY, "--artifacts", sequential, "--jobs", "1", "--until", "convert")
+    assert done.returncode == 0, done.stderr[-2000:]
+    nodes = [n for n in prepare(TINY, artifacts).nodes if n.stage.name in ("download", "trace", "convert")]
+    assert len(nodes) == 7
+    for node in nodes:
+        one, side_by_side = (root / "cache" / node.stage.name / node.key for root in (sequential, artifacts))
+        assert same_stage_output(one, side_by_side) == [], node.label
+
+
 def test_nbits_change_reuses_download_trace_convert(artifacts, tmp_path):
     # A 4-bit random-weight unet scores about 27 dB: lower the gate (it is not part of any key).
     recipe = write_recipe(
@@ -166,8 +221,8 @@ def test_sigkill_during_convert_leaves_no_entry_and_next_run_succeeds(artifacts,
     recipe = write_recipe(tmp_path, "tiny-13", f"extends: {TINY}\nname: tiny-13\ntarget: macOS13\n")
     keys = {n.component: n.key for n in prepare(recipe, artifacts).nodes if n.stage.name == "convert"}
     cache = artifacts / "cache"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sdbuild.cli", "run", str(recipe), "--artifacts", str(artifacts)],
+    proc = subprocess.Popen(  # three converts side by side
+        [sys.executable, "-m", "sdbuild.cli", "run", str(recipe), "--artifacts", str(artifacts), "--jobs", "3"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     deadline = time.time() + 300

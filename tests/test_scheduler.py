@@ -153,11 +153,11 @@ def run_probe(tmp_path: Path, calls: list, env: dict | None = None, **popen) -> 
 
 def test_stages_fork_from_a_server_that_imported_the_libraries(tmp_path):
     calls = [("stage_fakes:report", {}), ("stage_fakes:allocate", {"mib": 256}), ("stage_fakes:report", {}), ("stage_fakes:crash", {}),
-             ("stage_fakes:report", {})]
+             ("stage_fakes:report", {}), ("stage_fakes:pool", {})]
     proc = run_probe(tmp_path, calls)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
-    first, big, after, crashed, survivor = json.loads(out)
+    first, big, after, crashed, survivor, pooled = json.loads(out)
     assert first["preloaded"] == ["coremltools", "diffusers", "torch", "transformers"]
     assert first["ppid"] != proc.pid and first["ppid"] == after["ppid"] == survivor["ppid"]  # one server, every stage its own process
     assert len({first["pid"], after["pid"], survivor["pid"]}) == 3
@@ -167,6 +167,8 @@ def test_stages_fork_from_a_server_that_imported_the_libraries(tmp_path):
     # A crashed stage is reported and loses nothing else: the next stage forks from the same server.
     assert "died, exit status 3" in crashed["error"]
     assert "preloaded" in survivor
+    # A stage may start worker pools of its own from a forkserver of its own (the k-means workers do).
+    assert pooled["squares"] == [0, 1, 4, 9, 16] and pooled["worker_pids"] >= 1
     # Nothing the libraries print on import reaches the terminal.
     assert "coremltools" not in err and "scikit-learn" not in err, err
 
