@@ -9,14 +9,15 @@ a digest of its own source.
 
 from __future__ import annotations
 
-import functools
 import ast
+import functools
 import hashlib
 import importlib.metadata
 import json
 import multiprocessing
 import os
 import platform
+import re
 import shutil
 import signal
 import sys
@@ -69,12 +70,26 @@ def module_source(module: str, package_dir: Path = PACKAGE_DIR) -> Path | None:
     return None
 
 
-def imported_modules(module: str, package_dir: Path = PACKAGE_DIR) -> set[str]:
-    """The sdbuild modules ``module``'s source imports anywhere in it (functions too), with their parent packages."""
+# An import statement's first line: `import a.b` or `from a import b` at any indentation.
+_IMPORT_LINE = re.compile(r"^[ \t]*(?:import[ \t]+[^\n]+|from[ \t]+[\w.]+[ \t]+import[ \t]+(?:\([^)]*\)|[^\n]+))", re.M)
+
+
+@functools.lru_cache(maxsize=None)
+def imported_modules(module: str, package_dir: Path = PACKAGE_DIR) -> frozenset[str]:
+    """The sdbuild modules ``module``'s source imports anywhere in it (functions too), with their parent packages.
+
+    Each import statement is found by its line and parsed with ``ast``; parsing
+    whole modules would cost a warm run most of its time. A line that only
+    looks like one (in a docstring) can add a module, never drop one.
+    """
     source = module_source(module, package_dir)
     package = module.split(".") if source.name == "__init__.py" else module.split(".")[:-1]
     found = set()
-    for node in ast.walk(ast.parse(source.read_bytes(), str(source))):
+    for match in _IMPORT_LINE.finditer(source.read_text()):
+        try:
+            (node,) = ast.parse(match.group(0).strip().rstrip("\\")).body
+        except SyntaxError:
+            continue
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -88,7 +103,7 @@ def imported_modules(module: str, package_dir: Path = PACKAGE_DIR) -> set[str]:
             if parts[0] == "sdbuild":
                 # Importing a.b.c runs a and a.b first.
                 found.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
-    return {name for name in found if module_source(name, package_dir) is not None}
+    return frozenset(name for name in found if module_source(name, package_dir) is not None)
 
 
 def stage_modules(roots: tuple[str, ...], package_dir: Path = PACKAGE_DIR) -> list[str]:
