@@ -31,6 +31,7 @@ bench: install
 	$(BIN)/python bench/executor.py
 	$(BIN)/python bench/generate.py
 	$(BIN)/python bench/matrix.py
+	$(BIN)/python bench/build.py
 
 # Build every variant of a matrix recipe locally: make matrix RECIPE=recipes/x.yaml
 RECIPE ?= recipes/tiny.yaml

@@ -63,10 +63,10 @@ def cmd_run(args) -> int:
         build = prepare(recipe, Path(args.artifacts), overrides, remote=remote)
         build.verify_hashes = args.verify_hashes
         if args.json:
-            result = run_build(build, force=tuple(args.force or ()), until=args.until)
+            result = run_build(build, force=tuple(args.force or ()), until=args.until, jobs=args.jobs)
         else:
             with RichReporter(console) as reporter:
-                result = run_build(build, force=tuple(args.force or ()), until=args.until, reporter=reporter)
+                result = run_build(build, force=tuple(args.force or ()), until=args.until, reporter=reporter, jobs=args.jobs)
         results.append(result)
         if not args.json:
             table = Table(title=f"{build.recipe.name}: {result.report['seconds']:.1f} s")
@@ -289,6 +289,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got '{text}'")
+    return int(text)
+
+
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="sdbuild", description="Build Core ML Stable Diffusion bundles from YAML recipes.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -298,6 +304,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--artifacts", default="artifacts")
     run.add_argument("--force", action="append", metavar="STAGE", help="rebuild this stage even if cached")
     run.add_argument("--until", metavar="STAGE", help="stop after this stage")
+    run.add_argument("--jobs", "-j", type=_positive_int, metavar="N", help="stages run at once, memory allowing (default: the number of cores)")
     run.add_argument("--variant", metavar="NAME", help="build one variant of a matrix recipe (default: all)")
     run.add_argument("--cache-url", metavar="URL", help="remote stage cache, any fsspec URL (or SDBUILD_CACHE_URL)")
     run.add_argument("--require-remote-cache", action="store_true", help="fail instead of going local-only when the remote is down")

@@ -10,13 +10,15 @@ a digest of its own source.
 from __future__ import annotations
 
 import errno
+import ast
+import functools
 import hashlib
 import importlib.metadata
-import importlib.util
 import json
 import multiprocessing
 import os
 import platform
+import re
 import shutil
 import signal
 import sys
@@ -57,31 +59,96 @@ _digests: dict[str, str] = {}
 
 
 def library_versions(names: tuple[str, ...]) -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in names:
+    """Installed versions from package metadata (no import), ``absent`` for what is not installed."""
+    return {"python": platform.python_version(), **{name: _distribution_version(name) for name in names}}
+
+
+@functools.lru_cache(maxsize=None)
+def _distribution_version(name: str) -> str:
+    # Each lookup parses a METADATA file: once per run per distribution, not once per stage.
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+PACKAGE_DIR = Path(__file__).resolve().parent  # sdbuild/
+
+
+def module_source(module: str, package_dir: Path = PACKAGE_DIR) -> Path | None:
+    """The file of an sdbuild module (``sdbuild.a.b`` → ``a/b.py`` or ``a/b/__init__.py``), found without importing it."""
+    base = package_dir.joinpath(*module.split(".")[1:])
+    for path in (base / "__init__.py", base.with_suffix(".py")):
+        if path.is_file():
+            return path
+    return None
+
+
+# An import statement's first line: `import a.b` or `from a import b` at any indentation.
+_IMPORT_LINE = re.compile(r"^[ \t]*(?:import[ \t]+[^\n]+|from[ \t]+[\w.]+[ \t]+import[ \t]+(?:\([^)]*\)|[^\n]+))", re.M)
+
+
+@functools.lru_cache(maxsize=None)
+def imported_modules(module: str, package_dir: Path = PACKAGE_DIR) -> frozenset[str]:
+    """The sdbuild modules ``module``'s source imports anywhere in it (functions too), with their parent packages.
+
+    Each import statement is found by its line and parsed with ``ast``; parsing
+    whole modules would cost a warm run most of its time. A line that only
+    looks like one (in a docstring) can add a module, never drop one.
+    """
+    source = module_source(module, package_dir)
+    package = module.split(".") if source.name == "__init__.py" else module.split(".")[:-1]
+    found = set()
+    for match in _IMPORT_LINE.finditer(source.read_text()):
         try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = "absent"
-    return out
+            (node,) = ast.parse(match.group(0).strip().rstrip("\\")).body
+        except SyntaxError:
+            continue
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            parts = package[: len(package) - node.level + 1] if node.level else []
+            base = ".".join(parts + ([node.module] if node.module else []))
+            names = [base] + [f"{base}.{alias.name}" for alias in node.names]  # a name may be a submodule
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "sdbuild":
+                # Importing a.b.c runs a and a.b first.
+                found.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return frozenset(name for name in found if module_source(name, package_dir) is not None)
 
 
-def code_digest(modules: tuple[str, ...]) -> str:
-    """sha256 over the source of the listed sdbuild modules (a package counts all its files)."""
+def stage_modules(roots: tuple[str, ...], package_dir: Path = PACKAGE_DIR) -> list[str]:
+    """``roots`` and every sdbuild module they import, transitively, read with ``ast``: nothing is imported."""
+    seen: set[str] = set()
+    todo = list(roots)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        if module_source(name, package_dir) is None:
+            raise RuntimeError(f"stage code {name} not found")
+        seen.add(name)
+        todo.extend(imported_modules(name, package_dir) - seen)
+    return sorted(seen)
+
+
+def code_digest(modules: tuple[str, ...], package_dir: Path = PACKAGE_DIR) -> str:
+    """sha256 over the source of ``modules`` and of every sdbuild module they import, transitively."""
     h = hashlib.sha256()
-    for name in sorted(modules):
-        if name not in _digests:
-            spec = importlib.util.find_spec(name)
-            if spec is None or spec.origin is None:
-                raise RuntimeError(f"stage code {name} not found")
-            origin = Path(spec.origin)
-            files = sorted(origin.parent.rglob("*.py")) if origin.name == "__init__.py" else [origin]
-            d = hashlib.sha256()
-            for f in files:
-                d.update(f.name.encode() + b"\0" + f.read_bytes())
-            _digests[name] = d.hexdigest()
-        h.update(name.encode() + _digests[name].encode())
+    for name in stage_modules(modules, package_dir):
+        key = f"{package_dir}:{name}"
+        if key not in _digests:
+            _digests[key] = hashlib.sha256(module_source(name, package_dir).read_bytes()).hexdigest()
+        h.update(name.encode() + b"\0" + _digests[key].encode())
     return h.hexdigest()[:16]
+
+
+def stage_code(stage: Stage) -> tuple[str, ...]:
+    """The modules whose source (and imports) a stage's key covers: its ``run`` module, plus any it declares."""
+    return (stage.run.split(":")[0], *stage.code)
 
 
 # --- the graph ---------------------------------------------------------------
@@ -101,6 +168,7 @@ class Node:
     entry: Entry | None = None
     seconds: float = 0.0
     peak_rss_bytes: int = 0
+    window: tuple[float, float] | None = None  # when it ran in this run: (start, end), time.time()
 
     @property
     def label(self) -> str:
@@ -209,7 +277,7 @@ def assign_keys(nodes: list[Node]) -> None:
         # By stage and component: a node may follow several of one stage (sample follows every verify).
         upstream = {f"{d.stage.name}:{d.component or ''}": d.key for d in node.deps}
         versions = library_versions(s.libraries)
-        version = f"{s.version}+{code_digest(s.code)}"
+        version = f"{s.version}+{code_digest(stage_code(s))}"
         fields = dict(node.fields, component=node.component)
         node.key = stage_key(s.name, version, fields, upstream, versions)
         node.record = {"stage_version": version, "fields": fields, "upstream": upstream, "versions": versions}
@@ -226,6 +294,47 @@ def final_nodes(nodes: list[Node]) -> dict[str, Node]:
 
 # --- child processes ---------------------------------------------------------
 
+# What the stage server imports once per run; every stage process forks from it with these loaded.
+STAGE_SERVER_PRELOAD = (
+    "sdbuild.stages.server",  # first: sends the server's own output away from the terminal
+    "numpy",
+    "torch",
+    "coremltools",
+    "transformers",
+    "diffusers",
+    "sdbuild.models.unet",
+    "sdbuild.models.text_encoder",
+    "sdbuild.models.vae",
+    "sdbuild.convert",
+    "sdbuild.compress",
+    "sdbuild.mil.executor",
+    "sdbuild.executor",
+    "sdbuild.cli",
+)
+WORKERS_ENV = "SDBUILD_WORKERS"  # forkserver (default) | spawn: a fresh interpreter per stage, the old path
+
+
+def stage_start_method() -> str:
+    """How stage processes start: ``forkserver`` (from the warm stage server) or ``spawn``."""
+    wanted = os.environ.get(WORKERS_ENV) or "forkserver"
+    if wanted not in ("forkserver", "spawn"):
+        raise SdbuildError(f"{WORKERS_ENV}={wanted}: choose forkserver or spawn")
+    return wanted if wanted in multiprocessing.get_all_start_methods() else "spawn"
+
+
+def start_stage_server() -> None:
+    """Start the stage server now, so it imports the heavy libraries while the build gets ready.
+
+    It lives until the build process ends (once per run, not per stage). A
+    no-op with spawn workers, or where one is already running in this process.
+    """
+    if stage_start_method() != "forkserver":
+        return
+    from multiprocessing import forkserver
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(list(STAGE_SERVER_PRELOAD))
+    forkserver.ensure_running()
+
 
 def _set_parent_death_signal() -> None:
     # A child must not outlive a killed build: it would keep working for nobody.
@@ -238,8 +347,34 @@ def _set_parent_death_signal() -> None:
             pass
 
 
+def _leave_stage_server() -> None:
+    """Close this stage's copy of the build's lifeline to the stage server.
+
+    The server exits when every copy is closed, which is when the build
+    process is gone, and then the parent-death signal ends its stages.
+    """
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if fd is not None and getattr(server, "_forkserver_pid", None) is None:  # inherited, not our own server's
+        os.close(fd)
+        server._forkserver_alive_fd = None
+
+
+def _reset_peak_rss() -> None:
+    # A forked process starts with its server's high-water mark; measure this stage's from here.
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def _child_main(run: str, job: Job, out: str, log: str, conn) -> None:
     _set_parent_death_signal()
+    _leave_stage_server()
+    _reset_peak_rss()
     tmp = stage_tmpdir(Path(out))
     if tmp is not None:
         # Libraries' temporary files (coremltools' tmp*.mlpackage) go in the cache's temp area, and with it.
@@ -324,11 +459,16 @@ class _TreeMemory(threading.Thread):
 
 
 def run_in_child(run: str, job: Job, out: Path, log: Path) -> dict:
-    """Run a stage function in a fresh process; its memory goes back when it ends.
+    """Run a stage function in a process of its own; its memory goes back when it ends.
 
-    Returns the stage's facts plus ``peak_rss_bytes`` of the child's process tree.
+    The process forks from the stage server (libraries already imported), or
+    is a fresh interpreter with ``SDBUILD_WORKERS=spawn``. Its output goes to
+    ``log``. Returns the stage's facts plus ``peak_rss_bytes`` of the child's
+    process tree (its RSS counts the library pages it shares with the server,
+    as a fresh interpreter's counted its own copy).
     """
-    ctx = multiprocessing.get_context("spawn")
+    start_stage_server()
+    ctx = multiprocessing.get_context(stage_start_method())
     receive, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child_main, args=(run, job, str(out), str(log), send), daemon=False)
     proc.start()
@@ -355,6 +495,155 @@ def run_in_child(run: str, job: Job, out: Path, log: Path) -> dict:
     result = message[1]
     result["peak_rss_bytes"] = max(peak, result.pop("self_peak_rss_bytes", 0))
     return result
+
+
+# --- scheduling --------------------------------------------------------------
+
+GiB = 1 << 30
+# Peak RSS of a stage process with nothing measured yet: base + factor × the component's weight
+# bytes (float32 on disk). Full-size measurements (README) sit below: SD 1.5's unet (3.4 GB)
+# peaks at 4.2 GiB in trace and convert, SDXL's (10 GB) at 11 GiB.
+PEAK_TABLE: dict[str, tuple[int, float]] = {
+    "download": (1 * GiB, 1.0),
+    "trace": (1 * GiB, 1.5),
+    "convert": (1 * GiB, 1.5),
+    "analyze": (1 * GiB, 2.0),
+    "compress": (1 * GiB, 1.5),
+    "chunk": (1 * GiB, 1.5),
+    "verify": (1 * GiB, 1.5),
+    "sample": (1 * GiB, 1.5),
+    "compile": (1 * GiB, 0.5),
+}
+SAME_SIZE = 1.25  # a measured peak stands for weights within this ratio of the ones it was measured on
+
+
+def download_of(node: Node) -> Node | None:
+    """The download a node's component comes from (its own, for a ControlNet's stages)."""
+    for dep in node.deps:
+        found = dep if dep.stage.name == "download" else download_of(dep)
+        if found is not None:
+            return found
+    return None
+
+
+def input_bytes(node: Node) -> int:
+    """Bytes of the checkpoint files the node's component loads: the scale of its memory (0: unknown)."""
+    from sdbuild.stages import component_kind
+    from sdbuild.stages.download import checkpoint_dir, vae_dir
+
+    download = download_of(node)
+    if download is None or download.entry is None or not node.component:
+        return 0
+    kind = component_kind(node.component)
+    root = checkpoint_dir(download.entry.path)
+    if kind in ("vae_decoder", "vae_encoder"):
+        folder = vae_dir(download.entry.path)
+    else:
+        folder = root if kind == "controlnet" else root / {"controlled_unet": "unet"}.get(kind, kind)
+    return tree_bytes(folder) if folder.is_dir() else 0
+
+
+class PeakEstimates:
+    """A stage's expected peak RSS: the last one measured for its stage, component kind and size
+    in the cache's manifests, else ``PEAK_TABLE``."""
+
+    def __init__(self, cache: LocalCache):
+        self.cache = cache
+        self._measured: dict[tuple[str, str], list[tuple[str, int, int]]] | None = None
+
+    def measured(self) -> dict[tuple[str, str], list[tuple[str, int, int]]]:
+        """(stage, kind) → [(created, input bytes, peak RSS)] from every manifest that records them."""
+        from sdbuild.stages import component_kind
+
+        if self._measured is None:
+            self._measured = {}
+            for entry in self.cache.entries():
+                m = entry.manifest
+                if m.get("peak_rss_bytes") and m.get("input_bytes"):
+                    kind = component_kind((m.get("fields") or {}).get("component"))
+                    row = (m.get("created", ""), m["input_bytes"], m["peak_rss_bytes"])
+                    self._measured.setdefault((entry.stage, kind), []).append(row)
+        return self._measured
+
+    def peak(self, stage: str, component: str | None, size: int) -> int:
+        from sdbuild.stages import component_kind
+
+        if size:
+            same = [r for r in self.measured().get((stage, component_kind(component)), []) if max(r[1], size) <= SAME_SIZE * min(r[1], size)]
+            if same:
+                return max(same)[2]  # the newest
+        base, factor = PEAK_TABLE.get(stage, (1 * GiB, 1.5))
+        return int(base + factor * size)
+
+
+class MemoryGate:
+    """Admits stages while the sum of their estimated peaks fits in ``available`` bytes."""
+
+    def __init__(self, available: int):
+        self.available, self.reserved = available, 0
+
+    def admits(self, need: int, running: int) -> bool:
+        # Alone, a stage always starts: memory nothing else holds is all there is.
+        return running == 0 or self.reserved + need <= self.available
+
+
+def default_jobs() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def schedule(
+    nodes: list[Node],
+    run_node: Callable[[Node], None],
+    *,
+    jobs: int,
+    gate: MemoryGate,
+    estimate: Callable[[Node], int],
+    started: Callable[[Node], None] = lambda node: None,
+    finished: Callable[[Node, BaseException | None], None] = lambda node, error: None,
+) -> None:
+    """Run ``run_node(node)`` for every node once its dependencies are done.
+
+    Up to ``jobs`` at a time, in the nodes' order, each started only while
+    ``gate`` admits ``estimate(node)`` beside those running. Dependencies not
+    in ``nodes`` count as done. ``started`` and ``finished`` are called from
+    this thread. After a failure nothing new starts; stages already running
+    finish (their outputs are kept), then the first error is raised.
+    """
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    pending = list(nodes)
+    waiting_for = set(nodes)
+    running: dict = {}
+    failure: BaseException | None = None
+    with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="stage") as pool:
+        while running or (pending and failure is None):
+            for node in list(pending) if failure is None else []:
+                if len(running) >= jobs:
+                    break
+                if any(d in waiting_for for d in node.deps):
+                    continue
+                need = estimate(node)
+                if not gate.admits(need, len(running)):
+                    continue
+                pending.remove(node)
+                gate.reserved += need
+                started(node)
+                running[pool.submit(run_node, node)] = (node, need)
+            if not running:
+                raise RuntimeError("the stage graph has a dependency cycle")
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                node, need = running.pop(future)
+                gate.reserved -= need
+                error = future.exception()
+                finished(node, error)
+                if error is None:
+                    waiting_for.discard(node)
+                elif failure is None:
+                    failure = error
+    if failure is not None:
+        raise failure
 
 
 # --- plan and run ------------------------------------------------------------
@@ -440,10 +729,11 @@ def prepare(
 def resolve_controlnets(recipe: Recipe, family: str) -> dict[str, dict]:
     """The recipe's ControlNets resolved like the checkpoint (hub, folder or synthetic)."""
     from sdbuild.errors import NotBuiltYet
-    from sdbuild.models.controlnet import SDXL_REFUSAL
     from sdbuild.stages.download import resolve_source
 
     if recipe.controlnet and family == "sdxl":
+        from sdbuild.models.controlnet import SDXL_REFUSAL  # imports torch: only on this refusal
+
         raise NotBuiltYet(f"controlnet: {SDXL_REFUSAL}")
     m = recipe.model
     return {
@@ -519,8 +809,14 @@ def run_build(
     force: tuple[str, ...] = (),
     until: str | None = None,
     reporter: Reporter | None = None,
+    jobs: int | None = None,
 ) -> BuildResult:
-    """Build every stage (cache hits reused), then the bundle; write build.json and build.log."""
+    """Build every stage (cache hits reused), then the bundle; write build.json and build.log.
+
+    Stages whose inputs are ready run side by side, up to ``jobs`` at once
+    (default: the number of cores) while their estimated peaks fit in the
+    available memory.
+    """
     from sdbuild.report import write_report
     from sdbuild.stages.bundle import write_bundle
     from sdbuild.stages.chunk import chunk_facts, part_paths
@@ -544,34 +840,59 @@ def run_build(
     cache.sweep()  # temporary folders of killed runs; never a live run's
     sweep_build_temps(build.artifacts / "builds")
     notes: list[str] = []
+    todo = []
     for node in build.nodes:
         if ORDER.index(node.stage.name) > limit:
             node.status = "skipped"
-            continue
+        else:
+            todo.append(node)
+    to_build = [n for n in todo if n.stage.name in force or cache.get(n.stage.name, n.key) is None]
+    if to_build:
+        start_stage_server()  # it imports the libraries while the cache is checked
+    estimates, estimated = PeakEstimates(cache), {}
+
+    def estimate(node: Node) -> int:
+        if node not in estimated:
+            estimated[node] = estimates.peak(node.stage.name, node.component, input_bytes(node)) if node in to_build else 0
+        return estimated[node]
+
+    def run_node(node: Node) -> None:
+        begun = time.time()
         upstream = {d.stage.name: d.entry.path for d in node.deps}
         scratch = cache.root / ".scratch" / f"{node.stage.name}-{node.key}" if node.stage.resumable else None
         if scratch is not None:
             scratch.mkdir(parents=True, exist_ok=True)
         job = Job(node.stage.name, node.component, node.fields, upstream, build.recipe.name, scratch)
-        reporter.stage_started(node)
 
-        def produce(tmp: Path, node=node, job=job) -> dict:
-            with open(log, "a") as f:
-                f.write(f"\n=== {node.label} ({node.key})\n")
-            return run_in_child(node.stage.run, job, tmp, log)
+        def produce(tmp: Path) -> dict:
+            # A log of its own while stages run side by side; appended to the build's log after.
+            part = log.with_name(f"{log.stem}.{node.stage.name}-{node.key}.log")
+            try:
+                facts = run_in_child(node.stage.run, job, tmp, part)
+            except BaseException:
+                _append_log(log, node, part, keep=True)  # the error names this file
+                raise
+            _append_log(log, node, part)
+            facts["input_bytes"] = input_bytes(node)  # what later estimates of this stage compare sizes by
+            return facts
 
-        try:
-            entry, how = cache.build(node.stage.name, node.key, produce, node.record, force=node.stage.name in force)
-        except SdbuildError:
-            node.status = "failed"
-            reporter.stage_finished(node)
-            raise
+        entry, how = cache.build(node.stage.name, node.key, produce, node.record, force=node.stage.name in force)
         node.entry, node.status = entry, {"hit": "cached", "remote": "downloaded", "miss": "built"}[how]
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
         node.seconds = entry.manifest.get("seconds", 0.0)
         node.peak_rss_bytes = entry.manifest.get("peak_rss_bytes", 0)
+        node.window = (begun, time.time())
+
+    def finished(node: Node, error: BaseException | None) -> None:
+        if error is not None:
+            node.status = "failed"
         reporter.stage_finished(node)
+
+    import psutil
+
+    gate = MemoryGate(psutil.virtual_memory().available)
+    schedule(todo, run_node, jobs=jobs or default_jobs(), gate=gate, estimate=estimate, started=reporter.stage_started, finished=finished)
 
     finals = final_nodes(build.nodes)
     psnr = {n.component: read_psnr(n.entry.path) for n in build.nodes if n.stage.name == "verify" and n.entry}
@@ -594,6 +915,8 @@ def run_build(
                 "build_seconds": n.seconds,
                 "peak_rss_bytes": n.peak_rss_bytes if n.status == "built" else 0,
                 "bytes": n.entry.manifest.get("bytes") if n.entry else None,
+                # Seconds from the run's start: stages built side by side overlap.
+                "ran_s": [round(t - started, 2) for t in n.window] if n.window else None,
             }
             for n in build.nodes
         ],
@@ -656,7 +979,10 @@ def run_build(
             if compiled is not None:
                 swift = compiled_paths(compiled.entry.path, compiled.entry.manifest)
             packages[comp] = {"swift": swift, "whole": whole}
-        write_bundle(build.recipe, build.family, packages, download.entry.path, staging)
+        key = bundle_key(build)
+        if not _reuse_bundle(build.build_dir, key, staging):
+            write_bundle(build.recipe, build.family, packages, download.entry.path, staging)
+        report["bundle"] = {"key": key, "files": _bundle_files(staging)}
         report["seconds"] = round(time.time() - started, 3)
         report["bundle_bytes"] = tree_bytes(staging)
         if build.recipe.verify.sample_image:
@@ -678,6 +1004,61 @@ def run_build(
             raise DiskFullError(disk_full_line(full, build.build_dir), full) from None
         raise
     return BuildResult(build.build_dir, report)
+
+
+BUNDLE_FILES_EXCLUDED = ("build.json", "build.log", "report.html", "report.md")  # rewritten by every run
+
+
+def bundle_key(build: Build) -> str:
+    """What the files ``write_bundle`` lays out are a function of: the recipe, the family, every stage key."""
+    from sdbuild.stages import bundle
+
+    version = f"{__version__}+{code_digest((bundle.__name__,))}"
+    fields = {"recipe": build.recipe.model_dump(mode="json"), "family": build.family}
+    upstream = {f"{n.stage.name}:{n.component or ''}": n.key for n in build.nodes}
+    return stage_key("bundle", version, fields, upstream, library_versions(("coremltools",)))
+
+
+def _file_state(path: Path) -> list[int]:
+    """Size, mtime, ctime and inode: any write to the file changes one of them (ctime cannot be set back)."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _bundle_files(folder: Path) -> dict[str, list[int]]:
+    """The state of each file ``write_bundle`` wrote under ``folder``, by relative path."""
+    return {
+        p.relative_to(folder).as_posix(): _file_state(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.relative_to(folder).as_posix() not in BUNDLE_FILES_EXCLUDED
+    }
+
+
+def _reuse_bundle(previous: Path, key: str, staging: Path) -> bool:
+    """Link the previous build's bundle files into ``staging`` if it was written with ``key``; True if done.
+
+    A warm run thus rewrites no package spec (which would import coremltools).
+    The previous build must still hold every file it listed, each in the state
+    recorded when it was written (size, mtime, ctime, inode): a bundle file
+    edited since is not taken over, and the bundle is written anew from the cache.
+    """
+    try:
+        old = json.loads((previous / "build.json").read_text()).get("bundle") or {}
+    except (OSError, ValueError):
+        return False
+    files = old.get("files") or {}
+    if old.get("key") != key or not files:
+        return False
+    for rel, state in files.items():
+        path = previous / rel
+        if path.is_symlink() or not path.is_file() or _file_state(path) != state:
+            return False
+    from sdbuild.stages.bundle import _link
+
+    for rel in files:
+        (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+        _link(previous / rel, staging / rel)
+    return True
 
 
 def sample_node(build: Build) -> Node:
@@ -716,6 +1097,18 @@ def _sample_image(build: Build, bundle: Path, log: Path, reporter: Reporter, rep
     facts = entry.manifest["sample_image"]
     shutil.copyfile(entry.path / facts["path"], bundle / facts["path"])
     return facts
+
+
+_log_lock = threading.Lock()  # stages finishing side by side append one at a time
+
+
+def _append_log(log: Path, node: Node, part: Path, keep: bool = False) -> None:
+    """Append a stage's own log to the build's, under a header naming it; ``keep`` leaves the part."""
+    text = part.read_text(errors="replace") if part.is_file() else ""
+    with _log_lock, open(log, "a") as f:
+        f.write(f"\n=== {node.label} ({node.key})\n{text}")
+    if not keep:
+        part.unlink(missing_ok=True)
 
 
 def _mkdir(p: Path) -> Path:

@@ -53,3 +53,40 @@ def test_compile_nodes_only_where_the_compiler_exists_and_keyed_by_its_version(t
     monkeypatch.setattr(compile_stage, "compiler_version", lambda: "coremlcompiler 3500.2")
     newer = {n.component: n.key for n in prepare(TINY, tmp_path).nodes if n.stage.name == "compile"}
     assert newer["unet"] != compiled["unet"].key
+
+
+def keys_after_editing(tmp_path, monkeypatch, module_file: str) -> dict:
+    """The tiny recipe's keys as they would be with ``module_file`` (relative to sdbuild/) changed.
+
+    The edit goes into a copy of the package; the executor reads stage code from there.
+    """
+    import shutil
+
+    from sdbuild import executor
+
+    copy = tmp_path / module_file.replace("/", "-") / "sdbuild"  # a fresh path: digests are remembered by path
+    shutil.copytree(executor.PACKAGE_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    with open(copy / module_file, "a") as f:
+        f.write("\n# an edit\n")
+    read = executor.code_digest
+    with monkeypatch.context() as m:
+        m.setattr(executor, "code_digest", lambda modules: read(modules, copy))
+        return keys(prepare(TINY, tmp_path))
+
+
+def test_a_changed_helper_module_moves_the_keys_of_the_stages_importing_it(tmp_path, monkeypatch):
+    before = keys(prepare(TINY, tmp_path))
+    components = ("text_encoder", "unet", "vae_decoder")
+
+    def moved(module_file: str) -> set:
+        after = keys_after_editing(tmp_path, monkeypatch, module_file)
+        return {k for k in before if before[k] != after[k]}
+
+    # The models' shared layers: imported by the unet, text encoder and VAE modules the trace stage loads.
+    assert moved("models/layers.py") == set(before) - {("download", None)}
+    # PSNR: imported by verify and by the compression package (mixed-bit analysis).
+    assert moved("metrics.py") == {("compress", "unet"), *(("verify", c) for c in components)}
+    # The chunker: verify runs chained parts through it; no chunk stage in this recipe.
+    assert moved("mil/chunk.py") == {("verify", c) for c in components}
+    # The report is written by the executor, after every stage: no key follows it.
+    assert moved("report.py") == set()

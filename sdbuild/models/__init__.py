@@ -12,8 +12,6 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from sdbuild.errors import NotBuiltYet, RecipeError
 
 TOKENS = 77
@@ -288,6 +286,8 @@ def _build_safety_checker(checkpoint: Path, options: BuildOptions) -> ComponentM
 
 def sample_inputs(inputs: list[TensorSpec], seed: int) -> dict[str, np.ndarray]:
     """Seeded random float32 values for ``inputs``, each valid for its kind."""
+    import numpy as np  # here, not at the top: planning reads this package's configs only
+
     rng = np.random.default_rng(seed)
     out = {}
     for spec in inputs:

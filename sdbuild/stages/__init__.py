@@ -19,7 +19,8 @@ class Stage:
     fields: recipe fields (dotted) it reads, for every component;
     component_fields: more fields read for one component only;
     libraries: distributions whose versions enter the key;
-    code: sdbuild modules or packages whose source enters the key;
+    code: sdbuild modules whose source enters the key besides ``run``'s module; the
+    executor adds every sdbuild module these import, transitively (read, not imported);
     run: ``module:function`` called as ``function(job, out) -> dict``, always in a
     child process (memory goes back when it ends, a crash loses nothing else).
     """
@@ -66,7 +67,6 @@ STAGES: dict[str, Stage] = {
             "sdbuild.stages.download:run",
             fields=("model.version", "model.revision", "model.variant", "model.allow_pickle", "source"),
             libraries=("huggingface_hub", *TORCH_LIBS),
-            code=("sdbuild.stages.download", "sdbuild.synthetic"),
         ),
         Stage(
             "trace",
@@ -83,7 +83,6 @@ STAGES: dict[str, Stage] = {
                 "safety_checker": ("attention",),
             },
             libraries=TORCH_LIBS,
-            code=("sdbuild.stages.trace", "sdbuild.models", "sdbuild.convert"),
         ),
         Stage(
             "convert",
@@ -91,7 +90,6 @@ STAGES: dict[str, Stage] = {
             "sdbuild.stages.convert:run",
             fields=("target",),
             libraries=(*TORCH_LIBS, *COREML_LIBS),
-            code=("sdbuild.stages.convert", "sdbuild.convert"),
         ),
         Stage(
             "analyze",
@@ -99,7 +97,6 @@ STAGES: dict[str, Stage] = {
             "sdbuild.stages.analyze:run",
             fields=("model.version", "attention", "resolution", "unet_batch_one"),
             libraries=TORCH_LIBS + ("numpy", "scikit-learn"),
-            code=("sdbuild.stages.analyze", "sdbuild.compress", "sdbuild.models"),
             resumable=True,
         ),
         Stage(
@@ -108,7 +105,6 @@ STAGES: dict[str, Stage] = {
             "sdbuild.stages.compress:run",
             fields=("compression",),
             libraries=(*COREML_LIBS, "scikit-learn"),
-            code=("sdbuild.stages.compress", "sdbuild.compress"),
         ),
         Stage(
             "chunk",
@@ -116,7 +112,6 @@ STAGES: dict[str, Stage] = {
             "sdbuild.stages.chunk:run",
             fields=("chunk",),
             libraries=COREML_LIBS,
-            code=("sdbuild.stages.chunk", "sdbuild.mil.chunk"),
         ),
         Stage(
             "verify",
@@ -124,7 +119,6 @@ STAGES: dict[str, Stage] = {
             "sdbuild.stages.verify:run",
             fields=("verify.samples", "verify.seed", "compute_unit"),
             libraries=(*TORCH_LIBS, *COREML_LIBS),
-            code=("sdbuild.stages.verify", "sdbuild.mil", "sdbuild.metrics", "sdbuild.models"),
         ),
         Stage(
             "sample",
@@ -132,7 +126,6 @@ STAGES: dict[str, Stage] = {
             "sdbuild.stages.sample:run",
             fields=("verify.seed",),
             libraries=(*TORCH_LIBS, *COREML_LIBS),
-            code=("sdbuild.stages.sample", "sdbuild.generate", "sdbuild.mil"),
         ),
         Stage(
             "compile",
@@ -140,7 +133,6 @@ STAGES: dict[str, Stage] = {
             "sdbuild.stages.compile:run",
             fields=("coremlcompiler",),  # the compiler's version, read at plan time
             libraries=("coremltools",),
-            code=("sdbuild.stages.compile",),
         ),
     )
 }

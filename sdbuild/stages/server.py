@@ -1,0 +1,37 @@
+"""Imported first by the stage server (``executor.STAGE_SERVER_PRELOAD``), before the libraries.
+
+The server ends with the build process that started it (parent-death signal,
+as every stage process has; the build starts it from its main thread, the
+one the signal follows), so its stages end at once too. The server imports torch, coremltools and the rest once per run; their
+import-time chatter (untested-version notices, missing macOS frameworks) would
+land on the user's terminal, as none of it did when each stage imported them
+with its output going to the build log. Each stage process sends its own
+output to the log again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+
+def _end_with_the_build() -> None:
+    from sdbuild.executor import _set_parent_death_signal
+
+    _set_parent_death_signal()
+
+
+def _quiet() -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    for name in ("coremltools", "transformers", "diffusers", "torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+_end_with_the_build()
+_quiet()

@@ -1,0 +1,198 @@
+"""The executor's scheduler and stage processes, with fake stages (no model is built here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO
+from sdbuild.executor import MemoryGate, Node, PeakEstimates, schedule
+from sdbuild.stages import STAGES
+
+
+def fake_nodes(*specs: tuple[str, list[str]]) -> dict[str, Node]:
+    """Nodes named by their component, with dependencies by name."""
+    nodes: dict[str, Node] = {}
+    for name, deps in specs:
+        nodes[name] = Node(STAGES["trace"], name, [nodes[d] for d in deps])
+    return nodes
+
+
+class Recorder:
+    """A run_node that holds each stage for a moment and records what ran beside what."""
+
+    def __init__(self, hold: float = 0.2, fail: str | None = None):
+        self.hold, self.fail = hold, fail
+        self.lock = threading.Lock()
+        self.running: set[str] = set()
+        self.together: set[frozenset[str]] = set()
+        self.order: list[tuple[str, str]] = []
+        self.max_running = 0
+
+    def __call__(self, node: Node) -> None:
+        with self.lock:
+            self.running.add(node.component)
+            self.order.append(("start", node.component))
+            self.max_running = max(self.max_running, len(self.running))
+            for other in self.running - {node.component}:
+                self.together.add(frozenset((node.component, other)))
+        time.sleep(self.hold)
+        with self.lock:
+            self.running.discard(node.component)
+            self.order.append(("end", node.component))
+        if node.component == self.fail:
+            raise RuntimeError(f"{node.component} failed")
+
+
+def test_independent_stages_run_together_and_dependencies_wait():
+    nodes = fake_nodes(("download", []), ("a", ["download"]), ("b", ["download"]), ("a2", ["a"]), ("b2", ["b"]))
+    run = Recorder()
+    schedule(list(nodes.values()), run, jobs=4, gate=MemoryGate(10 * 2**30), estimate=lambda n: 1)
+    assert frozenset(("a", "b")) in run.together  # independent chains overlap
+    for node, dep in (("a", "download"), ("b", "download"), ("a2", "a"), ("b2", "b")):
+        assert run.order.index(("start", node)) > run.order.index(("end", dep))
+
+
+def test_jobs_bounds_how_many_run_at_once():
+    nodes = fake_nodes(*((c, []) for c in "abcdef"))
+    run = Recorder(hold=0.1)
+    schedule(list(nodes.values()), run, jobs=2, gate=MemoryGate(10 * 2**30), estimate=lambda n: 1)
+    assert run.max_running == 2
+    assert len([e for e in run.order if e[0] == "end"]) == 6
+
+
+def test_memory_gate_holds_stages_back_when_estimates_do_not_fit():
+    # 10 units available: two big stages (6 each) never run together, nor beside
+    # the medium one (5); the small one (3) fits beside a big one.
+    nodes = fake_nodes(("big1", []), ("big2", []), ("medium", []), ("small", []))
+    need = {"big1": 6, "big2": 6, "medium": 5, "small": 3}
+    run = Recorder()
+    gate = MemoryGate(10)
+    schedule(list(nodes.values()), run, jobs=4, gate=gate, estimate=lambda n: need[n.component])
+    assert frozenset(("big1", "big2")) not in run.together
+    assert frozenset(("big1", "medium")) not in run.together and frozenset(("big2", "medium")) not in run.together
+    assert frozenset(("big1", "small")) in run.together
+    assert len([e for e in run.order if e[0] == "end"]) == 4 and gate.reserved == 0
+
+
+def test_a_stage_larger_than_memory_still_runs_alone():
+    nodes = fake_nodes(("huge", []), ("other", []))
+    run = Recorder(hold=0.05)
+    schedule(list(nodes.values()), run, jobs=2, gate=MemoryGate(10), estimate=lambda n: 50)
+    assert run.max_running == 1 and len(run.order) == 4
+
+
+def test_failure_stops_new_starts_and_lets_running_stages_finish():
+    nodes = fake_nodes(("download", []), ("bad", ["download"]), ("slow", ["download"]), ("after_bad", ["bad"]), ("after_slow", ["slow"]))
+    run = Recorder(fail="bad")
+    with pytest.raises(RuntimeError, match="bad failed"):
+        schedule(list(nodes.values()), run, jobs=2, gate=MemoryGate(100), estimate=lambda n: 1)
+    assert ("end", "slow") in run.order  # ran beside the failing stage and was not abandoned
+    assert ("start", "after_bad") not in run.order and ("start", "after_slow") not in run.order
+
+
+def test_estimate_is_the_last_measured_peak_of_that_stage_kind_and_size(tmp_path):
+    from sdbuild.cache import LocalCache
+
+    cache = LocalCache(tmp_path)
+    rows = [("a" * 24, "unet", 1000, 5000, "2026-01-01T00:00:00Z"), ("b" * 24, "unet", 1100, 7000, "2026-01-02T00:00:00Z"),
+            ("c" * 24, "unet", 10**9, 9 * 10**9, "2026-01-03T00:00:00Z")]
+    for key, component, size, peak, created in rows:
+        entry = tmp_path / "trace" / key
+        entry.mkdir(parents=True)
+        manifest = {"key": key, "fields": {"component": component}, "input_bytes": size, "peak_rss_bytes": peak, "created": created}
+        (entry / "manifest.json").write_text(json.dumps(manifest))
+    estimates = PeakEstimates(cache)
+    assert estimates.peak("trace", "unet", 1050) == 7000  # the newest of the two of that size
+    assert estimates.peak("trace", "unet", 10**9) == 9 * 10**9
+    table = estimates.peak("trace", "unet", 10**7)  # no measurement of that size: the table, above the weights
+    assert table > 10**7 and estimates.peak("trace", "vae_decoder", 1000) > 2**30
+
+
+# --- stage processes ----------------------------------------------------------
+
+PROBE = """
+import json, sys
+from pathlib import Path
+from sdbuild.executor import run_in_child
+from sdbuild.stages import Job
+
+def main():
+    out, log, calls = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
+    results = []
+    for run, fields in calls:
+        try:
+            results.append(run_in_child(run, Job("fake", None, fields, {}), out, log))
+        except Exception as e:
+            results.append({"error": str(e)})
+    print(json.dumps(results))
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def run_probe(tmp_path: Path, calls: list, env: dict | None = None, **popen) -> subprocess.Popen:
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    (tmp_path / "out").mkdir(exist_ok=True)
+    paths = os.pathsep.join([str(REPO), str(REPO / "tests")])
+    return subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "out"), str(tmp_path / "stage.log"), json.dumps(calls)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": paths, **(env or {})}, **popen,
+    )
+
+
+def test_stages_fork_from_a_server_that_imported_the_libraries(tmp_path):
+    calls = [("stage_fakes:report", {}), ("stage_fakes:allocate", {"mib": 256}), ("stage_fakes:report", {}), ("stage_fakes:crash", {}),
+             ("stage_fakes:report", {}), ("stage_fakes:pool", {})]
+    proc = run_probe(tmp_path, calls)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    first, big, after, crashed, survivor, pooled = json.loads(out)
+    assert first["preloaded"] == ["coremltools", "diffusers", "torch", "transformers"]
+    assert first["ppid"] != proc.pid and first["ppid"] == after["ppid"] == survivor["ppid"]  # one server, every stage its own process
+    assert len({first["pid"], after["pid"], survivor["pid"]}) == 3
+    # Peaks are each stage's own: 256 MiB more where it was allocated, not carried into the next stage.
+    assert big["peak_rss_bytes"] >= big["rss_bytes"] + 250 * 2**20
+    assert after["peak_rss_bytes"] < after["rss_bytes"] + 64 * 2**20
+    # A crashed stage is reported and loses nothing else: the next stage forks from the same server.
+    assert "died, exit status 3" in crashed["error"]
+    assert "preloaded" in survivor
+    # A stage may start worker pools of its own from a forkserver of its own (the k-means workers do).
+    assert pooled["squares"] == [0, 1, 4, 9, 16] and pooled["worker_pids"] >= 1
+    # Nothing the libraries print on import reaches the terminal.
+    assert "coremltools" not in err and "scikit-learn" not in err, err
+
+
+def test_spawn_workers_start_fresh_interpreters(tmp_path):
+    proc = run_probe(tmp_path, [("stage_fakes:report", {})], env={"SDBUILD_WORKERS": "spawn"})
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    (result,) = json.loads(out)
+    assert result["preloaded"] == [] and result["ppid"] == proc.pid
+
+
+def test_killed_build_ends_its_stage_processes(tmp_path):
+    import psutil
+
+    pid_file = tmp_path / "stage.pid"
+    proc = run_probe(tmp_path, [("stage_fakes:sleep_forever", {"pid_file": str(pid_file)})])
+    deadline = time.time() + 600
+    while not pid_file.exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.1)
+    stage = psutil.Process(int(pid_file.read_text()))
+    server = psutil.Process(stage.ppid())
+    os.kill(proc.pid, signal.SIGKILL)  # the build alone, not its process group
+    proc.communicate()
+    gone, alive = psutil.wait_procs([stage, server], timeout=30)
+    assert not alive, [p.pid for p in alive]
