@@ -371,7 +371,8 @@ def _reset_peak_rss() -> None:
         pass
 
 
-def _child_main(run: str, job: Job, out: str, log: str, conn) -> None:
+def _child_main(run: str, job: Job, out: str, log: str, conn, run_pid: int | None = None) -> None:
+    faults.run_pid = run_pid
     _set_parent_death_signal()
     _leave_stage_server()
     _reset_peak_rss()
@@ -470,7 +471,7 @@ def run_in_child(run: str, job: Job, out: Path, log: Path) -> dict:
     start_stage_server()
     ctx = multiprocessing.get_context(stage_start_method())
     receive, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child_main, args=(run, job, str(out), str(log), send), daemon=False)
+    proc = ctx.Process(target=_child_main, args=(run, job, str(out), str(log), send, os.getpid()), daemon=False)
     proc.start()
     send.close()
     memory = _TreeMemory(proc.pid)

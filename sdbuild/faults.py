@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 ENV = "SDBUILD_TEST_KILL"
+run_pid: int | None = None  # the build's process, set in a stage's child (its parent may be the stage server)
 
 
 def _wanted(name: str, labels: tuple[str, ...]) -> bool:
@@ -33,7 +34,7 @@ def _kill(run_too: bool) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     if run_too:
-        os.kill(os.getppid(), signal.SIGKILL)
+        os.kill(run_pid or os.getppid(), signal.SIGKILL)
     os.kill(os.getpid(), signal.SIGKILL)
 
 
