@@ -146,8 +146,9 @@ def read_tokenizer(resources: Path, pad: str = END) -> SwiftBPE:
         if not f.is_file():
             raise Drift(f"{f}: missing; BPETokenizer(mergesAt:vocabularyAt:) reads it")
     if not merges.read_bytes().startswith(b"#"):
-        # Swift skips '#' lines; Hugging Face's CLIP tokenizer drops the first line whatever it is.
-        raise Drift(f"{merges}: the first line must be the '#version' header, or the two readers rank merges differently")
+        # Swift skips '#' lines; the CLIPTokenizer of transformers 4.x (Apple's Python pipeline pins 4.44.2)
+        # drops the first line whatever it holds: without the header the two would rank merges differently.
+        raise Drift(f"{merges}: the first line must be the '#version' header, or Swift and transformers 4.x read different merges")
     vocabulary = read_vocabulary(vocab)
     for token in (START, END, pad):
         if token not in vocabulary:

@@ -185,7 +185,7 @@ def test_swift_bpe_reading_of_the_bundle_tokenizer_matches_clip_tokenizer(sd16, 
     from transformers import CLIPTokenizer
 
     swift = read_tokenizer(sd16)
-    clip = CLIPTokenizer(vocab_file=str(sd16 / "vocab.json"), merges_file=str(sd16 / "merges.txt"))
+    clip = CLIPTokenizer(vocab=str(sd16 / "vocab.json"), merges=str(sd16 / "merges.txt"))
     expected = clip(prompt, padding="max_length", max_length=77).input_ids
     assert swift.tokenize(prompt, min_count=77) == expected
     assert len(set(expected)) > 4  # merged words, not one id per character
