@@ -19,6 +19,7 @@ import torch
 
 from sdbuild.errors import RecipeError
 from sdbuild.models import MULTILINGUAL_TOKENS as EMBEDDING_TOKENS
+
 EMBEDDING_WIDTH = 512  # NLContextualEmbedding's dimension
 INPUT_NAME = "nlcontextualembeddings_output"
 OUTPUT_NAME = "encoder_hidden_states"
