@@ -166,6 +166,7 @@ class Node:
     record: dict = field(default_factory=dict)
     status: str = "pending"  # cached | built | failed | skipped
     entry: Entry | None = None
+    files: dict[str, Path] = field(default_factory=dict)  # input files the stage reads, keyed by content in fields
     seconds: float = 0.0
     peak_rss_bytes: int = 0
     window: tuple[float, float] | None = None  # when it ran in this run: (start, end), time.time()
@@ -180,9 +181,27 @@ def read_fields(recipe: Recipe, names: tuple[str, ...], extra: dict[str, Any]) -
 
 
 def components_of(recipe: Recipe, family: str) -> list[str]:
+    """What the recipe converts; a multilingual projection takes the text encoder's place."""
     from sdbuild.models import DEFAULT_COMPONENTS
 
-    return list(recipe.components or DEFAULT_COMPONENTS[family])
+    components = list(recipe.components or DEFAULT_COMPONENTS[family])
+    if recipe.multilingual_projection:
+        components = ["multilingual_projection"] + [c for c in components if not c.startswith("text_encoder")]
+    return components
+
+
+def projection_input(recipe: Recipe, recipe_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """The recipe's projection file, and the field that puts its content (not its path or time) in the key."""
+    from sdbuild.cache import sha256_file
+    from sdbuild.errors import RecipeError
+    from sdbuild.stages.trace import PROJECTION_DIGEST
+
+    path = (recipe_dir / recipe.multilingual_projection).resolve()
+    if not path.is_file():
+        raise RecipeError(
+            f"multilingual_projection: file not found: {path} (paths are relative to the recipe's folder)"
+        )
+    return path, {PROJECTION_DIGEST: sha256_file(path)}
 
 
 def pre_analysis_fields(recipe: Recipe, recipe_dir: Path) -> dict[str, Any]:
@@ -234,6 +253,10 @@ def build_graph(
     components = components_of(recipe, family)
     if recipe.controlnet and "unet" in components:
         components.insert(components.index("unet") + 1, "controlled_unet")
+    if recipe.multilingual_projection and family == "sdxl":
+        from sdbuild.errors import RecipeError
+
+        raise RecipeError("multilingual_projection: Apple's SDXL pipeline takes no multilingual text encoder (SD 1.x/2.x only)")
     for component in components:
         trace = Node(STAGES["trace"], component, [download])
         convert = Node(STAGES["convert"], component, [trace])
@@ -267,6 +290,9 @@ def build_graph(
         if node.stage.name in ("download", "compile"):
             continue  # a ControlNet's download reads its own source only; compile, the compiler's version
         extra = pre_analysis_fields(recipe, recipe_dir) if node.stage.name == "compress" and mixed_bit else {}
+        if node.stage.name == "trace" and node.component == "multilingual_projection":
+            path, extra = projection_input(recipe, recipe_dir)
+            node.files = {"multilingual_projection": path}
         node.fields = read_fields(recipe, node.stage.fields_for(node.component) + tuple(extra), extra)
     return nodes
 
@@ -859,7 +885,7 @@ def run_build(
 
     def run_node(node: Node) -> None:
         begun = time.time()
-        upstream = {d.stage.name: d.entry.path for d in node.deps}
+        upstream = {**node.files, **{d.stage.name: d.entry.path for d in node.deps}}
         scratch = cache.root / ".scratch" / f"{node.stage.name}-{node.key}" if node.stage.resumable else None
         if scratch is not None:
             scratch.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,9 @@ COMPONENT_NAMES = (
     "vae_encoder",
     "safety_checker",
 )
-COMPRESSIBLE = ("text_encoder", "text_encoder_2", "unet", "controlnet")
+COMPRESSIBLE = ("text_encoder", "text_encoder_2", "unet", "controlnet", "multilingual_projection")
+# NLContextualEmbedding, which a multilingual projection's input comes from, exists from macOS 14 / iOS 17.
+MULTILINGUAL_TARGETS = ("macOS14", "macOS15", "iOS17", "iOS18")
 
 
 class _Strict(BaseModel):
@@ -59,7 +61,7 @@ class Compression(_Strict):
     linear8: bool = False
     mixed_bit: MixedBit | None = None
     group_size: int | None = Field(None, gt=0, description="per-grouped-channel palettes (iOS18/macOS15 targets)")
-    components: list[Literal["text_encoder", "text_encoder_2", "unet", "controlnet"]] = ["unet", "text_encoder", "text_encoder_2"]
+    components: list[Literal[COMPRESSIBLE]] = ["unet", "text_encoder", "text_encoder_2"]
 
     @model_validator(mode="after")
     def _one_kind(self):
@@ -102,6 +104,12 @@ class Recipe(_Strict):
     controlnet: list[str] = []
     bundle: Bundle = Bundle()
     verify: Verify = Verify()
+    # After target, components and verify: its validator reads them.
+    multilingual_projection: str | None = Field(
+        None,
+        description="TorchScript file (relative to the recipe's folder) mapping NLContextualEmbedding [1, 256, 512] "
+        "to the unet's width: built as MultilingualTextEncoderProjection; the unet then takes 256 tokens",
+    )
     matrix: dict[str, list[Any]] | None = None
 
     @field_validator("name")
@@ -119,6 +127,30 @@ class Recipe(_Strict):
         if len(set(self.controlnet)) != len(self.controlnet):
             raise ValueError("controlnet lists a ControlNet twice")
         return self
+
+    @field_validator("multilingual_projection")
+    @classmethod
+    def _multilingual_needs(cls, v, info):
+        if not v:
+            return v
+        target, components, verify = (info.data.get(k) for k in ("target", "components", "verify"))
+        if target is not None and target not in MULTILINGUAL_TARGETS:
+            raise ValueError(f"needs target macOS14 or iOS17 or later (NLContextualEmbedding's first releases); got target: {target}")
+        if components and {"text_encoder", "text_encoder_2"} & set(components):
+            raise ValueError(
+                "replaces the text encoder (the unet then takes the embedding's 256 tokens, not CLIP's 77): "
+                "remove text_encoder from components"
+            )
+        if verify is not None and verify.sample_image:
+            raise ValueError("the sample image needs the CLIP text encoder: set verify.sample_image: false")
+        return v
+
+    @property
+    def encoder_sequence_length(self) -> int:
+        """Tokens in the unet's ``encoder_hidden_states``: CLIP's 77, or the multilingual embedding's 256."""
+        from sdbuild.models import MULTILINGUAL_TOKENS, TOKENS
+
+        return MULTILINGUAL_TOKENS if self.multilingual_projection else TOKENS
 
     @field_validator("components")
     @classmethod

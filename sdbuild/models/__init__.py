@@ -15,6 +15,7 @@ from pathlib import Path
 from sdbuild.errors import NotBuiltYet, RecipeError
 
 TOKENS = 77
+MULTILINGUAL_TOKENS = 256  # NLContextualEmbedding's sequence, as the Swift package pads it
 SAFETY_CHECKER_IMAGES = 512  # the side of the safety checker's `images` input, fixed by the Swift package
 FAMILIES = ("sd", "sdxl")
 COMPONENTS = (
@@ -57,6 +58,7 @@ class BuildOptions:
     height: int = 512  # image pixels
     width: int = 512
     unet_batch_one: bool = False
+    sequence_length: int = TOKENS  # of encoder_hidden_states: 256 for a multilingual projection's embeddings
 
     @property
     def latent(self) -> tuple[int, int]:
@@ -186,7 +188,7 @@ def _build_unet(checkpoint: Path, options: BuildOptions, controlled: bool = Fals
     inputs = [
         TensorSpec("sample", (b, cfg.in_channels, h, w)),
         TensorSpec("timestep", (b,), "timestep", 1000),
-        TensorSpec("encoder_hidden_states", (b, cfg.cross_attention_dim, 1, TOKENS)),
+        TensorSpec("encoder_hidden_states", (b, cfg.cross_attention_dim, 1, options.sequence_length)),
     ]
     info = {"upcast_attention": bool(cfg.upcast_attention), "skip_shapes": module.skip_shapes(b, h, w)}
     if module.text_time:
@@ -226,7 +228,7 @@ def _build_controlnet(folder: Path, options: BuildOptions) -> ComponentModel:
     inputs = [
         TensorSpec("sample", (b, cfg["in_channels"], h, w)),
         TensorSpec("timestep", (b,), "timestep", 1000),
-        TensorSpec("encoder_hidden_states", (b, cfg["cross_attention_dim"], 1, TOKENS)),
+        TensorSpec("encoder_hidden_states", (b, cfg["cross_attention_dim"], 1, options.sequence_length)),
         TensorSpec("controlnet_cond", (b, cfg.get("conditioning_channels", 3), options.height, options.width), "image"),
     ]
     shapes = module.residual_shapes(b, h, w)
@@ -282,6 +284,22 @@ def _build_safety_checker(checkpoint: Path, options: BuildOptions) -> ComponentM
         TensorSpec("adjustment", (1,)),
     ]
     return ComponentModel(module, inputs, ["has_nsfw_concepts", "filtered_images", "concept_scores"])
+
+
+def build_multilingual_projection(path: Path, checkpoint: Path) -> ComponentModel:
+    """The user's TorchScript projection (``multilingual.py``) as Apple's converter shapes it.
+
+    ``nlcontextualembeddings_output`` [1, 256, 512] → ``encoder_hidden_states``
+    [1, C, 1, 256], C the unet's ``cross_attention_dim`` in ``checkpoint``.
+    Float16 compute, float32 input and output, as Apple's converter declares.
+    """
+    from sdbuild.models.multilingual import EMBEDDING_TOKENS, EMBEDDING_WIDTH, INPUT_NAME, OUTPUT_NAME, load_projection
+
+    config = Path(checkpoint) / "unet" / "config.json"
+    width = json.loads(config.read_text())["cross_attention_dim"]
+    module = load_projection(Path(path), width)
+    inputs = [TensorSpec(INPUT_NAME, (1, EMBEDDING_TOKENS, EMBEDDING_WIDTH))]
+    return ComponentModel(module, inputs, [OUTPUT_NAME], info={"projection_layout": "BSC" if module.sequence_first else "BC1S"})
 
 
 def sample_inputs(inputs: list[TensorSpec], seed: int) -> dict[str, np.ndarray]:

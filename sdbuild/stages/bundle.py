@@ -27,8 +27,10 @@ SWIFT_NAMES = {
     "vae_encoder": "VAEEncoder",
     "safety_checker": "SafetyChecker",
     "controlled_unet": "ControlledUnet",
+    "multilingual_projection": "MultilingualTextEncoderProjection",
 }
-PYTHON_NAMES = {"controlled_unet": "control-unet"}
+# Apple's Python pipeline loads no projection; its name follows that pipeline's pattern.
+PYTHON_NAMES = {"controlled_unet": "control-unet", "multilingual_projection": "multilingual_text_encoder_projection"}
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 PIPELINE_FILE = "pipeline.json"
 SPEC_PATH = Path("Data/com.apple.CoreML/model.mlmodel")
@@ -50,6 +52,7 @@ DESCRIPTIONS = {
     "latent": "mean (channels 0-3) and log-variance (4-7) of the latent, unscaled [1, 8, H, W]",
     "additional_residual": "ControlNet residual: down-block residuals in order, the mid-block residual last",
     "controlnet_cond": "control image [B, 3, 8H, 8W]",
+    "nlcontextualembeddings_output": "NLContextualEmbedding token vectors, zero-padded [1, 256, 512]",
 }
 
 
