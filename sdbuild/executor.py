@@ -397,11 +397,15 @@ def _reset_peak_rss() -> None:
         pass
 
 
-def _child_main(run: str, job: Job, out: str, log: str, conn, run_pid: int | None = None) -> None:
+def _child_main(run: str, job: Job, out: str, log: str, conn, env: dict[str, str] | None = None, run_pid: int | None = None) -> None:
     faults.run_pid = run_pid
     _set_parent_death_signal()
     _leave_stage_server()
     _reset_peak_rss()
+    if env:
+        # A forked stage has the server's environment, as of its start: set the stage's own here.
+        os.environ.update(env)
+        tempfile.tempdir = None  # re-read TMPDIR
     tmp = stage_tmpdir(Path(out))
     if tmp is not None:
         # Libraries' temporary files (coremltools' tmp*.mlpackage) go in the cache's temp area, and with it.
@@ -485,19 +489,19 @@ class _TreeMemory(threading.Thread):
         return self.peak
 
 
-def run_in_child(run: str, job: Job, out: Path, log: Path) -> dict:
+def run_in_child(run: str, job: Job, out: Path, log: Path, env: dict[str, str] | None = None) -> dict:
     """Run a stage function in a process of its own; its memory goes back when it ends.
 
     The process forks from the stage server (libraries already imported), or
     is a fresh interpreter with ``SDBUILD_WORKERS=spawn``. Its output goes to
-    ``log``. Returns the stage's facts plus ``peak_rss_bytes`` of the child's
+    ``log``; ``env`` is set in its environment before the stage runs. Returns the stage's facts plus ``peak_rss_bytes`` of the child's
     process tree (its RSS counts the library pages it shares with the server,
     as a fresh interpreter's counted its own copy).
     """
     start_stage_server()
     ctx = multiprocessing.get_context(stage_start_method())
     receive, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child_main, args=(run, job, str(out), str(log), send, os.getpid()), daemon=False)
+    proc = ctx.Process(target=_child_main, args=(run, job, str(out), str(log), send, env, os.getpid()), daemon=False)
     proc.start()
     send.close()
     memory = _TreeMemory(proc.pid)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ def report(job, out: Path) -> dict:
         "pid": os.getpid(),
         "ppid": os.getppid(),
         "rss_bytes": _rss(),
+        "tmpdir": tempfile.gettempdir(),
     }
 
 

@@ -130,7 +130,8 @@ def main():
     results = []
     for run, fields in calls:
         try:
-            results.append(run_in_child(run, Job("fake", None, fields, {}), out, log))
+            env = {"TMPDIR": str(out)} if fields.get("tmpdir") else None
+            results.append(run_in_child(run, Job("fake", None, fields, {}), out, log, env))
         except Exception as e:
             results.append({"error": str(e)})
     print(json.dumps(results))
@@ -153,7 +154,7 @@ def run_probe(tmp_path: Path, calls: list, env: dict | None = None, **popen) -> 
 
 def test_stages_fork_from_a_server_that_imported_the_libraries(tmp_path):
     calls = [("stage_fakes:report", {}), ("stage_fakes:allocate", {"mib": 256}), ("stage_fakes:report", {}), ("stage_fakes:crash", {}),
-             ("stage_fakes:report", {}), ("stage_fakes:pool", {})]
+             ("stage_fakes:report", {"tmpdir": True}), ("stage_fakes:pool", {})]
     proc = run_probe(tmp_path, calls)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
@@ -167,6 +168,8 @@ def test_stages_fork_from_a_server_that_imported_the_libraries(tmp_path):
     # A crashed stage is reported and loses nothing else: the next stage forks from the same server.
     assert "died, exit status 3" in crashed["error"]
     assert "preloaded" in survivor
+    # The environment a stage is given holds in the forked process (the server's was fixed at its start).
+    assert survivor["tmpdir"] == str(tmp_path / "out") and first["tmpdir"] != survivor["tmpdir"]
     # A stage may start worker pools of its own from a forkserver of its own (the k-means workers do).
     assert pooled["squares"] == [0, 1, 4, 9, 16] and pooled["worker_pids"] >= 1
     # Nothing the libraries print on import reaches the terminal.
