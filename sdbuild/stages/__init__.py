@@ -91,7 +91,7 @@ STAGES: dict[str, Stage] = {
             "sdbuild.stages.convert:run",
             fields=("target",),
             libraries=(*TORCH_LIBS, *COREML_LIBS),
-            code=("sdbuild.stages.convert", "sdbuild.convert"),
+            code=("sdbuild.stages.convert", "sdbuild.convert", "sdbuild.mlpackage"),
         ),
         Stage(
             "analyze",
@@ -108,7 +108,7 @@ STAGES: dict[str, Stage] = {
             "sdbuild.stages.compress:run",
             fields=("compression",),
             libraries=(*COREML_LIBS, "scikit-learn"),
-            code=("sdbuild.stages.compress", "sdbuild.compress"),
+            code=("sdbuild.stages.compress", "sdbuild.compress", "sdbuild.mlpackage"),
         ),
         Stage(
             "chunk",
@@ -116,7 +116,7 @@ STAGES: dict[str, Stage] = {
             "sdbuild.stages.chunk:run",
             fields=("chunk",),
             libraries=COREML_LIBS,
-            code=("sdbuild.stages.chunk", "sdbuild.mil.chunk"),
+            code=("sdbuild.stages.chunk", "sdbuild.mil.chunk", "sdbuild.mlpackage"),
         ),
         Stage(
             "verify",

@@ -4,26 +4,31 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from sdbuild.stages import Job, component_kind
 from sdbuild.stages.download import checkpoint_dir, vae_dir
 
 
-def build_options(fields: dict):
-    from sdbuild.models import BuildOptions
+def build_options(fields: dict, component: str | None = None):
+    """The module options from the stage's recipe fields; ``component`` picks the safety checker's variant."""
+    from sdbuild.models import SAFETY_CHECKER_IMAGE_SIZED, BuildOptions
 
     res = fields.get("resolution") or {"height": 512, "width": 512}
-    return BuildOptions(
+    options = BuildOptions(
         attention=fields.get("attention") or "ORIGINAL",
         height=res["height"],
         width=res["width"],
         unet_batch_one=bool(fields.get("unet_batch_one")),
     )
+    if component == SAFETY_CHECKER_IMAGE_SIZED:
+        options = replace(options, checker_images=(options.height, options.width))
+    return options
 
 
 def run(job: Job, out: Path) -> dict:
-    """Write ``module.pt`` (TorchScript, float32 weights) and ``io.json`` (inputs, outputs, precision)."""
+    """Write ``module.pt`` (TorchScript, float32 weights) and ``io.json`` (inputs with their declared dtypes, outputs, precision)."""
     import torch
 
     from sdbuild.convert import give_freed_memory_back, skip_weight_init, trace_module
@@ -35,7 +40,7 @@ def run(job: Job, out: Path) -> dict:
     # Every weight comes from the checkpoint (build_component checks it): no random ones first.
     with skip_weight_init():
         download = job.upstream["download"]
-        options = build_options(job.fields)
+        options = build_options(job.fields, job.component)
         model = build_component(component_kind(job.component), checkpoint_dir(download), options, vae=vae_dir(download))
     phases["build_s"] = round(time.perf_counter() - started, 1)
     example = sample_inputs(model.inputs, seed=0)
@@ -47,7 +52,9 @@ def run(job: Job, out: Path) -> dict:
     torch.jit.save(traced, str(out / "module.pt"))
     phases["save_s"] = round(time.perf_counter() - started, 1)
     io = {
-        "inputs": [{"name": s.name, "shape": list(s.shape), "kind": s.kind, "high": s.high} for s in model.inputs],
+        "inputs": [
+            {"name": s.name, "shape": list(s.shape), "kind": s.kind, "high": s.high, "dtype": s.dtype} for s in model.inputs
+        ],
         "outputs": model.outputs,
         "precision": model.precision,
         "info": model.info,
