@@ -80,7 +80,7 @@ STAGES: dict[str, Stage] = {
                 "vae_encoder": ("resolution",),
                 "text_encoder": ("attention",),
                 "text_encoder_2": ("attention",),
-                "safety_checker": ("attention",),
+                "safety_checker": ("attention", "resolution"),  # resolution: the Python variant's images
             },
             libraries=TORCH_LIBS,
             code=("sdbuild.stages.trace", "sdbuild.models", "sdbuild.convert"),
