@@ -307,7 +307,7 @@ def test_apple_pipeline_feeds_pass_every_sd_package(sd, tiny_controlnet_folder):
     hidden = np.concatenate([_encode(build_dir, "text_encoder", ids[:, ::-1].copy())["last_hidden_state"], _encode(build_dir, "text_encoder", ids)["last_hidden_state"]])
     text_embeddings = hidden.transpose(0, 2, 1)[:, :, None, :]  # (2, C, 1, S)
     unet = python_package(build_dir, "unet")
-    latent_shape = tuple(f.type.multiArrayType.shape for f in spec_of(unet).description.input if f.name == "sample")[0]
+    latent_shape = tuple(next(f.type.multiArrayType.shape for f in spec_of(unet).description.input if f.name == "sample"))
     latents = rng.randn(1, *latent_shape[1:]).astype(np.float16)
     sample = np.concatenate([latents] * 2)
     timestep = np.array([981, 981], np.float16)
@@ -358,7 +358,7 @@ def test_apple_pipeline_feeds_pass_every_sdxl_package(xl):
     text_embeddings = np.concatenate([hidden] * 2).transpose(0, 2, 1)[:, :, None, :]
     add_time_ids = np.array([SIZE, SIZE, 0, 0, SIZE, SIZE]).astype(text_embeddings.dtype)
     unet = python_package(build_dir, "unet")
-    latent_shape = tuple(f.type.multiArrayType.shape for f in spec_of(unet).description.input if f.name == "sample")[0]
+    latent_shape = tuple(next(f.type.multiArrayType.shape for f in spec_of(unet).description.input if f.name == "sample"))
     latents = rng.randn(1, *latent_shape[1:]).astype(np.float16)
     noise = apple_call(
         unet,
@@ -422,7 +422,8 @@ def test_packages_carry_metadata_apps_read(sd):
     meta = unet["metadata"]
     assert meta["com.sdbuild.model_version"] == "synthetic:tiny-sd" and meta["version"] == "synthetic:tiny-sd"
     assert meta["com.sdbuild.family"] == "sd" and meta["com.sdbuild.component"] == "unet"
-    assert meta["com.sdbuild.attention"] == "ORIGINAL" and meta["com.sdbuild.resolution"] == f"{SIZE}x{SIZE}"
+    recipe = json.loads((build_dir / "build.json").read_text())["recipe"]
+    assert meta["com.sdbuild.attention"] == recipe["attention"] and meta["com.sdbuild.resolution"] == f"{SIZE}x{SIZE}"
     assert meta["com.sdbuild.compression"] == "float16" and len(meta["com.sdbuild.recipe_key"]) == 16
     assert "com.github.apple.coremltools.conversion_date" not in meta
     for package in facts["packages"]:
