@@ -128,7 +128,10 @@ def build_component(component: str, checkpoint: Path, options: BuildOptions, vae
     family = model_family(checkpoint)
     vae_folder = Path(vae) if vae else checkpoint / "vae"
     if component in ("unet", "controlled_unet", "vae_decoder", "vae_encoder"):
-        options = _with_latent_of(options, vae_scale_factor(_read_config(vae_folder, "VAE")))
+        # A folder without a VAE (a unet alone) keeps options.vae_scale_factor, 8 unless set.
+        has_vae = (vae_folder / "config.json").is_file()
+        factor = vae_scale_factor(_read_config(vae_folder, "VAE")) if has_vae else options.vae_scale_factor
+        options = _with_latent_of(options, factor)
     if component in ("text_encoder", "text_encoder_2"):
         return _build_text_encoder(component, checkpoint, family, options)
     if component == "unet":
