@@ -258,12 +258,14 @@ def test_build_bundles_and_generate_runs_the_checker(warm_artifacts, reference, 
     done = run_cli("run", recipe, "--artifacts", warm_artifacts)
     assert done.returncode == 0, done.stderr[-3000:]
     build = warm_artifacts / "builds" / "sd-checked"
-    for package in (
-        build / "Resources" / "SafetyChecker.mlpackage",
-        build / "python" / "Stable_Diffusion_version_synthetic:tiny-sd_safety_checker.mlpackage",
+    # Each layout's own checker: the Swift package feeds a 512x512 placeholder, Apple's Python pipeline the image.
+    for package, images in (
+        (build / "Resources" / "SafetyChecker.mlpackage", [1, 512, 512, 3]),
+        (build / "python" / "Stable_Diffusion_version_synthetic:tiny-sd_safety_checker.mlpackage", [1, 64, 64, 3]),
     ):
         spec = ct.models.MLModel(str(package), skip_model_load=True).get_spec()
-        assert [(f.name, list(f.type.multiArrayType.shape)) for f in spec.description.input] == CONTRACT_INPUTS
+        expected = [(name, images if name == "images" else shape) for name, shape in CONTRACT_INPUTS]
+        assert [(f.name, list(f.type.multiArrayType.shape)) for f in spec.description.input] == expected
     report = json.loads((build / "build.json").read_text())
     # verify passed: a flipped decision scores at most 0 dB (0/1 values) and stops the build; the
     # figure is the lowest over the outputs, the float16 concept scores' at best.
