@@ -249,8 +249,12 @@ def build_graph(
     if with_analysis or (mixed_bit and comp.mixed_bit.pre_analysis == "auto"):
         analyze = Node(STAGES["analyze"], "unet", [download])
     shipped: dict[str, list[Node]] = {}
+    from sdbuild.stages.bundle import layout_components
+
     unets = ["unet"] + (["controlled_unet"] if recipe.controlnet else [])
-    components = components_of(recipe, family)
+    res = recipe.resolutions[0]
+    # The safety checker in the variant(s) the layout's clients feed (Swift: 512x512 images; Python: the image).
+    components = layout_components(components_of(recipe, family), recipe.bundle.layout, res.height, res.width)
     if recipe.controlnet and "unet" in components:
         components.insert(components.index("unet") + 1, "controlled_unet")
     if recipe.multilingual_projection and family == "sdxl":

@@ -107,6 +107,7 @@ _DEFAULT_SCHEDULER_CONFIG = {
 # CONTRACT.md: latent scaling factors when the VAE config is not at hand.
 _DEFAULT_SCALING_FACTOR = {"sd": 0.18215, "sdxl": 0.13025}
 
+VAE_SCALE_FACTOR = 8  # image pixels per latent pixel of every released Stable Diffusion VAE
 RNG_MODES = ("numpy", "torch")
 COMPUTE_UNITS = ("ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE")
 SCHEDULER_CONFIG = "scheduler_config.json"
@@ -579,7 +580,9 @@ class Pipeline:
         shape = unet.inputs["sample"][0]
         self.unet_batch = int(shape[0])  # 2: both guidance halves in one call; 1: a unet_batch_one bundle
         self.latent_shape = tuple(int(s) for s in shape[1:])  # (4, H, W)
-        self.image_size = (8 * self.latent_shape[1], 8 * self.latent_shape[2])  # (height, width) in pixels
+        # Image pixels per latent pixel: the bundle's VAE says (pipeline.json); 8, as for every released VAE, else.
+        factor = int(bundle.facts.get("vae_scale_factor") or VAE_SCALE_FACTOR)
+        self.image_size = (factor * self.latent_shape[1], factor * self.latent_shape[2])  # (height, width) in pixels
         self.sequence_length = int(runners["text_encoder"].inputs["input_ids"][0][-1])
         if self.family == "sdxl":
             n_ids = int(unet.inputs["time_ids"][0][-1])

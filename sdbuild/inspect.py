@@ -196,7 +196,7 @@ def inspect_package(package: Path) -> dict:
             "license": meta.license,
             "description": meta.shortDescription,
             "version": meta.versionString,
-            **dict(meta.userDefined),
+            **dict(sorted(meta.userDefined.items())),
         },
     }
     facts["metadata"] = {k: v for k, v in facts["metadata"].items() if v}

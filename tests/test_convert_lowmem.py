@@ -40,7 +40,7 @@ def straightforward_convert(trace_dir: Path, target: str, package: Path) -> None
     traced = torch.jit.load(str(trace_dir / "module.pt"))
     mlmodel = ct.convert(
         traced,
-        inputs=[ct.TensorType(name=i["name"], shape=tuple(i["shape"]), dtype=np.float32) for i in io["inputs"]],
+        inputs=[ct.TensorType(name=i["name"], shape=tuple(i["shape"]), dtype=np.dtype(i["dtype"])) for i in io["inputs"]],
         outputs=[ct.TensorType(name=n, dtype=np.float32) for n in io["outputs"]],
         convert_to="mlprogram",
         minimum_deployment_target=getattr(ct.target, target),

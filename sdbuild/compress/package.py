@@ -63,8 +63,11 @@ def apply_passes(mlmodel, passes: list, dst: Path) -> None:
     if dst.exists():
         shutil.rmtree(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
+    from sdbuild.mlpackage import make_reproducible
+
     compressed = _apply_graph_pass(mlmodel, passes, skip_model_load=True)
     compressed.save(str(dst))
+    make_reproducible(dst)  # the same package bytes for the same input and settings
 
 
 def load_pymil(package_or_mlmodel):

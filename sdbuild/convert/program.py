@@ -40,25 +40,29 @@ def convert_traced(
 ) -> None:
     """Convert the TorchScript file ``module_path`` and save it as the package ``package``.
 
-    ``inputs``: [{name, shape}] in the module's argument order; ``outputs``:
-    output names in order; both float32 in the model's interface whatever
-    ``precision`` (``float16`` | ``float32``) it computes in. ``target``:
-    minimum deployment target name (``macOS14``). ``upcast_attention``: the
-    model's config asks for attention scores in float32 (SD 2.1's unet).
+    ``inputs``: [{name, shape, dtype}] in the module's argument order, each
+    declared with its ``dtype`` (``float16`` | ``float32``, float32 when
+    absent) as Apple's converter declares it (docs/interface.md);
+    ``outputs``: output names in order, float32 whatever ``precision``
+    (``float16`` | ``float32``) the model computes in. ``target``: minimum
+    deployment target name (``macOS14``). ``upcast_attention``: the model's
+    config asks for attention scores in float32 (SD 2.1's unet). The saved
+    package carries no conversion date and is the same bytes for the same
+    module (``sdbuild.mlpackage``).
     """
     import coremltools as ct
     import numpy as np
 
     from sdbuild.convert import precision as _registers_pass  # noqa: F401
+    from sdbuild.mlpackage import CONVERSION_DATE, make_reproducible
 
     mlmodel = ct.convert(
         # A path, not a module: the converter loads it and lets go of it once its
         # weights are in the program, so the float32 weights are not held twice.
         str(module_path),
         source="pytorch",
-        # float32 model inputs and outputs, as Apple's pipelines feed and read them; a float16
-        # input would also round token ids above 2048 before the graph casts them to integers.
-        inputs=[ct.TensorType(name=i["name"], shape=tuple(i["shape"]), dtype=np.float32) for i in inputs],
+        # Each input in the dtype Apple's pipelines feed it (their Python pipeline checks it exactly).
+        inputs=[ct.TensorType(name=i["name"], shape=tuple(i["shape"]), dtype=np.dtype(i.get("dtype", "float32"))) for i in inputs],
         outputs=[ct.TensorType(name=n, dtype=np.float32) for n in outputs],
         convert_to="mlprogram",
         minimum_deployment_target=getattr(ct.target, target),
@@ -66,4 +70,7 @@ def convert_traced(
         pass_pipeline=conversion_pipeline(precision, upcast_attention),
         skip_model_load=True,
     )
+    # A date would make every conversion of the same module a different package.
+    mlmodel.user_defined_metadata.pop(CONVERSION_DATE, None)
     mlmodel.save(str(package))
+    make_reproducible(package)

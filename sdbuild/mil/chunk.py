@@ -19,7 +19,10 @@ of intermediate tensors are live across it, then the fewest tensors.
 What crosses a cut: every value computed before the cut and read after it is
 an output of the part that computes it and an input of the part that reads
 it (a value that skips a part goes straight from producer to reader, not
-through copies). The model's own inputs are inputs of every part that reads
+through copies). A float16 value crosses as float32, under its name with
+``_fp32`` appended: the producing part casts it up, the reading part back
+down (the same numbers), as coremltools' ``bisect_model`` and Apple's
+chunker pass it, to spare the app float16 arrays between models. The model's own inputs are inputs of every part that reads
 them, and the final outputs (``noise_pred``) come from the last part.
 ``const`` ops, weight decompression and casts of model inputs are repeated
 in every part that needs them rather than passed across.
@@ -47,6 +50,7 @@ _BLOB_SENTINEL = 0xDEADBEEF
 # iOS16 / specification version 7), with their sizes in bytes.
 _IO_DTYPES = {"FLOAT16": ("float16", 2), "FLOAT32": ("float32", 4), "INT32": ("int32", 4)}
 _FLOAT16_IO_SPEC_VERSION = 7
+_CROSSING_SUFFIX = "_fp32"  # a float16 value's name as the float32 tensor passed between parts
 
 
 class ChunkError(SdbuildError):
@@ -67,6 +71,12 @@ class TensorInfo:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "bytes": self.bytes}
+
+    def crossing(self) -> "TensorInfo":
+        """This value as it passes between parts: float16 goes as float32, renamed (``_CROSSING_SUFFIX``)."""
+        if self.dtype != "float16":
+            return self
+        return TensorInfo(self.name + _CROSSING_SUFFIX, self.shape, "float32")
 
 
 @dataclass
@@ -328,8 +338,8 @@ def _analyse(block, input_names: set[str], weights_dir: Path, outputs: list[str]
             unrepresentable[first] += 1
             unrepresentable[last + 1] -= 1
         else:
-            cross_bytes[first] += info.bytes
-            cross_bytes[last + 1] -= info.bytes
+            cross_bytes[first] += info.crossing().bytes
+            cross_bytes[last + 1] -= info.crossing().bytes
         cross_count[first] += 1
         cross_count[last + 1] -= 1
     return _Analysis(
@@ -425,6 +435,38 @@ def _feature(info: TensorInfo, description: str = ""):
     return feature
 
 
+def _string_const(name: str, text: str):
+    """A MIL ``const`` op holding the string ``text`` (a cast's dtype), as coremltools writes one."""
+    from coremltools.proto import MIL_pb2
+
+    op = MIL_pb2.Operation(type="const")
+    string = MIL_pb2.ValueType()
+    string.tensorType.dataType = MIL_pb2.STRING
+    op.outputs.add(name=name).type.CopyFrom(string)
+    for key, value in (("name", name), ("val", text)):
+        attr = op.attributes[key]
+        attr.type.CopyFrom(string)
+        attr.immediateValue.tensor.strings.values.append(value)
+    return op
+
+
+def _cast_ops(src: str, dst: str, value_type, dtype: str) -> list:
+    """``dst = cast(src, dtype)`` (``fp16`` | ``fp32``) as MIL ops; ``value_type``: src's MIL type, shape kept."""
+    from coremltools.proto import MIL_pb2
+
+    dtype_const = _string_const(f"{dst}_dtype", dtype)
+    cast = MIL_pb2.Operation(type="cast")
+    cast.inputs["x"].arguments.add(name=src)
+    cast.inputs["dtype"].arguments.add(name=f"{dst}_dtype")
+    out = cast.outputs.add(name=dst)
+    out.type.CopyFrom(value_type)
+    out.type.tensorType.dataType = MIL_pb2.FLOAT32 if dtype == "fp32" else MIL_pb2.FLOAT16
+    name = cast.attributes["name"]
+    name.type.tensorType.dataType = MIL_pb2.STRING
+    name.immediateValue.tensor.strings.values.append(dst)
+    return [dtype_const, cast]
+
+
 def _remap_blobs(op, new_offsets: dict[tuple[str, int], int]) -> None:
     for value in _blob_values(op):
         value.blobFileValue.offset = new_offsets[(value.blobFileValue.fileName, value.blobFileValue.offset)]
@@ -442,12 +484,15 @@ def chunk_program(src: Path, n: int, dst_dir: Path, balance_tolerance: float = 0
     metadata and weight blobs (byte for byte). Inputs of part k: the model
     inputs it reads (same names, shapes, dtypes) and the intermediate tensors
     earlier parts computed, under their MIL names with the dtype the op
-    produced (float16 as model I/O needs iOS16/macOS13 or newer). Outputs:
+    produced, float16 ones as float32 (``TensorInfo.crossing``). Outputs:
     what later parts read, and the model's outputs (``noise_pred``
     [B, 4, H, W]) from the last part. Returns the parts with their weight
     bytes and I/O, and every cut's crossing tensors.
     """
     import coremltools as ct
+    from coremltools.proto import MIL_pb2
+
+    from sdbuild.mlpackage import make_reproducible
 
     src, dst_dir = Path(src), Path(dst_dir)
     if n < 1:
@@ -556,35 +601,41 @@ def chunk_program(src: Path, n: int, dst_dir: Path, balance_tolerance: float = 0
                 new_offsets.update(zip(keys, offsets))
             if not refs:
                 _write_blobs(weights_tmp / "weight.bin", weights_dir, [])
-            for p in positions:
-                op = part_block.operations.add()
-                op.CopyFrom(analysis.ops[p])
-                _remap_blobs(op, new_offsets)
-            part_block.outputs.extend(part_outputs)
-
             in_infos, out_infos = [], []
             for name in model_inputs:
                 part_fn.inputs.add().CopyFrom(orig_inputs[name])
                 part_spec.description.input.add().CopyFrom(orig_features[name])
                 in_infos.append(_tensor_info(name, orig_inputs[name].type))
             for name in carried:
-                t = info(name)
+                t = info(name).crossing()
                 source_part = int(part_of[analysis.runtime_index[name]]) + 1
-                part_fn.inputs.add(name=name).type.CopyFrom(analysis.types[name])
+                arg = part_fn.inputs.add(name=t.name)
+                arg.type.CopyFrom(analysis.types[name])
+                if t.name != name:  # float16 inside, float32 across: cast back down first thing
+                    arg.type.tensorType.dataType = MIL_pb2.FLOAT32
+                    part_block.operations.extend(_cast_ops(t.name, name, analysis.types[name], "fp16"))
                 part_spec.description.input.add().CopyFrom(_feature(t, f"intermediate value from chunk {source_part}"))
                 in_infos.append(t)
+            for p in positions:
+                op = part_block.operations.add()
+                op.CopyFrom(analysis.ops[p])
+                _remap_blobs(op, new_offsets)
             for name in part_outputs:
-                t = info(name)
+                t = info(name) if name in orig_out_features else info(name).crossing()
                 if name in orig_out_features:
                     part_spec.description.output.add().CopyFrom(orig_out_features[name])
                 else:
+                    if t.name != name:  # handed on as float32
+                        part_block.operations.extend(_cast_ops(name, t.name, analysis.types[name], "fp32"))
                     part_spec.description.output.add().CopyFrom(_feature(t, f"intermediate value for chunk {k + 2} and later"))
+                part_block.outputs.append(t.name)
                 out_infos.append(t)
 
             path = dst_dir / f"chunk{k + 1}.mlpackage"
             if path.exists():
                 shutil.rmtree(path)
             ct.models.MLModel(part_spec, weights_dir=str(weights_tmp), skip_model_load=True).save(str(path))
+            make_reproducible(path)
         result.parts.append(
             ChunkPart(
                 path=path,
@@ -605,7 +656,7 @@ def chunk_program(src: Path, n: int, dst_dir: Path, balance_tolerance: float = 0
             Cut(
                 after_op=_op_name(analysis.ops[analysis.runtime[c - 1]]),
                 before_op=_op_name(analysis.ops[analysis.runtime[c]]),
-                crossing_tensors=[_tensor_info(name, analysis.types[name]) for name in live],
+                crossing_tensors=[_tensor_info(name, analysis.types[name]).crossing() for name in live],
             )
         )
     return result

@@ -9,7 +9,7 @@ bundle contract (CONTRACT.md) fixes them.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sdbuild.errors import NotBuiltYet, RecipeError
@@ -17,6 +17,11 @@ from sdbuild.errors import NotBuiltYet, RecipeError
 TOKENS = 77
 MULTILINGUAL_TOKENS = 256  # NLContextualEmbedding's sequence, as the Swift package pads it
 SAFETY_CHECKER_IMAGES = 512  # the side of the safety checker's `images` input, fixed by the Swift package
+# The safety checker whose `images` input is the generated image itself ([1, H, W, 3]), as Apple's
+# Python pipeline feeds it; plain `safety_checker` takes the Swift package's 512x512 placeholder.
+SAFETY_CHECKER_IMAGE_SIZED = "safety_checker/python"
+# Model I/O data types (docs/interface.md says which input takes which, and why).
+FLOAT16, FLOAT32 = "float16", "float32"
 FAMILIES = ("sd", "sdxl")
 COMPONENTS = (
     "text_encoder",
@@ -42,12 +47,15 @@ class TensorSpec:
     ``high``, held in float32 as the contract says), ``timestep`` (integers
     in [0, high)), ``image`` (uniform in [-1, 1]) or ``pixels`` (uniform in
     [0, 1], as pipelines hand decoded images to the safety checker).
+    ``dtype``: the data type the converted model declares for it (``float16``
+    or ``float32``), as Apple's converter declares it.
     """
 
     name: str
     shape: tuple[int, ...]
     kind: str = "normal"
     high: int | None = None
+    dtype: str = FLOAT32
 
 
 @dataclass(frozen=True)
@@ -59,10 +67,12 @@ class BuildOptions:
     width: int = 512
     unet_batch_one: bool = False
     sequence_length: int = TOKENS  # of encoder_hidden_states: 256 for a multilingual projection's embeddings
+    vae_scale_factor: int = 8  # image pixels per latent pixel: set from the checkpoint by build_component
+    checker_images: tuple[int, int] = (SAFETY_CHECKER_IMAGES, SAFETY_CHECKER_IMAGES)  # safety checker `images` H, W
 
     @property
     def latent(self) -> tuple[int, int]:
-        return self.height // 8, self.width // 8
+        return self.height // self.vae_scale_factor, self.width // self.vae_scale_factor
 
     @property
     def batch(self) -> int:
@@ -103,6 +113,9 @@ def build_component(component: str, checkpoint: Path, options: BuildOptions, vae
     For ``controlnet``, ``checkpoint`` is a ControlNet's own folder
     (config.json and weights), not a pipeline. ``vae``: the folder the VAE
     components load from instead of ``checkpoint / "vae"`` (a custom VAE).
+    The latent size is the image size over the VAE's own scale factor
+    (``vae_scale_factor``), whatever ``options.vae_scale_factor`` says.
+    Every input carries the data type Apple's converter declares for it.
     """
     from sdbuild.models.attention import check_implementation
 
@@ -113,6 +126,12 @@ def build_component(component: str, checkpoint: Path, options: BuildOptions, vae
     if component == "controlnet":
         return _build_controlnet(checkpoint, options)
     family = model_family(checkpoint)
+    vae_folder = Path(vae) if vae else checkpoint / "vae"
+    if component in ("unet", "controlled_unet", "vae_decoder", "vae_encoder"):
+        # A folder without a VAE (a unet alone) keeps options.vae_scale_factor, 8 unless set.
+        has_vae = (vae_folder / "config.json").is_file()
+        factor = vae_scale_factor(_read_config(vae_folder, "VAE")) if has_vae else options.vae_scale_factor
+        options = _with_latent_of(options, factor)
     if component in ("text_encoder", "text_encoder_2"):
         return _build_text_encoder(component, checkpoint, family, options)
     if component == "unet":
@@ -124,10 +143,31 @@ def build_component(component: str, checkpoint: Path, options: BuildOptions, vae
             raise NotBuiltYet(f"{checkpoint}: {SDXL_REFUSAL}")
         return _build_unet(checkpoint, options, controlled=True)
     if component in ("vae_decoder", "vae_encoder"):
-        return _build_vae(component, Path(vae) if vae else checkpoint / "vae", options)
+        return _build_vae(component, vae_folder, family, options)
     if component == "safety_checker":
         return _build_safety_checker(checkpoint, options)
     raise NotBuiltYet(f"component '{component}' has no conversion module yet")
+
+
+def vae_scale_factor(vae_config: dict) -> int:
+    """Image pixels per latent pixel: ``2 ** (len(block_out_channels) - 1)``, as diffusers and Apple's converter compute it."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def _read_config(folder: Path, what: str) -> dict:
+    if not (folder / "config.json").is_file():
+        raise RecipeError(f"{folder}: no config.json: not a diffusers {what} folder")
+    return json.loads((folder / "config.json").read_text())
+
+
+def _with_latent_of(options: BuildOptions, factor: int) -> BuildOptions:
+    """``options`` with ``vae_scale_factor`` set; refuses an image size the factor does not divide."""
+    if options.height % factor or options.width % factor:
+        raise RecipeError(
+            f"resolution {options.height}x{options.width}: the VAE turns {factor}x{factor} pixels into one latent;"
+            f" height and width must be multiples of {factor}"
+        )
+    return replace(options, vae_scale_factor=factor)
 
 
 def _build_text_encoder(component: str, checkpoint: Path, family: str, options: BuildOptions) -> ComponentModel:
@@ -143,7 +183,8 @@ def _build_text_encoder(component: str, checkpoint: Path, family: str, options: 
     module = TextEncoder.from_transformers(reference, options.attention, penultimate=sdxl, sequence_length=TOKENS)
     return ComponentModel(
         module,
-        [TensorSpec("input_ids", (1, TOKENS), "tokens", reference.config.vocab_size)],
+        # float32: float16 would round token ids above 2048 before the graph casts them to integers.
+        [TensorSpec("input_ids", (1, TOKENS), "tokens", reference.config.vocab_size, FLOAT32)],
         ["hidden_embeds" if sdxl else "last_hidden_state", "pooled_outputs"],
     )
 
@@ -181,23 +222,26 @@ def _build_unet(checkpoint: Path, options: BuildOptions, controlled: bool = Fals
     factor = 2 ** (len(cfg.block_out_channels) - 1)
     if h % factor or w % factor:
         raise RecipeError(
-            f"resolution {options.height}x{options.width}: the unet needs height and width divisible by {8 * factor}"
+            f"resolution {options.height}x{options.width}: the unet needs height and width divisible by"
+            f" {options.vae_scale_factor * factor}"
         )
     module = (ControlledUnet if controlled else Unet).from_diffusers(reference, options.attention)
     b = options.batch
+    # float16, every one: Apple's Python pipeline feeds the unet float16 arrays and checks the dtype exactly.
     inputs = [
-        TensorSpec("sample", (b, cfg.in_channels, h, w)),
-        TensorSpec("timestep", (b,), "timestep", 1000),
-        TensorSpec("encoder_hidden_states", (b, cfg.cross_attention_dim, 1, options.sequence_length)),
+        TensorSpec("sample", (b, cfg.in_channels, h, w), dtype=FLOAT16),
+        TensorSpec("timestep", (b,), "timestep", 1000, FLOAT16),
+        TensorSpec("encoder_hidden_states", (b, cfg.cross_attention_dim, 1, options.sequence_length), dtype=FLOAT16),
     ]
     info = {"upcast_attention": bool(cfg.upcast_attention), "skip_shapes": module.skip_shapes(b, h, w)}
     if module.text_time:
         n_ids = _time_id_count(checkpoint, cfg)
         text_dim = cfg.projection_class_embeddings_input_dim - n_ids * cfg.addition_time_embed_dim
-        inputs += [TensorSpec("text_embeds", (b, text_dim)), TensorSpec("time_ids", (b, n_ids))]
+        # time_ids before text_embeds, as Apple's converter orders them.
+        inputs += [TensorSpec("time_ids", (b, n_ids), dtype=FLOAT16), TensorSpec("text_embeds", (b, text_dim), dtype=FLOAT16)]
     if controlled:
         shapes = info["skip_shapes"]
-        inputs += [TensorSpec(name, shape) for name, shape in zip(residual_names(len(shapes)), shapes)]
+        inputs += [TensorSpec(name, shape, dtype=FLOAT16) for name, shape in zip(residual_names(len(shapes)), shapes)]
     return ComponentModel(module, inputs, ["noise_pred"], info=info)
 
 
@@ -215,29 +259,39 @@ def _build_controlnet(folder: Path, options: BuildOptions) -> ComponentModel:
         raise RecipeError(f"{folder}: config.json describes a {config.get('_class_name')!r}, not a ControlNetModel")
     # Refuse before loading weights: an unsupported full-size ControlNet is over a gigabyte.
     check_controlnet_config(config)
+    # The control image is at pixel size; its embedding brings it down to the latent size (the base VAE's factor).
+    embedding = config.get("conditioning_embedding_out_channels", (16, 32, 96, 256))
+    options = _with_latent_of(options, 2 ** (len(embedding) - 1))
     h, w = options.latent
     factor = 2 ** (len(config["block_out_channels"]) - 1)
     if h % factor or w % factor:
         raise RecipeError(
-            f"resolution {options.height}x{options.width}: the ControlNet needs height and width divisible by {8 * factor}"
+            f"resolution {options.height}x{options.width}: the ControlNet needs height and width divisible by"
+            f" {options.vae_scale_factor * factor}"
         )
     reference = ControlNetModel.from_pretrained(folder, use_safetensors=True).eval()
     module = ControlNet.from_diffusers(reference, options.attention)
     cfg = module.config
     b = options.batch
-    inputs = [
-        TensorSpec("sample", (b, cfg["in_channels"], h, w)),
-        TensorSpec("timestep", (b,), "timestep", 1000),
-        TensorSpec("encoder_hidden_states", (b, cfg["cross_attention_dim"], 1, options.sequence_length)),
-        TensorSpec("controlnet_cond", (b, cfg.get("conditioning_channels", 3), options.height, options.width), "image"),
+    inputs = [  # float16, as the unet's
+        TensorSpec("sample", (b, cfg["in_channels"], h, w), dtype=FLOAT16),
+        TensorSpec("timestep", (b,), "timestep", 1000, FLOAT16),
+        TensorSpec("encoder_hidden_states", (b, cfg["cross_attention_dim"], 1, options.sequence_length), dtype=FLOAT16),
+        TensorSpec("controlnet_cond", (b, cfg.get("conditioning_channels", 3), options.height, options.width), "image", dtype=FLOAT16),
     ]
     shapes = module.residual_shapes(b, h, w)
     info = {"upcast_attention": bool(cfg.get("upcast_attention")), "residual_shapes": shapes}
     return ComponentModel(module, inputs, residual_names(len(shapes)), info=info)
 
 
-def _build_vae(component: str, folder: Path, options: BuildOptions) -> ComponentModel:
-    """``folder``: an AutoencoderKL's diffusers folder (the checkpoint's ``vae/`` or a recipe's custom VAE)."""
+def _build_vae(component: str, folder: Path, family: str, options: BuildOptions) -> ComponentModel:
+    """``folder``: an AutoencoderKL's diffusers folder (the checkpoint's ``vae/`` or a recipe's custom VAE).
+
+    Input dtype as Apple's converter declares it: float32 where the VAE runs
+    in float32 (SDXL's own VAE), float16 otherwise; the SDXL encoder's ``x``
+    is float32 even with an fp16-safe custom VAE (Apple's converter keys it
+    on the family alone).
+    """
     from diffusers import AutoencoderKL
 
     from sdbuild.models.vae import VaeDecoder, VaeEncoder, needs_float32
@@ -250,23 +304,26 @@ def _build_vae(component: str, folder: Path, options: BuildOptions) -> Component
     h, w = options.latent
     if component == "vae_decoder":
         module = VaeDecoder.from_diffusers(reference, options.attention)
-        spec = TensorSpec("z", (1, reference.config.latent_channels, h, w))
+        spec = TensorSpec("z", (1, reference.config.latent_channels, h, w), dtype=precision)
         return ComponentModel(module, [spec], ["image"], precision)
     module = VaeEncoder.from_diffusers(reference, options.attention)
-    spec = TensorSpec("x", (1, 3, options.height, options.width), "image")
+    dtype = FLOAT32 if family == "sdxl" else precision
+    spec = TensorSpec("x", (1, 3, options.height, options.width), "image", dtype=dtype)
     return ComponentModel(module, [spec], ["latent"], precision)
 
 
 def _build_safety_checker(checkpoint: Path, options: BuildOptions) -> ComponentModel:
-    """The NSFW classifier: clip_input [1, 3, 224, 224], images [1, 512, 512, 3], adjustment [1]
-    → has_nsfw_concepts [1], filtered_images [1, 512, 512, 3], concept_scores [1, 17].
+    """The NSFW classifier: clip_input [1, 3, 224, 224], images [1, H, W, 3], adjustment [1]
+    → filtered_images [1, H, W, 3], has_nsfw_concepts [1, 1, 1, 1], concept_scores [1, 17].
 
-    224 is the checkpoint's vision image size. ``images`` is 512×512 whatever
-    the recipe's resolution: Apple's Swift package feeds an array of exactly
-    that shape (CONTRACT.md), and Core ML refuses any other; the image to
-    judge comes in through ``clip_input``. The Python pipeline, which feeds
-    its generated image there, matches at 512×512, the size of every
-    checkpoint that ships a safety checker (SD 1.x).
+    224 is the checkpoint's vision image size; the image to judge comes in
+    through ``clip_input``, ``images`` is only passed through (blacked out
+    when flagged). H, W is ``options.checker_images``: 512×512 by default,
+    as Apple's Swift package feeds an array of exactly that shape whatever
+    the image size (Core ML refuses any other), or the image size itself for
+    the variant Apple's Python pipeline feeds its generated image to
+    (``SAFETY_CHECKER_IMAGE_SIZED``). Inputs float16, outputs in the order
+    and shapes Apple's converter gives them.
     """
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
@@ -278,12 +335,20 @@ def _build_safety_checker(checkpoint: Path, options: BuildOptions) -> ComponentM
     reference = StableDiffusionSafetyChecker.from_pretrained(folder, use_safetensors=True).eval()
     module = SafetyChecker.from_diffusers(reference, options.attention)
     size = module.image_size
+    height, width = options.checker_images
     inputs = [
-        TensorSpec("clip_input", (1, 3, size, size)),
-        TensorSpec("images", (1, SAFETY_CHECKER_IMAGES, SAFETY_CHECKER_IMAGES, 3), "pixels"),
-        TensorSpec("adjustment", (1,)),
+        TensorSpec("clip_input", (1, 3, size, size), dtype=FLOAT16),
+        TensorSpec("images", (1, height, width, 3), "pixels", dtype=FLOAT16),
+        TensorSpec("adjustment", (1,), dtype=FLOAT16),
     ]
-    return ComponentModel(module, inputs, ["has_nsfw_concepts", "filtered_images", "concept_scores"])
+    return ComponentModel(module, inputs, ["filtered_images", "has_nsfw_concepts", "concept_scores"])
+
+
+def as_declared(feeds: dict[str, np.ndarray], inputs: list[TensorSpec]) -> dict[str, np.ndarray]:
+    """``feeds`` cast to each input's declared dtype (round to nearest), as Apple's pipelines hand them over."""
+    import numpy as np
+
+    return {spec.name: np.asarray(feeds[spec.name]).astype(spec.dtype) for spec in inputs if spec.name in feeds}
 
 
 def build_multilingual_projection(path: Path, checkpoint: Path) -> ComponentModel:
@@ -303,7 +368,7 @@ def build_multilingual_projection(path: Path, checkpoint: Path) -> ComponentMode
 
 
 def sample_inputs(inputs: list[TensorSpec], seed: int) -> dict[str, np.ndarray]:
-    """Seeded random float32 values for ``inputs``, each valid for its kind."""
+    """Seeded random float32 values for ``inputs``, each valid for its kind (``as_declared`` casts them)."""
     import numpy as np  # here, not at the top: planning reads this package's configs only
 
     rng = np.random.default_rng(seed)

@@ -107,7 +107,7 @@ class ClipVisionTransformer(nn.Module):
 
 class SafetyChecker(nn.Module):
     """clip_input (B, 3, size, size), images (B, H, W, 3), adjustment (1,)
-    → has_nsfw_concepts (B,) in {0., 1.}, filtered_images (B, H, W, 3), concept_scores (B, 17).
+    → filtered_images (B, H, W, 3), has_nsfw_concepts (B, 1, 1, 1) in {0., 1.}, concept_scores (B, 17).
 
     ``images`` enters ``filtered_images`` only, never the decision: Apple's
     Swift package feeds it an uninitialized [1, 512, 512, 3] array (it reads
@@ -161,7 +161,8 @@ class SafetyChecker(nn.Module):
         return special, concept + SPECIAL_CARE_BOOST * special_care
 
     def forward(self, clip_input, images, adjustment):
+        """→ (filtered_images, has_nsfw_concepts (B, 1, 1, 1), concept_scores): Apple's converter's order and shapes."""
         _, concept = self.scores(clip_input, adjustment)
-        flagged = (concept > 0).to(concept.dtype).amax(dim=1)  # (B,)
-        filtered = images * (1 - flagged).view(-1, 1, 1, 1)  # black where flagged
-        return flagged, filtered, concept
+        flagged = (concept > 0).to(concept.dtype).amax(dim=1).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        filtered = images * (1 - flagged)  # black where flagged
+        return filtered, flagged, concept

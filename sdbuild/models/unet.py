@@ -346,8 +346,8 @@ class Unet(nn.Module):
     """The denoiser.
 
     sample (B, in_channels, H, W), timestep (B,), encoder_hidden_states (B, C, 1, 77),
-    and for ``text_time`` unets text_embeds (B, T) and time_ids (B, n)
-    → noise_pred (B, out_channels, H, W).
+    and for ``text_time`` unets time_ids (B, n) and text_embeds (B, T), in that
+    order as Apple's converter declares them → noise_pred (B, out_channels, H, W).
     """
 
     def __init__(self, config: dict, implementation: str = "ORIGINAL"):
@@ -405,7 +405,7 @@ class Unet(nn.Module):
         """Shapes of the ControlNet residuals for a (height, width) latent: each down-block skip, then the mid block."""
         return skip_shapes(self.config, self.down_blocks, batch, height, width)
 
-    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None, additional_residuals=None):
+    def forward(self, sample, timestep, encoder_hidden_states, time_ids=None, text_embeds=None, additional_residuals=None):
         """See the class docstring; ``additional_residuals`` (a ControlNet's outputs, in ``skip_shapes`` order) may be None."""
         temb = self.time_embedding(self.time_proj(timestep))
         if self.text_time:

@@ -80,7 +80,7 @@ STAGES: dict[str, Stage] = {
                 "vae_encoder": ("resolution",),
                 "text_encoder": ("attention",),
                 "text_encoder_2": ("attention",),
-                "safety_checker": ("attention",),
+                "safety_checker": ("attention", "resolution"),  # resolution: the Python variant's images
                 # The user's TorchScript file, by its content (its path and time are not in the key).
                 "multilingual_projection": ("multilingual_projection_sha256",),
             },

@@ -5,11 +5,19 @@ Files are reflinked (copy-on-write) out of the cache where the filesystem can,
 else copied: never symlinked, so a bundle survives ``sdbuild cache gc`` and
 being zipped, and never hard-linked, so editing a bundle cannot change the
 cache. Each package's spec is written anew with sdbuild's metadata and
-descriptions of its inputs and outputs.
+descriptions of its inputs and outputs, byte-reproducibly
+(``sdbuild.mlpackage``): the same recipe and stage outputs give the same bundle
+bytes.
+
+The safety checker comes in two variants where the layouts' clients differ
+(docs/interface.md): the Swift layout's takes the 512x512 ``images``
+placeholder Apple's Swift package feeds, the Python layout's the generated
+image itself, as Apple's Python pipeline feeds it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -17,6 +25,7 @@ from pathlib import Path
 
 from sdbuild import __version__
 from sdbuild.cache import clone_file
+from sdbuild.models import SAFETY_CHECKER_IMAGE_SIZED, SAFETY_CHECKER_IMAGES
 from sdbuild.stages.download import checkpoint_dir, vae_dir
 
 SWIFT_NAMES = {
@@ -35,6 +44,7 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt")
 PIPELINE_FILE = "pipeline.json"
 SPEC_PATH = Path("Data/com.apple.CoreML/model.mlmodel")
 
+# Short descriptions of every input and output, saying what Apple's converter's descriptions say, in our words.
 DESCRIPTIONS = {
     "input_ids": "token ids from the CLIP tokenizer, held in float32, [1, 77]",
     "last_hidden_state": "text encoder's last hidden states [1, 77, C]",
@@ -53,7 +63,34 @@ DESCRIPTIONS = {
     "additional_residual": "ControlNet residual: down-block residuals in order, the mid-block residual last",
     "controlnet_cond": "control image [B, 3, 8H, 8W]",
     "nlcontextualembeddings_output": "NLContextualEmbedding token vectors, zero-padded [1, 256, 512]",
+    "clip_input": "image to judge, resized to the checker's size and CLIP-normalized, channels first [1, 3, 224, 224]",
+    "images": "image(s) to pass through, channels last [1, H, W, 3]; blacked out when flagged",
+    "adjustment": "added to the concept scores before thresholding at 0 (0: the default threshold) [1]",
+    "filtered_images": "the images input, or zeros where sensitive content was found",
+    "has_nsfw_concepts": "1 where any concept score is above 0 (sensitive content found), else 0",
+    "concept_scores": "per-concept scores before thresholding at 0; what adjustment shifts",
 }
+
+
+def layout_components(components: list[str], layout: str, height: int, width: int) -> list[str]:
+    """``components`` with the safety checker variants the bundle ``layout`` needs.
+
+    ``safety_checker`` takes the Swift package's 512x512 ``images``;
+    ``SAFETY_CHECKER_IMAGE_SIZED`` the generated image (height x width), for
+    Apple's Python pipeline. One serves both when the image is 512x512.
+    """
+    if "safety_checker" not in components:
+        return list(components)
+    placeholder = (height, width) == (SAFETY_CHECKER_IMAGES, SAFETY_CHECKER_IMAGES)
+    variants = []
+    if layout in ("swift", "both") or placeholder:
+        variants.append("safety_checker")
+    if layout in ("python", "both") and not placeholder:
+        variants.append(SAFETY_CHECKER_IMAGE_SIZED)
+    out = list(components)
+    at = out.index("safety_checker")
+    out[at : at + 1] = variants
+    return out
 
 
 def swift_name(component: str, part: int | None = None) -> str:
@@ -71,7 +108,7 @@ def python_package_name(model_version: str, component: str) -> str:
     """
     if component.startswith("controlnet/"):
         return f"controlnet/{component.split('/', 1)[1].replace('/', '_')}.mlpackage"
-    name = PYTHON_NAMES.get(component, component)
+    name = PYTHON_NAMES.get(component, component.split("/")[0])
     return f"Stable_Diffusion_version_{model_version.replace('/', '_')}_{name}.mlpackage"
 
 
@@ -85,7 +122,13 @@ def _link(src, dst) -> None:
     clone_file(src, dst)
 
 
-def _metadata(recipe, component: str) -> dict[str, str]:
+def recipe_key(recipe) -> str:
+    """sha256 (first 16 hex digits) of the recipe as validated (every key, defaults filled in)."""
+    text = json.dumps(recipe.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _metadata(recipe, component: str, family: str = "") -> dict[str, str]:
     comp = recipe.compression
     kind = {"controlled_unet": "unet"}.get(component, component.split("/")[0])
     if comp is None or kind not in comp.components or (comp.mixed_bit is not None and kind != "unet"):
@@ -102,24 +145,33 @@ def _metadata(recipe, component: str) -> dict[str, str]:
         "author": f"converted by sdbuild {__version__}; weights from {version}",
         "license": f"see the model card: {card}",
         "com.sdbuild.recipe": recipe.name,
+        "com.sdbuild.recipe_key": recipe_key(recipe),
         "com.sdbuild.version": __version__,
         "com.sdbuild.model_version": version,
-        "com.sdbuild.component": component,
+        "com.sdbuild.family": family,
+        "com.sdbuild.component": component.split("/")[0] if kind == "safety_checker" else component,
         "com.sdbuild.attention": recipe.attention,
+        "com.sdbuild.resolution": ", ".join(f"{r.height}x{r.width}" for r in recipe.resolutions),
         "com.sdbuild.compression": compression,
         "com.sdbuild.compute_unit": recipe.compute_unit,
     }
 
 
 def place_package(src: Path, dst: Path, metadata: dict[str, str]) -> None:
-    """Copy (reflink) ``src``'s files to ``dst`` and write a new spec carrying ``metadata``."""
-    import coremltools as ct
+    """Copy (reflink) ``src``'s files to ``dst`` and write a new spec carrying ``metadata``.
+
+    The spec and the manifest are written to fresh files, never through the
+    cache's, so the cache entry's own are left untouched; both are the same
+    bytes for the same package and metadata (``sdbuild.mlpackage.write_spec``).
+    """
+    from sdbuild.mlpackage import load_spec, write_spec
 
     shutil.copytree(src, dst, copy_function=_link)
-    spec = ct.utils.load_spec(str(src))
+    spec = load_spec(src)
     meta = spec.description.metadata
     meta.author = metadata["author"]
     meta.license = metadata["license"]
+    meta.versionString = metadata["com.sdbuild.model_version"]  # as Apple's converter sets the model's version
     meta.shortDescription = f"{metadata['com.sdbuild.component']} of {metadata['com.sdbuild.model_version']}"
     for key, value in metadata.items():
         if key.startswith("com.sdbuild."):
@@ -128,9 +180,7 @@ def place_package(src: Path, dst: Path, metadata: dict[str, str]) -> None:
         known = DESCRIPTIONS.get(re.sub(r"_\d+$", "", feature.name))
         # Keep what an earlier stage wrote (the chunker describes intermediate values).
         feature.shortDescription = known or feature.shortDescription or feature.name
-    target = dst / SPEC_PATH
-    target.unlink()
-    target.write_bytes(spec.SerializeToString(deterministic=True))  # map order fixed: the same bundle, byte for byte
+    write_spec(dst, spec)
 
 
 def pipeline_facts(recipe, family: str, checkpoint: Path, vae_folder: Path) -> dict:
@@ -138,12 +188,15 @@ def pipeline_facts(recipe, family: str, checkpoint: Path, vae_folder: Path) -> d
 
     ``vae_folder``: the VAE the bundle's VAE models come from (``download.vae_dir``).
     """
+    from sdbuild.models import vae_scale_factor
+
     vae = json.loads((vae_folder / "config.json").read_text())
     scheduler = json.loads((checkpoint / "scheduler" / "scheduler_config.json").read_text())
     return {
         "model_version": recipe.model.version,
         "family": family,
         "vae_scaling_factor": vae.get("scaling_factor", 0.18215),
+        "vae_scale_factor": vae_scale_factor(vae),  # image pixels per latent pixel
         "vae_force_upcast": bool(vae.get("force_upcast", False)),
         "resolution": {"height": recipe.resolutions[0].height, "width": recipe.resolutions[0].width},
         "compute_unit": recipe.compute_unit,
@@ -157,7 +210,8 @@ def write_bundle(recipe, family: str, packages: dict[str, dict], download_entry:
     ``packages`` maps a component to ``{"swift": [package, …], "whole": package}``:
     the Swift layout takes the parts of a chunked component (one part when not
     chunked), the Python layout the whole package (Apple's Python pipeline
-    does not use chunks).
+    does not use chunks). Of the safety checker's variants (``layout_components``),
+    each layout takes its own.
     """
     layout = recipe.bundle.layout
     checkpoint = checkpoint_dir(download_entry)
@@ -166,6 +220,8 @@ def write_bundle(recipe, family: str, packages: dict[str, dict], download_entry:
         resources = dest / "Resources"
         resources.mkdir(parents=True)
         for component, parts in packages.items():
+            if component == SAFETY_CHECKER_IMAGE_SIZED:
+                continue  # the Python pipeline's variant
             chunked = len(parts["swift"]) > 1
             for i, package in enumerate(parts["swift"], start=1):
                 # Compiled models (macOS) keep the metadata they were compiled with.
@@ -174,7 +230,7 @@ def write_bundle(recipe, family: str, packages: dict[str, dict], download_entry:
                 if package.suffix == ".mlmodelc":
                     shutil.copytree(package, target, copy_function=_link)
                 else:
-                    place_package(package, target, _metadata(recipe, component))
+                    place_package(package, target, _metadata(recipe, component, family))
                 written.append(target)
         for name in TOKENIZER_FILES:
             shutil.copyfile(checkpoint / "tokenizer" / name, resources / name)
@@ -182,9 +238,11 @@ def write_bundle(recipe, family: str, packages: dict[str, dict], download_entry:
         folder = dest / "python"
         folder.mkdir(parents=True)
         for component, parts in packages.items():
+            if component == "safety_checker" and SAFETY_CHECKER_IMAGE_SIZED in packages:
+                continue  # the Swift package's variant
             target = folder / python_package_name(recipe.model.version, component)
             target.parent.mkdir(parents=True, exist_ok=True)
-            place_package(parts["whole"], target, _metadata(recipe, component))
+            place_package(parts["whole"], target, _metadata(recipe, component, family))
             written.append(target)
         for name in TOKENIZER_FILES:
             shutil.copyfile(checkpoint / "tokenizer" / name, folder / name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from sdbuild.stages import Job, component_kind
@@ -13,21 +14,25 @@ PROJECTION = "multilingual_projection"  # the component, and the name of its inp
 PROJECTION_DIGEST = "multilingual_projection_sha256"
 
 
-def build_options(fields: dict):
-    from sdbuild.models import TOKENS, BuildOptions
+def build_options(fields: dict, component: str | None = None):
+    """The module options from the stage's recipe fields; ``component`` picks the safety checker's variant."""
+    from sdbuild.models import SAFETY_CHECKER_IMAGE_SIZED, TOKENS, BuildOptions
 
     res = fields.get("resolution") or {"height": 512, "width": 512}
-    return BuildOptions(
+    options = BuildOptions(
         attention=fields.get("attention") or "ORIGINAL",
         height=res["height"],
         width=res["width"],
         unet_batch_one=bool(fields.get("unet_batch_one")),
         sequence_length=fields.get("encoder_sequence_length") or TOKENS,
     )
+    if component == SAFETY_CHECKER_IMAGE_SIZED:
+        options = replace(options, checker_images=(options.height, options.width))
+    return options
 
 
 def run(job: Job, out: Path) -> dict:
-    """Write ``module.pt`` (TorchScript, float32 weights) and ``io.json`` (inputs, outputs, precision)."""
+    """Write ``module.pt`` (TorchScript, float32 weights) and ``io.json`` (inputs with their declared dtypes, outputs, precision)."""
     import torch
 
     from sdbuild.convert import give_freed_memory_back, skip_weight_init, trace_module
@@ -43,7 +48,7 @@ def run(job: Job, out: Path) -> dict:
         model = build_multilingual_projection(projection_file(job), checkpoint_dir(download))
     else:
         with skip_weight_init():
-            options = build_options(job.fields)
+            options = build_options(job.fields, job.component)
             model = build_component(component_kind(job.component), checkpoint_dir(download), options, vae=vae_dir(download))
     phases["build_s"] = round(time.perf_counter() - started, 1)
     example = sample_inputs(model.inputs, seed=0)
@@ -55,7 +60,9 @@ def run(job: Job, out: Path) -> dict:
     torch.jit.save(traced, str(out / "module.pt"))
     phases["save_s"] = round(time.perf_counter() - started, 1)
     io = {
-        "inputs": [{"name": s.name, "shape": list(s.shape), "kind": s.kind, "high": s.high} for s in model.inputs],
+        "inputs": [
+            {"name": s.name, "shape": list(s.shape), "kind": s.kind, "high": s.high, "dtype": s.dtype} for s in model.inputs
+        ],
         "outputs": model.outputs,
         "precision": model.precision,
         "info": model.info,

@@ -34,10 +34,10 @@ def run(job: Job, out: Path) -> dict:
 
     from sdbuild.mil.chunk import chain_run
     from sdbuild.mil.executor import load_program
-    from sdbuild.models import TensorSpec, sample_inputs
+    from sdbuild.models import FLOAT32, TensorSpec, as_declared, sample_inputs
 
     io = read_io(job.upstream["trace"])
-    specs = [TensorSpec(i["name"], tuple(i["shape"]), i["kind"], i["high"]) for i in io["inputs"]]
+    specs = [TensorSpec(i["name"], tuple(i["shape"]), i["kind"], i["high"], i.get("dtype", FLOAT32)) for i in io["inputs"]]
     reference = torch.jit.load(str(job.upstream["trace"] / "module.pt")).eval()
     shipped_dir = job.upstream.get("compress", job.upstream["convert"])
     shipped = load_program(shipped_dir / PACKAGE)
@@ -47,9 +47,10 @@ def run(job: Job, out: Path) -> dict:
 
     samples = []
     for i in range(job.fields["verify.samples"]):
-        feeds = sample_inputs(specs, seed=job.fields["verify.seed"] + i)
+        # In the declared dtypes, as a pipeline feeds them; the reference gets the same values in float32.
+        feeds = as_declared(sample_inputs(specs, seed=job.fields["verify.seed"] + i), specs)
         with torch.no_grad():
-            result = reference(*[torch.from_numpy(feeds[s.name]) for s in specs])
+            result = reference(*[torch.from_numpy(feeds[s.name].astype(np.float32)) for s in specs])
         result = result if isinstance(result, (tuple, list)) else (result,)
         ref = {name: t.numpy().astype(np.float32) for name, t in zip(io["outputs"], result)}
         if parts:

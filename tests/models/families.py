@@ -122,8 +122,9 @@ def unet_inputs(unet, text_dim, batch=2, height=24, width=24, seed=0) -> dict[st
     }
     if text_dim:
         n_ids = (cfg.projection_class_embeddings_input_dim - text_dim) // cfg.addition_time_embed_dim
-        inputs["text_embeds"] = torch.randn(batch, text_dim, generator=g)
+        # The module's order (Apple's): time_ids, then text_embeds.
         inputs["time_ids"] = torch.tensor([[1024.0, 768.0, 0.0, 16.0, 1024.0, 1024.0][:n_ids]] * batch)
+        inputs["text_embeds"] = torch.randn(batch, text_dim, generator=g)
     return inputs
 
 

@@ -135,8 +135,8 @@ def build(arch: str, component: str, attention: str):
             "encoder_hidden_states": g.standard_normal((2, config["cross_attention_dim"], 1, 77)).astype(np.float32),
         }
         if config.get("addition_embed_type") == "text_time":  # SDXL: pooled text (1280) and six time ids
-            inputs["text_embeds"] = g.standard_normal((2, 1280)).astype(np.float32)
             inputs["time_ids"] = np.array([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]] * 2, dtype=np.float32)
+            inputs["text_embeds"] = g.standard_normal((2, 1280)).astype(np.float32)
 
         def reference(t):
             ctx = t["encoder_hidden_states"].squeeze(2).transpose(1, 2)

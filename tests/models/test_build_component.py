@@ -96,8 +96,8 @@ def test_sdxl_components(tiny_sdxl_checkpoint):
         ("sample", (1, 4, 8, 8)),
         ("timestep", (1,)),
         ("encoder_hidden_states", (1, 64, 1, 77)),
+        ("time_ids", (1, 6)),  # Apple's converter's order
         ("text_embeds", (1, 32)),
-        ("time_ids", (1, 6)),
     ]
     values, (noise,) = run(unet)
     t = {k: torch.from_numpy(v) for k, v in values.items()}
@@ -119,7 +119,7 @@ def test_refiner_takes_five_time_ids(tmp_path):
     index = {"_class_name": "StableDiffusionXLImg2ImgPipeline", "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}
     (tmp_path / "model_index.json").write_text(json.dumps(index))
     model = build_component("unet", tmp_path, BuildOptions(height=64, width=64))
-    assert [(s.name, s.shape) for s in model.inputs][3:] == [("text_embeds", (2, 24)), ("time_ids", (2, 5))]
+    assert [(s.name, s.shape) for s in model.inputs][3:] == [("time_ids", (2, 5)), ("text_embeds", (2, 24))]
     run(model)
 
 

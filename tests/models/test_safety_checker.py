@@ -120,10 +120,10 @@ def test_matches_diffusers(attention, reference, cases):
     images = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
     for name, (x, a) in cases.items():
         with torch.no_grad():
-            flags, filtered, scores = module(x, images, torch.tensor([a]))
+            filtered, flags, scores = module(x, images, torch.tensor([a]))
         expected = reference_flags(reference, x, a)
-        assert flags.dtype == torch.float32 and flags.shape == (1,)
-        assert flags.numpy().tolist() == expected.tolist(), name
+        assert flags.dtype == torch.float32 and flags.shape == (1, 1, 1, 1)  # Apple's converter's shape
+        assert flags.numpy().reshape(-1).tolist() == expected.tolist(), name
         assert psnr(reference_concept_scores(reference, x, a), scores.numpy()) >= MIN_PSNR_FP32
         assert torch.equal(filtered, torch.zeros_like(images) if expected[0] else images), name
 
@@ -152,7 +152,8 @@ def test_package_keeps_contract_io_and_decides_as_diffusers(tiny_sd_checkpoint, 
         ("images", (1, 512, 512, 3), "pixels"),
         ("adjustment", (1,), "normal"),
     ]
-    assert (model.outputs, model.precision) == (["has_nsfw_concepts", "filtered_images", "concept_scores"], "float16")
+    assert (model.outputs, model.precision) == (["filtered_images", "has_nsfw_concepts", "concept_scores"], "float16")
+    assert {s.dtype for s in model.inputs} == {"float16"}
 
     for folder in ("download", "trace", "convert"):
         (tmp_path / folder).mkdir()
@@ -163,13 +164,14 @@ def test_package_keeps_contract_io_and_decides_as_diffusers(tiny_sd_checkpoint, 
     path = tmp_path / "convert" / convert.PACKAGE
 
     spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
-    float32 = ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT32
-    features = list(spec.description.input) + list(spec.description.output)
-    assert {f.type.multiArrayType.dataType for f in features} == {float32}
+    types = ct.proto.FeatureTypes_pb2.ArrayFeatureType
+    # As Apple's converter declares them: float16 inputs, float32 outputs.
+    assert {f.type.multiArrayType.dataType for f in spec.description.input} == {types.FLOAT16}
+    assert {f.type.multiArrayType.dataType for f in spec.description.output} == {types.FLOAT32}
     assert [(f.name, list(f.type.multiArrayType.shape)) for f in spec.description.input] == CONTRACT_INPUTS
     assert [(f.name, list(f.type.multiArrayType.shape)) for f in spec.description.output] == [
-        ("has_nsfw_concepts", [1]),
         ("filtered_images", [1, 512, 512, 3]),
+        ("has_nsfw_concepts", [1, 1, 1, 1]),
         ("concept_scores", [1, 17]),
     ]
 
@@ -181,11 +183,11 @@ def test_package_keeps_contract_io_and_decides_as_diffusers(tiny_sd_checkpoint, 
         feeds = {"clip_input": x.numpy(), "images": images, "adjustment": np.float32([a])}
         out = program.run(feeds, precision="fp16")
         expected = reference_flags(reference, x, a)
-        assert out["has_nsfw_concepts"].tolist() == expected.tolist(), name
+        assert out["has_nsfw_concepts"].reshape(-1).tolist() == expected.tolist(), name
         assert psnr(reference_concept_scores(reference, x, a), out["concept_scores"]) >= MIN_PSNR_FP16
         assert psnr(np.zeros_like(images) if expected[0] else images, out["filtered_images"]) >= MIN_PSNR_FP16
         unfed = program.run({**feeds, "images": garbage}, precision="fp16")["has_nsfw_concepts"]
-        assert unfed.tolist() == expected.tolist(), name
+        assert unfed.reshape(-1).tolist() == expected.tolist(), name
 
 
 def test_synthetic_checker_is_deterministic(tmp_path):
@@ -256,12 +258,14 @@ def test_build_bundles_and_generate_runs_the_checker(warm_artifacts, reference, 
     done = run_cli("run", recipe, "--artifacts", warm_artifacts)
     assert done.returncode == 0, done.stderr[-3000:]
     build = warm_artifacts / "builds" / "sd-checked"
-    for package in (
-        build / "Resources" / "SafetyChecker.mlpackage",
-        build / "python" / "Stable_Diffusion_version_synthetic:tiny-sd_safety_checker.mlpackage",
+    # Each layout's own checker: the Swift package feeds a 512x512 placeholder, Apple's Python pipeline the image.
+    for package, images in (
+        (build / "Resources" / "SafetyChecker.mlpackage", [1, 512, 512, 3]),
+        (build / "python" / "Stable_Diffusion_version_synthetic:tiny-sd_safety_checker.mlpackage", [1, 64, 64, 3]),
     ):
         spec = ct.models.MLModel(str(package), skip_model_load=True).get_spec()
-        assert [(f.name, list(f.type.multiArrayType.shape)) for f in spec.description.input] == CONTRACT_INPUTS
+        expected = [(name, images if name == "images" else shape) for name, shape in CONTRACT_INPUTS]
+        assert [(f.name, list(f.type.multiArrayType.shape)) for f in spec.description.input] == expected
     report = json.loads((build / "build.json").read_text())
     # verify passed: a flipped decision scores at most 0 dB (0/1 values) and stops the build; the
     # figure is the lowest over the outputs, the float16 concept scores' at best.
