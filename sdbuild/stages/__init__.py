@@ -65,8 +65,8 @@ STAGES: dict[str, Stage] = {
             "1",
             "sdbuild.stages.download:run",
             fields=("model.version", "model.revision", "model.variant", "model.allow_pickle", "source"),
-            libraries=("huggingface_hub", *TORCH_LIBS),
-            code=("sdbuild.stages.download", "sdbuild.synthetic"),
+            libraries=("huggingface_hub", "peft", "open-clip-torch", *TORCH_LIBS),
+            code=("sdbuild.stages.download", "sdbuild.synthetic", "sdbuild.checkpoints", "sdbuild.adapters", "sdbuild.clip_vocab"),
         ),
         Stage(
             "trace",
