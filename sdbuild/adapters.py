@@ -116,6 +116,7 @@ def fuse_loras(model: Path, loras: list[dict]) -> dict:
     import time
 
     import torch
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 
     if not loras:
         return {}
@@ -126,6 +127,7 @@ def fuse_loras(model: Path, loras: list[dict]) -> dict:
         tensors = load_tensors(Path(lora["path"]), ("",))
         try:
             state, _ = pipe.lora_state_dict(dict(tensors))
+            state = convert_unet_state_dict_to_peft(state)  # the names load_lora_weights ends up using
         except (ValueError, KeyError) as e:
             raise AdapterError(f"{origin}: diffusers cannot read this LoRA: {str(e).splitlines()[0][:300]}") from None
         check_lora_fits(pipe, state, origin)

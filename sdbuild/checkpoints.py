@@ -80,7 +80,10 @@ def _pickled_state_dict(path: Path) -> dict:
     import torch
 
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # files from before torch's zip format cannot be mapped
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a file it cannot unpickle safely
         raise CheckpointError(f"{path}: cannot be read as plain tensors ({type(e).__name__}); convert it to safetensors") from None
     while isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):
@@ -227,7 +230,8 @@ def text_encoder_config(shapes: dict, prefix: str, kind: str, family: str, base:
     """A CLIP text config: the family's, with vocabulary, width, depth, MLP and positions from the file."""
     config = dict(base)
     if kind == "clip":
-        p = prefix + "text_model."
+        # transformers' own names, with or without the text_model level (older files lack it).
+        p = prefix + "text_model." if prefix + "text_model.embeddings.token_embedding.weight" in shapes else prefix
         vocab, hidden = shapes[p + "embeddings.token_embedding.weight"]
         layers = len(_indices(shapes, p + "encoder.layers."))
         mlp = shapes[p + "encoder.layers.0.mlp.fc1.weight"][0]
@@ -255,21 +259,39 @@ def text_encoder_config(shapes: dict, prefix: str, kind: str, family: str, base:
 # --- conversion --------------------------------------------------------------
 
 
+def family_configs(shapes: dict, detected: Detected, origin: str) -> dict[str, dict]:
+    """Relative path → JSON of the diffusers folder's configs: the family's, with the file's sizes.
+
+    A tensor the family's layout needs but the file lacks is one line naming it.
+    """
+    family = detected.family
+    read = lambda name: json.loads((FAMILY_CONFIGS / family / name).read_text())  # noqa: E731
+    try:
+        configs = {
+            "model_index.json": read("model_index.json"),
+            "unet/config.json": unet_config(shapes, family, read("unet/config.json")),
+            "vae/config.json": vae_config(shapes, read("vae/config.json")),
+            "scheduler/scheduler_config.json": {
+                **read("scheduler/scheduler_config.json"),
+                "prediction_type": detected.prediction_type,
+            },
+        }
+        for component, prefix, kind in TEXT_ENCODERS[family]:
+            base = read(f"{component}/config.json")
+            configs[f"{component}/config.json"] = text_encoder_config(shapes, prefix, kind, family, base)
+    except (KeyError, StopIteration, IndexError) as e:
+        missing = f"tensor {e.args[0]}" if isinstance(e, KeyError) else "an attention layer"
+        raise CheckpointError(f"{origin}: looks like {detected.describe()} but has no {missing}; is the file complete?") from None
+    return configs
+
+
 def write_configs(shapes: dict, detected: Detected, dest: Path) -> None:
     """The diffusers folder's configs and tokenizers, before any weights."""
     from sdbuild.clip_vocab import write_clip_vocabulary
 
-    family = detected.family
-    shipped = FAMILY_CONFIGS / family
-    read = lambda name: json.loads((shipped / name).read_text())  # noqa: E731
-    put = lambda name, data: _write_json(dest / name, data)  # noqa: E731
-    put("model_index.json", read("model_index.json"))
-    put("unet/config.json", unet_config(shapes, family, read("unet/config.json")))
-    put("vae/config.json", vae_config(shapes, read("vae/config.json")))
-    scheduler = read("scheduler/scheduler_config.json")
-    put("scheduler/scheduler_config.json", {**scheduler, "prediction_type": detected.prediction_type})
-    for component, prefix, kind in TEXT_ENCODERS[family]:
-        put(f"{component}/config.json", text_encoder_config(shapes, prefix, kind, family, read(f"{component}/config.json")))
+    for name, config in family_configs(shapes, detected, str(dest)).items():
+        _write_json(dest / name, config)
+    for component, _, kind in TEXT_ENCODERS[detected.family]:
         # OpenCLIP tokenizers pad with "!", OpenAI CLIP's with the end token.
         tokenizer = "tokenizer" if component == "text_encoder" else "tokenizer_2"
         write_clip_vocabulary(dest / tokenizer, pad_token="!" if kind == "open_clip" else "<|endoftext|>")

@@ -159,7 +159,7 @@ def test_two_loras_sum_in_order(loras, tiny_sd_checkpoint, tmp_path):
 def test_lora_that_does_not_fit_is_one_line(loras, tmp_path):
     state = load_file(loras["kohya"])
     # A layer tiny-sd does not have (a third down block), and a layer of the wrong width.
-    missing = {k.replace("down_blocks_0", "down_blocks_5"): v for k, v in state.items() if "down_blocks_0_attentions_0_proj_in" in k}
+    missing = {k.replace("down_blocks_0", "down_blocks_5"): v for k, v in state.items() if "down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" in k}
     bad = tmp_path / "missing.safetensors"
     save_file(missing, str(bad))
     done = run_cli("run", _recipe(tmp_path, "missing", [(bad, 1.0)], components=["unet"]), "--artifacts", tmp_path / "a")

@@ -25,6 +25,7 @@ from sdbuild.checkpoints import (
     Detected,
     convert_single_file,
     detect_family,
+    family_configs,
     family_configs_digest,
     is_single_file,
     tensor_shapes,
@@ -103,7 +104,9 @@ def resolve_source(
         return {"kind": "synthetic", "name": version, "seed": 0}
     if not single and is_single_file(version):
         path = resolve_file(version, revision, allow_pickle, key)
-        detected = detect_family(tensor_shapes(path), f"{key} {path}", prediction_type)
+        shapes = tensor_shapes(path)
+        detected = detect_family(shapes, f"{key} {path}", prediction_type)
+        family_configs(shapes, detected, f"{key} {path}")  # a file missing a needed tensor stops here, before any work
         return {
             "kind": "single_file",
             "path": str(path),
