@@ -41,6 +41,7 @@ def lora_info(path: Path, strength: float, key: str) -> dict:
 
 def embedding_info(path: Path, token: str, key: str) -> dict:
     """What enters the download key for one embedding: its content digest and token."""
+    check_token(token, f"{key}.token")
     _embedding_tables(path, key)  # refuse a file that holds no embedding before any work
     return {"path": str(path), "content": sha256_file(path), "token": token}
 
@@ -127,7 +128,9 @@ def fuse_loras(model: Path, loras: list[dict]) -> dict:
         tensors = load_tensors(Path(lora["path"]), ("",))
         try:
             state, _ = pipe.lora_state_dict(dict(tensors))
-            state = convert_unet_state_dict_to_peft(state)  # the names load_lora_weights ends up using
+            # The unet's names as load_lora_weights ends up using them (text encoders' are left as they are).
+            unet = convert_unet_state_dict_to_peft({k: v for k, v in state.items() if k.startswith("unet.")})
+            state = {**unet, **{k: v for k, v in state.items() if not k.startswith("unet.")}}
         except (ValueError, KeyError) as e:
             raise AdapterError(f"{origin}: diffusers cannot read this LoRA: {str(e).splitlines()[0][:300]}") from None
         check_lora_fits(pipe, state, origin)
@@ -234,11 +237,7 @@ def _append_tokens(tokenizer_dir: Path, tokens: list[str], key: str) -> list[int
     ranks = {tuple(m.split()): i for i, m in enumerate(merges)}
     ids = []
     for token in tokens:
-        if not re.fullmatch(r"[^\W\d_]+", token) or token.lower() != token:
-            raise AdapterError(
-                f"{key}.token: '{token}': use one lower-case word of letters (e.g. mystyle): "
-                "CLIP's tokenizers, Apple's included, split prompts at punctuation, digits and spaces"
-            )
+        check_token(token, f"{key}.token")
         word = _bpe_word(token)
         if word in vocab:
             raise AdapterError(f"{key}.token: '{token}' is already a word of CLIP's vocabulary; pick another")
@@ -253,6 +252,15 @@ def _append_tokens(tokenizer_dir: Path, tokens: list[str], key: str) -> list[int
     vocab_file.write_text(json.dumps(vocab, ensure_ascii=False))
     merges_file.write_text("\n".join(header + merges) + "\n")
     return ids
+
+
+def check_token(token: str, key: str) -> None:
+    """A token must be one lower-case word of letters: CLIP's tokenizers (Apple's too) split at anything else."""
+    if not re.fullmatch(r"[^\W\d_]+", token) or token.lower() != token:
+        raise AdapterError(
+            f"{key}: '{token}': use one lower-case word of letters (e.g. mystyle): "
+            "CLIP's tokenizers, Apple's included, split prompts at punctuation, digits and spaces"
+        )
 
 
 def _bpe(symbols: list[str], ranks: dict) -> list[str]:

@@ -55,6 +55,8 @@ OTHER_KINDS = (
 class CheckpointError(SdbuildError):
     """A single file that is not a checkpoint we can convert."""
 
+    exit_code = 2
+
 
 @dataclass(frozen=True)
 class Detected:

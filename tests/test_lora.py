@@ -203,8 +203,9 @@ def test_embedding_errors_are_one_line(tiny_sd_checkpoint, tmp_path):
     save_file({"emb_params": torch.zeros(1, 7)}, str(path))
     done = run_cli("run", _recipe(tmp_path, "e1", embeddings=[(path, "zorblax")], components=["text_encoder"]), "--artifacts", tmp_path / "a")
     assert_one_line_error(done, "model.embeddings[0]", "7 wide")
-    done = run_cli("run", _recipe(tmp_path, "e2", embeddings=[(path, "<my-style>")], components=["text_encoder"]), "--artifacts", tmp_path / "a")
+    done = run_cli("plan", _recipe(tmp_path, "e2", embeddings=[(path, "<my-style>")], components=["text_encoder"]))
     assert_one_line_error(done, "model.embeddings[0].token", "letters")
+    assert done.returncode == 2
 
 
 def test_sdxl_single_file_with_lora_and_embedding(tmp_path):

@@ -177,7 +177,8 @@ def test_foreign_files_are_one_line(tmp_path):
 
     pickled = tmp_path / "model.ckpt"
     torch.save({"state_dict": {}}, pickled)
-    assert_one_line_error(run_cli("plan", _recipe(tmp_path, "ckpt", pickled, ["unet"])), "model.ckpt", "allow_pickle")
+    done = run_cli("run", _recipe(tmp_path, "ckpt", pickled, ["unet"]), "--artifacts", tmp_path / "a")
+    assert_one_line_error(done, "model.ckpt", "allow_pickle")
 
 
 def test_pickled_checkpoint_with_allow_pickle(single_files, tmp_path):
