@@ -10,7 +10,6 @@ CompVis/SGM layout (our own inverse of the names diffusers' loader maps).
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import torch
