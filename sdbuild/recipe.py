@@ -35,8 +35,20 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class Lora(_Strict):
+    path: str = Field(description="LoRA .safetensors file (kohya/A1111 or diffusers/PEFT names): local path or hub-id/file.safetensors")
+    strength: float = Field(1.0, description="scale of the LoRA's change, fused into the weights before tracing")
+
+
+class Embedding(_Strict):
+    path: str = Field(description="textual-inversion embedding file: local path or hub-id/file.safetensors")
+    token: str = Field(min_length=1, description="the prompt word that calls it, e.g. <my-style>")
+
+
 class ModelSource(_Strict):
-    version: str = Field(description="hub id | local diffusers folder | synthetic:tiny-sd | synthetic:tiny-sdxl")
+    version: str = Field(
+        description="hub id | local diffusers folder | single .safetensors file (local or hub-id/file.safetensors) | synthetic:tiny-sd | synthetic:tiny-sdxl"
+    )
     revision: str = "main"
     variant: str | None = Field(None, description="weights variant on the hub, e.g. fp16")
     custom_vae: str | None = Field(
@@ -44,6 +56,19 @@ class ModelSource(_Strict):
     )
     refiner: str | None = None
     allow_pickle: bool = Field(False, description="allow .bin/.ckpt pickled weights (unsafe); default: safetensors only")
+    prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
+        None, description="a single file's objective; default: detected (SD 2.x: v_prediction, others: epsilon)"
+    )
+    loras: list[Lora] = []
+    embeddings: list[Embedding] = []
+
+    @field_validator("embeddings")
+    @classmethod
+    def _distinct_tokens(cls, v):
+        tokens = [e.token for e in v]
+        if len(set(tokens)) != len(tokens):
+            raise ValueError("two embeddings share a token")
+        return v
 
 
 class Resolution(_Strict):

@@ -66,7 +66,7 @@ STAGES: dict[str, Stage] = {
             "1",
             "sdbuild.stages.download:run",
             fields=("model.version", "model.revision", "model.variant", "model.allow_pickle", "source"),
-            libraries=("huggingface_hub", *TORCH_LIBS),
+            libraries=("huggingface_hub", "peft", "open-clip-torch", *TORCH_LIBS),
         ),
         Stage(
             "trace",

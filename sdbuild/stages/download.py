@@ -2,9 +2,13 @@
 
 Hub ids go through huggingface_hub (only configs, tokenizer, the safety
 checker's image preprocessing config and weights); local folders are used in
-place; synthetic models are generated. The key holds what was resolved (hub
-commit, folder content hash, generator), so a moved hub branch or an edited
-folder never reads as cached.
+place; synthetic models are generated; a single-file checkpoint (original
+layout) becomes a diffusers folder in the entry (``sdbuild.checkpoints``).
+LoRAs are fused and textual-inversion embeddings added here too, into a
+diffusers folder in the entry, so every stage downstream sees plain weights.
+The key holds what was resolved (hub commit, folder or file content hash,
+generator, each LoRA's digest and strength, each embedding's digest and
+token), so a moved hub branch or an edited file never reads as cached.
 """
 
 from __future__ import annotations
@@ -12,8 +16,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
+from sdbuild.cache import sha256_file
+from sdbuild.checkpoints import (
+    PICKLED_SUFFIXES,
+    Detected,
+    convert_single_file,
+    detect_family,
+    family_configs,
+    family_configs_digest,
+    is_single_file,
+    tensor_shapes,
+)
 from sdbuild.errors import SdbuildError
 from sdbuild.stages import Job
 from sdbuild.synthetic import is_synthetic, make_synthetic
@@ -67,15 +83,39 @@ def check_weights_safe(folder: Path, allow_pickle: bool, origin: str) -> None:
 
 
 def resolve_source(
-    version: str, revision: str, variant: str | None, allow_pickle: bool, *, key: str = "model.version", single: bool = False
+    version: str,
+    revision: str,
+    variant: str | None,
+    allow_pickle: bool,
+    *,
+    key: str = "model.version",
+    single: bool = False,
+    prediction_type: str | None = None,
 ) -> dict:
     """What the checkpoint is, concretely: the ``source`` field of the download key.
 
     ``single`` is for one model (a ControlNet: ``config.json`` at the top)
     rather than a pipeline (``model_index.json``); ``key`` names the recipe key in errors.
+    A single ``.safetensors`` file (``.ckpt`` with ``allow_pickle``) is
+    resolved to its content digest and the family its tensors show
+    (``prediction_type`` overrides the detected objective).
     """
     if is_synthetic(version):
         return {"kind": "synthetic", "name": version, "seed": 0}
+    if not single and is_single_file(version):
+        path = resolve_file(version, revision, allow_pickle, key)
+        shapes = tensor_shapes(path)
+        detected = detect_family(shapes, f"{key} {path}", prediction_type)
+        family_configs(shapes, detected, f"{key} {path}")  # a file missing a needed tensor stops here, before any work
+        return {
+            "kind": "single_file",
+            "path": str(path),
+            "content": sha256_file(path),
+            "family": detected.family,
+            "inpainting": detected.inpainting,
+            "prediction_type": detected.prediction_type,
+            "configs": family_configs_digest(detected.family),
+        }
     folder = Path(version).expanduser()
     marker = "config.json" if single else "model_index.json"
     if folder.is_dir():
@@ -89,6 +129,54 @@ def resolve_source(
     snapshot = _hub_snapshot(version, revision, variant, allow_pickle, key, single)
     check_weights_safe(snapshot, allow_pickle, f"{key} {version}")
     return {"kind": "hub", "repo": version, "commit": snapshot.name, "path": str(snapshot)}
+
+
+def resolve_file(name: str, revision: str, allow_pickle: bool, key: str) -> Path:
+    """A local file, or ``owner/repo/path/in/repo.safetensors`` from the hub (its cache first when offline)."""
+    path = Path(name).expanduser()
+    if path.suffix.lower() in PICKLED_SUFFIXES and not allow_pickle:
+        raise DownloadError(
+            f"{key}: {name} is pickled weights, which can run code when loaded; "
+            "convert it to safetensors, or set model.allow_pickle: true if you trust it"
+        )
+    if path.is_file():
+        return path.resolve()
+    if name.startswith((".", "/", "~")) or name.count("/") < 2:
+        raise DownloadError(f"{key}: file not found: {path.resolve()} (paths are relative to the working folder)")
+    repo, filename = "/".join(name.split("/")[:2]), "/".join(name.split("/")[2:])
+    from huggingface_hub import hf_hub_download
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    for local_only in ((True,) if offline else (False, True)):
+        try:
+            return Path(hf_hub_download(repo, filename, revision=revision, local_files_only=local_only))
+        except Exception as e:  # network errors come in many types; fall back to the local cache
+            if type(e).__name__ in ("RepositoryNotFoundError", "RevisionNotFoundError", "EntryNotFoundError", "GatedRepoError"):
+                raise DownloadError(f"{key}: {repo}@{revision}: {filename}: {type(e).__name__} on the Hugging Face Hub") from None
+    raise DownloadError(
+        f"{key}: '{name}' is not a local file, and the Hugging Face Hub cannot be reached for {repo} "
+        "nor is the file in its local cache; download it where there is network, or give a local path"
+    )
+
+
+def resolve_adapters(source: dict, loras: list, embeddings: list, allow_pickle: bool) -> dict:
+    """``source`` with the recipe's LoRAs (digest, strength) and embeddings (digest, token) added, in order."""
+    if not loras and not embeddings:
+        return source
+    from sdbuild.adapters import embedding_info, lora_info
+
+    resolved = dict(source)
+    if loras:
+        resolved["loras"] = [
+            lora_info(resolve_file(lora.path, "main", allow_pickle, f"model.loras[{i}].path"), lora.strength, f"model.loras[{i}]")
+            for i, lora in enumerate(loras)
+        ]
+    if embeddings:
+        resolved["embeddings"] = [
+            embedding_info(resolve_file(e.path, "main", allow_pickle, f"model.embeddings[{i}].path"), e.token, f"model.embeddings[{i}]")
+            for i, e in enumerate(embeddings)
+        ]
+    return resolved
 
 
 def _hub_snapshot(repo: str, revision: str, variant: str | None, allow_pickle: bool, key: str, single: bool) -> Path:
@@ -114,7 +202,8 @@ def _hub_snapshot(repo: str, revision: str, variant: str | None, allow_pickle: b
 
 
 def run(job: Job, out: Path) -> dict:
-    """Materialize the checkpoint: ``out/model`` for synthetic models, else a pointer file.
+    """Materialize the checkpoint: ``out/model`` for synthetic models, single files and
+    checkpoints with LoRAs or embeddings, else a pointer file.
 
     A recipe's ``model.custom_vae`` (resolved into ``source["custom_vae"]``)
     gets a pointer file of its own, ``custom_vae.json``: the VAE components
@@ -123,11 +212,29 @@ def run(job: Job, out: Path) -> dict:
     source = job.fields["source"]
     if source.get("custom_vae"):
         (out / "custom_vae.json").write_text(json.dumps(source["custom_vae"], indent=2))
+    model = out / "model"
     if source["kind"] == "synthetic":
-        make_synthetic(source["name"], out / "model", seed=source["seed"])
-        return {"checkpoint": "model"}
-    (out / "source.json").write_text(json.dumps(source, indent=2))
-    return {"checkpoint": source["path"]}
+        make_synthetic(source["name"], model, seed=source["seed"])
+    elif source["kind"] == "single_file":
+        detected = Detected(source["family"], source["inpainting"], source["prediction_type"])
+        convert_single_file(Path(source["path"]), model, detected)
+    elif source.get("loras") or source.get("embeddings"):
+        _copy_checkpoint(Path(source["path"]), model)
+    else:
+        (out / "source.json").write_text(json.dumps(source, indent=2))
+        return {"checkpoint": source["path"]}
+    if source.get("loras") or source.get("embeddings"):
+        from sdbuild.adapters import add_embeddings, fuse_loras
+
+        facts = fuse_loras(model, source.get("loras", []))
+        facts.update(add_embeddings(model, source.get("embeddings", [])))
+        return {"checkpoint": "model", **facts}
+    return {"checkpoint": "model"}
+
+
+def _copy_checkpoint(folder: Path, dest: Path) -> None:
+    """A diffusers folder's files, copied (hub snapshots hold links: their targets are copied)."""
+    shutil.copytree(folder, dest, ignore=shutil.ignore_patterns(".*"))
 
 
 def checkpoint_dir(entry_path: Path) -> Path:
