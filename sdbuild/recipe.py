@@ -10,7 +10,7 @@ import copy
 import itertools
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -120,7 +120,7 @@ class Recipe(_Strict):
     model: ModelSource
     components: list[Literal[COMPONENT_NAMES]] | None = Field(None, description="default: by model family")
     attention: Literal["ORIGINAL", "SPLIT_EINSUM", "SPLIT_EINSUM_V2"] = "SPLIT_EINSUM"
-    resolution: Resolution | list[Resolution] = Resolution()
+    resolution: Resolution | Annotated[list[Resolution], Field(min_length=1)] = Resolution()
     target: Literal["macOS13", "macOS14", "macOS15", "iOS16", "iOS17", "iOS18"] = "macOS14"
     compute_unit: Literal["ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE"] = "CPU_AND_NE"
     unet_batch_one: bool = False
@@ -483,6 +483,8 @@ def check_local_sources(recipe: Recipe, path: str | Path) -> None:
         dotted = ".".join(str(k) for k in key)
         if is_synthetic(value):
             continue
+        if key == ("model", "version") and Path(value).suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
+            continue  # a single-file checkpoint: the download stage resolves it (stages/download.resolve_file)
         folder = Path(value).expanduser()
         if folder.is_dir():
             if not (folder / marker).is_file():

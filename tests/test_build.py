@@ -47,10 +47,14 @@ def io_of(package: Path):
     import coremltools as ct
 
     spec = ct.models.MLModel(str(package), skip_model_load=True).get_spec()
-    float32 = ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT32
-    # Every input and output is float32, as Apple's pipelines feed and read them.
-    for feature in list(spec.description.input) + list(spec.description.output):
-        assert feature.type.multiArrayType.dataType == float32, (package.name, feature.name)
+    types = ct.proto.FeatureTypes_pb2.ArrayFeatureType
+    # As Apple's converter declares them (docs/interface.md): token ids, values between chunks and
+    # every output float32; the SD unet's and VAE's inputs float16 (tests/test_interface.py has each rule).
+    for feature in spec.description.input:
+        want = types.FLOAT32 if feature.name == "input_ids" or feature.name.endswith("_fp32") else types.FLOAT16
+        assert feature.type.multiArrayType.dataType == want, (package.name, feature.name)
+    for feature in spec.description.output:
+        assert feature.type.multiArrayType.dataType == types.FLOAT32, (package.name, feature.name)
     ins = {i.name: list(i.type.multiArrayType.shape) for i in spec.description.input}
     outs = {o.name: list(o.type.multiArrayType.shape) for o in spec.description.output}
     return ins, outs

@@ -16,6 +16,7 @@ components: [unet]
 resolution: {height: 64, width: 64}
 verify: {samples: 1}
 """
+UNVERIFIED = BASE.replace("verify: {samples: 1}\n", "")  # for recipes that set their own verify gate (one key each)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,7 @@ def test_analyze_then_mixed_bit_from_the_analysis_file(art, tmp_path):
     name = names[0]
     mixed = write_recipe(
         tmp_path, "mbp",
-        "name: mbp\n" + BASE + f"compression: {{mixed_bit: {{recipe: {name}, pre_analysis: analysis.json}}}}\nverify: {{samples: 1, psnr_min_db: 20}}\n",
+        "name: mbp\n" + UNVERIFIED + f"compression: {{mixed_bit: {{recipe: {name}, pre_analysis: analysis.json}}}}\nverify: {{samples: 1, psnr_min_db: 20}}\n",
     )
     done = run_cli("run", mixed, "--artifacts", art)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -86,10 +87,10 @@ def test_unknown_mixed_bit_recipe_lists_the_available_ones(art, tmp_path):
 
 
 def test_psnr_below_minimum_fails_and_keeps_the_previous_bundle(art, tmp_path):
-    recipe = write_recipe(tmp_path, "gate", "name: gate\n" + BASE + "compression: {nbits: 2, components: [unet]}\nverify: {samples: 1, psnr_min_db: 5}\n")
+    recipe = write_recipe(tmp_path, "gate", "name: gate\n" + UNVERIFIED + "compression: {nbits: 2, components: [unet]}\nverify: {samples: 1, psnr_min_db: 5}\n")
     assert run_cli("run", recipe, "--artifacts", art).returncode == 0
     before = (art / "builds" / "gate" / "build.json").read_text()
-    strict = write_recipe(tmp_path, "gate", "name: gate\n" + BASE + "compression: {nbits: 2, components: [unet]}\nverify: {samples: 1, psnr_min_db: 60}\n")
+    strict = write_recipe(tmp_path, "gate", "name: gate\n" + UNVERIFIED + "compression: {nbits: 2, components: [unet]}\nverify: {samples: 1, psnr_min_db: 60}\n")
     done = run_cli("run", strict, "--artifacts", art)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1].startswith("error: verify unet: PSNR ")

@@ -108,7 +108,7 @@ def test_estimate_is_the_last_measured_peak_of_that_stage_kind_and_size(tmp_path
     for key, component, size, peak, created in rows:
         entry = tmp_path / "trace" / key
         entry.mkdir(parents=True)
-        manifest = {"key": key, "fields": {"component": component}, "input_bytes": size, "peak_rss_bytes": peak, "created": created}
+        manifest = {"key": key, "files": {}, "fields": {"component": component}, "input_bytes": size, "peak_rss_bytes": peak, "created": created}
         (entry / "manifest.json").write_text(json.dumps(manifest))
     estimates = PeakEstimates(cache)
     assert estimates.peak("trace", "unet", 1050) == 7000  # the newest of the two of that size
