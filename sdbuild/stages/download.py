@@ -19,7 +19,7 @@ import os
 import shutil
 from pathlib import Path
 
-from sdbuild.cache import sha256_file
+from sdbuild.cache import input_digest, sha256_file
 from sdbuild.checkpoints import (
     PICKLED_SUFFIXES,
     Detected,
@@ -63,10 +63,7 @@ def _folder_digest(folder: Path) -> str:
     h = hashlib.sha256()
     for p in sorted(folder.rglob("*")):
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts):
-            h.update(p.relative_to(folder).as_posix().encode() + b"\0")
-            with open(p, "rb") as f:
-                while block := f.read(1 << 22):
-                    h.update(block)
+            h.update(p.relative_to(folder).as_posix().encode() + b"\0" + input_digest(p).encode() + b"\0")
     return h.hexdigest()
 
 
@@ -111,7 +108,7 @@ def resolve_source(
         return {
             "kind": "single_file",
             "path": str(path),
-            "content": sha256_file(path),
+            "content": input_digest(path),
             "family": detected.family,
             "inpainting": detected.inpainting,
             "prediction_type": detected.prediction_type,
