@@ -13,7 +13,7 @@ import json
 import re
 from pathlib import Path
 
-from sdbuild.cache import sha256_file
+from sdbuild.cache import input_digest
 from sdbuild.checkpoints import load_tensors, tensor_shapes
 from sdbuild.errors import SdbuildError
 
@@ -36,14 +36,14 @@ def lora_info(path: Path, strength: float, key: str) -> dict:
     if not any(_is_lora_name(n) for n in names):
         sample = ", ".join(names[:2]) or "no tensors"
         raise AdapterError(f"{key}.path: {path} holds no LoRA weights (no lora_* tensors; first names: {sample})")
-    return {"path": str(path), "content": sha256_file(path), "strength": strength}
+    return {"path": str(path), "content": input_digest(path), "strength": strength}
 
 
 def embedding_info(path: Path, token: str, key: str) -> dict:
     """What enters the download key for one embedding: its content digest and token."""
     check_token(token, f"{key}.token")
     _embedding_tables(path, key)  # refuse a file that holds no embedding before any work
-    return {"path": str(path), "content": sha256_file(path), "token": token}
+    return {"path": str(path), "content": input_digest(path), "token": token}
 
 
 # --- LoRA --------------------------------------------------------------------

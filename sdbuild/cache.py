@@ -66,6 +66,49 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+# Where input_digest remembers the digests of the user's input files (set per run by ``prepare``).
+_input_state: Path | None = None
+
+
+def remember_input_digests(state_file: Path | None) -> None:
+    """Keep ``input_digest``'s results in ``state_file`` (normally ``cache/.state/inputs.json``); None: don't."""
+    global _input_state
+    _input_state = Path(state_file) if state_file else None
+
+
+def _stat_key(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def input_digest(path: Path) -> str:
+    """sha256 of a user's input file (checkpoint, LoRA, embedding…) that enters a cache key.
+
+    Remembered by the file's size, mtime, ctime and inode, as the cache's own
+    files are: a warm plan of a 7 GB checkpoint reads none of it, and a file
+    changed in any way (a write always moves ctime) is hashed again.
+    """
+    path = Path(path).resolve()
+    if _input_state is None:
+        return sha256_file(path)
+    try:
+        known = json.loads(_input_state.read_text())
+    except (OSError, ValueError):
+        known = {}
+    stat_key = _stat_key(path)
+    seen = known.get(str(path))
+    if isinstance(seen, dict) and seen.get("stat") == stat_key and isinstance(seen.get("sha256"), str):
+        return seen["sha256"]
+    digest = sha256_file(path)
+    if _stat_key(path) == stat_key:  # unchanged while it was read
+        known[str(path)] = {"stat": stat_key, "sha256": digest}
+        try:
+            write_json_atomic(_input_state, known)
+        except OSError:
+            pass  # a read-only cache only costs the next run a hash
+    return digest
+
+
 def hash_tree(root: Path) -> dict[str, str]:
     """sha256 of every file under ``root``, by path relative to it (the manifest excluded)."""
     out = {}

@@ -36,8 +36,10 @@ from sdbuild.cache import (
     DiskFullError,
     Entry,
     LocalCache,
+    STATE,
     RemoteCache,
     as_disk_full,
+    remember_input_digests,
     disk_full_line,
     stage_key,
     stage_tmpdir,
@@ -735,6 +737,8 @@ def prepare(
     from sdbuild.stages.download import DownloadError, resolve_adapters, resolve_source
 
     recipe_path = Path(recipe_path)
+    # Digests of the user's big input files are remembered beside the cache, by stat (cache.input_digest).
+    remember_input_digests(Path(artifacts) / "cache" / STATE / "inputs.json")
     recipe = load_recipe(recipe_path, overrides)
     check_buildable(recipe, recipe_path)
     check_local_sources(recipe, recipe_path)

@@ -291,3 +291,29 @@ def test_clone_file_never_shares_an_inode(tmp_path):
     with open(dst, "r+b") as f:
         f.write(b"edited")
     assert src.read_bytes()[:6] != b"edited"  # …and editing it leaves the source alone
+
+
+def test_input_digests_are_remembered_by_stat_and_redone_when_the_file_changes(tmp_path, monkeypatch):
+    """A warm plan of a big checkpoint reads none of it; any change to the file is hashed again."""
+    import hashlib
+    import os
+
+    from sdbuild import cache
+
+    big = tmp_path / "model.safetensors"
+    big.write_bytes(b"a" * 1000)
+    cache.remember_input_digests(tmp_path / "state" / "inputs.json")
+    try:
+        first = cache.input_digest(big)
+        assert first == hashlib.sha256(b"a" * 1000).hexdigest()
+        reads = []
+        monkeypatch.setattr(cache, "sha256_file", lambda p: reads.append(p) or "x")
+        assert cache.input_digest(big) == first and reads == []  # remembered: not read again
+        monkeypatch.undo()
+        st = big.stat()
+        with open(big, "r+b") as f:  # same size, and the mtime put back: ctime still moves
+            f.write(b"b")
+        os.utime(big, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert cache.input_digest(big) == hashlib.sha256(b"b" + b"a" * 999).hexdigest()
+    finally:
+        cache.remember_input_digests(None)

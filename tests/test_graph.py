@@ -90,3 +90,15 @@ def test_a_changed_helper_module_moves_the_keys_of_the_stages_importing_it(tmp_p
     assert moved("mil/chunk.py") == {("verify", c) for c in components}
     # The report is written by the executor, after every stage: no key follows it.
     assert moved("report.py") == set()
+
+
+def test_the_synthetic_tokenizer_corpus_is_in_every_key(tmp_path, monkeypatch):
+    """The tiny models' tokenizer is learned from a data file, which no code digest covers."""
+    import sdbuild.stages.download as download
+
+    before = keys(prepare(TINY, tmp_path))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(download.CORPUS.read_text() + "\none more line\n")
+    monkeypatch.setattr(download, "CORPUS", corpus)
+    after = keys(prepare(TINY, tmp_path))
+    assert all(after[k] != before[k] for k in before)

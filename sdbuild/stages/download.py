@@ -19,7 +19,7 @@ import os
 import shutil
 from pathlib import Path
 
-from sdbuild.cache import sha256_file
+from sdbuild.cache import input_digest, sha256_file
 from sdbuild.checkpoints import (
     PICKLED_SUFFIXES,
     Detected,
@@ -32,7 +32,7 @@ from sdbuild.checkpoints import (
 )
 from sdbuild.errors import SdbuildError
 from sdbuild.stages import Job
-from sdbuild.synthetic import is_synthetic, make_synthetic
+from sdbuild.synthetic import CORPUS, is_synthetic, make_synthetic
 
 SAFE_WEIGHTS = ("*.safetensors",)
 PICKLED_WEIGHTS = ("*.bin", "*.ckpt", "*.pt", "*.pth")
@@ -63,10 +63,7 @@ def _folder_digest(folder: Path) -> str:
     h = hashlib.sha256()
     for p in sorted(folder.rglob("*")):
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts):
-            h.update(p.relative_to(folder).as_posix().encode() + b"\0")
-            with open(p, "rb") as f:
-                while block := f.read(1 << 22):
-                    h.update(block)
+            h.update(p.relative_to(folder).as_posix().encode() + b"\0" + input_digest(p).encode() + b"\0")
     return h.hexdigest()
 
 
@@ -101,7 +98,8 @@ def resolve_source(
     (``prediction_type`` overrides the detected objective).
     """
     if is_synthetic(version):
-        return {"kind": "synthetic", "name": version, "seed": 0}
+        # The tokenizer is learned from a shipped corpus: a data file, so the code digest does not cover it.
+        return {"kind": "synthetic", "name": version, "seed": 0, "corpus": sha256_file(CORPUS)}
     if not single and is_single_file(version):
         path = resolve_file(version, revision, allow_pickle, key)
         shapes = tensor_shapes(path)
@@ -110,7 +108,7 @@ def resolve_source(
         return {
             "kind": "single_file",
             "path": str(path),
-            "content": sha256_file(path),
+            "content": input_digest(path),
             "family": detected.family,
             "inpainting": detected.inpainting,
             "prediction_type": detected.prediction_type,
