@@ -40,6 +40,7 @@ from sdbuild.cache import (
     RemoteCache,
     as_disk_full,
     remember_input_digests,
+    sha256_file,
     disk_full_line,
     stage_key,
     stage_tmpdir,
@@ -1022,9 +1023,10 @@ def run_build(
                 swift = compiled_paths(compiled.entry.path, compiled.entry.manifest)
             packages[comp] = {"swift": swift, "whole": whole}
         key = bundle_key(build)
-        if not _reuse_bundle(build.build_dir, key, staging):
+        reused = _reuse_bundle(build.build_dir, key, staging)
+        if reused is None:
             write_bundle(build.recipe, build.family, packages, download.entry.path, staging)
-        report["bundle"] = {"key": key, "files": _bundle_files(staging)}
+        report["bundle"] = {"key": key, "files": _bundle_files(staging, reused)}
         report["seconds"] = round(time.time() - started, 3)
         report["bundle_bytes"] = tree_bytes(staging)
         if build.recipe.verify.sample_image:
@@ -1067,17 +1069,23 @@ def _file_state(path: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
-def _bundle_files(folder: Path) -> dict[str, list[int]]:
-    """The state of each file ``write_bundle`` wrote under ``folder``, by relative path."""
-    return {
-        p.relative_to(folder).as_posix(): _file_state(p)
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.relative_to(folder).as_posix() not in BUNDLE_FILES_EXCLUDED
-    }
+def _bundle_files(folder: Path, known: dict | None = None) -> dict[str, list]:
+    """The state and sha256 of each file ``write_bundle`` wrote under ``folder``, by relative path.
+
+    ``known``: the records of files copied from a previous bundle, whose sha256 is not computed again.
+    """
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if p.is_file() and rel not in BUNDLE_FILES_EXCLUDED:
+            old = (known or {}).get(rel)
+            sha = old[4] if isinstance(old, list) and len(old) == 5 else sha256_file(p)
+            out[rel] = [*_file_state(p), sha]
+    return out
 
 
-def _reuse_bundle(previous: Path, key: str, staging: Path) -> bool:
-    """Link the previous build's bundle files into ``staging`` if it was written with ``key``; True if done.
+def _reuse_bundle(previous: Path, key: str, staging: Path) -> dict | None:
+    """Link the previous build's bundle files into ``staging`` if it was written with ``key``; its file records if done, else None.
 
     A warm run thus rewrites no package spec (which would import coremltools).
     The previous build must still hold every file it listed, each in the state
@@ -1087,20 +1095,23 @@ def _reuse_bundle(previous: Path, key: str, staging: Path) -> bool:
     try:
         old = json.loads((previous / "build.json").read_text()).get("bundle") or {}
     except (OSError, ValueError):
-        return False
+        return None
     files = old.get("files") or {}
     if old.get("key") != key or not files:
-        return False
-    for rel, state in files.items():
+        return None
+    for rel, record in files.items():
         path = previous / rel
-        if path.is_symlink() or not path.is_file() or _file_state(path) != state:
-            return False
+        if path.is_symlink() or not path.is_file() or not isinstance(record, list) or len(record) != 5:
+            return None
+        # A file whose stat moved (opened and saved by a tool, say) is taken over only if its bytes are the same.
+        if _file_state(path) != record[:4] and sha256_file(path) != record[4]:
+            return None
     from sdbuild.stages.bundle import _link
 
     for rel in files:
         (staging / rel).parent.mkdir(parents=True, exist_ok=True)
         _link(previous / rel, staging / rel)
-    return True
+    return files
 
 
 def sample_node(build: Build) -> Node:
