@@ -20,12 +20,32 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
 CONVERSION_DATE = "com.github.apple.coremltools.conversion_date"
 MANIFEST = "Manifest.json"
 _CHUNK = 1 << 20
+
+
+def readonly_view(package: Path) -> Path:
+    """A private ``.mlpackage`` that reads ``package``'s data without touching ``package``.
+
+    Opening a package with coremltools (``ct.models.MLModel``, its
+    ``ModelPackage``) rewrites its ``Manifest.json`` in place: same bytes, new
+    mtime, and permissions do not stop it when the build runs as root. A cache
+    entry must not move, so loaders open this view instead: a fresh folder in
+    TMPDIR with its own copy of the manifest and ``Data`` a symlink to the
+    original's. The caller removes it (``shutil.rmtree``) when done.
+    """
+    package = Path(package).resolve()
+    view = Path(tempfile.mkdtemp(prefix="view-")) / package.name
+    view.mkdir()
+    shutil.copyfile(package / MANIFEST, view / MANIFEST)
+    (view / "Data").symlink_to(package / "Data", target_is_directory=True)
+    return view
 
 
 def spec_path(package: Path) -> Path:

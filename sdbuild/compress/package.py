@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import weakref
 from pathlib import Path
 
 import numpy as np
 
 from sdbuild.errors import PackageError
+from sdbuild.mlpackage import readonly_view
 
 # coremltools compresses a const only above this many elements (its default);
 # the pre-analysis uses the same line so both sides see the same layers.
@@ -41,7 +43,10 @@ def load_mlmodel(package: Path):
     if not (package / "Manifest.json").is_file():
         raise PackageError(f"{package}: not an .mlpackage (no Manifest.json)")
     weight_file(package)
-    mlmodel = ct.models.MLModel(str(package), skip_model_load=True)
+    # Through a private view: opening the package itself would rewrite its manifest (a cache entry's).
+    view = readonly_view(package)
+    mlmodel = ct.models.MLModel(str(view), skip_model_load=True)
+    weakref.finalize(mlmodel, shutil.rmtree, view.parent, True)
     if mlmodel.get_spec().WhichOneof("Type") != "mlProgram":
         raise PackageError(f"{package}: not an ML program: only ML programs can be compressed")
     return mlmodel

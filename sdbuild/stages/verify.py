@@ -83,9 +83,17 @@ def _device_model(package: Path, compute_unit: str):
     """Core ML itself on the recipe's compute unit, where it exists (macOS); else None."""
     if sys.platform != "darwin":
         return None
+    import shutil
+    import weakref
+
     import coremltools as ct
 
-    return ct.models.MLModel(str(package), compute_units=getattr(ct.ComputeUnit, compute_unit))
+    from sdbuild.mlpackage import readonly_view
+
+    view = readonly_view(package)  # opening the cache entry itself would rewrite its manifest
+    model = ct.models.MLModel(str(view), compute_units=getattr(ct.ComputeUnit, compute_unit))
+    weakref.finalize(model, shutil.rmtree, view.parent, True)
+    return model
 
 
 def read_psnr(entry_path: Path) -> dict:

@@ -134,3 +134,22 @@ def test_bad_requests_are_user_errors(unet_package, tmp_path):
         palettize_package(unet_package, tmp_path / "x.mlpackage", 3)
     with pytest.raises(PackageError):
         palettize_package(tmp_path / "missing.mlpackage", tmp_path / "x.mlpackage", 4)
+
+
+def test_compressing_leaves_every_file_of_the_source_package_as_it_was(unet_package, tmp_path):
+    # The source is a cache entry in a build: coremltools opening it in place rewrites its
+    # Manifest.json (a new mtime), and the cache's fast check then calls the entry stale.
+    import os
+
+    def stats():
+        return {p: (os.stat(p).st_mtime_ns, os.stat(p).st_ino, p.read_bytes()) for p in sorted(unet_package.rglob("*")) if p.is_file()}
+
+    before = stats()
+    palettize_package(unet_package, tmp_path / "p4.mlpackage", 4)
+    assert stats() == before
+    import gc
+    import tempfile
+    from pathlib import Path
+
+    gc.collect()
+    assert not list(Path(tempfile.gettempdir()).glob("view-*"))  # the private view is gone with the model
