@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from sdbuild.errors import PackageError
+from sdbuild.mil.validation import validate_once_per_pipeline
 from sdbuild.mlpackage import readonly_view
 
 # coremltools compresses a const only above this many elements (its default);
@@ -70,7 +71,8 @@ def apply_passes(mlmodel, passes: list, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     from sdbuild.mlpackage import make_reproducible
 
-    compressed = _apply_graph_pass(mlmodel, passes, skip_model_load=True)
+    with validate_once_per_pipeline():
+        compressed = _apply_graph_pass(mlmodel, passes, skip_model_load=True)
     compressed.save(str(dst))
     make_reproducible(dst)  # the same package bytes for the same input and settings
 
@@ -82,7 +84,8 @@ def load_pymil(package_or_mlmodel):
     mlmodel = package_or_mlmodel
     if isinstance(mlmodel, (str, Path)):
         mlmodel = load_mlmodel(Path(mlmodel))
-    return _apply_graph_pass(mlmodel, [], skip_model_load=True, return_pymil_prog=True)
+    with validate_once_per_pipeline():
+        return _apply_graph_pass(mlmodel, [], skip_model_load=True, return_pymil_prog=True)
 
 
 def iter_ops_of(block):

@@ -74,6 +74,10 @@ def _digest(array: np.ndarray) -> str:
 # a forked worker's page tables map every weight of the loaded program, so each worker's RSS
 # counted the whole program again (the 6-bit stage measured 3.8x the float16 weights with 2
 # workers) and a worker touching its copy-on-write pages could really double it.
+# Below this many weight elements in all, the k-means runs in this process (a tiny model's
+# take well under a second; a pool's start costs more).
+IN_PROCESS_ELEMENTS = 4_000_000
+
 _POOL_START = "forkserver" if "forkserver" in get_all_start_methods() else "spawn"
 
 
@@ -140,6 +144,8 @@ def make_palettizer(bits_by_const: dict[str, int] | int, group_size: int | None,
             # Largest first, so no big layer starts last while the other workers idle.
             jobs.sort(key=lambda job: -job[1].size)
             n_workers = max(1, min(workers, len(jobs)))
+            if sum(job[1].size for job in jobs) < IN_PROCESS_ELEMENTS:
+                n_workers = 1  # starting the pool would cost more than the k-means itself
             start = _POOL_START if n_workers > 1 else "this process"
             log.info("palettize: k-means for %d weights in %d worker process(es) (%s)", len(jobs), n_workers, start)
             if n_workers == 1:

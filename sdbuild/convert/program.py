@@ -54,22 +54,24 @@ def convert_traced(
     import numpy as np
 
     from sdbuild.convert import precision as _registers_pass  # noqa: F401
+    from sdbuild.mil.validation import validate_once_per_pipeline
     from sdbuild.mlpackage import CONVERSION_DATE, make_reproducible
 
-    mlmodel = ct.convert(
-        # A path, not a module: the converter loads it and lets go of it once its
-        # weights are in the program, so the float32 weights are not held twice.
-        str(module_path),
-        source="pytorch",
-        # Each input in the dtype Apple's pipelines feed it (their Python pipeline checks it exactly).
-        inputs=[ct.TensorType(name=i["name"], shape=tuple(i["shape"]), dtype=np.dtype(i.get("dtype", "float32"))) for i in inputs],
-        outputs=[ct.TensorType(name=n, dtype=np.float32) for n in outputs],
-        convert_to="mlprogram",
-        minimum_deployment_target=getattr(ct.target, target),
-        compute_precision=ct.precision.FLOAT16 if precision == "float16" else ct.precision.FLOAT32,
-        pass_pipeline=conversion_pipeline(precision, upcast_attention),
-        skip_model_load=True,
-    )
+    with validate_once_per_pipeline():
+        mlmodel = ct.convert(
+            # A path, not a module: the converter loads it and lets go of it once its
+            # weights are in the program, so the float32 weights are not held twice.
+            str(module_path),
+            source="pytorch",
+            # Each input in the dtype Apple's pipelines feed it (their Python pipeline checks it exactly).
+            inputs=[ct.TensorType(name=i["name"], shape=tuple(i["shape"]), dtype=np.dtype(i.get("dtype", "float32"))) for i in inputs],
+            outputs=[ct.TensorType(name=n, dtype=np.float32) for n in outputs],
+            convert_to="mlprogram",
+            minimum_deployment_target=getattr(ct.target, target),
+            compute_precision=ct.precision.FLOAT16 if precision == "float16" else ct.precision.FLOAT32,
+            pass_pipeline=conversion_pipeline(precision, upcast_attention),
+            skip_model_load=True,
+        )
     # A date would make every conversion of the same module a different package.
     mlmodel.user_defined_metadata.pop(CONVERSION_DATE, None)
     mlmodel.save(str(package))

@@ -83,19 +83,32 @@ def test_as_good_as_coremltools_kmeans_end_to_end(unet_package, palettized, anal
     assert ours > reference - 0.5, (ours, reference)
 
 
-def test_workers_are_logged_and_do_not_change_the_result(unet_package, palettized, tmp_path, caplog):
+def test_workers_are_logged_and_do_not_change_the_result(unet_package, palettized, tmp_path, caplog, monkeypatch):
+    from sdbuild.compress import palettize
+
+    monkeypatch.setattr(palettize, "IN_PROCESS_ELEMENTS", 0)  # a pool even for the tiny unet
     with caplog.at_level(logging.INFO, logger="sdbuild.compress.palettize"):
-        stats = palettize_package(unet_package, tmp_path / "one.mlpackage", 6, workers=1)
-    assert stats.workers == 1 and stats.notes == []
-    assert any("1 worker process" in r.getMessage() for r in caplog.records)
-    assert palettized[6][1].workers >= 1
-    one = pkg.dense_weights(tmp_path / "one.mlpackage")
-    many = pkg.dense_weights(palettized[6][0])
-    assert all(np.array_equal(one[n], many[n]) for n in one)
+        stats = palettize_package(unet_package, tmp_path / "two.mlpackage", 6, workers=2)
+    assert stats.workers == 2 and stats.notes == []
+    assert any("2 worker process" in r.getMessage() for r in caplog.records)
+    pooled = pkg.dense_weights(tmp_path / "two.mlpackage")
+    here = pkg.dense_weights(palettized[6][0])
+    assert set(pooled) == set(here) and all(np.array_equal(pooled[n], here[n]) for n in here)
 
 
-def test_kmeans_workers_are_not_forked_from_the_stage(unet_package, tmp_path, caplog):
+def test_a_small_model_is_clustered_in_this_process(unet_package, tmp_path, caplog):
+    # Starting a pool costs more than the k-means of a few million weights.
+    with caplog.at_level(logging.INFO, logger="sdbuild.compress.palettize"):
+        palettize_package(unet_package, tmp_path / "p.mlpackage", 4, workers=2)
+    lines = [r.getMessage() for r in caplog.records if "k-means for" in r.getMessage()]
+    assert lines and "1 worker process(es) (this process)" in lines[0], lines
+
+
+def test_kmeans_workers_are_not_forked_from_the_stage(unet_package, tmp_path, caplog, monkeypatch):
     """A forked worker maps every weight of the loaded program: the stage's tree RSS counted it once per worker."""
+    from sdbuild.compress import palettize
+
+    monkeypatch.setattr(palettize, "IN_PROCESS_ELEMENTS", 0)
     with caplog.at_level(logging.INFO, logger="sdbuild.compress.palettize"):
         palettize_package(unet_package, tmp_path / "two.mlpackage", 4, workers=2)
     started = [r.getMessage() for r in caplog.records if "2 worker process" in r.getMessage()]

@@ -1,0 +1,74 @@
+"""coremltools' program check runs once per pass pipeline, and the package is the same bytes as with a check after every pass."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from sdbuild.mil.validation import validate_once_per_pipeline
+
+
+def _tiny_program():
+    import torch
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Conv2d(4, 8, 3, padding=1)
+            self.b = torch.nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.b(torch.nn.functional.silu(self.a(x))).softmax(1)
+
+    torch.manual_seed(0)
+    return torch.jit.trace(Net().eval(), torch.zeros(1, 4, 8, 8))
+
+
+def _convert(traced, path):
+    import coremltools as ct
+
+    from sdbuild.mlpackage import CONVERSION_DATE, make_reproducible
+
+    mlmodel = ct.convert(traced, inputs=[ct.TensorType(name="x", shape=(1, 4, 8, 8))], convert_to="mlprogram",
+                         minimum_deployment_target=ct.target.macOS14, skip_model_load=True)
+    mlmodel.user_defined_metadata.pop(CONVERSION_DATE, None)
+    mlmodel.save(str(path))
+    make_reproducible(path)
+    return {p.relative_to(path).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_same_package_bytes_and_one_check_per_pipeline(tmp_path, monkeypatch):
+    from coremltools.converters.mil.mil.program import Program
+
+    traced = _tiny_program()
+    calls = []
+    original = Program.validate
+    monkeypatch.setattr(Program, "validate", lambda self, *a, **k: (calls.append(1), original(self, *a, **k))[1])
+    every_pass = _convert(traced, tmp_path / "every.mlpackage")
+    per_pass = len(calls)
+    calls.clear()
+    with validate_once_per_pipeline():
+        once = _convert(traced, tmp_path / "once.mlpackage")
+    assert once == every_pass
+    # ct.convert runs three pipelines (frontend, default, backend) and checks a few times outside them.
+    assert 3 <= len(calls) <= 8 and len(calls) * 10 < per_pass, (len(calls), per_pass)
+
+
+def test_a_broken_program_still_fails_the_pipeline(monkeypatch):
+    """A pass that leaves the program invalid is still caught, at the pipeline's end."""
+    import coremltools as ct
+    from coremltools.converters.mil.mil.program import Program
+
+    seen = []
+
+    def broken(self, *args, **kwargs):
+        seen.append(1)
+        raise ValueError("Var x not visible in the block main.")
+
+    traced = _tiny_program()
+    monkeypatch.setattr(Program, "validate", broken)  # as if the check found the program broken
+    with pytest.raises(ValueError, match="not visible"):
+        with validate_once_per_pipeline():
+            ct.convert(traced, inputs=[ct.TensorType(name="x", shape=(1, 4, 8, 8))], convert_to="mlprogram", skip_model_load=True)
+    assert len(seen) == 1  # not before the pipeline, not after each pass: once, at its end
