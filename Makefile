@@ -22,7 +22,8 @@ demo: install
 
 test: install
 	sh scripts/ensure-chromium.sh
-	$(BIN)/pytest -q
+	# One worker per core; a test module stays on one worker (its fixtures are built once).
+	$(BIN)/pytest -q -n auto --dist loadfile
 
 test-slow: install
 	$(BIN)/pytest -q -m slow

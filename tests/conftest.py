@@ -47,6 +47,14 @@ def warm_artifacts(tmp_path_factory) -> Path:
     The cache is keyed by content, so what one module built (the tiny unet's
     trace and convert, say) is a hit for the next; build names differ per module.
     Modules that assert on cache misses (test_build, test_matrix, the remote
-    cache) keep folders of their own.
+    cache) keep folders of their own. Build names must differ per module: a
+    module runs on one xdist worker (``--dist loadfile``), its neighbours may
+    run at the same time on another.
     """
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # Under pytest-xdist (make test) every worker shares one: the cache is safe for concurrent
+        # builds (one lock per key), and what one worker built is a hit for the others.
+        shared = tmp_path_factory.getbasetemp().parent / "warm-artifacts"
+        shared.mkdir(exist_ok=True)
+        return shared
     return tmp_path_factory.mktemp("warm-artifacts")
