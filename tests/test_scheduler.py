@@ -199,3 +199,14 @@ def test_killed_build_ends_its_stage_processes(tmp_path):
     proc.communicate()
     gone, alive = psutil.wait_procs([stage, server], timeout=30)
     assert not alive, [p.pid for p in alive]
+
+
+def test_every_module_the_stage_server_preloads_exists():
+    # multiprocessing skips a preload module that fails to import without a word: a renamed
+    # diffusers module would only make every stage slower again.
+    import importlib.util
+
+    from sdbuild.executor import STAGE_SERVER_PRELOAD
+
+    missing = [name for name in STAGE_SERVER_PRELOAD if importlib.util.find_spec(name) is None]
+    assert missing == []
