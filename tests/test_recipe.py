@@ -105,7 +105,7 @@ def test_name_cannot_leave_builds_folder(tmp_path):
 def test_compression_needs_exactly_one_kind(tmp_path):
     p = write_recipe(tmp_path, "r", BASE + "compression: {nbits: 6, linear8: true}\n")
     assert error_of(p) == (
-        f"{p}:4: compression: set exactly one of nbits, linear8, mixed_bit (or omit compression for float16); got nbits, linear8"
+        f"{p}:4: compression: set exactly one of nbits, linear8, mixed_bit, or sparsity alone (or omit compression for float16); got nbits, linear8"
     )
 
 
