@@ -109,6 +109,20 @@ def test_compression_needs_exactly_one_kind(tmp_path):
     )
 
 
+def test_sparsity_forms_and_what_they_go_with(tmp_path):
+    joint = load_recipe(write_recipe(tmp_path, "j", BASE + "compression: {nbits: 4, sparsity: 0.5, lut_dtype: int8}\n"))
+    assert (joint.compression.sparsity, joint.compression.lut_dtype) == (0.5, "int8")
+    assert load_recipe(write_recipe(tmp_path, "s", BASE + "compression: {sparsity: '2:4'}\n")).compression.sparsity == "2:4"
+    p = write_recipe(tmp_path, "u", BASE + "compression: {sparsity: 2:4}\n")  # YAML 1.1 reads 2:4 as 124
+    assert error_of(p).startswith(f"{p}:4: compression.sparsity: 124.0 must be a fraction between 0 and 1 (0.5), or 'n:m' in quotes")
+    p = write_recipe(tmp_path, "b", BASE + "compression: {sparsity: '5:4'}\n")
+    assert error_of(p) == f"{p}:4: compression.sparsity: '5:4' is not n:m with 1 <= n <= m (e.g. '2:4')"
+    p = write_recipe(tmp_path, "l", BASE + "compression: {linear8: true, sparsity: 0.5}\n")
+    assert error_of(p) == f"{p}:4: compression: sparsity goes alone or with nbits (joint sparse + palettized), not with linear8"
+    p = write_recipe(tmp_path, "d", BASE + "compression: {sparsity: 0.5, lut_dtype: int8}\n")
+    assert error_of(p) == f"{p}:4: compression: lut_dtype goes with nbits (it is the type of the palette entries)"
+
+
 def test_deep_merge_child_wins(tmp_path):
     write_recipe(tmp_path, "base", BASE + "verify: {samples: 3, seed: 1}\ncompression: {nbits: 6}\n")
     p = write_recipe(tmp_path, "child", "extends: base.yaml\nverify: {seed: 7}\n")
