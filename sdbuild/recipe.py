@@ -577,6 +577,9 @@ def unbuilt_features(recipe: Recipe) -> list[str]:
         out.append("resolution: a list of shapes (one model, several shapes) is not built yet (issue: conversion modules)")
     if recipe.model.refiner:
         out.append("model.refiner: the SDXL refiner is not built yet")
+    if recipe.compression is not None and recipe.compression.activations is not None:
+        # coremltools calibrates activations through Core ML prediction (macOS only); ours would run the executor.
+        out.append("compression.activations: int8 (W8A8, calibrated activations) is not built yet; drop it for linear 8-bit weights")
     return out
 
 

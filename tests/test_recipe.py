@@ -123,6 +123,14 @@ def test_sparsity_forms_and_what_they_go_with(tmp_path):
     assert error_of(p) == f"{p}:4: compression: lut_dtype goes with nbits (it is the type of the palette entries)"
 
 
+def test_int8_activations_go_with_linear8_and_stop_before_any_work(tmp_path):
+    p = write_recipe(tmp_path, "a", BASE + "compression: {nbits: 8, activations: int8}\n")
+    assert error_of(p) == f"{p}:4: compression: activations: int8 goes with linear8: true (W8A8: 8-bit weights and activations)"
+    p = write_recipe(tmp_path, "w", BASE + "compression: {linear8: true, activations: int8}\n")
+    with pytest.raises(NotBuiltYet, match=r"compression.activations: int8 \(W8A8, calibrated activations\) is not built yet"):
+        check_buildable(load_recipe(p), p)
+
+
 def test_deep_merge_child_wins(tmp_path):
     write_recipe(tmp_path, "base", BASE + "verify: {samples: 3, seed: 1}\ncompression: {nbits: 6}\n")
     p = write_recipe(tmp_path, "child", "extends: base.yaml\nverify: {seed: 7}\n")
