@@ -83,9 +83,18 @@ IN_PROCESS_ELEMENTS = 4_000_000
 _POOL_START = "forkserver" if "forkserver" in get_all_start_methods() else "spawn"
 
 
-def _kmeans_job(job: tuple[str, np.ndarray, int]) -> tuple[str, np.ndarray]:
-    key, weight, nbits = job
-    return key, kmeans_lut(weight, nbits)
+def _kmeans_job(job: tuple[str, np.ndarray, int, bool]) -> tuple[str, np.ndarray]:
+    key, weight, nbits, pruned = job
+    return key, kmeans_lut(_kept_values(weight) if pruned else weight, nbits)
+
+
+def _kept_values(weight: np.ndarray) -> np.ndarray:
+    """The values a pruned weight stores: its zeros are the sparse mask's, never looked up in the palette.
+
+    Clustering them too (as coremltools does) spends a palette entry on zero.
+    """
+    kept = weight[weight != 0]
+    return kept if kept.size else weight
 
 
 def _get_palettize_pass_class():
@@ -145,7 +154,7 @@ def make_palettizer(bits_by_const: dict[str, int] | int, group_size: int | None,
                         for group in self._groups(op, op_config, optimize_utils):
                             key = _digest(group)
                             self.bits_by_key[key] = nbits
-                            jobs.append((key, group, nbits))
+                            jobs.append((key, group, nbits, self.joint_compression))
             # Largest first, so no big layer starts last while the other workers idle.
             jobs.sort(key=lambda job: -job[1].size)
             n_workers = max(1, min(workers, len(jobs)))
@@ -189,7 +198,8 @@ def make_palettizer(bits_by_const: dict[str, int] | int, group_size: int | None,
             lut = self.luts.get(key)
             if lut is None:  # not foreseen by precompute: correct, only serial
                 self.misses += 1
-                lut = kmeans_lut(weight, self.bits_by_key.get(key, _only_width(bits_by_const)))
+                values = _kept_values(weight) if self.joint_compression else weight
+                lut = kmeans_lut(values, self.bits_by_key.get(key, _only_width(bits_by_const)))
             return lut.astype(weight.dtype), lut_indices(weight, lut).reshape(-1)
 
     return ParallelKmeansPalettizer()
