@@ -55,9 +55,9 @@ SD15_UNET = dict(
 )
 
 
-def sd15_unet_package(cache: Path) -> Path:
-    """The converted float16 SD 1.5 unet (random weights, seed 0), built once and cached."""
-    path = cache / "sd15-unet-fp16.mlpackage"
+def sd15_unet_package(cache: Path, target: str = "macOS14") -> Path:
+    """The converted float16 SD 1.5 unet (random weights, seed 0) for ``target``, built once and cached."""
+    path = cache / ("sd15-unet-fp16.mlpackage" if target == "macOS14" else f"sd15-unet-fp16-{target}.mlpackage")
     if (path / "Manifest.json").is_file():
         return path
     import coremltools as ct
@@ -90,12 +90,12 @@ def sd15_unet_package(cache: Path) -> Path:
         ],
         outputs=[ct.TensorType(name="noise_pred")],
         convert_to="mlprogram",
-        minimum_deployment_target=ct.target.macOS14,
+        minimum_deployment_target=getattr(ct.target, target),
         compute_precision=ct.precision.FLOAT16,
         skip_model_load=True,
     )
     del traced
-    tmp = cache / "sd15-unet-fp16.partial.mlpackage"  # coremltools insists on the extension
+    tmp = path.with_name(path.stem + ".partial.mlpackage")  # coremltools insists on the extension
     shutil.rmtree(tmp, ignore_errors=True)
     mlmodel.save(str(tmp))
     tmp.rename(path)

@@ -83,8 +83,43 @@ def cmd_run(args) -> int:
                 )
             console.print(table)
             console.print(f"bundle: {result.build_dir}")
+    for page in _matrix_comparisons(args, todo, results):
+        if not args.json:
+            console.print(f"comparison: {page}", soft_wrap=True, highlight=False)
     if args.json:
         print(json.dumps([r.report for r in results], indent=2))
+    return 0
+
+
+def _matrix_comparisons(args, todo, results) -> list[Path]:
+    """After a full build of a matrix recipe's variants: ``<artifacts>/compare/<recipe name>.html``.
+
+    Each variant's JSON report names the page under ``comparison``.
+    """
+    from sdbuild.compare import write_compare
+    from sdbuild.recipe import load_recipe
+
+    if args.until is not None:
+        return []  # no bundles to compare
+    by_recipe: dict[str, list] = {}
+    for (recipe, _), result in zip(todo, results):
+        by_recipe.setdefault(recipe, []).append(result)
+    pages = []
+    for recipe, built in by_recipe.items():
+        if len(built) < 2:
+            continue
+        page = write_compare([r.build_dir for r in built], Path(args.artifacts) / "compare" / f"{load_recipe(recipe).name}.html")
+        for r in built:
+            r.report["comparison"] = str(page)
+        pages.append(page)
+    return pages
+
+
+def cmd_compare(args) -> int:
+    from sdbuild.compare import write_compare
+
+    page = write_compare([Path(b) for b in args.build], Path(args.output))
+    print(page)
     return 0
 
 
@@ -323,6 +358,11 @@ def parser() -> argparse.ArgumentParser:
     analyze.add_argument("--artifacts", default="artifacts")
     analyze.add_argument("--json", action="store_true")
     analyze.set_defaults(func=cmd_analyze)
+
+    compare = sub.add_parser("compare", help="one HTML page with builds side by side: sizes, PSNR, samples, size-vs-PSNR chart")
+    compare.add_argument("build", nargs="+", help="build folders (artifacts/builds/<name>)")
+    compare.add_argument("-o", "--output", default="compare.html", help="the page to write (default: compare.html)")
+    compare.set_defaults(func=cmd_compare)
 
     matrix = sub.add_parser("matrix", help="expand recipes into variants")
     matrix.add_argument("recipe", nargs="+")

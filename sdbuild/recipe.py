@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from sdbuild.errors import NotBuiltYet, RecipeError
 
@@ -81,21 +81,64 @@ class MixedBit(_Strict):
     pre_analysis: str = Field("auto", description="path to a pre-analysis JSON, or auto")
 
 
+N_M_SPARSITY = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+# Compression keys added after compress entries were first cached: a dump leaves them out while
+# unset, so the compress key of a recipe that does not use them stays what it was.
+_LATER_COMPRESSION_KEYS = ("sparsity", "lut_dtype", "activations")
+
+
 class Compression(_Strict):
     nbits: Literal[1, 2, 4, 6, 8] | None = None
     linear8: bool = False
     mixed_bit: MixedBit | None = None
     group_size: int | None = Field(None, gt=0, description="per-grouped-channel palettes (iOS18/macOS15 targets)")
+    sparsity: float | str | None = Field(
+        None,
+        description="magnitude pruning: the fraction of each weight zeroed (0.5), or 'n:m' (n of every m zeroed, "
+        "quoted in YAML); alone, or joint with nbits (iOS18/macOS15 targets)",
+    )
+    lut_dtype: Literal["int8"] | None = Field(None, description="palette entries stored as int8 with a scale (with nbits; iOS18/macOS15)")
+    activations: Literal["int8"] | None = Field(None, description="W8A8: int8 activations calibrated on prompts (with linear8)")
     components: list[Literal[COMPRESSIBLE]] = ["unet", "text_encoder", "text_encoder_2"]
+
+    @field_validator("sparsity")
+    @classmethod
+    def _sparsity_form(cls, v):
+        if v is None:
+            return v
+        if isinstance(v, str):
+            m = N_M_SPARSITY.match(v)
+            if not m or not 1 <= int(m.group(1)) <= int(m.group(2)):
+                raise ValueError(f"{v!r} is not n:m with 1 <= n <= m (e.g. '2:4')")
+            return f"{int(m.group(1))}:{int(m.group(2))}"
+        if not 0 < v < 1:
+            raise ValueError(
+                f"{v!r} must be a fraction between 0 and 1 (0.5), or 'n:m' in quotes ('2:4': YAML reads 2:4 unquoted as a number)"
+            )
+        return float(v)
 
     @model_validator(mode="after")
     def _one_kind(self):
         kinds = [k for k, on in (("nbits", self.nbits is not None), ("linear8", self.linear8), ("mixed_bit", self.mixed_bit is not None)) if on]
-        if len(kinds) != 1:
-            raise ValueError("set exactly one of nbits, linear8, mixed_bit (or omit compression for float16)" + (f"; got {', '.join(kinds)}" if kinds else ""))
+        if len(kinds) > 1 or (not kinds and self.sparsity is None):
+            raise ValueError("set exactly one of nbits, linear8, mixed_bit, or sparsity alone (or omit compression for float16)" + (f"; got {', '.join(kinds)}" if kinds else ""))
         if self.group_size is not None and self.nbits is None:
             raise ValueError("group_size goes with nbits")
+        if self.sparsity is not None and kinds not in ([], ["nbits"]):
+            raise ValueError(f"sparsity goes alone or with nbits (joint sparse + palettized), not with {kinds[0]}")
+        if self.lut_dtype is not None and self.nbits is None:
+            raise ValueError("lut_dtype goes with nbits (it is the type of the palette entries)")
+        if self.activations is not None and not self.linear8:
+            raise ValueError("activations: int8 goes with linear8: true (W8A8: 8-bit weights and activations)")
         return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        data = handler(self)
+        for key in _LATER_COMPRESSION_KEYS:
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
 
 
 class Chunk(_Strict):
@@ -534,6 +577,9 @@ def unbuilt_features(recipe: Recipe) -> list[str]:
         out.append("resolution: a list of shapes (one model, several shapes) is not built yet (issue: conversion modules)")
     if recipe.model.refiner:
         out.append("model.refiner: the SDXL refiner is not built yet")
+    if recipe.compression is not None and recipe.compression.activations is not None:
+        # coremltools calibrates activations through Core ML prediction (macOS only); ours would run the executor.
+        out.append("compression.activations: int8 (W8A8, calibrated activations) is not built yet; drop it for linear 8-bit weights")
     return out
 
 

@@ -77,18 +77,29 @@ def _read_build(build_dir: Path) -> dict:
         raise SdbuildError(f"{path}: not readable JSON ({e})") from None
 
 
+def compression_label(comp: dict | None) -> str:
+    """A recipe's ``compression`` in words, e.g. ``50% sparse + 4-bit palettization (group 16, int8 palette)``."""
+    if not comp:
+        return "none (float16)"
+    if comp.get("mixed_bit"):
+        return f"mixed-bit {comp['mixed_bit'].get('recipe', '')}".strip()
+    if comp.get("linear8"):
+        return "linear 8-bit" + (" weights, int8 activations (W8A8)" if comp.get("activations") else "")
+    sparsity = comp.get("sparsity")
+    sparse = None if sparsity is None else (f"{sparsity} sparse" if isinstance(sparsity, str) else f"{sparsity:.0%} sparse")
+    if comp.get("nbits") is None:
+        return sparse or "none (float16)"
+    details = [f"group {comp['group_size']}"] if comp.get("group_size") else []
+    details += ["int8 palette"] if comp.get("lut_dtype") else []
+    label = f"{comp['nbits']}-bit palettization" + (f" ({', '.join(details)})" if details else "")
+    return f"{sparse} + {label}" if sparse else label
+
+
 def _recipe_summary(recipe: dict) -> list[list[str]]:
     """The recipe fields a reader looks for first, as (field, value) rows."""
     model = recipe.get("model") or {}
     comp = recipe.get("compression")
-    if not comp:
-        compression = "none (float16)"
-    elif comp.get("mixed_bit"):
-        compression = f"mixed-bit {comp['mixed_bit'].get('recipe', '')}".strip()
-    elif comp.get("linear8"):
-        compression = "linear 8-bit"
-    else:
-        compression = f"{comp.get('nbits')}-bit palettization"
+    compression = compression_label(comp)
     if comp and comp.get("components"):
         compression += f" ({', '.join(comp['components'])})"
     res = recipe.get("resolution")

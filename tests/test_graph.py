@@ -102,3 +102,19 @@ def test_the_synthetic_tokenizer_corpus_is_in_every_key(tmp_path, monkeypatch):
     monkeypatch.setattr(download, "CORPUS", corpus)
     after = keys(prepare(TINY, tmp_path))
     assert all(after[k] != before[k] for k in before)
+
+
+def test_sparsity_and_palette_dtype_change_only_compress_and_what_follows(tmp_path):
+    base = prepare(write_recipe(tmp_path, "t15", f"extends: {TINY}\nname: t15\ntarget: macOS15\n"), tmp_path)
+    a = keys(base)
+    for extra in ("sparsity: 0.5", "sparsity: '2:4'", "lut_dtype: int8"):
+        variant = f"extends: {TINY}\nname: v\ntarget: macOS15\ncompression: {{nbits: 6, {extra}}}\n"
+        b = keys(prepare(write_recipe(tmp_path, "v", variant), tmp_path))
+        assert {k for k in a if a[k] != b[k]} == {("compress", "unet"), ("verify", "unet")}, extra
+
+
+def test_keys_of_recipes_without_the_later_compression_keys_leave_them_out(tmp_path):
+    """sparsity, lut_dtype and activations enter the compress key only when set: older keys stay valid."""
+    six = prepare(TINY, tmp_path)
+    fields = next(n.fields for n in six.nodes if n.stage.name == "compress")
+    assert set(fields["compression"]) == {"nbits", "linear8", "mixed_bit", "group_size", "components"}

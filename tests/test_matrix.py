@@ -51,3 +51,7 @@ def test_three_value_matrix_builds_trace_and_convert_once_and_compress_three_tim
             keys.setdefault(row["stage"], set()).add(row["key"])
     assert misses == {"download": 1, "trace": 1, "convert": 1, "compress": 3, "verify": 3}
     assert {stage: len(k) for stage, k in keys.items()} == misses
+    # The matrix run ends with one comparison page of its variants.
+    page = art / "compare" / "mx.html"
+    assert f"comparison: {page}" in done.stdout
+    assert all(f"<th>mx-nbits-{b}</th>" in page.read_text() for b in (2, 4, 8))

@@ -105,8 +105,30 @@ def test_name_cannot_leave_builds_folder(tmp_path):
 def test_compression_needs_exactly_one_kind(tmp_path):
     p = write_recipe(tmp_path, "r", BASE + "compression: {nbits: 6, linear8: true}\n")
     assert error_of(p) == (
-        f"{p}:4: compression: set exactly one of nbits, linear8, mixed_bit (or omit compression for float16); got nbits, linear8"
+        f"{p}:4: compression: set exactly one of nbits, linear8, mixed_bit, or sparsity alone (or omit compression for float16); got nbits, linear8"
     )
+
+
+def test_sparsity_forms_and_what_they_go_with(tmp_path):
+    joint = load_recipe(write_recipe(tmp_path, "j", BASE + "compression: {nbits: 4, sparsity: 0.5, lut_dtype: int8}\n"))
+    assert (joint.compression.sparsity, joint.compression.lut_dtype) == (0.5, "int8")
+    assert load_recipe(write_recipe(tmp_path, "s", BASE + "compression: {sparsity: '2:4'}\n")).compression.sparsity == "2:4"
+    p = write_recipe(tmp_path, "u", BASE + "compression: {sparsity: 2:4}\n")  # YAML 1.1 reads 2:4 as 124
+    assert error_of(p).startswith(f"{p}:4: compression.sparsity: 124.0 must be a fraction between 0 and 1 (0.5), or 'n:m' in quotes")
+    p = write_recipe(tmp_path, "b", BASE + "compression: {sparsity: '5:4'}\n")
+    assert error_of(p) == f"{p}:4: compression.sparsity: '5:4' is not n:m with 1 <= n <= m (e.g. '2:4')"
+    p = write_recipe(tmp_path, "l", BASE + "compression: {linear8: true, sparsity: 0.5}\n")
+    assert error_of(p) == f"{p}:4: compression: sparsity goes alone or with nbits (joint sparse + palettized), not with linear8"
+    p = write_recipe(tmp_path, "d", BASE + "compression: {sparsity: 0.5, lut_dtype: int8}\n")
+    assert error_of(p) == f"{p}:4: compression: lut_dtype goes with nbits (it is the type of the palette entries)"
+
+
+def test_int8_activations_go_with_linear8_and_stop_before_any_work(tmp_path):
+    p = write_recipe(tmp_path, "a", BASE + "compression: {nbits: 8, activations: int8}\n")
+    assert error_of(p) == f"{p}:4: compression: activations: int8 goes with linear8: true (W8A8: 8-bit weights and activations)"
+    p = write_recipe(tmp_path, "w", BASE + "compression: {linear8: true, activations: int8}\n")
+    with pytest.raises(NotBuiltYet, match=r"compression.activations: int8 \(W8A8, calibrated activations\) is not built yet"):
+        check_buildable(load_recipe(p), p)
 
 
 def test_deep_merge_child_wins(tmp_path):

@@ -123,12 +123,31 @@ def is_weight_const(op) -> bool:
     return not any(child.op_type.startswith("constexpr_") for child in out.child_ops)
 
 
+def _feeds_constexpr_only(op) -> bool:
+    """An op inside a compressed weight's chain (a palette's dequantizer, a sparse palettizer)."""
+    children = [child for out in op.outputs for child in out.child_ops]
+    return bool(children) and all(child.op_type.startswith("constexpr_") for child in children)
+
+
+def _stored_width(var) -> int:
+    """Bit width of the values ``var`` holds as stored: an index width where a palette op makes it."""
+    producer = var.op
+    if producer is not None and producer.op_type == "constexpr_lut_to_sparse":
+        return int(producer.indices_nonzero_data.dtype.get_bitwidth())
+    if producer is not None and producer.op_type == "constexpr_sparse_blockwise_shift_scale":
+        return int(producer.nonzero_data.dtype.get_bitwidth())
+    return int(var.dtype.get_bitwidth())
+
+
 def weight_bits(package_or_prog) -> dict[str, tuple[int, int]]:
     """Bit width of every weight of a package: {source const name: (bits, elements)}.
 
     ``constexpr_lut_to_dense`` counts its index width, the affine/blockwise
     8-bit dequantizers count 8, a float const above the compression threshold
-    counts 16 (float16) or 32. Palette and scale storage is not counted: the
+    counts 16 (float16) or 32. A pruned weight (``constexpr_sparse_to_dense``)
+    counts the width its nonzero values are stored at (16, or the palette's
+    index width when palettized too) over all its elements; its sparsity is
+    ``weight_sparsity``'s. Palette, scale and mask storage is not counted: the
     bit width is the one a recipe's name states.
     """
     from coremltools.converters.mil.mil import types
@@ -137,6 +156,8 @@ def weight_bits(package_or_prog) -> dict[str, tuple[int, int]]:
     bits: dict[str, tuple[int, int]] = {}
     for op in iter_ops(prog):
         name = source_name(op.outputs[0].name) if op.outputs else op.name
+        if op.op_type.startswith("constexpr_") and _feeds_constexpr_only(op):
+            continue  # a link of a joint chain: the chain's last op stands for the weight
         if op.op_type == "constexpr_lut_to_dense":
             if "shape" in op.inputs:  # iOS16: lut [2**n], packed indices
                 numel = int(np.prod(op.shape.val))
@@ -146,6 +167,9 @@ def weight_bits(package_or_prog) -> dict[str, tuple[int, int]]:
         elif op.op_type in ("constexpr_affine_dequantize", "constexpr_blockwise_shift_scale"):
             data = op.quantized_data if op.op_type == "constexpr_affine_dequantize" else op.data
             bits[name] = (int(data.dtype.get_bitwidth()), int(data.val.size))
+        elif op.op_type == "constexpr_sparse_to_dense":
+            numel = int(np.prod(op.shape.val)) if "shape" in op.inputs else int(np.prod(op.outputs[0].shape))
+            bits[name] = (_stored_width(op.nonzero_data), numel)
         elif is_weight_const(op):
             width = 16 if op.outputs[0].dtype == types.fp16 else 32
             bits[name] = (width, int(op.outputs[0].val.size))
@@ -171,6 +195,28 @@ def weight_fingerprint(weight: np.ndarray) -> str:
     return hashlib.blake2b(values.tobytes(), digest_size=16).hexdigest()
 
 
+def materialize(op):
+    """The value(s) of a constexpr op by coremltools' own ``decompress`` of its op definition.
+
+    Its constexpr inputs are materialized first: coremltools' own
+    ``materialized_val_inference`` stops at a chain three ops deep (an int8
+    palette of a sparse palettized weight). Returns a tuple for ops with
+    several outputs.
+    """
+    import inspect
+
+    values = {}
+    for name, var in op.inputs.items():
+        producer = var.op
+        if producer is not None and producer.op_type.startswith("constexpr_"):
+            result = materialize(producer)
+            values[name] = result[producer.outputs.index(var)] if len(producer.outputs) > 1 else result
+        else:
+            values[name] = var.val
+    params = inspect.signature(type(op).decompress).parameters
+    return type(op).decompress(**{name: values.get(name) for name in params})
+
+
 def dense_weights(package_or_prog) -> dict[str, np.ndarray]:
     """Every weight of ``weight_bits`` as the model computes with it: {source const name: dense array}.
 
@@ -185,6 +231,13 @@ def dense_weights(package_or_prog) -> dict[str, np.ndarray]:
             continue
         if op.op_type == "const":
             dense[name] = op.outputs[0].val
-        elif op.op_type.startswith("constexpr_"):
-            dense[name] = op.materialized_val_inference()
+        elif op.op_type.startswith("constexpr_") and not _feeds_constexpr_only(op):
+            dense[name] = materialize(op)
     return dense
+
+
+def weight_sparsity(package_or_prog) -> float:
+    """Fraction of zeros over every weight of ``weight_bits``, after decompression."""
+    dense = dense_weights(package_or_prog)
+    total = sum(w.size for w in dense.values())
+    return float(sum(np.count_nonzero(w == 0) for w in dense.values()) / total) if total else 0.0

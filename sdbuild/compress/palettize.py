@@ -38,7 +38,7 @@ class CompressionStats:
     weight file (``Data/com.apple.CoreML/weights/weight.bin``).
     """
 
-    method: str  # palettize | linear8 | mixed_bit
+    method: str  # palettize | prune | prune+palettize | linear8 | mixed_bit
     bytes_before: int
     bytes_after: int
     layer_bits: dict[str, int]
@@ -48,6 +48,8 @@ class CompressionStats:
     nbits: int | None = None
     group_size: int | None = None
     recipe: str | None = None
+    sparsity: float | str | None = None
+    lut_dtype: str | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -81,9 +83,18 @@ IN_PROCESS_ELEMENTS = 4_000_000
 _POOL_START = "forkserver" if "forkserver" in get_all_start_methods() else "spawn"
 
 
-def _kmeans_job(job: tuple[str, np.ndarray, int]) -> tuple[str, np.ndarray]:
-    key, weight, nbits = job
-    return key, kmeans_lut(weight, nbits)
+def _kmeans_job(job: tuple[str, np.ndarray, int, bool]) -> tuple[str, np.ndarray]:
+    key, weight, nbits, pruned = job
+    return key, kmeans_lut(_kept_values(weight) if pruned else weight, nbits)
+
+
+def _kept_values(weight: np.ndarray) -> np.ndarray:
+    """The values a pruned weight stores: its zeros are the sparse mask's, never looked up in the palette.
+
+    Clustering them too (as coremltools does) spends a palette entry on zero.
+    """
+    kept = weight[weight != 0]
+    return kept if kept.size else weight
 
 
 def _get_palettize_pass_class():
@@ -92,12 +103,14 @@ def _get_palettize_pass_class():
     return palettize_weights
 
 
-def make_palettizer(bits_by_const: dict[str, int] | int, group_size: int | None, workers: int):
+def make_palettizer(bits_by_const: dict[str, int] | int, group_size: int | None, workers: int, joint: bool = False):
     """A coremltools palettization pass whose k-means LUTs are computed in ``workers`` processes.
 
     ``bits_by_const``: one width for every weight above the threshold, or
     {const op name: width} to palettize only those (mixed-bit). ``group_size``:
     output channels per palette (iOS18 programs), None for one per tensor.
+    ``joint``: palettize the nonzero values of already pruned weights
+    (coremltools' joint compression: ``constexpr_lut_to_sparse``; iOS18 programs).
     """
     from coremltools.optimize.coreml import OpPalettizerConfig, OptimizationConfig
 
@@ -115,6 +128,7 @@ def make_palettizer(bits_by_const: dict[str, int] | int, group_size: int | None,
             else:
                 config = OptimizationConfig(op_name_configs={name: op_config for name in bits_by_const})
             super().__init__(config=config)
+            self.joint_compression = joint
 
         def nbits_of(self, op) -> int:
             return bits_by_const if isinstance(bits_by_const, int) else bits_by_const[op.name]
@@ -140,7 +154,7 @@ def make_palettizer(bits_by_const: dict[str, int] | int, group_size: int | None,
                         for group in self._groups(op, op_config, optimize_utils):
                             key = _digest(group)
                             self.bits_by_key[key] = nbits
-                            jobs.append((key, group, nbits))
+                            jobs.append((key, group, nbits, self.joint_compression))
             # Largest first, so no big layer starts last while the other workers idle.
             jobs.sort(key=lambda job: -job[1].size)
             n_workers = max(1, min(workers, len(jobs)))
@@ -154,10 +168,13 @@ def make_palettizer(bits_by_const: dict[str, int] | int, group_size: int | None,
             with get_context(_POOL_START).Pool(n_workers) as pool:
                 self.luts.update(pool.imap_unordered(_kmeans_job, jobs, chunksize=1))
 
-        @staticmethod
-        def _groups(op, op_config, optimize_utils) -> list[np.ndarray]:
+        def _groups(self, op, op_config, optimize_utils) -> list[np.ndarray]:
             """The arrays the pass will hand the LUT function for ``op``, split as it splits them."""
             weight = op.outputs[0].val
+            child = op.outputs[0].child_ops[0] if op.outputs[0].child_ops else None
+            if self.joint_compression and child is not None and child.op_type == "constexpr_sparse_to_dense":
+                # As the pass: a pruned weight is clustered in its dense form, zeros included.
+                weight = optimize_utils.sparse_to_dense(weight, child.mask.val)
             block_sizes, channel_axis = optimize_utils.infer_block_sizes(
                 op, op_config, weight, return_channel_axis=True
             )
@@ -181,7 +198,8 @@ def make_palettizer(bits_by_const: dict[str, int] | int, group_size: int | None,
             lut = self.luts.get(key)
             if lut is None:  # not foreseen by precompute: correct, only serial
                 self.misses += 1
-                lut = kmeans_lut(weight, self.bits_by_key.get(key, _only_width(bits_by_const)))
+                values = _kept_values(weight) if self.joint_compression else weight
+                lut = kmeans_lut(values, self.bits_by_key.get(key, _only_width(bits_by_const)))
             return lut.astype(weight.dtype), lut_indices(weight, lut).reshape(-1)
 
     return ParallelKmeansPalettizer()
@@ -232,23 +250,116 @@ def _finish(method, src, dst, started, workers, **extra) -> CompressionStats:
 
 
 def palettize_package(
-    src: Path, dst: Path, nbits: int, group_size: int | None = None, workers: int | None = None
+    src: Path,
+    dst: Path,
+    nbits: int | None,
+    group_size: int | None = None,
+    workers: int | None = None,
+    sparsity: float | str | None = None,
+    lut_dtype: str | None = None,
 ) -> CompressionStats:
     """Palettize every weight above 2048 elements of the package ``src`` to ``nbits``, into ``dst``.
 
     Data-free k-means per weight (or per group of ``group_size`` output
     channels, which needs an iOS18/macOS15 package), spread over ``workers``
     processes (default: every CPU this process may use).
+
+    ``sparsity`` first prunes each weight by magnitude (a fraction zeroed, or
+    "n:m"); with ``nbits`` too, the nonzero values are then palettized as
+    coremltools' joint compression does (``constexpr_lut_to_sparse`` feeding
+    ``constexpr_sparse_to_dense``), with ``nbits=None`` the weights are only
+    pruned. ``lut_dtype="int8"`` stores each palette as int8 with one scale
+    (``constexpr_blockwise_shift_scale`` feeding the LUT op). Joint forms need
+    an iOS18/macOS15 package.
     """
     started = time.perf_counter()
-    check_nbits(nbits)
+    if nbits is not None:
+        check_nbits(nbits)
     mlmodel = pkg.load_mlmodel(src)
     _check_group_size(group_size, mlmodel, src)
+    _check_joint(mlmodel, src, joint_sparse=sparsity is not None and nbits is not None, lut_dtype=lut_dtype)
     workers = workers or default_workers()
-    palettizer = make_palettizer(nbits, group_size, workers)
-    pkg.apply_passes(mlmodel, [palettizer], dst)
-    notes = [f"{palettizer.misses} weight(s) clustered outside the pool"] if palettizer.misses else []
-    return _finish("palettize", src, dst, started, workers, nbits=nbits, group_size=group_size, notes=notes)
+    passes = [make_pruner(sparsity)] if sparsity is not None else []
+    palettizer = None
+    if nbits is not None:
+        palettizer = make_palettizer(nbits, group_size, workers, joint=sparsity is not None)
+        passes.append(palettizer)
+    if lut_dtype is not None:
+        passes.append(make_palette_quantizer())
+    pkg.apply_passes(mlmodel, passes, dst)
+    notes = [f"{palettizer.misses} weight(s) clustered outside the pool"] if palettizer and palettizer.misses else []
+    method = "palettize" if sparsity is None else ("prune" if nbits is None else "prune+palettize")
+    return _finish(
+        method, src, dst, started, workers, nbits=nbits, group_size=group_size, notes=notes,
+        sparsity=sparsity, lut_dtype=lut_dtype,
+    )
+
+
+def _check_joint(mlmodel, src: Path, joint_sparse: bool, lut_dtype: str | None) -> None:
+    """Joint compression (pruned + palettized, int8 palettes) exists from iOS18/macOS15 on."""
+    wanted = [key for key, on in (("sparsity with nbits", joint_sparse), ("lut_dtype", lut_dtype is not None)) if on]
+    version = pkg.spec_version(mlmodel)
+    if wanted and version < pkg.IOS18_SPEC_VERSION:
+        raise RecipeError(
+            f"compression.{wanted[0]} needs target iOS18 or macOS15 or later (joint compression): {src} was "
+            f"converted for an older target (Core ML specification version {version}); raise target or drop it"
+        )
+
+
+def sparsity_config(sparsity: float | str):
+    """coremltools' magnitude pruning config for a fraction (0.5) or "n:m" (n of every m zeroed)."""
+    from coremltools.optimize.coreml import OpMagnitudePrunerConfig
+
+    if isinstance(sparsity, str):
+        n, m = (int(part) for part in sparsity.split(":"))
+        return OpMagnitudePrunerConfig(n_m_ratio=(n, m), weight_threshold=pkg.WEIGHT_THRESHOLD)
+    return OpMagnitudePrunerConfig(target_sparsity=float(sparsity), weight_threshold=pkg.WEIGHT_THRESHOLD)
+
+
+def make_pruner(sparsity: float | str):
+    """coremltools' ``prune_weights`` pass: every weight above the threshold pruned by magnitude."""
+    from coremltools.optimize.coreml import OptimizationConfig
+    from coremltools.optimize.coreml._quantization_passes import prune_weights
+
+    class MagnitudePruner(prune_weights):
+        @staticmethod
+        def compress_by_magnitude(val, target_sparsity, block_size=None, dim=None):
+            # The threshold is ranked in float32: numpy's percentile of a float16 array above 65,504
+            # elements overflows its index arithmetic (NaN), and nothing would be pruned.
+            params = prune_weights.compress_by_magnitude(val.astype(np.float32), target_sparsity, block_size, dim)
+            if params is None:
+                return None
+            return params._replace(nonzero_data=params.nonzero_data.astype(val.dtype))  # exact: float16 values
+
+    return MagnitudePruner(config=OptimizationConfig(global_config=sparsity_config(sparsity)))
+
+
+def make_palette_quantizer():
+    """coremltools' joint int8 quantization (``linear_quantize_weights``), applied to palettes only.
+
+    Left to itself the joint pass would also quantize any float weight the
+    palettizer skipped; here only a const that is a LUT op's ``lut`` is taken.
+    """
+    from coremltools.optimize.coreml import OpLinearQuantizerConfig, OptimizationConfig
+    from coremltools.optimize.coreml._quantization_passes import linear_quantize_weights
+
+    class PaletteQuantizer(linear_quantize_weights):
+        def need_compress_const(self, op, _is_deprecated, weight_threshold):
+            children = op.outputs[0].child_ops
+            is_lut = (
+                len(children) == 1
+                and children[0].op_type in ("constexpr_lut_to_dense", "constexpr_lut_to_sparse")
+                and children[0].lut is op.outputs[0]
+            )
+            return is_lut and super().need_compress_const(op, _is_deprecated, weight_threshold)
+
+    # Per tensor: the only granularity coremltools allows for a palette (its axes are not the weight's).
+    op_config = OpLinearQuantizerConfig(
+        mode="linear_symmetric", dtype="int8", granularity="per_tensor", weight_threshold=pkg.WEIGHT_THRESHOLD
+    )
+    quantizer = PaletteQuantizer(config=OptimizationConfig(global_config=op_config))
+    quantizer.joint_compression = True
+    return quantizer
 
 
 def linear8_package(src: Path, dst: Path) -> CompressionStats:

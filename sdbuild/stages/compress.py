@@ -10,13 +10,21 @@ from sdbuild.stages.convert import PACKAGE
 
 
 def run(job: Job, out: Path) -> dict:
-    """Write the compressed ``model.mlpackage``: n-bit palettes, linear 8-bit or mixed-bit."""
+    """Write the compressed ``model.mlpackage``: n-bit palettes (optionally pruned first, or with
+    int8 palette entries), pruned only, linear 8-bit or mixed-bit."""
     from sdbuild.compress import linear8_package, mixed_bit_package, palettize_package
 
     settings = job.fields["compression"]
     src = job.upstream["convert"] / PACKAGE
-    if settings.get("nbits") is not None:
-        stats = palettize_package(src, out / PACKAGE, nbits=settings["nbits"], group_size=settings.get("group_size"))
+    if settings.get("nbits") is not None or settings.get("sparsity") is not None:
+        stats = palettize_package(
+            src,
+            out / PACKAGE,
+            nbits=settings.get("nbits"),
+            group_size=settings.get("group_size"),
+            sparsity=settings.get("sparsity"),
+            lut_dtype=settings.get("lut_dtype"),
+        )
     elif settings.get("linear8"):
         stats = linear8_package(src, out / PACKAGE)
     else:

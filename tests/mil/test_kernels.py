@@ -630,3 +630,128 @@ def test_registry_picks_the_form_of_the_model_opset():
     assert kernels.find_kernel("constexpr_lut_to_dense", kernels.OPSETS["iOS18"]).fn is kernels.constexpr_lut_to_dense_ios18
     assert kernels.find_kernel("scaled_dot_product_attention", kernels.OPSETS["iOS17"]) is None
     assert kernels.find_kernel("no_such_op", kernels.OPSETS["iOS18"]) is None
+
+
+# ---- decompression kernels against coremltools' own numpy definitions of the ops
+#
+# Each case: (op_type, opset, inputs) fed to our raw kernel and to the op class's
+# ``decompress`` in coremltools (iOS16 constexpr_ops.py, iOS18 compression.py).
+
+
+def _ct_op(op_type: str, opset: str):
+    from coremltools.converters.mil.mil.ops.defs import iOS16, iOS18
+
+    return getattr(iOS18 if opset == "iOS18" else iOS16, op_type)
+
+
+def _mask(shape, density=0.5, seed=11):
+    return (np.random.default_rng(seed).random(shape) < density).astype(np.uint8)
+
+
+def _decompress_cases():
+    r = np.random.default_rng(12)
+    mask = _mask((8, 6, 2, 2))
+    grouped_lut = r.standard_normal((4, 1, 1, 1, 16, 1)).astype(np.float16)  # 4 groups of 2 output channels, 4-bit
+    indices = r.integers(0, 16, (8, 6, 2, 2)).astype(np.uint8)
+    int8_lut = r.integers(-127, 128, (1, 1, 1, 1, 16, 1)).astype(np.int8)
+    return [
+        pytest.param("constexpr_lut_to_dense", "iOS18", dict(indices=indices, lut=grouped_lut, vector_axis=None), id="lut_to_dense-grouped"),
+        pytest.param(
+            "constexpr_lut_to_dense", "iOS18",
+            dict(indices=r.integers(0, 4, (4, 3, 2)).astype(np.uint8), lut=r.standard_normal((1, 1, 1, 4, 2)).astype(np.float16), vector_axis=1),
+            id="lut_to_dense-vector",
+        ),
+        pytest.param("constexpr_sparse_to_dense", "iOS18", dict(nonzero_data=r.standard_normal(int(mask.sum())).astype(np.float16), mask=mask), id="sparse_to_dense"),
+        pytest.param(
+            "constexpr_lut_to_sparse", "iOS18",
+            dict(indices_mask=mask, indices_nonzero_data=indices[mask != 0], lut=grouped_lut, vector_axis=None),
+            id="lut_to_sparse-grouped",
+        ),
+        pytest.param(
+            "constexpr_blockwise_shift_scale", "iOS18",
+            dict(data=int8_lut, scale=np.array(0.02, np.float16).reshape((1,) * 6), offset=None), id="shift_scale-int8-palette",
+        ),
+        pytest.param(
+            "constexpr_blockwise_shift_scale", "iOS18",
+            dict(
+                data=r.integers(-8, 8, (8, 6)).astype(np.int8), scale=r.random((4, 3)).astype(np.float16),
+                offset=r.integers(-2, 2, (4, 3)).astype(np.int8),
+            ),
+            id="shift_scale-blockwise-offset",
+        ),
+        pytest.param(
+            "constexpr_sparse_blockwise_shift_scale", "iOS18",
+            dict(data_mask=mask, nonzero_data=r.integers(-127, 128, int(mask.sum())).astype(np.int8), scale=r.random((8, 1, 1, 1)).astype(np.float16), offset=None),
+            id="sparse_shift_scale",
+        ),
+        pytest.param(
+            "constexpr_lut_to_dense", "iOS16",
+            dict(lut=r.standard_normal(64).astype(np.float16), indices=np.packbits(r.integers(0, 2, 6 * 40), bitorder="little"), shape=np.array([8, 5], np.uint32)),
+            id="lut_to_dense-ios16-6bit",
+        ),
+        pytest.param(
+            "constexpr_sparse_to_dense", "iOS16",
+            dict(nonzero_data=r.standard_normal(int(mask.sum())).astype(np.float16), mask=np.packbits(mask.reshape(-1), bitorder="little"), shape=np.array(mask.shape, np.uint32)),
+            id="sparse_to_dense-ios16",
+        ),
+        pytest.param(
+            "constexpr_affine_dequantize", "iOS16",
+            dict(quantized_data=r.integers(0, 256, (6, 5)).astype(np.uint8), zero_point=r.integers(100, 150, 6).astype(np.uint8), scale=r.random(6).astype(np.float16), axis=0),
+            id="affine_dequantize",
+        ),
+    ]
+
+
+@pytest.mark.parametrize("op_type, opset, inputs", _decompress_cases())
+def test_decompression_kernel_matches_coremltools_decompress(op_type, opset, inputs):
+    ours = kernels.find_kernel(op_type, kernels.OPSETS[opset]).fn(**{k: v for k, v in inputs.items() if v is not None})
+    theirs = _ct_op(op_type, opset).decompress(**inputs)
+    ours, theirs = (ours if isinstance(ours, tuple) else (ours,)), (theirs if isinstance(theirs, tuple) else (theirs,))
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+        assert np.shape(a) == np.shape(b)
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-3, atol=1e-6)
+
+
+def test_chained_int8_palette_of_a_sparse_weight_matches_coremltools():
+    """shift_scale (int8 palette) -> lut_to_sparse -> sparse_to_dense, as joint compression writes it."""
+    r = np.random.default_rng(13)
+    mask = _mask((6, 8))
+    lut8, scale = r.integers(-127, 128, (1, 1, 16, 1)).astype(np.int8), np.array(0.01, np.float16).reshape(1, 1, 1, 1)
+    keys = r.integers(0, 16, int(mask.sum())).astype(np.uint8)
+    ops = {name: kernels.find_kernel(name, kernels.OPSETS["iOS18"]).fn for name in ("constexpr_blockwise_shift_scale", "constexpr_lut_to_sparse", "constexpr_sparse_to_dense")}
+    lut = ops["constexpr_blockwise_shift_scale"](data=lut8, scale=scale)
+    m, nz = ops["constexpr_lut_to_sparse"](indices_mask=mask, indices_nonzero_data=keys, lut=lut)
+    ours = ops["constexpr_sparse_to_dense"](nonzero_data=nz, mask=m)
+    ct_lut = _ct_op("constexpr_blockwise_shift_scale", "iOS18").decompress(lut8, scale, None)
+    ct_m, ct_nz = _ct_op("constexpr_lut_to_sparse", "iOS18").decompress(mask, keys, ct_lut, None)
+    theirs = _ct_op("constexpr_sparse_to_dense", "iOS18").decompress(ct_nz, ct_m)
+    np.testing.assert_allclose(ours, theirs.astype(np.float32), rtol=1e-3)
+    assert np.count_nonzero(theirs) > 0
+
+
+@pytest.mark.parametrize("dtype, zero_point, axis", [("int8", None, None), ("uint8", 128, None), ("int8", "vector", 1)])
+def test_quantize_and_dequantize_match_coremltools(dtype, zero_point, axis):
+    """Activation quantization (W8A8): rounding, zero point, clipping and per-axis scale as coremltools computes them."""
+    from coremltools.converters.mil.mil import types
+    from coremltools.optimize import _utils as optimize_utils
+
+    r = np.random.default_rng(14)
+    x = (r.standard_normal((2, 4, 3)) * 3).astype(np.float32)
+    scale = np.float32(0.03) if axis is None else r.uniform(0.01, 0.05, 4).astype(np.float32)
+    np_dtype = np.int8 if dtype == "int8" else np.uint8
+    zp = None if zero_point is None else (np.array(zero_point, np_dtype) if zero_point != "vector" else r.integers(-3, 3, 4).astype(np_dtype))
+    quant = kernels.find_kernel("quantize", kernels.OPSETS["iOS17"]).fn
+    dequant = kernels.find_kernel("dequantize", kernels.OPSETS["iOS17"]).fn
+    kw = {"axis": axis} if axis is not None else {}
+    zp_t = {} if zp is None else {"zero_point": torch.from_numpy(zp.astype(np.int64))}
+    ours_q = quant(input=torch.from_numpy(x), scale=torch.from_numpy(np.asarray(scale)), output_dtype=dtype, **zp_t, **kw).numpy()
+    shape = [1, 4, 1] if axis is not None else []
+    b_scale = np.asarray(scale).reshape(shape) if axis is not None else scale
+    b_zp = np.zeros((), np_dtype) if zp is None else (zp.reshape(shape) if axis is not None else zp)
+    theirs_q = optimize_utils.quantize_by_scale_and_zp(x, b_scale, b_zp, getattr(types, dtype))
+    np.testing.assert_array_equal(ours_q, theirs_q.astype(np.int64))
+    assert ours_q.max() == np.iinfo(np_dtype).max  # the case exercises clipping
+    ours_d = dequant(input=torch.from_numpy(ours_q), scale=torch.from_numpy(np.asarray(scale)), **zp_t, **kw).numpy()
+    theirs_d = optimize_utils.dequantize_by_scale_and_zp(theirs_q, np.asarray(scale), None if zp is None else zp, axis if axis is not None else 0)
+    np.testing.assert_allclose(ours_d, theirs_d, rtol=1e-6, atol=1e-7)

@@ -1,0 +1,130 @@
+"""Benchmark: which compression to ship, unet by unet: bytes, PSNR and compression time per variant.
+
+    .venv/bin/python bench/joint.py --model tiny          # the synthetic tiny unet, a minute or two
+    .venv/bin/python bench/joint.py --model sd15          # full-size SD 1.5 unet, random weights: long
+
+Variants: float16; 8/6/4-bit palettes per tensor; 4-bit palettes per group of
+16 and 32 output channels; 4-bit with int8 palette entries; 50% sparse; 50%
+sparse + 4-bit (joint); linear 8-bit. W8A8 (``compression.activations``) is
+not built yet and is listed as such. Every variant compresses the same float16
+package, converted for iOS18 (grouped and joint forms need it).
+
+PSNR is of the unet's output for one seeded input, run by the reference
+executor (fp32 mode, the fastest) on each compressed package, against the same
+run of the float16 package: what compression alone costs. With random weights
+these figures measure the compressor, not image quality (see the README).
+Writes ``bench/results/joint-<model>.json`` and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from sdbuild.compress import linear8_package, palettize_package  # noqa: E402
+from sdbuild.compress import package as pkg  # noqa: E402
+
+VARIANTS = {
+    "8-bit": dict(nbits=8),
+    "6-bit": dict(nbits=6),
+    "4-bit": dict(nbits=4),
+    "4-bit g16": dict(nbits=4, group_size=16),
+    "4-bit g32": dict(nbits=4, group_size=32),
+    "4-bit int8 LUT": dict(nbits=4, lut_dtype="int8"),
+    "50% sparse": dict(nbits=None, sparsity=0.5),
+    "50% sparse + 4-bit": dict(nbits=4, sparsity=0.5),
+    "linear 8-bit": "linear8",
+}
+
+
+def tiny_package(cache: Path) -> tuple[Path, dict]:
+    from sdbuild.models import sample_inputs
+    from sdbuild.synthetic import make_synthetic
+    from tests.compress.conftest import convert, tiny_unet
+
+    path = cache / "tiny-unet-iOS18.mlpackage"
+    checkpoint = cache / "tiny-sd"
+    if not checkpoint.exists():
+        make_synthetic("synthetic:tiny-sd", checkpoint)
+    component = tiny_unet(checkpoint)
+    if not (path / "Manifest.json").is_file():
+        convert(component, path, "iOS18")
+    return path, sample_inputs(component.inputs, 1)
+
+
+def sd15_package(cache: Path) -> tuple[Path, dict]:
+    from bench.palettize import sd15_unet_package
+
+    rng = np.random.default_rng(1)
+    inputs = {
+        "sample": rng.standard_normal((2, 4, 64, 64)).astype(np.float32),
+        "timestep": np.array([500.0, 500.0], np.float32),
+        "encoder_hidden_states": rng.standard_normal((2, 768, 1, 77)).astype(np.float32),
+    }
+    return sd15_unet_package(cache, "iOS18"), inputs
+
+
+def run_unet(path: Path, inputs: dict) -> np.ndarray:
+    from sdbuild.mil.executor import load_program
+
+    out = load_program(path).run(inputs, precision="fp32")
+    return next(iter(out.values()))
+
+
+def main() -> None:
+    from sdbuild.metrics import psnr
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("tiny", "sd15"), default="tiny")
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/sdbuild-bench"))
+    parser.add_argument("--only", action="append", help="run only these variants (repeatable)")
+    args = parser.parse_args()
+    args.cache.mkdir(parents=True, exist_ok=True)
+    src, inputs = (tiny_package if args.model == "tiny" else sd15_package)(args.cache)
+    reference = run_unet(src, inputs)
+    rows = [{"variant": "float16", "weight_bytes": pkg.weight_file(src).stat().st_size, "psnr_db": None, "seconds": 0.0}]
+    for name, kw in VARIANTS.items():
+        if args.only and name not in args.only:
+            continue
+        dst = args.cache / f"{args.model}-{name.replace(' ', '_').replace('%', 'pc')}.mlpackage"
+        print(f"{name} ...", flush=True)
+        stats = linear8_package(src, dst) if kw == "linear8" else palettize_package(src, dst, **kw)
+        db = psnr(reference, run_unet(dst, inputs))
+        rows.append({
+            "variant": name, "weight_bytes": stats.bytes_after, "psnr_db": round(float(db), 2),
+            "seconds": round(stats.seconds, 2), "average_bits": round(stats.average_bits, 2),
+            "sparsity": round(pkg.weight_sparsity(dst), 3) if "sparsity" in (kw if isinstance(kw, dict) else {}) else 0.0,
+        })
+    rows.append({"variant": "W8A8", "not_built": "compression.activations: int8 is not built yet"})
+    result = {
+        "model": {"tiny": "synthetic tiny SD unet (64x64)", "sd15": "SD 1.5 unet, public config, random weights, 512x512"}[args.model],
+        "target": "iOS18",
+        "psnr": "unet output, reference executor fp32 mode, one seeded input, vs the float16 package",
+        "rows": rows,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_before": os.getloadavg()},
+    }
+    out = ROOT / "bench" / "results" / f"joint-{args.model}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print("\n| variant | weight bytes | vs float16 | PSNR (dB) | compress (s) |\n|---|---:|---:|---:|---:|")
+    base = rows[0]["weight_bytes"]
+    for r in rows:
+        if "not_built" in r:
+            print(f"| {r['variant']} | not built | | | |")
+            continue
+        db = "–" if r["psnr_db"] is None else f"{r['psnr_db']:.1f}"
+        print(f"| {r['variant']} | {r['weight_bytes']:,} | {r['weight_bytes'] / base:.0%} | {db} | {r['seconds']:.1f} |")
+    print(f"written {out}")
+
+
+if __name__ == "__main__":
+    main()
