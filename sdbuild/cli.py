@@ -259,6 +259,8 @@ def cmd_generate(args) -> int:
         controlnet_scale=args.controlnet_scale,
         output_dir=Path(args.output_dir),
         progress=not args.json,
+        height=args.height,
+        width=args.width,
     )
     if args.json:
         print(json.dumps(result, indent=2, default=str))
@@ -354,6 +356,8 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--controlnet", nargs="+", metavar="NAME")
     gen.add_argument("--controlnet-inputs", nargs="+", metavar="IMAGE")
     gen.add_argument("--controlnet-scale", type=float, default=1.0)
+    gen.add_argument("--height", type=int, default=None, help="image height: one of the bundle's sizes (default: its first)")
+    gen.add_argument("--width", type=int, default=None, help="image width: one of the bundle's sizes (default: its first)")
     gen.add_argument("-o", "--output-dir", default=".")
     gen.add_argument("--json", action="store_true")
     gen.set_defaults(func=cmd_generate)

@@ -300,7 +300,8 @@ def build_graph(
         if node.stage.name == "trace" and node.component == "multilingual_projection":
             path, extra = projection_input(recipe, recipe_dir)
             node.files = {"multilingual_projection": path}
-        node.fields = read_fields(recipe, node.stage.fields_for(node.component) + tuple(extra), extra)
+        extra = {**extra, "multires": recipe.multires_kind}  # the default resolved: functions where the target has them
+        node.fields = read_fields(recipe, node.stage.fields_for(node.component) + tuple(k for k in extra if k != "multires"), extra)
     return nodes
 
 
@@ -977,6 +978,11 @@ def run_build(
         }
         if comp in psnr:
             report["components"][comp]["psnr"] = {k: round(v, 2) for k, v in psnr[comp].items() if k.endswith("psnr_db")}
+            if "functions" in psnr[comp]:  # one per resolution
+                report["components"][comp]["psnr_by_function"] = {
+                    name: {k: round(v, 2) for k, v in figures.items() if k.endswith("psnr_db")}
+                    for name, figures in psnr[comp]["functions"].items()
+                }
         chunk = next((n for n in build.nodes if n.stage.name == "chunk" and n.component == comp and n.entry), None)
         if chunk is not None:
             facts = chunk_facts(chunk.entry.path)

@@ -42,6 +42,7 @@ from sdbuild.stages.bundle import (
     python_package_name,
     swift_name,
 )
+from sdbuild.stages.trace import RESOLUTION_KINDS
 
 
 class GenerationError(SdbuildError):
@@ -445,10 +446,11 @@ class ExecutorRunner(ModelRunner):
     """A ``.mlpackage`` on the reference executor, float16 as a device holds it; or the parts
     of a chunked one, run in sequence by ``sdbuild.mil.chunk.chain_run``."""
 
-    def __init__(self, paths: list[Path]):
+    def __init__(self, paths: list[Path], function: str | None = None):
         from sdbuild.mil.executor import load_program
 
-        self.programs = [load_program(p) for p in paths]
+        # ``function``: a multifunction package's function (one resolution); None: its default.
+        self.programs = [load_program(p, function=function) for p in paths]
         self.name = " + ".join(p.name for p in paths)
         self.inputs = _chain_inputs([(prog.inputs, prog.outputs) for prog in self.programs])
         self.outputs = list(self.programs[-1].outputs)
@@ -467,13 +469,14 @@ class CoreMLRunner(ModelRunner):
 
     _DTYPES = {"Float16": np.float16, "Float32": np.float32, "Double": np.float64, "Int32": np.int32}
 
-    def __init__(self, path: Path, compute_unit: str):
+    def __init__(self, path: Path, compute_unit: str, function: str | None = None):
         import coremltools as ct
 
         self.name = path.name
         units = ct.ComputeUnit[compute_unit]
+        named = {"function_name": function} if function else {}  # one resolution of a multifunction package
         if path.suffix == ".mlmodelc":
-            self.model = ct.models.CompiledMLModel(str(path), compute_units=units)
+            self.model = ct.models.CompiledMLModel(str(path), compute_units=units, **named)
             # A compiled model keeps its interface in metadata.json (as the Swift package reads it).
             meta = json.loads((path / "metadata.json").read_text())
             meta = meta[0] if isinstance(meta, list) else meta
@@ -485,13 +488,14 @@ class CoreMLRunner(ModelRunner):
         else:
             from sdbuild.mil.executor import _ARRAY_DTYPES
 
-            self.model = ct.models.MLModel(str(path), compute_units=units)
+            self.model = ct.models.MLModel(str(path), compute_units=units, **named)
             spec = self.model.get_spec()
+            description = next((f for f in spec.description.functions if f.name == function), spec.description)
             self.inputs = {
                 i.name: (tuple(i.type.multiArrayType.shape), np.dtype(_ARRAY_DTYPES.get(i.type.multiArrayType.dataType, np.float32)))
-                for i in spec.description.input
+                for i in description.input
             }
-            self.outputs = [o.name for o in spec.description.output]
+            self.outputs = [o.name for o in description.output]
 
     def run(self, feeds):
         out = self.model.predict(_cast(feeds, self.inputs, exact=True))
@@ -540,6 +544,33 @@ def _cast(feeds: dict, declared: dict, exact: bool = False) -> dict:
         else:
             out[name] = value.astype(np.float32, copy=False)
     return out
+
+
+def bundle_sizes(bundle: BundleFiles) -> list[dict]:
+    """The image sizes a bundle was built for ({height, width, function}), default first; [] if it does not say."""
+    facts = bundle.facts
+    if facts.get("resolutions"):
+        return list(facts["resolutions"])
+    return [dict(facts["resolution"], function=None)] if facts.get("resolution") else []
+
+
+def pick_size(bundle: BundleFiles, height: int | None, width: int | None) -> dict | None:
+    """The bundle's size for ``--height``/``--width`` (either may be left out); None when neither is given
+    and the bundle does not say. A size it does not have is one line listing those it has."""
+    sizes = bundle_sizes(bundle)
+    if height is None and width is None:
+        return sizes[0] if sizes else None
+    if not sizes:
+        raise GenerationError(
+            f"--height/--width: {bundle.path} does not say which sizes it was built for (no {PIPELINE_FILE}); "
+            "leave them out to use the size its models take"
+        )
+    match = [s for s in sizes if (height is None or s["height"] == height) and (width is None or s["width"] == width)]
+    if not match:
+        have = ", ".join(f"{s['height']}x{s['width']}" + (" (default)" if i == 0 else "") for i, s in enumerate(sizes))
+        asked = f"{height if height is not None else '*'}x{width if width is not None else '*'}"
+        raise GenerationError(f"--height/--width: the bundle has no {asked} (height x width) size; it has: {have}")
+    return match[0]
 
 
 def default_backend() -> str:
@@ -594,30 +625,40 @@ class Pipeline:
         return self.bundle.family
 
     @classmethod
-    def from_bundle(cls, path: Path, compute_unit: str | None = None, backend: str | None = None) -> "Pipeline":
+    def from_bundle(cls, path: Path, compute_unit: str | None = None, backend: str | None = None,
+                    height: int | None = None, width: int | None = None) -> "Pipeline":
         """Find and load the bundle at ``path``: every model, the tokenizer, the scheduler config.
 
         ``backend``: ``coreml`` (macOS) or ``executor``; default by platform.
         ``compute_unit``: a Core ML compute unit; default the bundle's hint, else ALL.
+        ``height``, ``width``: the image size, one the bundle was built for
+        (``pick_size``); default its first. A multifunction bundle's image
+        models then run that size's function.
         """
         started = time.perf_counter()
         backend = backend or default_backend()
         if compute_unit is not None and compute_unit not in COMPUTE_UNITS:
             raise GenerationError(f"--compute-unit: unknown compute unit '{compute_unit}'; choose one of {', '.join(COMPUTE_UNITS)}")
         bundle = find_bundle(path, compiled_ok=backend == "coreml")
+        size = pick_size(bundle, height, width)
+        function = size.get("function") if size else None
         notes: list[str] = []
         if backend == "coreml":
             hint = bundle.facts.get("compute_unit") or (bundle.build or {}).get("recipe", {}).get("compute_unit")
             compute_unit = compute_unit or (hint if hint in COMPUTE_UNITS else "ALL")
 
-            def make(paths):
-                parts = [CoreMLRunner(p, compute_unit) for p in paths]
+            def make(paths, function=None):
+                parts = [CoreMLRunner(p, compute_unit, function) for p in paths]
                 return parts[0] if len(parts) == 1 else ChainedRunner(parts)
         else:
             if compute_unit is not None:
                 notes.append(f"--compute-unit {compute_unit} ignored: Core ML needs macOS; the reference executor runs on the CPU")
             compute_unit = None
             make = ExecutorRunner
+
+        def make_sized(component: str, paths: list[Path]) -> ModelRunner:
+            # The image models run the chosen size's function; the text encoder has one.
+            return make(paths, function) if component.split("/")[0] in RESOLUTION_KINDS else make(paths)
         checkpoint = _checkpoint_of(bundle)
         tokenizer = load_tokenizer(bundle, checkpoint)
         scheduler_config = bundle.facts.get("scheduler")
@@ -634,16 +675,21 @@ class Pipeline:
             scaling = json.loads(found.read_text()).get("scaling_factor") if found else None
         scaling = float(scaling or _DEFAULT_SCALING_FACTOR[bundle.family])
         # The controlled unet and the ControlNets load when a generation first asks for them.
-        runners = {component: make(paths) for component, paths in bundle.models.items() if component != "controlled_unet"}
+        runners = {component: make_sized(component, paths) for component, paths in bundle.models.items() if component != "controlled_unet"}
         pipe = cls(bundle, runners, tokenizer, scheduler_config, scaling, backend, compute_unit, notes, time.perf_counter() - started)
-        pipe._make = make
+        pipe._make = make_sized
+        if size and bundle.facts.get("multires") == "enumerated":
+            # One package takes every enumerated shape: the size asked for, not the default one.
+            factor = pipe.image_size[0] // pipe.latent_shape[1]
+            pipe.latent_shape = (pipe.latent_shape[0], size["height"] // factor, size["width"] // factor)
+            pipe.image_size = (size["height"], size["width"])
         return pipe
 
     def _runner(self, key: str, paths: list[Path]) -> ModelRunner:
         """A model loaded on first use and kept (``controlled_unet``, ``controlnet/<file>``)."""
         if key not in self.runners:
-            make = getattr(self, "_make", None) or ExecutorRunner
-            self.runners[key] = make(paths)
+            make = getattr(self, "_make", None) or (lambda component, paths: ExecutorRunner(paths))
+            self.runners[key] = make(key, paths)
         return self.runners[key]
 
     def controlnet_runners(self, names: list[str]) -> tuple[ModelRunner, list[ModelRunner]]:
@@ -1109,6 +1155,8 @@ def run_generate(
     controlnet_scale: float = 1.0,
     output_dir: Path = Path("."),
     progress: bool = False,
+    height: int | None = None,
+    width: int | None = None,
 ) -> dict:
     """``sdbuild generate``: load the bundle, generate, write PNGs.
 
@@ -1137,7 +1185,7 @@ def run_generate(
             _require_controlled_unet(files)
             for name in controlnet:
                 find_controlnet(files, name)
-    pipe = Pipeline.from_bundle(Path(bundle), compute_unit=compute_unit)
+    pipe = Pipeline.from_bundle(Path(bundle), compute_unit=compute_unit, height=height, width=width)
     result = pipe.generate(
         prompt,
         negative_prompt=negative_prompt,
