@@ -176,7 +176,10 @@ def place_package(src: Path, dst: Path, metadata: dict[str, str]) -> None:
     for key, value in metadata.items():
         if key.startswith("com.sdbuild."):
             meta.userDefined[key] = value
-    for feature in list(spec.description.input) + list(spec.description.output):
+    features = list(spec.description.input) + list(spec.description.output)
+    for function in spec.description.functions:  # a multifunction package's, one per resolution
+        features += list(function.input) + list(function.output)
+    for feature in features:
         known = DESCRIPTIONS.get(re.sub(r"_\d+$", "", feature.name))
         # Keep what an earlier stage wrote (the chunker describes intermediate values).
         feature.shortDescription = known or feature.shortDescription or feature.name
