@@ -60,6 +60,8 @@ def _features(features) -> list[dict]:
             arr = f.type.multiArrayType
             entry["shape"] = [int(s) for s in arr.shape]
             entry["dtype"] = _ARRAY_DTYPES.get(arr.dataType, str(arr.dataType))
+            if arr.WhichOneof("ShapeFlexibility") == "enumeratedShapes":  # several resolutions in one program
+                entry["shapes"] = [[int(s) for s in e.shape] for e in arr.enumeratedShapes.shapes]
         else:
             entry["shape"], entry["dtype"] = [], kind or "unknown"
         out.append(entry)
@@ -347,7 +349,8 @@ def render_inspection(facts: dict, console) -> None:
             io.add_column(col)
         for kind in ("inputs", "outputs"):
             for e in p.get(kind, []):
-                io.add_row(kind[:-1], e["name"], _shape(e), e.get("dtype", ""), e.get("description", ""))
+                shapes = " | ".join(_shape({"shape": x}) for x in e["shapes"]) if e.get("shapes") else _shape(e)
+                io.add_row(kind[:-1], e["name"], shapes, e.get("dtype", ""), e.get("description", ""))
         for f in p.get("functions") or []:
             label = f["name"] + (" (default)" if f["default"] else "")
             for kind in ("inputs", "outputs"):

@@ -167,6 +167,11 @@ class Recipe(_Strict):
                 f"resolution: several shapes as multifunction packages need target macOS15 or iOS18 (got target: {self.target}); "
                 "set target: macOS15, or multires: enumerated (one package with ct.EnumeratedShapes, macOS13/iOS16 and later)"
             )
+        if len(names) > 1 and self.multires_kind == "enumerated" and self.attention == "SPLIT_EINSUM_V2":
+            raise ValueError(
+                "multires: enumerated with attention SPLIT_EINSUM_V2: its query chunks are fixed by the traced size; "
+                "use attention SPLIT_EINSUM or ORIGINAL, or multires: functions"
+            )
         if len(names) > 1 and self.chunk is not None:
             raise ValueError(
                 "chunk with several resolutions: the unet chunker splits one static-shape program, not a multifunction "

@@ -179,3 +179,49 @@ def test_a_shape_listed_twice_is_refused(tmp_path):
     path = write_recipe(tmp_path, "twice", BASE + "resolution: [{height: 64, width: 64}, {height: 64, width: 64}]\n")
     with pytest.raises(RecipeError, match=r"lists a shape twice"):
         load_recipe(path)
+
+
+# --------------------------------------------------------------------------- enumerated shapes
+
+ENUMERATED = "model: {version: 'synthetic:tiny-sd'}\nverify: {samples: 1}\nmultires: enumerated\n" + RESOLUTIONS
+RECIPES["mre"] = ENUMERATED  # target macOS14: enumerated shapes need no multifunction support
+
+
+@pytest.fixture(scope="module")
+def mre(artifacts):
+    return build(artifacts, "mre")
+
+
+def test_enumerated_shapes_one_program_every_size(mre):
+    from sdbuild.convert.multifunction import function_names
+    from sdbuild.mil.executor import load_program
+
+    unet = mre[0] / "Resources" / "Unet.mlpackage"
+    assert function_names(unet) == []
+    done = run_cli("inspect", unet, "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    sample = next(i for i in json.loads(done.stdout)["packages"][0]["inputs"] if i["name"] == "sample")
+    assert sample["shape"] == [2, 4, 8, 8]  # the default: the first resolution
+    assert sorted(map(tuple, sample["shapes"])) == sorted((2, 4, h // 8, w // 8) for h, w in SIZES)
+    program = load_program(unet)
+    feeds = {"sample": np.zeros((2, 4, 12, 8), np.float32), "timestep": np.ones(2, np.float32),
+             "encoder_hidden_states": np.zeros(program.inputs["encoder_hidden_states"][0], np.float32)}
+    assert program.run(feeds)["noise_pred"].shape == (2, 4, 12, 8)
+    report = json.loads((mre[0] / "build.json").read_text())
+    per = report["components"]["unet"]["psnr_by_function"]
+    assert list(per) == [f"h{h}_w{w}" for h, w in SIZES] and all(f["psnr_db"] >= 35 for f in per.values())
+    assert json.loads((mre[0] / "pipeline.json").read_text())["multires"] == "enumerated"
+
+
+def test_enumerated_bundle_generates_a_non_default_size_as_diffusers(mre, reference):
+    pipe = Pipeline.from_bundle(mre[0], backend="executor", height=64, width=96)
+    ours = pipe.generate(PROMPT, seed=3, steps=4, guidance_scale=2.0, scheduler="DDIM", rng="torch")
+    assert ours.images.shape == (1, 64, 96, 3)
+    reference.scheduler = make_scheduler("DDIM", pipe.scheduler_config)
+    ref = reference(
+        PROMPT, negative_prompt="", num_inference_steps=4, guidance_scale=2.0, height=64, width=96,
+        generator=torch.Generator().manual_seed(3), output_type="np",
+    ).images
+    db = psnr(ref, ours.images)
+    print(f"\nenumerated 64x96 bundle vs diffusers: {db:.2f} dB")
+    assert db >= MATCH_DB

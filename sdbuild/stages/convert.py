@@ -30,8 +30,9 @@ def run(job: Job, out: Path) -> dict:
     trace_dir = job.upstream["trace"]
     functions = traced_functions(trace_dir)
     started = time.perf_counter()
-    if len(functions) == 1:
-        facts = _convert_one(trace_dir, job.fields["target"], out / PACKAGE)
+    if len(functions) == 1 or job.fields.get("multires") == "enumerated":
+        shapes = enumerated_shapes(functions) if len(functions) > 1 else None
+        facts = _convert_one(trace_dir, job.fields["target"], out / PACKAGE, shapes)
         facts["phases_s"] = {"convert_s": round(time.perf_counter() - started, 1)}
         return facts
     parts = {}
@@ -50,11 +51,25 @@ def run(job: Job, out: Path) -> dict:
     return facts
 
 
-def _convert_one(trace_dir: Path, target: str, package: Path) -> dict:
-    """Convert the traced module in ``trace_dir`` (module.pt, io.json) to ``package``."""
+def enumerated_shapes(functions: list[dict]) -> dict[str, list[list[int]]]:
+    """Input name -> its shape at each traced resolution (default first), for the inputs whose shape varies."""
+    ios = [read_io(f["dir"]) for f in functions]
+    out = {}
+    for i, spec in enumerate(ios[0]["inputs"]):
+        shapes = [io["inputs"][i]["shape"] for io in ios]
+        if any(s != shapes[0] for s in shapes):
+            out[spec["name"]] = shapes
+    return out
+
+
+def _convert_one(trace_dir: Path, target: str, package: Path, shapes: dict | None = None) -> dict:
+    """Convert the traced module in ``trace_dir`` (module.pt, io.json) to ``package``;
+    ``shapes``: inputs that take several shapes (``enumerated_shapes``)."""
     from sdbuild.convert import convert_traced
 
     io = read_io(trace_dir)
+    if shapes:
+        io["inputs"] = [dict(i, shapes=shapes[i["name"]]) if i["name"] in shapes else i for i in io["inputs"]]
     upcast_attention = bool(io.get("info", {}).get("upcast_attention"))
     package.parent.mkdir(parents=True, exist_ok=True)
     convert_traced(

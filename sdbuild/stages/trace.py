@@ -24,9 +24,10 @@ def resolutions_of(fields: dict) -> list[dict]:
 
 
 def traced_resolutions(fields: dict, component: str | None) -> list[dict]:
-    """The resolutions a component is traced at: every one for ``multires: functions``, else the first."""
+    """The resolutions a component is traced at: every one for an image model with several (``multires``
+    set), else the first. (``enumerated`` converts the first's trace; the others give its shapes and references.)"""
     resolutions = resolutions_of(fields)
-    if component_kind(component) in RESOLUTION_KINDS and fields.get("multires") == "functions" and len(resolutions) > 1:
+    if component_kind(component) in RESOLUTION_KINDS and fields.get("multires") and len(resolutions) > 1:
         return resolutions
     return resolutions[:1]
 

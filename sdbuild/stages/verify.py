@@ -33,11 +33,15 @@ def run(job: Job, out: Path) -> dict:
     resolutions, over every function (each function's own under ``functions``)."""
     from sdbuild.stages.trace import traced_functions
 
+    from sdbuild.convert.multifunction import function_names
+
     functions = traced_functions(job.upstream["trace"])
     if len(functions) == 1:
         summary = _verify_function(job, job.upstream["trace"], None)
     else:
-        per = {f["name"]: _verify_function(job, f["dir"], f["name"]) for f in functions}
+        # A multifunction package runs each resolution's function; an enumerated one, its one program at each shape.
+        named = bool(function_names(job.upstream["convert"] / PACKAGE))
+        per = {f["name"]: _verify_function(job, f["dir"], f["name"] if named else None) for f in functions}
         first = next(iter(per.values()))
         summary = {key: min(p[key] for p in per.values()) for key in first if key.endswith("psnr_db")}
         summary["functions"] = per
