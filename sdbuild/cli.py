@@ -261,6 +261,7 @@ def cmd_generate(args) -> int:
         progress=not args.json,
         height=args.height,
         width=args.width,
+        mask=Path(args.mask) if args.mask else None,
     )
     if args.json:
         print(json.dumps(result, indent=2, default=str))
@@ -351,7 +352,8 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--rng", choices=("numpy", "torch"), default="numpy")
     gen.add_argument("--image-count", type=int, default=1)
     gen.add_argument("--image", help="start image for image-to-image")
-    gen.add_argument("--strength", type=float, default=0.75)
+    gen.add_argument("--strength", type=float, default=None, help="default: 0.75 for image-to-image, 1 for inpainting")
+    gen.add_argument("--mask", help="inpainting mask (white: repaint), with --image and an inpainting bundle")
     gen.add_argument("--compute-unit", default=None, help="Core ML compute unit (macOS); default: the bundle's hint")
     gen.add_argument("--controlnet", nargs="+", metavar="NAME")
     gen.add_argument("--controlnet-inputs", nargs="+", metavar="IMAGE")

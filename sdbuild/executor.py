@@ -258,6 +258,10 @@ def build_graph(
     res = recipe.resolutions[0]
     # The safety checker in the variant(s) the layout's clients feed (Swift: 512x512 images; Python: the image).
     components = layout_components(components_of(recipe, family), recipe.bundle.layout, res.height, res.width)
+    if is_inpainting_source(source) and "vae_encoder" not in components:
+        # Inpainting encodes the masked image: the VAE encoder ships whatever the recipe lists.
+        at = components.index("vae_decoder") + 1 if "vae_decoder" in components else len(components)
+        components.insert(at, "vae_encoder")
     if recipe.controlnet and "unet" in components:
         components.insert(components.index("unet") + 1, "controlled_unet")
     if recipe.multilingual_projection and family == "sdxl":
@@ -708,6 +712,16 @@ class Build:
     @property
     def build_dir(self) -> Path:
         return self.artifacts / "builds" / self.recipe.name
+
+
+def is_inpainting_source(source: dict) -> bool:
+    """Whether the resolved checkpoint's unet is a 9-channel inpainting unet (latents, mask, masked-image latents)."""
+    if source.get("kind") == "single_file":
+        return bool(source.get("inpainting"))
+    config = Path(source.get("path") or "") / "unet" / "config.json"
+    if source.get("kind") == "synthetic" or not config.is_file():
+        return False
+    return json.loads(config.read_text()).get("in_channels") == 9
 
 
 def family_of_source(source: dict) -> str:

@@ -546,6 +546,33 @@ def _cast(feeds: dict, declared: dict, exact: bool = False) -> dict:
     return out
 
 
+INPAINT_CHANNELS = 9  # an inpainting unet's `sample` channels
+
+
+def _check_inpainting(pipe, image, mask) -> None:
+    """An inpainting bundle needs --image and --mask; a mask needs an inpainting bundle and the image's size."""
+    if mask is not None and not pipe.inpainting:
+        raise GenerationError(f"--mask: {pipe.bundle.describe('unet')} is not an inpainting unet (it takes 4 channels, not 9); drop --mask")
+    if pipe.inpainting and (image is None or mask is None):
+        raise GenerationError(f"{pipe.bundle.describe('unet')} is an inpainting unet: give --image and --mask (white where to repaint)")
+    if mask is not None and mask.shape[:2] != image.shape[:2]:
+        raise GenerationError(f"--mask is {mask.shape[1]}x{mask.shape[0]} pixels; --image is {image.shape[1]}x{image.shape[0]}: give them one size")
+
+
+def load_mask(path: Path) -> np.ndarray:
+    """A mask image file as float32 [height, width] in [0, 1] (grayscale, as diffusers' mask processor converts it)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise GenerationError(f"--mask {path}: no such file")
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("L"), np.float32) / 255.0
+    except (UnidentifiedImageError, OSError) as e:
+        raise GenerationError(f"--mask {path}: not an image ({e})") from None
+
+
 def bundle_sizes(bundle: BundleFiles) -> list[dict]:
     """The image sizes a bundle was built for ({height, width, function}), default first; [] if it does not say."""
     facts = bundle.facts
@@ -611,6 +638,10 @@ class Pipeline:
         shape = unet.inputs["sample"][0]
         self.unet_batch = int(shape[0])  # 2: both guidance halves in one call; 1: a unet_batch_one bundle
         self.latent_shape = tuple(int(s) for s in shape[1:])  # (4, H, W)
+        # An inpainting unet takes latents, the mask and the masked image's latents: 4 + 1 + 4 channels.
+        self.inpainting = self.latent_shape[0] == INPAINT_CHANNELS
+        if self.inpainting:
+            self.latent_shape = ((INPAINT_CHANNELS - 1) // 2, *self.latent_shape[1:])
         # Image pixels per latent pixel: the bundle's VAE says (pipeline.json); 8, as for every released VAE, else.
         factor = int(bundle.facts.get("vae_scale_factor") or VAE_SCALE_FACTOR)
         self.image_size = (factor * self.latent_shape[1], factor * self.latent_shape[2])  # (height, width) in pixels
@@ -740,8 +771,13 @@ class Pipeline:
         controlnet: list[str] | None = None,
         controlnet_images: list[np.ndarray] | None = None,
         controlnet_scale: float | list[float] = 1.0,
+        mask: np.ndarray | None = None,
     ) -> Generation:
         """Generate ``image_count`` images.
+
+        ``mask``: with ``image``, inpainting (an inpainting bundle): float32
+        [8H, 8W] in [0, 1], white (>= 0.5) where the image is repainted; run as
+        diffusers' StableDiffusionInpaintPipeline runs a 9-channel unet.
 
         ``image``: a start image for image-to-image, float32 [8H, 8W, 3] in
         [0, 1]; ``strength`` in (0, 1] says how much of the schedule runs over it.
@@ -765,6 +801,7 @@ class Pipeline:
             raise GenerationError(f"--strength {strength:g}: must be in (0, 1]")
         if image is not None:
             _require_encoder(self.bundle)
+        _check_inpainting(self, image, mask)
         if image is not None and image.shape[:2] != self.image_size:
             h, w = self.image_size
             raise GenerationError(f"--image is {image.shape[1]}x{image.shape[0]} pixels; this bundle makes {w}x{h} images")
@@ -788,7 +825,12 @@ class Pipeline:
             latents = noise.draw(shape) * sched.init_noise_sigma
         else:
             t0 = time.perf_counter()
-            timesteps, latents = self._image_latents(sched, image, strength, steps, noise.draw, image_count)
+            if mask is not None and strength >= 1:  # diffusers: pure noise at full strength, the image only masked
+                timesteps, latents = sched.timesteps, noise.draw(shape) * sched.init_noise_sigma
+            else:
+                timesteps, latents = self._image_latents(sched, image, strength, steps, noise.draw, image_count)
+            if mask is not None:
+                inpaint = self._mask_latents(image, mask, noise.draw, image_count)
             timings["vae_encoder_s"] = time.perf_counter() - t0
         # Ancestral schedulers draw noise every step; diffusers passes its generator on.
         step_kwargs = {"generator": noise.generator} if "generator" in inspect.signature(sched.step).parameters else {}
@@ -798,6 +840,8 @@ class Pipeline:
         try:
             for t in timesteps:
                 model_input = sched.scale_model_input(latents, t)
+                if mask is not None:
+                    model_input = torch.cat([model_input, *inpaint], dim=1)
                 t1 = time.perf_counter()
                 noise_pred = self._predict_noise(model_input.numpy(), float(t), conditioning, guidance_scale, control)
                 timings["unet_s"] += time.perf_counter() - t1
@@ -970,6 +1014,21 @@ class Pipeline:
         init_latents = (self.scaling_factor * sample).repeat(count, 1, 1, 1)
         noise = draw(init_latents.shape)
         return timesteps, sched.add_noise(init_latents, noise, timesteps[:1].repeat(count))
+
+    def _mask_latents(self, image: np.ndarray, mask: np.ndarray, draw, count: int):
+        """(mask [N, 1, H, W], masked-image latents [N, 4, H, W]) as diffusers' inpainting pipeline makes them:
+        the mask binarized at 0.5, the image zeroed under it and encoded (one draw), the mask downsampled (nearest)."""
+        import torch
+
+        binary = torch.from_numpy((mask >= 0.5).astype(np.float32))[None, None]
+        # Zero in the [-1, 1] space the VAE takes, as diffusers zeroes its normalized image under the mask.
+        masked = np.where(binary[0, 0, :, :, None].numpy() >= 0.5, 0.5, image).astype(np.float32)
+        moments = self.encode_image(masked)
+        mean, logvar = np.split(moments, 2, axis=1)
+        std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
+        latents = self.scaling_factor * (torch.from_numpy(mean) + torch.from_numpy(std) * draw(mean.shape))
+        small = torch.nn.functional.interpolate(binary, size=tuple(self.latent_shape[1:]))
+        return small.repeat(count, 1, 1, 1), latents.repeat(count, 1, 1, 1)
 
     def encode_image(self, image: np.ndarray) -> np.ndarray:
         """Image [8H, 8W, 3] in [0, 1] → the VAE encoder's latent [1, 8, H, W]: mean, then log-variance (unscaled)."""
@@ -1148,7 +1207,7 @@ def run_generate(
     rng: str = "numpy",
     image_count: int = 1,
     image: Path | None = None,
-    strength: float = 0.75,
+    strength: float | None = None,
     compute_unit: str | None = None,
     controlnet: list[str] | None = None,
     controlnet_inputs: list[Path] | None = None,
@@ -1157,12 +1216,15 @@ def run_generate(
     progress: bool = False,
     height: int | None = None,
     width: int | None = None,
+    mask: Path | None = None,
 ) -> dict:
     """``sdbuild generate``: load the bundle, generate, write PNGs.
 
     Returns {"images": [paths], "notes": [lines], "timings": {name: seconds}}.
     Every user error is a GenerationError (one line) raised before any model runs.
     """
+    if strength is None:  # diffusers' defaults: 0.75 for image-to-image, 1 for inpainting
+        strength = 1.0 if mask is not None else 0.75
     controlnet, controlnet_inputs = list(controlnet or []), list(controlnet_inputs or [])
     check_request(
         bundle=bundle, seed=seed, steps=steps, guidance_scale=guidance_scale, image_count=image_count,
@@ -1175,6 +1237,9 @@ def run_generate(
             f"{len(controlnet)} ControlNet{'s' if len(controlnet) != 1 else ''}; give one image per ControlNet, in the same order"
         )
     start_image = load_image(image) if image is not None else None
+    if mask is not None and start_image is None:
+        raise GenerationError("--mask goes with --image: give the image to inpaint")
+    mask_image = load_mask(mask) if mask is not None else None
     control_images = [load_image(p, flag="--controlnet-inputs") for p in controlnet_inputs]
     if start_image is not None or controlnet:
         # Refused before any model loads: the checks need only the file list.
@@ -1201,6 +1266,7 @@ def run_generate(
         controlnet=controlnet,
         controlnet_images=control_images,
         controlnet_scale=controlnet_scale,
+        mask=mask_image,
     )
     paths = []
     for i, img in enumerate(result.images):
