@@ -258,10 +258,9 @@ def build_graph(
     res = recipe.resolutions[0]
     # The safety checker in the variant(s) the layout's clients feed (Swift: 512x512 images; Python: the image).
     components = layout_components(components_of(recipe, family), recipe.bundle.layout, res.height, res.width)
-    if is_inpainting_source(source) and "vae_encoder" not in components:
-        # Inpainting encodes the masked image: the VAE encoder ships whatever the recipe lists.
-        at = components.index("vae_decoder") + 1 if "vae_decoder" in components else len(components)
-        components.insert(at, "vae_encoder")
+    if is_inpainting_source(source) and "vae_decoder" in components and "vae_encoder" not in components:
+        # Inpainting encodes the masked image: the VAE encoder ships beside the decoder.
+        components.insert(components.index("vae_decoder") + 1, "vae_encoder")
     if recipe.controlnet and "unet" in components:
         components.insert(components.index("unet") + 1, "controlled_unet")
     if recipe.multilingual_projection and family == "sdxl":
