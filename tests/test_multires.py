@@ -225,3 +225,18 @@ def test_enumerated_bundle_generates_a_non_default_size_as_diffusers(mre, refere
     db = psnr(ref, ours.images)
     print(f"\nenumerated 64x96 bundle vs diffusers: {db:.2f} dB")
     assert db >= MATCH_DB
+
+
+def test_compression_clusters_shared_weights_once_and_keeps_them_shared(artifacts, mr3, tmp_path):
+    from sdbuild.compress import palettize_package
+    from sdbuild.convert.multifunction import function_names
+    from sdbuild.mil.executor import load_program
+
+    one = palettize_package(build(artifacts, "mr1")[0] / "Resources" / "Unet.mlpackage", tmp_path / "one.mlpackage", nbits=6, workers=1)
+    three = palettize_package(mr3[0] / "Resources" / "Unet.mlpackage", tmp_path / "three.mlpackage", nbits=6, workers=1)
+    print(f"\n6-bit weight bytes: 1 resolution {one.bytes_after}, 3 resolutions {three.bytes_after}")
+    assert three.bytes_after <= SHARED_MAX * one.bytes_after
+    assert three.bytes_after < 0.5 * three.bytes_before  # compressed, not just copied
+    assert function_names(tmp_path / "three.mlpackage") == [f"h{h}_w{w}" for h, w in SIZES]
+    program = load_program(tmp_path / "three.mlpackage", function="h96_w64")
+    assert program.inputs["sample"][0] == (2, 4, 12, 8)

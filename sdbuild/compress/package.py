@@ -75,7 +75,8 @@ def apply_passes(mlmodel, passes: list, dst: Path) -> None:
 
     with validate_once_per_pipeline():
         # A multifunction package's functions share weights: compressed alike, stored once again.
-        compressed = _apply_graph_pass(mlmodel, [*passes, share_weights_across_functions()], skip_model_load=True)
+        default = mlmodel.get_spec().description.defaultFunctionName
+        compressed = _apply_graph_pass(mlmodel, [*passes, share_weights_across_functions(default)], skip_model_load=True)
     compressed.save(str(dst))
     make_reproducible(dst)  # the same package bytes for the same input and settings
 

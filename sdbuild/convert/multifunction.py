@@ -43,14 +43,16 @@ def function_names(package: Path) -> list[str]:
     return sorted(names, key=lambda n: n != default)
 
 
-def share_weights_across_functions():
-    """A graph pass that makes equal constants of different functions one blob again (after compression)."""
+def share_weights_across_functions(default: str = ""):
+    """A graph pass that makes equal constants of different functions one blob again (after compression);
+    ``default``: the package's default function, which coremltools' reader does not carry into the program."""
     from coremltools.converters.mil.mil.passes.defs.cleanup.const_deduplication import const_deduplication
     from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
 
     class _ShareAcrossFunctions(AbstractGraphPass):
         def apply(self, prog):
             if len(prog.functions) > 1:
+                prog.default_function_name = default
                 const_deduplication()._deduplicate_const_across_functions(prog)
 
     return _ShareAcrossFunctions()
