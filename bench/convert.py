@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/convert.py --model sd15 --component unet --attention SPLIT_EINSUM --json
     .venv/bin/python bench/convert.py --model sdxl --component unet --attention ORIGINAL --nbits 6 --chunk 2 --json
+    .venv/bin/python bench/convert.py --model sd15 --component unet --sizes 512x512,512x768,768x512 --target macOS15
     .venv/bin/python bench/convert.py            # every target below, one process each, then a table
 
 The checkpoint is a diffusers folder with the public configuration of the
@@ -102,9 +103,14 @@ def measure(args) -> dict:
 
     ckpt = checkpoint(args.model, args.cache)
     side = args.resolution or RESOLUTION[args.model]
+    resolution = {"height": side, "width": side}
+    multires = None
+    if args.sizes:  # several resolutions: one multifunction package (``multires: functions``)
+        resolution = [dict(zip(("height", "width"), map(int, s.split("x")))) for s in args.sizes.split(",")]
+        multires = "functions" if len(resolution) > 1 else None
     fields = {
-        "trace": {"attention": args.attention, "resolution": {"height": side, "width": side}, "unet_batch_one": False},
-        "convert": {"target": args.target},
+        "trace": {"attention": args.attention, "resolution": resolution, "multires": multires, "unet_batch_one": False},
+        "convert": {"target": args.target, "resolution": resolution, "multires": multires},
         "compress": {"compression": {"nbits": args.nbits, "components": [args.component]}},
         "chunk": {"chunk": {"unet": args.chunk}},
     }
@@ -113,7 +119,7 @@ def measure(args) -> dict:
         "model": args.model,
         "component": args.component,
         "attention": args.attention,
-        "resolution": side,
+        "resolution": resolution if args.sizes else side,
         "nbits": args.nbits,
         "chunk": args.chunk,
         "target": args.target,
@@ -147,6 +153,9 @@ def measure(args) -> dict:
         parts = sorted(final.glob("*.mlpackage"))
         result["package_bytes"] = sum(package_bytes(p) for p in parts)
         result["packages"] = {p.name: package_bytes(p) for p in parts}
+        if args.sizes:
+            result["weight_bytes"] = sum(f.stat().st_size for p in parts for f in p.rglob("weight.bin"))
+            result["executor_s"] = executor_seconds(parts[0])
     finally:
         peak = tree.stop()
         if not args.keep:
@@ -165,8 +174,27 @@ def measure(args) -> dict:
     return result
 
 
-def result_name(model, component, attention, nbits, chunk) -> str:
+def executor_seconds(package: Path) -> dict:
+    """Seconds the reference executor takes per function of ``package``: load, then one float16 run."""
+    import numpy as np
+
+    from sdbuild.convert.multifunction import function_names
+    from sdbuild.mil.executor import load_program
+
+    out = {}
+    for name in function_names(package) or [None]:
+        started = time.perf_counter()
+        program = load_program(package, function=name)
+        loaded = time.perf_counter()
+        feeds = {k: np.random.default_rng(0).standard_normal(shape).astype(np.float32) for k, (shape, _) in program.inputs.items()}
+        program.run(feeds, precision="fp16")
+        out[name or "main"] = {"load_s": round(loaded - started, 1), "run_s": round(time.perf_counter() - loaded, 1)}
+    return out
+
+
+def result_name(model, component, attention, nbits, chunk, sizes=None) -> str:
     name = f"convert-{model}-{component}-{attention}"
+    name += f"-{len(sizes.split(','))}res" if sizes else ""
     name += f"-{nbits}bit" if nbits else ""
     name += f"-chunk{chunk}" if chunk else ""
     return name + ".json"
@@ -210,6 +238,7 @@ def main() -> None:
     parser.add_argument("--nbits", type=int)
     parser.add_argument("--chunk", type=int)
     parser.add_argument("--resolution", type=int, help="image side in pixels (default: the model's)")
+    parser.add_argument("--sizes", help="HxW[,HxW…]: several resolutions in one multifunction package (needs --target macOS15)")
     parser.add_argument("--target", default="macOS14")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/sdbuild-bench"))
     parser.add_argument("--keep", action="store_true", help="keep the stage outputs (path in the JSON)")
@@ -228,7 +257,7 @@ def main() -> None:
         print(json.dumps(result, indent=2))
     else:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        path = RESULTS / result_name(args.model, args.component, args.attention, args.nbits, args.chunk)
+        path = RESULTS / result_name(args.model, args.component, args.attention, args.nbits, args.chunk, args.sizes)
         path.write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))
 

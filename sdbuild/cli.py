@@ -294,6 +294,9 @@ def cmd_generate(args) -> int:
         controlnet_scale=args.controlnet_scale,
         output_dir=Path(args.output_dir),
         progress=not args.json,
+        height=args.height,
+        width=args.width,
+        mask=Path(args.mask) if args.mask else None,
     )
     if args.json:
         print(json.dumps(result, indent=2, default=str))
@@ -389,11 +392,14 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--rng", choices=("numpy", "torch"), default="numpy")
     gen.add_argument("--image-count", type=int, default=1)
     gen.add_argument("--image", help="start image for image-to-image")
-    gen.add_argument("--strength", type=float, default=0.75)
+    gen.add_argument("--strength", type=float, default=None, help="default: 0.75 for image-to-image, 1 for inpainting")
+    gen.add_argument("--mask", help="inpainting mask (white: repaint), with --image and an inpainting bundle")
     gen.add_argument("--compute-unit", default=None, help="Core ML compute unit (macOS); default: the bundle's hint")
     gen.add_argument("--controlnet", nargs="+", metavar="NAME")
     gen.add_argument("--controlnet-inputs", nargs="+", metavar="IMAGE")
     gen.add_argument("--controlnet-scale", type=float, default=1.0)
+    gen.add_argument("--height", type=int, default=None, help="image height: one of the bundle's sizes (default: its first)")
+    gen.add_argument("--width", type=int, default=None, help="image width: one of the bundle's sizes (default: its first)")
     gen.add_argument("-o", "--output-dir", default=".")
     gen.add_argument("--json", action="store_true")
     gen.set_defaults(func=cmd_generate)

@@ -258,6 +258,9 @@ def build_graph(
     res = recipe.resolutions[0]
     # The safety checker in the variant(s) the layout's clients feed (Swift: 512x512 images; Python: the image).
     components = layout_components(components_of(recipe, family), recipe.bundle.layout, res.height, res.width)
+    if is_inpainting_source(source) and "vae_decoder" in components and "vae_encoder" not in components:
+        # Inpainting encodes the masked image: the VAE encoder ships beside the decoder.
+        components.insert(components.index("vae_decoder") + 1, "vae_encoder")
     if recipe.controlnet and "unet" in components:
         components.insert(components.index("unet") + 1, "controlled_unet")
     if recipe.multilingual_projection and family == "sdxl":
@@ -300,7 +303,8 @@ def build_graph(
         if node.stage.name == "trace" and node.component == "multilingual_projection":
             path, extra = projection_input(recipe, recipe_dir)
             node.files = {"multilingual_projection": path}
-        node.fields = read_fields(recipe, node.stage.fields_for(node.component) + tuple(extra), extra)
+        extra = {**extra, "multires": recipe.multires_kind}  # the default resolved: functions where the target has them
+        node.fields = read_fields(recipe, node.stage.fields_for(node.component) + tuple(k for k in extra if k != "multires"), extra)
     return nodes
 
 
@@ -718,6 +722,16 @@ class Build:
         return self.artifacts / "builds" / self.recipe.name
 
 
+def is_inpainting_source(source: dict) -> bool:
+    """Whether the resolved checkpoint's unet is a 9-channel inpainting unet (latents, mask, masked-image latents)."""
+    if source.get("kind") == "single_file":
+        return bool(source.get("inpainting"))
+    config = Path(source.get("path") or "") / "unet" / "config.json"
+    if source.get("kind") == "synthetic" or not config.is_file():
+        return False
+    return json.loads(config.read_text()).get("in_channels") == 9
+
+
 def family_of_source(source: dict) -> str:
     from sdbuild.models import model_family
 
@@ -986,6 +1000,11 @@ def run_build(
         }
         if comp in psnr:
             report["components"][comp]["psnr"] = {k: round(v, 2) for k, v in psnr[comp].items() if k.endswith("psnr_db")}
+            if "functions" in psnr[comp]:  # one per resolution
+                report["components"][comp]["psnr_by_function"] = {
+                    name: {k: round(v, 2) for k, v in figures.items() if k.endswith("psnr_db")}
+                    for name, figures in psnr[comp]["functions"].items()
+                }
         chunk = next((n for n in build.nodes if n.stage.name == "chunk" and n.component == comp and n.entry), None)
         if chunk is not None:
             facts = chunk_facts(chunk.entry.path)

@@ -42,6 +42,7 @@ from sdbuild.stages.bundle import (
     python_package_name,
     swift_name,
 )
+from sdbuild.stages.trace import RESOLUTION_KINDS
 
 
 class GenerationError(SdbuildError):
@@ -445,10 +446,11 @@ class ExecutorRunner(ModelRunner):
     """A ``.mlpackage`` on the reference executor, float16 as a device holds it; or the parts
     of a chunked one, run in sequence by ``sdbuild.mil.chunk.chain_run``."""
 
-    def __init__(self, paths: list[Path]):
+    def __init__(self, paths: list[Path], function: str | None = None):
         from sdbuild.mil.executor import load_program
 
-        self.programs = [load_program(p) for p in paths]
+        # ``function``: a multifunction package's function (one resolution); None: its default.
+        self.programs = [load_program(p, function=function) for p in paths]
         self.name = " + ".join(p.name for p in paths)
         self.inputs = _chain_inputs([(prog.inputs, prog.outputs) for prog in self.programs])
         self.outputs = list(self.programs[-1].outputs)
@@ -467,13 +469,14 @@ class CoreMLRunner(ModelRunner):
 
     _DTYPES = {"Float16": np.float16, "Float32": np.float32, "Double": np.float64, "Int32": np.int32}
 
-    def __init__(self, path: Path, compute_unit: str):
+    def __init__(self, path: Path, compute_unit: str, function: str | None = None):
         import coremltools as ct
 
         self.name = path.name
         units = ct.ComputeUnit[compute_unit]
+        named = {"function_name": function} if function else {}  # one resolution of a multifunction package
         if path.suffix == ".mlmodelc":
-            self.model = ct.models.CompiledMLModel(str(path), compute_units=units)
+            self.model = ct.models.CompiledMLModel(str(path), compute_units=units, **named)
             # A compiled model keeps its interface in metadata.json (as the Swift package reads it).
             meta = json.loads((path / "metadata.json").read_text())
             meta = meta[0] if isinstance(meta, list) else meta
@@ -485,13 +488,14 @@ class CoreMLRunner(ModelRunner):
         else:
             from sdbuild.mil.executor import _ARRAY_DTYPES
 
-            self.model = ct.models.MLModel(str(path), compute_units=units)
+            self.model = ct.models.MLModel(str(path), compute_units=units, **named)
             spec = self.model.get_spec()
+            description = next((f for f in spec.description.functions if f.name == function), spec.description)
             self.inputs = {
                 i.name: (tuple(i.type.multiArrayType.shape), np.dtype(_ARRAY_DTYPES.get(i.type.multiArrayType.dataType, np.float32)))
-                for i in spec.description.input
+                for i in description.input
             }
-            self.outputs = [o.name for o in spec.description.output]
+            self.outputs = [o.name for o in description.output]
 
     def run(self, feeds):
         out = self.model.predict(_cast(feeds, self.inputs, exact=True))
@@ -542,6 +546,60 @@ def _cast(feeds: dict, declared: dict, exact: bool = False) -> dict:
     return out
 
 
+INPAINT_CHANNELS = 9  # an inpainting unet's `sample` channels
+
+
+def _check_inpainting(pipe, image, mask) -> None:
+    """An inpainting bundle needs --image and --mask; a mask needs an inpainting bundle and the image's size."""
+    if mask is not None and not pipe.inpainting:
+        raise GenerationError(f"--mask: {pipe.bundle.describe('unet')} is not an inpainting unet (it takes 4 channels, not 9); drop --mask")
+    if pipe.inpainting and (image is None or mask is None):
+        raise GenerationError(f"{pipe.bundle.describe('unet')} is an inpainting unet: give --image and --mask (white where to repaint)")
+    if mask is not None and mask.shape[:2] != image.shape[:2]:
+        raise GenerationError(f"--mask is {mask.shape[1]}x{mask.shape[0]} pixels; --image is {image.shape[1]}x{image.shape[0]}: give them one size")
+
+
+def load_mask(path: Path) -> np.ndarray:
+    """A mask image file as float32 [height, width] in [0, 1] (grayscale, as diffusers' mask processor converts it)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise GenerationError(f"--mask {path}: no such file")
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("L"), np.float32) / 255.0
+    except (UnidentifiedImageError, OSError) as e:
+        raise GenerationError(f"--mask {path}: not an image ({e})") from None
+
+
+def bundle_sizes(bundle: BundleFiles) -> list[dict]:
+    """The image sizes a bundle was built for ({height, width, function}), default first; [] if it does not say."""
+    facts = bundle.facts
+    if facts.get("resolutions"):
+        return list(facts["resolutions"])
+    return [dict(facts["resolution"], function=None)] if facts.get("resolution") else []
+
+
+def pick_size(bundle: BundleFiles, height: int | None, width: int | None) -> dict | None:
+    """The bundle's size for ``--height``/``--width`` (either may be left out); None when neither is given
+    and the bundle does not say. A size it does not have is one line listing those it has."""
+    sizes = bundle_sizes(bundle)
+    if height is None and width is None:
+        return sizes[0] if sizes else None
+    if not sizes:
+        raise GenerationError(
+            f"--height/--width: {bundle.path} does not say which sizes it was built for (no {PIPELINE_FILE}); "
+            "leave them out to use the size its models take"
+        )
+    match = [s for s in sizes if (height is None or s["height"] == height) and (width is None or s["width"] == width)]
+    if not match:
+        have = ", ".join(f"{s['height']}x{s['width']}" + (" (default)" if i == 0 else "") for i, s in enumerate(sizes))
+        asked = f"{height if height is not None else '*'}x{width if width is not None else '*'}"
+        raise GenerationError(f"--height/--width: the bundle has no {asked} (height x width) size; it has: {have}")
+    return match[0]
+
+
 def default_backend() -> str:
     return "coreml" if sys.platform == "darwin" else "executor"
 
@@ -580,6 +638,10 @@ class Pipeline:
         shape = unet.inputs["sample"][0]
         self.unet_batch = int(shape[0])  # 2: both guidance halves in one call; 1: a unet_batch_one bundle
         self.latent_shape = tuple(int(s) for s in shape[1:])  # (4, H, W)
+        # An inpainting unet takes latents, the mask and the masked image's latents: 4 + 1 + 4 channels.
+        self.inpainting = self.latent_shape[0] == INPAINT_CHANNELS
+        if self.inpainting:
+            self.latent_shape = ((INPAINT_CHANNELS - 1) // 2, *self.latent_shape[1:])
         # Image pixels per latent pixel: the bundle's VAE says (pipeline.json); 8, as for every released VAE, else.
         factor = int(bundle.facts.get("vae_scale_factor") or VAE_SCALE_FACTOR)
         self.image_size = (factor * self.latent_shape[1], factor * self.latent_shape[2])  # (height, width) in pixels
@@ -594,30 +656,40 @@ class Pipeline:
         return self.bundle.family
 
     @classmethod
-    def from_bundle(cls, path: Path, compute_unit: str | None = None, backend: str | None = None) -> "Pipeline":
+    def from_bundle(cls, path: Path, compute_unit: str | None = None, backend: str | None = None,
+                    height: int | None = None, width: int | None = None) -> "Pipeline":
         """Find and load the bundle at ``path``: every model, the tokenizer, the scheduler config.
 
         ``backend``: ``coreml`` (macOS) or ``executor``; default by platform.
         ``compute_unit``: a Core ML compute unit; default the bundle's hint, else ALL.
+        ``height``, ``width``: the image size, one the bundle was built for
+        (``pick_size``); default its first. A multifunction bundle's image
+        models then run that size's function.
         """
         started = time.perf_counter()
         backend = backend or default_backend()
         if compute_unit is not None and compute_unit not in COMPUTE_UNITS:
             raise GenerationError(f"--compute-unit: unknown compute unit '{compute_unit}'; choose one of {', '.join(COMPUTE_UNITS)}")
         bundle = find_bundle(path, compiled_ok=backend == "coreml")
+        size = pick_size(bundle, height, width)
+        function = size.get("function") if size else None
         notes: list[str] = []
         if backend == "coreml":
             hint = bundle.facts.get("compute_unit") or (bundle.build or {}).get("recipe", {}).get("compute_unit")
             compute_unit = compute_unit or (hint if hint in COMPUTE_UNITS else "ALL")
 
-            def make(paths):
-                parts = [CoreMLRunner(p, compute_unit) for p in paths]
+            def make(paths, function=None):
+                parts = [CoreMLRunner(p, compute_unit, function) for p in paths]
                 return parts[0] if len(parts) == 1 else ChainedRunner(parts)
         else:
             if compute_unit is not None:
                 notes.append(f"--compute-unit {compute_unit} ignored: Core ML needs macOS; the reference executor runs on the CPU")
             compute_unit = None
             make = ExecutorRunner
+
+        def make_sized(component: str, paths: list[Path]) -> ModelRunner:
+            # The image models run the chosen size's function; the text encoder has one.
+            return make(paths, function) if component.split("/")[0] in RESOLUTION_KINDS else make(paths)
         checkpoint = _checkpoint_of(bundle)
         tokenizer = load_tokenizer(bundle, checkpoint)
         scheduler_config = bundle.facts.get("scheduler")
@@ -634,16 +706,21 @@ class Pipeline:
             scaling = json.loads(found.read_text()).get("scaling_factor") if found else None
         scaling = float(scaling or _DEFAULT_SCALING_FACTOR[bundle.family])
         # The controlled unet and the ControlNets load when a generation first asks for them.
-        runners = {component: make(paths) for component, paths in bundle.models.items() if component != "controlled_unet"}
+        runners = {component: make_sized(component, paths) for component, paths in bundle.models.items() if component != "controlled_unet"}
         pipe = cls(bundle, runners, tokenizer, scheduler_config, scaling, backend, compute_unit, notes, time.perf_counter() - started)
-        pipe._make = make
+        pipe._make = make_sized
+        if size and bundle.facts.get("multires") == "enumerated":
+            # One package takes every enumerated shape: the size asked for, not the default one.
+            factor = pipe.image_size[0] // pipe.latent_shape[1]
+            pipe.latent_shape = (pipe.latent_shape[0], size["height"] // factor, size["width"] // factor)
+            pipe.image_size = (size["height"], size["width"])
         return pipe
 
     def _runner(self, key: str, paths: list[Path]) -> ModelRunner:
         """A model loaded on first use and kept (``controlled_unet``, ``controlnet/<file>``)."""
         if key not in self.runners:
-            make = getattr(self, "_make", None) or ExecutorRunner
-            self.runners[key] = make(paths)
+            make = getattr(self, "_make", None) or (lambda component, paths: ExecutorRunner(paths))
+            self.runners[key] = make(key, paths)
         return self.runners[key]
 
     def controlnet_runners(self, names: list[str]) -> tuple[ModelRunner, list[ModelRunner]]:
@@ -694,8 +771,13 @@ class Pipeline:
         controlnet: list[str] | None = None,
         controlnet_images: list[np.ndarray] | None = None,
         controlnet_scale: float | list[float] = 1.0,
+        mask: np.ndarray | None = None,
     ) -> Generation:
         """Generate ``image_count`` images.
+
+        ``mask``: with ``image``, inpainting (an inpainting bundle): float32
+        [8H, 8W] in [0, 1], white (>= 0.5) where the image is repainted; run as
+        diffusers' StableDiffusionInpaintPipeline runs a 9-channel unet.
 
         ``image``: a start image for image-to-image, float32 [8H, 8W, 3] in
         [0, 1]; ``strength`` in (0, 1] says how much of the schedule runs over it.
@@ -719,6 +801,7 @@ class Pipeline:
             raise GenerationError(f"--strength {strength:g}: must be in (0, 1]")
         if image is not None:
             _require_encoder(self.bundle)
+        _check_inpainting(self, image, mask)
         if image is not None and image.shape[:2] != self.image_size:
             h, w = self.image_size
             raise GenerationError(f"--image is {image.shape[1]}x{image.shape[0]} pixels; this bundle makes {w}x{h} images")
@@ -742,7 +825,12 @@ class Pipeline:
             latents = noise.draw(shape) * sched.init_noise_sigma
         else:
             t0 = time.perf_counter()
-            timesteps, latents = self._image_latents(sched, image, strength, steps, noise.draw, image_count)
+            if mask is not None and strength >= 1:  # diffusers: pure noise at full strength, the image only masked
+                timesteps, latents = sched.timesteps, noise.draw(shape) * sched.init_noise_sigma
+            else:
+                timesteps, latents = self._image_latents(sched, image, strength, steps, noise.draw, image_count)
+            if mask is not None:
+                inpaint = self._mask_latents(image, mask, noise.draw, image_count)
             timings["vae_encoder_s"] = time.perf_counter() - t0
         # Ancestral schedulers draw noise every step; diffusers passes its generator on.
         step_kwargs = {"generator": noise.generator} if "generator" in inspect.signature(sched.step).parameters else {}
@@ -752,6 +840,8 @@ class Pipeline:
         try:
             for t in timesteps:
                 model_input = sched.scale_model_input(latents, t)
+                if mask is not None:
+                    model_input = torch.cat([model_input, *inpaint], dim=1)
                 t1 = time.perf_counter()
                 noise_pred = self._predict_noise(model_input.numpy(), float(t), conditioning, guidance_scale, control)
                 timings["unet_s"] += time.perf_counter() - t1
@@ -924,6 +1014,21 @@ class Pipeline:
         init_latents = (self.scaling_factor * sample).repeat(count, 1, 1, 1)
         noise = draw(init_latents.shape)
         return timesteps, sched.add_noise(init_latents, noise, timesteps[:1].repeat(count))
+
+    def _mask_latents(self, image: np.ndarray, mask: np.ndarray, draw, count: int):
+        """(mask [N, 1, H, W], masked-image latents [N, 4, H, W]) as diffusers' inpainting pipeline makes them:
+        the mask binarized at 0.5, the image zeroed under it and encoded (one draw), the mask downsampled (nearest)."""
+        import torch
+
+        binary = torch.from_numpy((mask >= 0.5).astype(np.float32))[None, None]
+        # Zero in the [-1, 1] space the VAE takes, as diffusers zeroes its normalized image under the mask.
+        masked = np.where(binary[0, 0, :, :, None].numpy() >= 0.5, 0.5, image).astype(np.float32)
+        moments = self.encode_image(masked)
+        mean, logvar = np.split(moments, 2, axis=1)
+        std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
+        latents = self.scaling_factor * (torch.from_numpy(mean) + torch.from_numpy(std) * draw(mean.shape))
+        small = torch.nn.functional.interpolate(binary, size=tuple(self.latent_shape[1:]))
+        return small.repeat(count, 1, 1, 1), latents.repeat(count, 1, 1, 1)
 
     def encode_image(self, image: np.ndarray) -> np.ndarray:
         """Image [8H, 8W, 3] in [0, 1] → the VAE encoder's latent [1, 8, H, W]: mean, then log-variance (unscaled)."""
@@ -1102,19 +1207,24 @@ def run_generate(
     rng: str = "numpy",
     image_count: int = 1,
     image: Path | None = None,
-    strength: float = 0.75,
+    strength: float | None = None,
     compute_unit: str | None = None,
     controlnet: list[str] | None = None,
     controlnet_inputs: list[Path] | None = None,
     controlnet_scale: float = 1.0,
     output_dir: Path = Path("."),
     progress: bool = False,
+    height: int | None = None,
+    width: int | None = None,
+    mask: Path | None = None,
 ) -> dict:
     """``sdbuild generate``: load the bundle, generate, write PNGs.
 
     Returns {"images": [paths], "notes": [lines], "timings": {name: seconds}}.
     Every user error is a GenerationError (one line) raised before any model runs.
     """
+    if strength is None:  # diffusers' defaults: 0.75 for image-to-image, 1 for inpainting
+        strength = 1.0 if mask is not None else 0.75
     controlnet, controlnet_inputs = list(controlnet or []), list(controlnet_inputs or [])
     check_request(
         bundle=bundle, seed=seed, steps=steps, guidance_scale=guidance_scale, image_count=image_count,
@@ -1127,6 +1237,9 @@ def run_generate(
             f"{len(controlnet)} ControlNet{'s' if len(controlnet) != 1 else ''}; give one image per ControlNet, in the same order"
         )
     start_image = load_image(image) if image is not None else None
+    if mask is not None and start_image is None:
+        raise GenerationError("--mask goes with --image: give the image to inpaint")
+    mask_image = load_mask(mask) if mask is not None else None
     control_images = [load_image(p, flag="--controlnet-inputs") for p in controlnet_inputs]
     if start_image is not None or controlnet:
         # Refused before any model loads: the checks need only the file list.
@@ -1137,7 +1250,7 @@ def run_generate(
             _require_controlled_unet(files)
             for name in controlnet:
                 find_controlnet(files, name)
-    pipe = Pipeline.from_bundle(Path(bundle), compute_unit=compute_unit)
+    pipe = Pipeline.from_bundle(Path(bundle), compute_unit=compute_unit, height=height, width=width)
     result = pipe.generate(
         prompt,
         negative_prompt=negative_prompt,
@@ -1153,6 +1266,7 @@ def run_generate(
         controlnet=controlnet,
         controlnet_images=control_images,
         controlnet_scale=controlnet_scale,
+        mask=mask_image,
     )
     paths = []
     for i, img in enumerate(result.images):

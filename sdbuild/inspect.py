@@ -60,6 +60,8 @@ def _features(features) -> list[dict]:
             arr = f.type.multiArrayType
             entry["shape"] = [int(s) for s in arr.shape]
             entry["dtype"] = _ARRAY_DTYPES.get(arr.dataType, str(arr.dataType))
+            if arr.WhichOneof("ShapeFlexibility") == "enumeratedShapes":  # several resolutions in one program
+                entry["shapes"] = [[int(s) for s in e.shape] for e in arr.enumeratedShapes.shapes]
         else:
             entry["shape"], entry["dtype"] = [], kind or "unknown"
         out.append(entry)
@@ -191,6 +193,12 @@ def inspect_package(package: Path) -> dict:
         "min_target": _SPEC_TARGETS.get(int(spec.specificationVersion), f"specification {spec.specificationVersion}"),
         "inputs": _features(spec.description.input),
         "outputs": _features(spec.description.output),
+        # A multifunction package (one function per resolution): each function's I/O, the default first.
+        "functions": [
+            {"name": f.name, "default": f.name == spec.description.defaultFunctionName,
+             "inputs": _features(f.input), "outputs": _features(f.output)}
+            for f in sorted(spec.description.functions, key=lambda f: f.name != spec.description.defaultFunctionName)
+        ],
         "metadata": {
             "author": meta.author,
             "license": meta.license,
@@ -341,7 +349,13 @@ def render_inspection(facts: dict, console) -> None:
             io.add_column(col)
         for kind in ("inputs", "outputs"):
             for e in p.get(kind, []):
-                io.add_row(kind[:-1], e["name"], _shape(e), e.get("dtype", ""), e.get("description", ""))
+                shapes = " | ".join(_shape({"shape": x}) for x in e["shapes"]) if e.get("shapes") else _shape(e)
+                io.add_row(kind[:-1], e["name"], shapes, e.get("dtype", ""), e.get("description", ""))
+        for f in p.get("functions") or []:
+            label = f["name"] + (" (default)" if f["default"] else "")
+            for kind in ("inputs", "outputs"):
+                for e in f[kind]:
+                    io.add_row(f"{label} {kind[:-1]}", e["name"], _shape(e), e.get("dtype", ""), e.get("description", ""))
         console.print(io)
         if p.get("weights", {}).get("kinds"):
             parts = [f"{k}: {v['weights']} weights, {v['elements']:,} values" for k, v in p["weights"]["kinds"].items()]

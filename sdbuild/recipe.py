@@ -29,6 +29,13 @@ COMPONENT_NAMES = (
 COMPRESSIBLE = ("text_encoder", "text_encoder_2", "unet", "controlnet", "multilingual_projection")
 # NLContextualEmbedding, which a multilingual projection's input comes from, exists from macOS 14 / iOS 17.
 MULTILINGUAL_TARGETS = ("macOS14", "macOS15", "iOS17", "iOS18")
+# Multifunction packages (one function per resolution) exist from Core ML's iOS18 / macOS15 release.
+MULTIFUNCTION_TARGETS = ("macOS15", "iOS18")
+
+
+def function_name(height: int, width: int) -> str:
+    """The name of a resolution's function in a multifunction package, in image pixels: ``h512_w768``."""
+    return f"h{height}_w{width}"
 
 
 class _Strict(BaseModel):
@@ -164,6 +171,11 @@ class Recipe(_Strict):
     components: list[Literal[COMPONENT_NAMES]] | None = Field(None, description="default: by model family")
     attention: Literal["ORIGINAL", "SPLIT_EINSUM", "SPLIT_EINSUM_V2"] = "SPLIT_EINSUM"
     resolution: Resolution | Annotated[list[Resolution], Field(min_length=1)] = Resolution()
+    multires: Literal["functions", "enumerated"] | None = Field(
+        None,
+        description="several resolutions as: functions (one static-shape function per resolution, weights stored once; "
+        "macOS15/iOS18 targets; the default there) | enumerated (ct.EnumeratedShapes, macOS13/iOS16 and later)",
+    )
     target: Literal["macOS13", "macOS14", "macOS15", "iOS16", "iOS17", "iOS18"] = "macOS14"
     compute_unit: Literal["ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE"] = "CPU_AND_NE"
     unet_batch_one: bool = False
@@ -187,6 +199,35 @@ class Recipe(_Strict):
         if not NAME_PATTERN.match(v) or ".." in v:
             raise ValueError("must be letters, digits, '.', '_' or '-' (it names the build folder)")
         return v
+
+    @model_validator(mode="after")
+    def _multires_fits(self):
+        names = [function_name(r.height, r.width) for r in self.resolutions]
+        if len(set(names)) != len(names):
+            raise ValueError("resolution: lists a shape twice")
+        if len(names) > 1 and self.multires_kind == "functions" and self.target not in MULTIFUNCTION_TARGETS:
+            raise ValueError(
+                f"resolution: several shapes as multifunction packages need target macOS15 or iOS18 (got target: {self.target}); "
+                "set target: macOS15, or multires: enumerated (one package with ct.EnumeratedShapes, macOS13/iOS16 and later)"
+            )
+        if len(names) > 1 and self.multires_kind == "enumerated" and self.attention == "SPLIT_EINSUM_V2":
+            raise ValueError(
+                "multires: enumerated with attention SPLIT_EINSUM_V2: its query chunks are fixed by the traced size; "
+                "use attention SPLIT_EINSUM or ORIGINAL, or multires: functions"
+            )
+        if len(names) > 1 and self.chunk is not None:
+            raise ValueError(
+                "chunk with several resolutions: the unet chunker splits one static-shape program, not a multifunction "
+                "or enumerated one; remove chunk, or build one recipe per resolution"
+            )
+        return self
+
+    @property
+    def multires_kind(self) -> str | None:
+        """How several resolutions are built (``functions`` | ``enumerated``); None for one resolution."""
+        if len(self.resolutions) < 2:
+            return None
+        return self.multires or "functions"
 
     @model_validator(mode="after")
     def _controlnet_needs_batch_two(self):
@@ -234,6 +275,8 @@ class Recipe(_Strict):
             if node is None:
                 return None
             node = node.get(part) if isinstance(node, dict) else getattr(node, part)
+        if isinstance(node, list):  # e.g. several resolutions: plain data, as a single one is
+            return [n.model_dump(mode="json") if isinstance(n, BaseModel) else n for n in node]
         return node.model_dump(mode="json") if isinstance(node, BaseModel) else node
 
     @property
@@ -573,8 +616,6 @@ def recipe_schema() -> dict:
 def unbuilt_features(recipe: Recipe) -> list[str]:
     """One line per recipe setting that asks for a stage this sdbuild cannot run yet."""
     out = []
-    if len(recipe.resolutions) > 1:
-        out.append("resolution: a list of shapes (one model, several shapes) is not built yet (issue: conversion modules)")
     if recipe.model.refiner:
         out.append("model.refiner: the SDXL refiner is not built yet")
     if recipe.compression is not None and recipe.compression.activations is not None:

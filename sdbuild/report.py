@@ -177,8 +177,15 @@ def _psnr_table(build: dict) -> _Table:
     present = [(key, label) for key, label in PSNR_COLUMNS if any(key in (c.get("psnr") or {}) for c in components.values())]
     floor = ((build.get("recipe") or {}).get("verify") or {}).get("psnr_min_db")
     rows, failing = [], []
-    for name, c in components.items():
-        psnr = dict(c.get("psnr") or {})
+    # With several resolutions, each function's row follows its component's (the worst of them).
+    entries = [
+        (label, c, psnr)
+        for name, c in components.items()
+        for label, psnr in [(name, c.get("psnr") or {})]
+        + [(f"{name} {f}", p) for f, p in (c.get("psnr_by_function") or {}).items()]
+    ]
+    for name, c, psnr in entries:
+        psnr = dict(psnr)
         row = [name]
         for key, _ in present:
             if key in psnr:

@@ -71,8 +71,12 @@ def apply_passes(mlmodel, passes: list, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     from sdbuild.mlpackage import make_reproducible
 
+    from sdbuild.convert.multifunction import share_weights_across_functions
+
     with validate_once_per_pipeline():
-        compressed = _apply_graph_pass(mlmodel, passes, skip_model_load=True)
+        # A multifunction package's functions share weights: compressed alike, stored once again.
+        default = mlmodel.get_spec().description.defaultFunctionName
+        compressed = _apply_graph_pass(mlmodel, [*passes, share_weights_across_functions(default)], skip_model_load=True)
     compressed.save(str(dst))
     make_reproducible(dst)  # the same package bytes for the same input and settings
 

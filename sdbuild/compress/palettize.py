@@ -153,6 +153,8 @@ def make_palettizer(bits_by_const: dict[str, int] | int, group_size: int | None,
                         nbits = self.nbits_of(op)
                         for group in self._groups(op, op_config, optimize_utils):
                             key = _digest(group)
+                            if key in self.bits_by_key:
+                                continue  # a weight another function shares (one per resolution): clustered once
                             self.bits_by_key[key] = nbits
                             jobs.append((key, group, nbits, self.joint_compression))
             # Largest first, so no big layer starts last while the other workers idle.

@@ -29,6 +29,16 @@ def conversion_pipeline(precision: str, upcast_attention: bool = False):
     return pipeline
 
 
+def _input_shape(spec: dict):
+    """An input's declared shape: fixed, or ``ct.EnumeratedShapes`` when ``spec`` lists several (default first)."""
+    import coremltools as ct
+
+    if spec.get("shapes"):
+        shapes = [tuple(s) for s in spec["shapes"]]
+        return ct.EnumeratedShapes(shapes=shapes, default=shapes[0])
+    return tuple(spec["shape"])
+
+
 def convert_traced(
     module_path: Path,
     inputs: list[dict],
@@ -45,7 +55,9 @@ def convert_traced(
     absent) as Apple's converter declares it (docs/interface.md);
     ``outputs``: output names in order, float32 whatever ``precision``
     (``float16`` | ``float32``) the model computes in. ``target``: minimum
-    deployment target name (``macOS14``). ``upcast_attention``: the model's
+    deployment target name (``macOS14``). An input with ``shapes`` (a list,
+    the default first) takes any of them (``ct.EnumeratedShapes``; the module
+    must have been traced shape-generic). ``upcast_attention``: the model's
     config asks for attention scores in float32 (SD 2.1's unet). The saved
     package carries no conversion date and is the same bytes for the same
     module (``sdbuild.mlpackage``).
@@ -64,7 +76,7 @@ def convert_traced(
             str(module_path),
             source="pytorch",
             # Each input in the dtype Apple's pipelines feed it (their Python pipeline checks it exactly).
-            inputs=[ct.TensorType(name=i["name"], shape=tuple(i["shape"]), dtype=np.dtype(i.get("dtype", "float32"))) for i in inputs],
+            inputs=[ct.TensorType(name=i["name"], shape=_input_shape(i), dtype=np.dtype(i.get("dtype", "float32"))) for i in inputs],
             outputs=[ct.TensorType(name=n, dtype=np.float32) for n in outputs],
             convert_to="mlprogram",
             minimum_deployment_target=getattr(ct.target, target),

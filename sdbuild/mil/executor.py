@@ -254,20 +254,23 @@ class Program:
     ``opset``: the main function's opset, e.g. "iOS17".
     """
 
-    def __init__(self, path: Path, spec, function, kernel_table=None):
+    def __init__(self, path: Path, spec, function, kernel_table=None, function_name: str | None = None):
         self.path = path
         self.spec = spec
+        self.function_name = function_name  # of a multifunction package; None for a single-function one
         self._function = function
+        # A multifunction package declares inputs and outputs per function, none at the top.
+        description = _function_description(spec, function_name) if function_name else spec.description
         self._table = kernel_table
         self.opset = function.opset_version.name if function.opset_version is not None else "iOS15"
         self._opset_number = function.opset_version.value if function.opset_version is not None else 6
         self.inputs: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
         self._allowed_shapes: dict[str, Callable[[tuple], bool]] = {}
-        for feature in spec.description.input:
+        for feature in description.input:
             self._declare_input(feature)
-        self.outputs: list[str] = [o.name for o in spec.description.output]
+        self.outputs: list[str] = [o.name for o in description.output]
         self.output_dtypes: dict[str, np.dtype] = {}
-        for feature in spec.description.output:
+        for feature in description.output:
             arr = feature.type.multiArrayType
             self.output_dtypes[feature.name] = np.dtype(_ARRAY_DTYPES.get(arr.dataType, np.float32))
         # Program output vars, matched to the declared names by position.
@@ -620,9 +623,15 @@ class Program:
         return counts
 
 
-def load_program(path, kernels: dict | None = None) -> Program:
+def _function_description(spec, name: str):
+    return next(f for f in spec.description.functions if f.name == name)
+
+
+def load_program(path, kernels: dict | None = None, function: str | None = None) -> Program:
     """Load the ML program of the ``.mlpackage`` at ``path`` for running on the CPU.
 
+    ``function``: which function of a multifunction package (one per
+    resolution, e.g. ``h512_w768``); default: the package's default function.
     ``kernels`` replaces the kernel table (tests use it to drop a kernel).
     Raises PackageError for a missing, truncated or corrupted package and
     UnsupportedOpError for an op without a kernel, each with a one-line message.
@@ -642,10 +651,12 @@ def load_program(path, kernels: dict | None = None) -> Program:
     except Exception as e:
         message = str(e).splitlines()[0] if str(e) else ""
         raise PackageError(f"{pkg}: cannot read the ML program ({type(e).__name__}: {message})") from None
-    name = spec.description.defaultFunctionName or "main"
+    name = function or spec.description.defaultFunctionName or "main"
     if name not in program.functions:
-        raise PackageError(f"{pkg}: the program has no function '{name}'")
-    return Program(pkg, spec, program.functions[name], kernels)
+        have = ", ".join(sorted(program.functions))
+        raise PackageError(f"{pkg}: the program has no function '{name}' (it has: {have})")
+    declared = {f.name for f in spec.description.functions}
+    return Program(pkg, spec, program.functions[name], kernels, function_name=name if name in declared else None)
 
 
 def check_exec_paths(model: Path, inputs_npz: Path, output_npz: Path) -> None:

@@ -73,11 +73,11 @@ STAGES: dict[str, Stage] = {
             "2",
             "sdbuild.stages.trace:run",
             component_fields={
-                "unet": ("attention", "resolution", "unet_batch_one", "encoder_sequence_length"),
-                "controlled_unet": ("attention", "resolution", "unet_batch_one", "encoder_sequence_length"),
-                "controlnet": ("attention", "resolution", "unet_batch_one", "encoder_sequence_length"),
-                "vae_decoder": ("resolution",),
-                "vae_encoder": ("resolution",),
+                "unet": ("attention", "resolution", "multires", "unet_batch_one", "encoder_sequence_length"),
+                "controlled_unet": ("attention", "resolution", "multires", "unet_batch_one", "encoder_sequence_length"),
+                "controlnet": ("attention", "resolution", "multires", "unet_batch_one", "encoder_sequence_length"),
+                "vae_decoder": ("resolution", "multires"),
+                "vae_encoder": ("resolution", "multires"),
                 "text_encoder": ("attention",),
                 "text_encoder_2": ("attention",),
                 "safety_checker": ("attention", "resolution"),  # resolution: the Python variant's images
@@ -91,6 +91,8 @@ STAGES: dict[str, Stage] = {
             "2",
             "sdbuild.stages.convert:run",
             fields=("target",),
+            # How several resolutions become one package (functions | enumerated), and which.
+            component_fields={k: ("resolution", "multires") for k in ("unet", "controlled_unet", "controlnet", "vae_decoder", "vae_encoder")},
             libraries=(*TORCH_LIBS, *COREML_LIBS),
         ),
         Stage(

@@ -176,7 +176,10 @@ def place_package(src: Path, dst: Path, metadata: dict[str, str]) -> None:
     for key, value in metadata.items():
         if key.startswith("com.sdbuild."):
             meta.userDefined[key] = value
-    for feature in list(spec.description.input) + list(spec.description.output):
+    features = list(spec.description.input) + list(spec.description.output)
+    for function in spec.description.functions:  # a multifunction package's, one per resolution
+        features += list(function.input) + list(function.output)
+    for feature in features:
         known = DESCRIPTIONS.get(re.sub(r"_\d+$", "", feature.name))
         # Keep what an earlier stage wrote (the chunker describes intermediate values).
         feature.shortDescription = known or feature.shortDescription or feature.name
@@ -189,6 +192,7 @@ def pipeline_facts(recipe, family: str, checkpoint: Path, vae_folder: Path) -> d
     ``vae_folder``: the VAE the bundle's VAE models come from (``download.vae_dir``).
     """
     from sdbuild.models import vae_scale_factor
+    from sdbuild.recipe import function_name
 
     vae = json.loads((vae_folder / "config.json").read_text())
     scheduler = json.loads((checkpoint / "scheduler" / "scheduler_config.json").read_text())
@@ -199,6 +203,12 @@ def pipeline_facts(recipe, family: str, checkpoint: Path, vae_folder: Path) -> d
         "vae_scale_factor": vae_scale_factor(vae),  # image pixels per latent pixel
         "vae_force_upcast": bool(vae.get("force_upcast", False)),
         "resolution": {"height": recipe.resolutions[0].height, "width": recipe.resolutions[0].width},
+        # Every size the image models were built for, the default (first) first; how, when several.
+        "resolutions": [
+            {"height": r.height, "width": r.width, "function": function_name(r.height, r.width) if recipe.multires_kind == "functions" else None}
+            for r in recipe.resolutions
+        ],
+        "multires": recipe.multires_kind,
         "compute_unit": recipe.compute_unit,
         "scheduler": scheduler,
     }

@@ -1,14 +1,23 @@
-"""Convert: the traced module to a Core ML ML program (.mlpackage)."""
+"""Convert: the traced module to a Core ML ML program (.mlpackage).
+
+With several resolutions (``multires: functions``), each traced resolution is
+converted on its own and the packages are merged into one multifunction
+package (``sdbuild.convert.multifunction``): one static-shape function per
+resolution, named ``h<height>_w<width>``, the first the default, the weights
+stored once.
+"""
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
 from sdbuild.stages import Job
-from sdbuild.stages.trace import read_io
+from sdbuild.stages.trace import read_io, traced_functions
 
 PACKAGE = "model.mlpackage"
+PARTS = ".functions"  # per-resolution packages before the merge; removed before the entry is published
 
 
 def run(job: Job, out: Path) -> dict:
@@ -16,23 +25,60 @@ def run(job: Job, out: Path) -> dict:
 
     The conversion holds one copy of the weights at a time (``sdbuild.convert``).
     """
-    from sdbuild.convert import convert_traced
+    from sdbuild.convert.multifunction import merge_functions
 
     trace_dir = job.upstream["trace"]
-    io = read_io(trace_dir)
-    upcast_attention = bool(io.get("info", {}).get("upcast_attention"))
+    functions = traced_functions(trace_dir)
     started = time.perf_counter()
+    if len(functions) == 1 or job.fields.get("multires") == "enumerated":
+        shapes = enumerated_shapes(functions) if len(functions) > 1 else None
+        facts = _convert_one(trace_dir, job.fields["target"], out / PACKAGE, shapes)
+        facts["phases_s"] = {"convert_s": round(time.perf_counter() - started, 1)}
+        return facts
+    parts = {}
+    seconds = {}
+    for function in functions:
+        begun = time.perf_counter()
+        parts[function["name"]] = out / PARTS / f"{function['name']}.mlpackage"
+        facts = _convert_one(function["dir"], job.fields["target"], parts[function["name"]])
+        seconds[function["name"]] = round(time.perf_counter() - begun, 1)
+    begun = time.perf_counter()
+    merge_functions(parts, out / PACKAGE)
+    shutil.rmtree(out / PARTS)
+    facts["functions"] = [f["name"] for f in functions]
+    facts["phases_s"] = {"convert_s": seconds, "merge_s": round(time.perf_counter() - begun, 1),
+                         "total_s": round(time.perf_counter() - started, 1)}
+    return facts
+
+
+def enumerated_shapes(functions: list[dict]) -> dict[str, list[list[int]]]:
+    """Input name -> its shape at each traced resolution (default first), for the inputs whose shape varies."""
+    ios = [read_io(f["dir"]) for f in functions]
+    out = {}
+    for i, spec in enumerate(ios[0]["inputs"]):
+        shapes = [io["inputs"][i]["shape"] for io in ios]
+        if any(s != shapes[0] for s in shapes):
+            out[spec["name"]] = shapes
+    return out
+
+
+def _convert_one(trace_dir: Path, target: str, package: Path, shapes: dict | None = None) -> dict:
+    """Convert the traced module in ``trace_dir`` (module.pt, io.json) to ``package``;
+    ``shapes``: inputs that take several shapes (``enumerated_shapes``)."""
+    from sdbuild.convert import convert_traced
+
+    io = read_io(trace_dir)
+    if shapes:
+        io["inputs"] = [dict(i, shapes=shapes[i["name"]]) if i["name"] in shapes else i for i in io["inputs"]]
+    upcast_attention = bool(io.get("info", {}).get("upcast_attention"))
+    package.parent.mkdir(parents=True, exist_ok=True)
     convert_traced(
         trace_dir / "module.pt",
         io["inputs"],
         io["outputs"],
         io["precision"],
-        job.fields["target"],
-        out / PACKAGE,
+        target,
+        package,
         upcast_attention=upcast_attention,
     )
-    return {
-        "precision": io["precision"],
-        "upcast_attention": upcast_attention,
-        "phases_s": {"convert_s": round(time.perf_counter() - started, 1)},
-    }
+    return {"precision": io["precision"], "upcast_attention": upcast_attention}

@@ -12,13 +12,32 @@ from sdbuild.stages.download import checkpoint_dir, vae_dir
 
 PROJECTION = "multilingual_projection"  # the component, and the name of its input file in a job
 PROJECTION_DIGEST = "multilingual_projection_sha256"
+# Components whose inputs are sized by the image: with several resolutions, one function (or shape) each.
+RESOLUTION_KINDS = ("unet", "controlled_unet", "controlnet", "vae_decoder", "vae_encoder")
+FUNCTIONS_DIR = "functions"  # trace/functions/<h_w>/{module.pt, io.json}: the resolutions after the first
 
 
-def build_options(fields: dict, component: str | None = None):
-    """The module options from the stage's recipe fields; ``component`` picks the safety checker's variant."""
+def resolutions_of(fields: dict) -> list[dict]:
+    """The recipe's resolutions ({height, width}) as the stage's fields hold them: one or a list."""
+    res = fields.get("resolution") or {"height": 512, "width": 512}
+    return list(res) if isinstance(res, list) else [res]
+
+
+def traced_resolutions(fields: dict, component: str | None) -> list[dict]:
+    """The resolutions a component is traced at: every one for an image model with several (``multires``
+    set), else the first. (``enumerated`` converts the first's trace; the others give its shapes and references.)"""
+    resolutions = resolutions_of(fields)
+    if component_kind(component) in RESOLUTION_KINDS and fields.get("multires") and len(resolutions) > 1:
+        return resolutions
+    return resolutions[:1]
+
+
+def build_options(fields: dict, component: str | None = None, resolution: dict | None = None):
+    """The module options from the stage's recipe fields; ``component`` picks the safety checker's variant;
+    ``resolution`` ({height, width}) overrides the recipe's first one."""
     from sdbuild.models import SAFETY_CHECKER_IMAGE_SIZED, TOKENS, BuildOptions
 
-    res = fields.get("resolution") or {"height": 512, "width": 512}
+    res = resolution or resolutions_of(fields)[0]
     options = BuildOptions(
         attention=fields.get("attention") or "ORIGINAL",
         height=res["height"],
@@ -32,13 +51,40 @@ def build_options(fields: dict, component: str | None = None):
 
 
 def run(job: Job, out: Path) -> dict:
-    """Write ``module.pt`` (TorchScript, float32 weights) and ``io.json`` (inputs with their declared dtypes, outputs, precision)."""
-    import torch
+    """Write ``module.pt`` (TorchScript, float32 weights) and ``io.json`` (inputs with their declared dtypes, outputs, precision).
 
-    from sdbuild.convert import give_freed_memory_back, skip_weight_init, trace_module
-    from sdbuild.models import build_component, build_multilingual_projection, sample_inputs
+    With several resolutions traced (``traced_resolutions``), the first is at
+    the top and each other one under ``functions/<name>/``; the top ``io.json``
+    lists them all under ``functions`` (name, height, width, dir), in recipe order.
+    """
+    from sdbuild.convert import give_freed_memory_back
+    from sdbuild.recipe import function_name
 
     give_freed_memory_back()  # this stage runs in a process of its own
+    resolutions = traced_resolutions(job.fields, job.component)
+    functions = []
+    facts = {}
+    for i, res in enumerate(resolutions):
+        name = function_name(res["height"], res["width"])
+        folder = out if i == 0 else out / FUNCTIONS_DIR / name
+        folder.mkdir(parents=True, exist_ok=True)
+        facts[name] = _trace_one(job, folder, res)
+        functions.append({"name": name, "height": res["height"], "width": res["width"], "dir": str(folder.relative_to(out))})
+    if len(functions) > 1:
+        io = read_io(out)
+        io["functions"] = functions
+        (out / "io.json").write_text(json.dumps(io, indent=2))
+        return {"functions": facts}
+    return facts[functions[0]["name"]]
+
+
+def _trace_one(job: Job, out: Path, resolution: dict) -> dict:
+    """Trace the component at one ``resolution`` into ``out`` (module.pt, io.json)."""
+    import torch
+
+    from sdbuild.convert import skip_weight_init, trace_module
+    from sdbuild.models import build_component, build_multilingual_projection, sample_inputs
+
     phases = {}
     started = time.perf_counter()
     # Every weight comes from the checkpoint (build_component checks it): no random ones first.
@@ -48,7 +94,7 @@ def run(job: Job, out: Path) -> dict:
         model = build_multilingual_projection(projection_file(job), checkpoint_dir(download))
     else:
         with skip_weight_init():
-            options = build_options(job.fields, job.component)
+            options = build_options(job.fields, job.component, resolution)
             model = build_component(component_kind(job.component), checkpoint_dir(download), options, vae=vae_dir(download))
     phases["build_s"] = round(time.perf_counter() - started, 1)
     example = sample_inputs(model.inputs, seed=0)
@@ -84,3 +130,12 @@ def projection_file(job: Job) -> Path:
 
 def read_io(entry_path: Path) -> dict:
     return json.loads((Path(entry_path) / "io.json").read_text())
+
+
+def traced_functions(entry_path: Path) -> list[dict]:
+    """The trace entry's resolutions: [{name, height, width, dir (absolute)}]; one entry (name None) when traced once."""
+    entry_path = Path(entry_path)
+    functions = read_io(entry_path).get("functions")
+    if not functions:
+        return [{"name": None, "dir": entry_path}]
+    return [dict(f, dir=entry_path / f["dir"]) for f in functions]

@@ -29,6 +29,31 @@ def _worst(ref: dict, out: dict) -> float:
 
 
 def run(job: Job, out: Path) -> dict:
+    """Write ``psnr.json``: the worst figure of every kind over the samples and, with several
+    resolutions, over every function (each function's own under ``functions``)."""
+    from sdbuild.stages.trace import traced_functions
+
+    from sdbuild.convert.multifunction import function_names
+
+    functions = traced_functions(job.upstream["trace"])
+    if len(functions) == 1:
+        summary = _verify_function(job, job.upstream["trace"], None)
+    else:
+        # A multifunction package runs each resolution's function; an enumerated one, its one program at each shape.
+        named = bool(function_names(job.upstream["convert"] / PACKAGE))
+        per = {f["name"]: _verify_function(job, f["dir"], f["name"] if named else None) for f in functions}
+        first = next(iter(per.values()))
+        summary = {key: min(p[key] for p in per.values()) for key in first if key.endswith("psnr_db")}
+        summary["functions"] = per
+        summary["device"], summary["samples"] = first["device"], first["samples"]
+        if "note" in first:
+            summary["note"] = first["note"]
+    (out / "psnr.json").write_text(json.dumps(summary, indent=2))
+    return {"psnr": {k: v for k, v in summary.items() if k.endswith("psnr_db")}}
+
+
+def _verify_function(job: Job, trace_dir: Path, function: str | None) -> dict:
+    """PSNR figures of one function (one resolution; None: the package's only one) against its traced module."""
     import numpy as np
     import torch
 
@@ -36,13 +61,13 @@ def run(job: Job, out: Path) -> dict:
     from sdbuild.mil.executor import load_program
     from sdbuild.models import FLOAT32, TensorSpec, as_declared, sample_inputs
 
-    io = read_io(job.upstream["trace"])
+    io = read_io(trace_dir)
     specs = [TensorSpec(i["name"], tuple(i["shape"]), i["kind"], i["high"], i.get("dtype", FLOAT32)) for i in io["inputs"]]
-    reference = torch.jit.load(str(job.upstream["trace"] / "module.pt")).eval()
+    reference = torch.jit.load(str(trace_dir / "module.pt")).eval()
     shipped_dir = job.upstream.get("compress", job.upstream["convert"])
-    shipped = load_program(shipped_dir / PACKAGE)
-    float16 = load_program(job.upstream["convert"] / PACKAGE) if "compress" in job.upstream else None
-    device = _device_model(shipped_dir / PACKAGE, job.fields["compute_unit"])
+    shipped = load_program(shipped_dir / PACKAGE, function=function)
+    float16 = load_program(job.upstream["convert"] / PACKAGE, function=function) if "compress" in job.upstream else None
+    device = _device_model(shipped_dir / PACKAGE, job.fields["compute_unit"], function)
     parts = [load_program(p) for p in part_paths(job.upstream["chunk"])] if "chunk" in job.upstream else None
 
     samples = []
@@ -75,12 +100,11 @@ def run(job: Job, out: Path) -> dict:
     summary["device"] = job.fields["compute_unit"] if device is not None else None
     if device is None:
         summary["note"] = DEVICE_SKIPPED
-    (out / "psnr.json").write_text(json.dumps(summary, indent=2))
-    return {"psnr": {k: v for k, v in summary.items() if k.endswith("psnr_db")}}
+    return summary
 
 
-def _device_model(package: Path, compute_unit: str):
-    """Core ML itself on the recipe's compute unit, where it exists (macOS); else None."""
+def _device_model(package: Path, compute_unit: str, function: str | None = None):
+    """Core ML itself on the recipe's compute unit, where it exists (macOS); else None. ``function``: of a multifunction package."""
     if sys.platform != "darwin":
         return None
     import shutil
@@ -91,7 +115,8 @@ def _device_model(package: Path, compute_unit: str):
     from sdbuild.mlpackage import readonly_view
 
     view = readonly_view(package)  # opening the cache entry itself would rewrite its manifest
-    model = ct.models.MLModel(str(view), compute_units=getattr(ct.ComputeUnit, compute_unit))
+    named = {"function_name": function} if function else {}
+    model = ct.models.MLModel(str(view), compute_units=getattr(ct.ComputeUnit, compute_unit), **named)
     weakref.finalize(model, shutil.rmtree, view.parent, True)
     return model
 
