@@ -259,6 +259,7 @@ def cmd_generate(args) -> int:
         controlnet_scale=args.controlnet_scale,
         output_dir=Path(args.output_dir),
         progress=not args.json,
+        refiner_start=args.refiner_start,
     )
     if args.json:
         print(json.dumps(result, indent=2, default=str))
@@ -354,6 +355,10 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--controlnet", nargs="+", metavar="NAME")
     gen.add_argument("--controlnet-inputs", nargs="+", metavar="IMAGE")
     gen.add_argument("--controlnet-scale", type=float, default=1.0)
+    gen.add_argument(
+        "--refiner-start", type=float, default=0.8,
+        help="with an SDXL refiner in the bundle: the fraction of steps the base runs before the refiner takes over (Apple's default 0.8; 1: base only)",
+    )
     gen.add_argument("-o", "--output-dir", default=".")
     gen.add_argument("--json", action="store_true")
     gen.set_defaults(func=cmd_generate)
