@@ -781,14 +781,14 @@ def prepare(
                 raise DownloadError("model.custom_vae: synthetic models are whole pipelines; give a VAE folder or hub id")
             source = {**source, "custom_vae": vae}
         source = resolve_adapters(source, m.loras, m.embeddings, m.allow_pickle)
+        family = family_of_source(source)
+        refiner = resolve_refiner(recipe, family)
     except DownloadError as e:
         if strict:
             raise
         node = Node(STAGES["download"], None, fields=read_fields(recipe, STAGES["download"].fields, {"source": None}))
         return Build(recipe, recipe_path, Path(artifacts), [node], None, problem=str(e), remote=remote)
-    family = family_of_source(source)
     controlnets = resolve_controlnets(recipe, family)
-    refiner = resolve_refiner(recipe, family)
     from sdbuild.stages.compile import compiler_available, compiler_version
 
     compiler = compiler_version() if compiler_available() else None
@@ -802,7 +802,7 @@ def resolve_refiner(recipe: Recipe, family: str) -> dict | None:
 
     Refused, one line, when the base is not SDXL base or the refiner is not an SDXL refiner.
     """
-    from sdbuild.stages.download import DownloadError, resolve_source
+    from sdbuild.stages.download import resolve_source
 
     m = recipe.model
     if not m.refiner:
@@ -813,7 +813,7 @@ def resolve_refiner(recipe: Recipe, family: str) -> dict | None:
     source = resolve_source(m.refiner, "main", None, m.allow_pickle, key="model.refiner")
     found = family_of_source(source)
     if found != "sdxl-refiner":
-        raise DownloadError(f"model.refiner: {m.refiner} is {'an SDXL base' if found == 'sdxl' else 'an SD 1.x/2.x model'}, not an SDXL refiner")
+        raise RecipeError(f"model.refiner: {m.refiner} is {'an SDXL base' if found == 'sdxl' else 'an SD 1.x/2.x model'}, not an SDXL refiner")
     return source
 
 
