@@ -198,3 +198,38 @@ def test_a_refiner_that_does_not_fit_is_one_line(model, fragments, tmp_path):
     done = run_cli("plan", recipe, "--artifacts", tmp_path / "art")
     assert done.returncode == 2
     assert_one_line_error(done, *fragments)
+
+
+def test_single_file_refiner_plans_unet_refiner_and_a_base_file_is_refused(tmp_path):
+    from models.single_file import make_single_file
+
+    from sdbuild.executor import prepare
+
+    refiner_file, _ = make_single_file("sdxl-refiner", tmp_path / "refiner.safetensors", seed=1)
+    base_file, _ = make_single_file("sdxl", tmp_path / "base.safetensors", seed=2)
+    recipe = write_recipe(tmp_path, "r", f"model: {{version: 'synthetic:tiny-sdxl', refiner: '{refiner_file}'}}\n" + SIZE)
+    plan = prepare(recipe, tmp_path / "art")
+    fetch = next(n for n in plan.nodes if n.stage.name == "download" and n.component == "unet_refiner")
+    # The file is detected from its tensors; its content digest is in the refiner's download key.
+    assert fetch.fields["source"]["family"] == "sdxl-refiner" and fetch.fields["source"]["kind"] == "single_file"
+    assert [n.stage.name for n in plan.nodes if n.component == "unet_refiner"] == ["download", "trace", "convert", "verify"]
+    wrong = write_recipe(tmp_path, "w", f"model: {{version: 'synthetic:tiny-sdxl', refiner: '{base_file}'}}\n" + SIZE)
+    done = run_cli("plan", wrong, "--artifacts", tmp_path / "art")
+    assert done.returncode == 2
+    assert_one_line_error(done, "model.refiner", "is an SDXL base, not an SDXL refiner")
+
+
+@pytest.mark.parametrize(
+    "compression, refiner_stages",
+    [
+        ("compression: {nbits: 6}\n", ["download", "trace", "convert", "compress", "verify"]),
+        # A mixed-bit recipe is measured on the base unet: the refiner ships float16.
+        ("compression: {mixed_bit: {recipe: recipe_4.50_bit_mixedpalette}}\n", ["download", "trace", "convert", "verify"]),
+    ],
+)
+def test_refiner_is_compressed_with_the_unet(compression, refiner_stages, tmp_path):
+    from sdbuild.executor import prepare
+
+    recipe = write_recipe(tmp_path, "r", "model: {version: 'synthetic:tiny-sdxl', refiner: 'synthetic:tiny-sdxl-refiner'}\n" + compression + SIZE)
+    plan = prepare(recipe, tmp_path / "art")
+    assert [n.stage.name for n in plan.nodes if n.component == "unet_refiner"] == refiner_stages

@@ -140,7 +140,8 @@ def _metadata(recipe, component: str, family: str = "") -> dict[str, str]:
         compression = "linear 8-bit"
     else:
         compression = f"mixed-bit palettization ({comp.mixed_bit.recipe})"
-    version = recipe.model.version
+    # The refiner's weights are its own (Apple's converter gives its package the refiner's version).
+    version = recipe.model.refiner if component == "unet_refiner" and recipe.model.refiner else recipe.model.version
     card = f"https://huggingface.co/{version}" if version.count("/") == 1 and not Path(version).exists() else version
     return {
         "author": f"converted by sdbuild {__version__}; weights from {version}",
