@@ -158,6 +158,10 @@ def test_refiner_alone_image_to_image_matches_diffusers(artifacts, record_proper
         "TextEncoder2.mlpackage", "Unet.mlpackage", "VAEDecoder.mlpackage", "VAEEncoder.mlpackage",
     ]  # fmt: skip
     assert (resources / "vocab.json").read_bytes() == (checkpoint / "tokenizer_2" / "vocab.json").read_bytes()
+    from swift_loader import walk_sdxl
+
+    # Apple's Swift package opens it with no TextEncoder and tells the refiner by its 5 time_ids.
+    assert sorted(walk_sdxl(resources).models) == ["text_encoder_2", "unet", "vae_decoder", "vae_encoder"]
     pipe = Pipeline.from_bundle(build_dir, backend="executor")
     assert pipe.refiner_only and not pipe.has_refiner
     ys, xs = np.mgrid[0:64, 0:64] / 63.0
