@@ -767,6 +767,8 @@ class Pipeline:
             h, w = self.image_size
             raise GenerationError(f"--image is {image.shape[1]}x{image.shape[0]} pixels; this bundle makes {w}x{h} images")
         control = self._control(controlnet or [], controlnet_images or [], controlnet_scale)
+        if control is not None and self.has_refiner and refiner_start < 1:
+            raise GenerationError("--controlnet with a refiner: the refiner takes no ControlNet residuals; set --refiner-start 1")
         timings = {"unet_s": 0.0}
         notes = list(self.notes)
         started = time.perf_counter()
@@ -797,8 +799,6 @@ class Pipeline:
 
         # Apple's Swift package: the refiner takes over at this step of those that run.
         switch = int(len(timesteps) * refiner_start) if refined is not None else len(timesteps)
-        if refined is not None and control is not None:
-            raise GenerationError("--controlnet with a refiner: the refiner takes no ControlNet; set --refiner-start 1")
         bar = _progress_bar(len(timesteps)) if progress else None
         t0 = time.perf_counter()
         try:
