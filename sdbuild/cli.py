@@ -297,6 +297,7 @@ def cmd_generate(args) -> int:
         height=args.height,
         width=args.width,
         mask=Path(args.mask) if args.mask else None,
+        refiner_start=args.refiner_start,
     )
     if args.json:
         print(json.dumps(result, indent=2, default=str))
@@ -400,6 +401,10 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--controlnet-scale", type=float, default=1.0)
     gen.add_argument("--height", type=int, default=None, help="image height: one of the bundle's sizes (default: its first)")
     gen.add_argument("--width", type=int, default=None, help="image width: one of the bundle's sizes (default: its first)")
+    gen.add_argument(
+        "--refiner-start", type=float, default=0.8,
+        help="with an SDXL refiner in the bundle: the fraction of steps the base runs before the refiner takes over (Apple's default 0.8; 1: base only)",
+    )
     gen.add_argument("-o", "--output-dir", default=".")
     gen.add_argument("--json", action="store_true")
     gen.set_defaults(func=cmd_generate)

@@ -50,7 +50,7 @@ from sdbuild.cache import (
 )
 from sdbuild.errors import RecipeError, SdbuildError, UsageError
 from sdbuild.recipe import Recipe, check_buildable, check_local_sources, load_recipe
-from sdbuild.stages import ORDER, STAGES, Job, Stage
+from sdbuild.stages import ORDER, REFINER, STAGES, Job, Stage
 
 DEFAULT_ARTIFACTS = Path("artifacts")
 CHAIN_MIN_DB = 60.0  # chunking must not change the numbers: chained parts vs the whole, fp32
@@ -230,6 +230,7 @@ def build_graph(
     with_analysis: bool = False,
     controlnets: dict[str, dict] | None = None,
     compiler: str | None = None,
+    refiner: dict | None = None,
 ) -> list[Node]:
     """Nodes in dependency order. ``source`` is what the download resolved to.
 
@@ -239,7 +240,10 @@ def build_graph(
     (``sdbuild analyze``). ``controlnets`` maps each of the recipe's
     ControlNets to its resolved source; with any, the controlled unet is built
     beside the plain one. ``compiler`` is coremlcompiler's version where it
-    exists (macOS): then every shipped package is compiled too.
+    exists (macOS): then every shipped package is compiled too. ``refiner``:
+    the recipe's ``model.refiner`` resolved; its unet is built from its own
+    download as ``unet_refiner`` (trace → convert → compress → chunk, like
+    the unet; the base's second text encoder serves it, as in Apple's Swift package).
     """
     download = Node(STAGES["download"], None, fields=read_fields(recipe, STAGES["download"].fields, {"source": source}))
     nodes = [download]
@@ -263,7 +267,7 @@ def build_graph(
         components.insert(components.index("vae_decoder") + 1, "vae_encoder")
     if recipe.controlnet and "unet" in components:
         components.insert(components.index("unet") + 1, "controlled_unet")
-    if recipe.multilingual_projection and family == "sdxl":
+    if recipe.multilingual_projection and family.startswith("sdxl"):
         from sdbuild.errors import RecipeError
 
         raise RecipeError("multilingual_projection: Apple's SDXL pipeline takes no multilingual text encoder (SD 1.x/2.x only)")
@@ -279,6 +283,18 @@ def build_graph(
         if component in unets and recipe.chunk is not None:
             chain.append(Node(STAGES["chunk"], component, [chain[-1]]))
         nodes += chain
+        shipped[component] = chain
+    if refiner is not None:
+        component = REFINER
+        fetch = Node(STAGES["download"], component, fields={"source": refiner})
+        trace = Node(STAGES["trace"], component, [fetch])
+        chain = [trace, Node(STAGES["convert"], component, [trace])]
+        # Compressed with the unet; a mixed-bit recipe is the base unet's own measurement: the refiner stays float16.
+        if "unet" in compressed and not mixed_bit:
+            chain.append(Node(STAGES["compress"], component, [chain[-1]]))
+        if recipe.chunk is not None:
+            chain.append(Node(STAGES["chunk"], component, [chain[-1]]))
+        nodes += [fetch, *chain]
         shipped[component] = chain
     for name, source in (controlnets or {}).items():
         component = f"controlnet/{name}"
@@ -298,7 +314,7 @@ def build_graph(
             nodes.append(node)
     for node in nodes[1:]:
         if node.stage.name in ("download", "compile"):
-            continue  # a ControlNet's download reads its own source only; compile, the compiler's version
+            continue  # a ControlNet's or refiner's download reads its own source only; compile, the compiler's version
         extra = pre_analysis_fields(recipe, recipe_dir) if node.stage.name == "compress" and mixed_bit else {}
         if node.stage.name == "trace" and node.component == "multilingual_projection":
             path, extra = projection_input(recipe, recipe_dir)
@@ -590,7 +606,7 @@ def input_bytes(node: Node) -> int:
     if kind in ("vae_decoder", "vae_encoder"):
         folder = vae_dir(download.entry.path)
     else:
-        folder = root if kind == "controlnet" else root / {"controlled_unet": "unet"}.get(kind, kind)
+        folder = root if kind == "controlnet" else root / {"controlled_unet": "unet", REFINER: "unet"}.get(kind, kind)
     return tree_bytes(folder) if folder.is_dir() else 0
 
 
@@ -733,13 +749,15 @@ def is_inpainting_source(source: dict) -> bool:
 
 
 def family_of_source(source: dict) -> str:
-    from sdbuild.models import model_family
+    """``sd``, ``sdxl``, or ``sdxl-refiner`` (a refiner built on its own: image to image)."""
+    from sdbuild.models import is_refiner, model_family
 
     if source["kind"] == "synthetic":
-        return "sdxl" if "sdxl" in source["name"] else "sd"
+        return "sdxl-refiner" if "refiner" in source["name"] else "sdxl" if "sdxl" in source["name"] else "sd"
     if source["kind"] == "single_file":
-        return "sdxl" if source["family"].startswith("sdxl") else "sd"
-    return model_family(Path(source["path"]))
+        return source["family"] if source["family"].startswith("sdxl") else "sd"
+    family = model_family(Path(source["path"]))
+    return "sdxl-refiner" if family == "sdxl" and is_refiner(Path(source["path"])) else family
 
 
 def prepare(
@@ -777,19 +795,40 @@ def prepare(
                 raise DownloadError("model.custom_vae: synthetic models are whole pipelines; give a VAE folder or hub id")
             source = {**source, "custom_vae": vae}
         source = resolve_adapters(source, m.loras, m.embeddings, m.allow_pickle)
+        family = family_of_source(source)
+        refiner = resolve_refiner(recipe, family)
     except DownloadError as e:
         if strict:
             raise
         node = Node(STAGES["download"], None, fields=read_fields(recipe, STAGES["download"].fields, {"source": None}))
         return Build(recipe, recipe_path, Path(artifacts), [node], None, problem=str(e), remote=remote)
-    family = family_of_source(source)
     controlnets = resolve_controlnets(recipe, family)
     from sdbuild.stages.compile import compiler_available, compiler_version
 
     compiler = compiler_version() if compiler_available() else None
-    nodes = build_graph(recipe, source, family, recipe_path.parent, with_analysis, controlnets, compiler)
+    nodes = build_graph(recipe, source, family, recipe_path.parent, with_analysis, controlnets, compiler, refiner)
     assign_keys(nodes)
     return Build(recipe, recipe_path, Path(artifacts), nodes, family, remote=remote)
+
+
+def resolve_refiner(recipe: Recipe, family: str) -> dict | None:
+    """The recipe's ``model.refiner`` resolved like the checkpoint (hub, folder, single file or synthetic), or None.
+
+    Refused, one line, when the base is not SDXL base or the refiner is not an SDXL refiner.
+    """
+    from sdbuild.stages.download import resolve_source
+
+    m = recipe.model
+    if not m.refiner:
+        return None
+    if family != "sdxl":
+        what = "an SDXL refiner" if family == "sdxl-refiner" else "an SD 1.x/2.x model"
+        raise RecipeError(f"model.refiner: the base model.version is {what}; a refiner follows an SDXL base (or build the refiner alone as model.version)")
+    source = resolve_source(m.refiner, "main", None, m.allow_pickle, key="model.refiner")
+    found = family_of_source(source)
+    if found != "sdxl-refiner":
+        raise RecipeError(f"model.refiner: {m.refiner} is {'an SDXL base' if found == 'sdxl' else 'an SD 1.x/2.x model'}, not an SDXL refiner")
+    return source
 
 
 def resolve_controlnets(recipe: Recipe, family: str) -> dict[str, dict]:
@@ -797,7 +836,7 @@ def resolve_controlnets(recipe: Recipe, family: str) -> dict[str, dict]:
     from sdbuild.errors import NotBuiltYet
     from sdbuild.stages.download import resolve_source
 
-    if recipe.controlnet and family == "sdxl":
+    if recipe.controlnet and family.startswith("sdxl"):
         from sdbuild.models.controlnet import SDXL_REFUSAL  # imports torch: only on this refusal
 
         raise NotBuiltYet(f"controlnet: {SDXL_REFUSAL}")

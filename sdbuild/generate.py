@@ -108,6 +108,12 @@ _DEFAULT_SCHEDULER_CONFIG = {
 # CONTRACT.md: latent scaling factors when the VAE config is not at hand.
 _DEFAULT_SCALING_FACTOR = {"sd": 0.18215, "sdxl": 0.13025}
 
+# Apple's Swift package defaults (StableDiffusionPipeline.Configuration): the refiner takes over after
+# 80% of the steps, conditioned on aesthetic scores 6 (prompt) and 2.5 (negative prompt), as diffusers' too.
+REFINER_START = 0.8
+AESTHETIC_SCORE = 6.0
+NEGATIVE_AESTHETIC_SCORE = 2.5
+REFINER_TIME_IDS = 5
 VAE_SCALE_FACTOR = 8  # image pixels per latent pixel of every released Stable Diffusion VAE
 RNG_MODES = ("numpy", "torch")
 COMPUTE_UNITS = ("ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE")
@@ -267,7 +273,13 @@ def _swift_models(folder: Path, compiled_ok: bool) -> dict[str, list[Path]]:
         controlled.append(chunk)
     if len(controlled) >= 2:
         models["controlled_unet"] = controlled
-    for component in REQUIRED:
+    # The refiner's parts, as the Swift package loads them: both chunks, else the whole UnetRefiner.
+    refiner = []
+    while chunk := _swift_model(folder, swift_name("unet_refiner", len(refiner) + 1), compiled_ok):
+        refiner.append(chunk)
+    if len(refiner) >= 2:
+        models["unet_refiner"] = refiner
+    for component in _required(models):
         if component not in models:
             base = SWIFT_NAMES[component]
             if not compiled_ok and _swift_model(folder, base, True):
@@ -277,6 +289,13 @@ def _swift_models(folder: Path, compiled_ok: bool) -> dict[str, list[Path]]:
                 )
             raise GenerationError(f"{folder}: {base}.mlpackage is missing (the bundle needs it to generate)")
     return models
+
+
+def _required(models: dict) -> tuple[str, ...]:
+    """The models a bundle needs to generate; an SDXL refiner alone has only the second text encoder."""
+    if "text_encoder_2" in models and "text_encoder" not in models:
+        return tuple(c for c in REQUIRED if c != "text_encoder")
+    return REQUIRED
 
 
 def _python_models(folder: Path) -> tuple[dict[str, list[Path]], str]:
@@ -293,7 +312,7 @@ def _python_models(folder: Path) -> tuple[dict[str, list[Path]], str]:
         package = folder / python_package_name(version, component)
         if package.exists():
             models[component] = [package]
-    for component in REQUIRED:
+    for component in _required(models):
         if component not in models:
             raise GenerationError(f"{folder}: {python_package_name(version, component)} is missing (the bundle needs it to generate)")
     return models, version
@@ -645,15 +664,22 @@ class Pipeline:
         # Image pixels per latent pixel: the bundle's VAE says (pipeline.json); 8, as for every released VAE, else.
         factor = int(bundle.facts.get("vae_scale_factor") or VAE_SCALE_FACTOR)
         self.image_size = (factor * self.latent_shape[1], factor * self.latent_shape[2])  # (height, width) in pixels
-        self.sequence_length = int(runners["text_encoder"].inputs["input_ids"][0][-1])
-        if self.family == "sdxl":
-            n_ids = int(unet.inputs["time_ids"][0][-1])
-            if n_ids != 6:
-                raise GenerationError(f"{bundle.describe('unet')}: takes {n_ids} time_ids (an SDXL refiner?); generate runs base models only")
+        encoder = runners.get("text_encoder") or runners["text_encoder_2"]
+        self.sequence_length = int(encoder.inputs["input_ids"][0][-1])
+        # As Apple's Swift package tells them apart: a refiner's unet takes 5 time_ids (the base's 6).
+        self.refiner_only = self.family == "sdxl" and _time_id_count(unet) == REFINER_TIME_IDS
+        refiner = runners.get("unet_refiner")
+        if refiner is not None and _time_id_count(refiner) != REFINER_TIME_IDS:
+            raise GenerationError(f"{bundle.describe('unet_refiner')}: takes {_time_id_count(refiner)} time_ids; an SDXL refiner takes {REFINER_TIME_IDS}")
 
     @property
     def family(self) -> str:
         return self.bundle.family
+
+    @property
+    def has_refiner(self) -> bool:
+        """Whether the bundle carries a refiner beside the base unet (``UnetRefiner``)."""
+        return "unet_refiner" in self.runners
 
     @classmethod
     def from_bundle(cls, path: Path, compute_unit: str | None = None, backend: str | None = None,
@@ -738,14 +764,18 @@ class Pipeline:
         full = self.tokenizer(text, truncation=False).input_ids
         return np.asarray([ids], dtype=np.float32), len(full) > self.sequence_length
 
-    def encode_text(self, text: str) -> tuple[np.ndarray, np.ndarray | None, bool]:
+    def encode_text(self, text: str, refiner: bool = False) -> tuple[np.ndarray, np.ndarray | None, bool]:
         """(hidden states [1, S, C], pooled [1, C'] or None, truncated).
 
         SD: the text encoder's last hidden state. SDXL: both encoders'
         penultimate hidden states concatenated along C, and text_encoder_2's
-        projected pooled output.
+        projected pooled output. ``refiner``: text_encoder_2's alone (what the
+        SDXL refiner takes, from the base's second encoder as in Apple's Swift package).
         """
         ids, truncated = self.tokenize(text)
+        if refiner:
+            out2 = self.runners["text_encoder_2"].run({"input_ids": ids})
+            return out2["hidden_embeds"], out2["pooled_outputs"], truncated
         out = self.runners["text_encoder"].run({"input_ids": ids})
         if self.family == "sd":
             return out["last_hidden_state"], None, truncated
@@ -772,12 +802,24 @@ class Pipeline:
         controlnet_images: list[np.ndarray] | None = None,
         controlnet_scale: float | list[float] = 1.0,
         mask: np.ndarray | None = None,
+        refiner_start: float = REFINER_START,
+        aesthetic_score: float = AESTHETIC_SCORE,
+        negative_aesthetic_score: float = NEGATIVE_AESTHETIC_SCORE,
     ) -> Generation:
         """Generate ``image_count`` images.
 
         ``mask``: with ``image``, inpainting (an inpainting bundle): float32
         [8H, 8W] in [0, 1], white (>= 0.5) where the image is repainted; run as
         diffusers' StableDiffusionInpaintPipeline runs a 9-channel unet.
+
+        With a refiner in the bundle (``UnetRefiner``), the base unet runs the
+        first ``int(steps run × refiner_start)`` steps and the refiner the rest,
+        in one scheduler loop, as Apple's Swift package does (diffusers:
+        ``denoising_end`` on the base, ``denoising_start`` on the refiner, the
+        same fraction); 1 runs the base alone. The refiner is conditioned on
+        text_encoder_2 alone and on ``aesthetic_score`` (``negative_aesthetic_score``
+        for the negative prompt's row). A bundle whose unet is itself a refiner
+        runs it throughout (image to image, as refiners are used).
 
         ``image``: a start image for image-to-image, float32 [8H, 8W, 3] in
         [0, 1]; ``strength`` in (0, 1] says how much of the schedule runs over it.
@@ -799,6 +841,8 @@ class Pipeline:
             raise GenerationError("--steps and --image-count must be at least 1")
         if image is not None and not 0 < strength <= 1:
             raise GenerationError(f"--strength {strength:g}: must be in (0, 1]")
+        if not 0 <= refiner_start <= 1:
+            raise GenerationError(f"--refiner-start {refiner_start:g}: must be in [0, 1] (the fraction of steps the base runs)")
         if image is not None:
             _require_encoder(self.bundle)
         _check_inpainting(self, image, mask)
@@ -806,12 +850,18 @@ class Pipeline:
             h, w = self.image_size
             raise GenerationError(f"--image is {image.shape[1]}x{image.shape[0]} pixels; this bundle makes {w}x{h} images")
         control = self._control(controlnet or [], controlnet_images or [], controlnet_scale)
+        if control is not None and self.has_refiner and refiner_start < 1:
+            raise GenerationError("--controlnet with a refiner: the refiner takes no ControlNet residuals; set --refiner-start 1")
         timings = {"unet_s": 0.0}
         notes = list(self.notes)
         started = time.perf_counter()
 
         t0 = time.perf_counter()
-        conditioning, truncated = self._conditioning(prompt, negative_prompt, guidance_scale)
+        scores = (aesthetic_score, negative_aesthetic_score)
+        conditioning, truncated = self._conditioning(prompt, negative_prompt, guidance_scale, self.refiner_only, scores)
+        refined = None  # the refiner's conditioning, when it takes over
+        if self.has_refiner and refiner_start < 1:
+            refined, _ = self._conditioning(prompt, negative_prompt, guidance_scale, True, scores)
         timings["text_encoder_s"] = time.perf_counter() - t0
         if truncated:
             notes.append(f"the prompt is longer than {self.sequence_length} tokens; the rest was cut")
@@ -835,15 +885,20 @@ class Pipeline:
         # Ancestral schedulers draw noise every step; diffusers passes its generator on.
         step_kwargs = {"generator": noise.generator} if "generator" in inspect.signature(sched.step).parameters else {}
 
+        # Apple's Swift package: the refiner takes over at this step of those that run.
+        switch = int(len(timesteps) * refiner_start) if refined is not None else len(timesteps)
         bar = _progress_bar(len(timesteps)) if progress else None
         t0 = time.perf_counter()
         try:
-            for t in timesteps:
+            for step, t in enumerate(timesteps):
                 model_input = sched.scale_model_input(latents, t)
                 if mask is not None:
                     model_input = torch.cat([model_input, *inpaint], dim=1)
                 t1 = time.perf_counter()
-                noise_pred = self._predict_noise(model_input.numpy(), float(t), conditioning, guidance_scale, control)
+                if step < switch:
+                    noise_pred = self._predict_noise(model_input.numpy(), float(t), conditioning, guidance_scale, control)
+                else:
+                    noise_pred = self._predict_noise(model_input.numpy(), float(t), refined, guidance_scale, unet="unet_refiner")
                 timings["unet_s"] += time.perf_counter() - t1
                 latents = sched.step(torch.from_numpy(noise_pred), t, latents, **step_kwargs).prev_sample
                 if bar:
@@ -880,6 +935,12 @@ class Pipeline:
         }
         if image is not None:
             settings["strength"] = strength
+        if refined is not None or self.refiner_only:
+            settings["aesthetic_score"] = aesthetic_score
+            settings["negative_aesthetic_score"] = negative_aesthetic_score
+        if refined is not None:
+            settings["refiner_start"] = refiner_start
+            settings["refiner_steps"] = len(timesteps) - switch
         if control is not None:
             settings["controlnet"] = ", ".join(controlnet)
             settings["controlnet_scale"] = ", ".join(f"{s:g}" for s in control[2])
@@ -891,12 +952,19 @@ class Pipeline:
         sched.set_timesteps(1)
         return (NoiseSource(seed, rng).draw((count, *self.latent_shape)) * sched.init_noise_sigma).numpy()
 
-    def _conditioning(self, prompt: str, negative_prompt: str, guidance_scale: float) -> tuple[dict, bool]:
-        """Unet inputs other than sample and timestep, batch 2 (negative row first) under guidance, else 1."""
-        hidden, pooled, truncated = self.encode_text(prompt)
+    def _conditioning(
+        self, prompt: str, negative_prompt: str, guidance_scale: float, refiner: bool = False,
+        scores: tuple[float, float] = (AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE),
+    ) -> tuple[dict, bool]:
+        """Unet inputs other than sample and timestep, batch 2 (negative row first) under guidance, else 1.
+
+        ``refiner``: the SDXL refiner's (text_encoder_2 alone; time_ids end with the
+        aesthetic score, ``scores`` = (positive, negative), in place of the target size).
+        """
+        hidden, pooled, truncated = self.encode_text(prompt, refiner)
         rows = [(hidden, pooled)]
         if guidance_scale > 1:  # diffusers' do_classifier_free_guidance
-            neg_hidden, neg_pooled, neg_cut = self.encode_text(negative_prompt)
+            neg_hidden, neg_pooled, neg_cut = self.encode_text(negative_prompt, refiner)
             rows.insert(0, (neg_hidden, neg_pooled))
             truncated = truncated or neg_cut
         # (1, S, C) → (1, C, 1, S): the Neural Engine-friendly layout of the contract.
@@ -907,6 +975,9 @@ class Pipeline:
             time_ids = np.asarray([[h, w, 0, 0, h, w]], dtype=np.float32)
             cond["text_embeds"] = np.concatenate([p for _, p in rows])
             cond["time_ids"] = np.repeat(time_ids, len(rows), axis=0)
+            if refiner:  # (original h, w, crop top, left, aesthetic score): the negative row takes the negative score
+                ids = [[h, w, 0, 0, scores[0]]] + ([[h, w, 0, 0, scores[1]]] if len(rows) == 2 else [])
+                cond["time_ids"] = np.asarray(ids[::-1], dtype=np.float32)
         return cond, truncated
 
     def _control(self, names: list[str], images: list[np.ndarray], scale) -> tuple | None:
@@ -945,20 +1016,24 @@ class Pipeline:
             raise GenerationError(f"{unet.name}: takes {', '.join(missing)}, which the ControlNets do not give; rebuild the bundle")
         return unet.run(dict(feeds, **residuals))["noise_pred"]
 
-    def _predict_noise(self, sample: np.ndarray, t: float, cond: dict, guidance_scale: float, control: tuple | None = None) -> np.ndarray:
+    def _predict_noise(
+        self, sample: np.ndarray, t: float, cond: dict, guidance_scale: float, control: tuple | None = None, unet: str = "unet"
+    ) -> np.ndarray:
         """Guided noise prediction [N, 4, H, W] for latents ``sample`` [N, 4, H, W] at timestep ``t``.
 
         With ``control`` (from ``_control``), the ControlNets run on the same batch
-        and the controlled unet takes their summed residuals.
+        and the controlled unet takes their summed residuals. ``unet``: the
+        runner to use (``unet_refiner`` for the refiner's steps).
         """
         if control is not None:
             return self._predict_controlled(sample, t, cond, guidance_scale, control)
-        unet = self.runners["unet"]
+        unet = self.runners[unet]
+        batch = int(unet.inputs["sample"][0][0])
         guided = cond["encoder_hidden_states"].shape[0] == 2
         out = []
         for x in sample:
             x = x[None]
-            if guided and self.unet_batch == 2:
+            if guided and batch == 2:
                 feeds = dict(cond, sample=np.concatenate([x, x]), timestep=np.full((2,), t, np.float32))
                 uncond, text = np.split(unet.run(feeds)["noise_pred"], 2)
             elif guided:  # a batch-one unet: one call per half
@@ -968,8 +1043,8 @@ class Pipeline:
                 )
             else:
                 # No guidance: a batch-two unet still needs two rows; the first is the answer.
-                feeds = {k: np.repeat(v, self.unet_batch, axis=0) for k, v in dict(cond, sample=x).items()}
-                feeds["timestep"] = np.full((self.unet_batch,), t, np.float32)
+                feeds = {k: np.repeat(v, batch, axis=0) for k, v in dict(cond, sample=x).items()}
+                feeds["timestep"] = np.full((batch,), t, np.float32)
                 out.append(unet.run(feeds)["noise_pred"][:1])
                 continue
             out.append(uncond + guidance_scale * (text - uncond))
@@ -1050,6 +1125,11 @@ class Pipeline:
             feeds["images"] = _resize(image, int(height), int(width))[None]
         flags = checker.run(feeds)["has_nsfw_concepts"]
         return bool(np.any(np.asarray(flags) > 0))
+
+
+def _time_id_count(unet: ModelRunner) -> int:
+    """How many ``time_ids`` an SDXL unet takes per row: 6 (base) or 5 (refiner)."""
+    return int(unet.inputs["time_ids"][0][-1])
 
 
 class NoiseSource:
@@ -1217,6 +1297,7 @@ def run_generate(
     height: int | None = None,
     width: int | None = None,
     mask: Path | None = None,
+    refiner_start: float = REFINER_START,
 ) -> dict:
     """``sdbuild generate``: load the bundle, generate, write PNGs.
 
@@ -1231,6 +1312,8 @@ def run_generate(
         strength=strength, controlnet_scale=controlnet_scale, output_dir=output_dir,
     )
     scheduler_name(scheduler)  # an unknown name fails before the models load
+    if not 0 <= refiner_start <= 1:
+        raise GenerationError(f"--refiner-start {refiner_start:g}: must be in [0, 1] (the fraction of steps the base runs)")
     if len(controlnet) != len(controlnet_inputs):
         raise GenerationError(
             f"--controlnet-inputs: {len(controlnet_inputs)} control image{'s' if len(controlnet_inputs) != 1 else ''} for "
@@ -1267,6 +1350,7 @@ def run_generate(
         controlnet_images=control_images,
         controlnet_scale=controlnet_scale,
         mask=mask_image,
+        refiner_start=refiner_start,
     )
     paths = []
     for i, img in enumerate(result.images):

@@ -54,14 +54,18 @@ class Embedding(_Strict):
 
 class ModelSource(_Strict):
     version: str = Field(
-        description="hub id | local diffusers folder | single .safetensors file (local or hub-id/file.safetensors) | synthetic:tiny-sd | synthetic:tiny-sdxl"
+        description="hub id | local diffusers folder | single .safetensors file (local or hub-id/file.safetensors) | synthetic:tiny-sd | synthetic:tiny-sdxl | synthetic:tiny-sdxl-refiner (a refiner alone: image to image)"
     )
     revision: str = "main"
     variant: str | None = Field(None, description="weights variant on the hub, e.g. fp16")
     custom_vae: str | None = Field(
         None, description="VAE folder or hub id (config.json at its top) the VAE components are converted from"
     )
-    refiner: str | None = None
+    refiner: str | None = Field(
+        None,
+        description="SDXL refiner (hub id | local diffusers folder | single .safetensors file | synthetic:tiny-sdxl-refiner): "
+        "built as UnetRefiner beside the base, which it shares TextEncoder2 with",
+    )
     allow_pickle: bool = Field(False, description="allow .bin/.ckpt pickled weights (unsafe); default: safetensors only")
     prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
         None, description="a single file's objective; default: detected (SD 2.x: v_prediction, others: epsilon)"
@@ -562,6 +566,8 @@ def check_local_sources(recipe: Recipe, path: str | Path) -> None:
     from sdbuild.synthetic import is_synthetic
 
     named = [(("model", "version"), recipe.model.version, "model_index.json")]
+    if recipe.model.refiner:
+        named.append((("model", "refiner"), recipe.model.refiner, "model_index.json"))
     if recipe.model.custom_vae:
         named.append((("model", "custom_vae"), recipe.model.custom_vae, "config.json"))
     named += [(("controlnet", i), name, "config.json") for i, name in enumerate(recipe.controlnet)]
@@ -569,7 +575,7 @@ def check_local_sources(recipe: Recipe, path: str | Path) -> None:
         dotted = ".".join(str(k) for k in key)
         if is_synthetic(value):
             continue
-        if key == ("model", "version") and Path(value).suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
+        if key in (("model", "version"), ("model", "refiner")) and Path(value).suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
             continue  # a single-file checkpoint: the download stage resolves it (stages/download.resolve_file)
         folder = Path(value).expanduser()
         if folder.is_dir():
@@ -616,8 +622,6 @@ def recipe_schema() -> dict:
 def unbuilt_features(recipe: Recipe) -> list[str]:
     """One line per recipe setting that asks for a stage this sdbuild cannot run yet."""
     out = []
-    if recipe.model.refiner:
-        out.append("model.refiner: the SDXL refiner is not built yet")
     if recipe.compression is not None and recipe.compression.activations is not None:
         # coremltools calibrates activations through Core ML prediction (macOS only); ours would run the executor.
         out.append("compression.activations: int8 (W8A8, calibrated activations) is not built yet; drop it for linear 8-bit weights")

@@ -377,6 +377,60 @@ def _build_tiny_sdxl(dest: Path, seed: int) -> None:
     _write_tokenizer_files(dest / "tokenizer_2")
 
 
+def _build_tiny_sdxl_refiner(dest: Path, seed: int) -> None:
+    """An SDXL refiner for ``tiny-sdxl``: its second text encoder and VAE (same seeds, same weights),
+    a unet conditioned on that encoder alone and on 5 time ids (the aesthetic score last).
+
+    As the released refiner: no first text encoder or tokenizer, ``requires_aesthetics_score``.
+    """
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+
+    with tempfile.TemporaryDirectory() as tok_dir:
+        tokenizer, vocab_size = _tokenizer(Path(tok_dir))
+        text_encoder_2 = _clip_text(seed + 4, vocab_size, hidden=32, layers=2, projection_dim=32, act="gelu")
+        time_embed_dim = 8
+        unet = _seeded(
+            seed + 8,
+            lambda: UNet2DConditionModel(
+                sample_size=8,
+                in_channels=4,
+                out_channels=4,
+                layers_per_block=1,
+                block_out_channels=(32, 64),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                transformer_layers_per_block=(1, 2),
+                cross_attention_dim=32,  # text_encoder_2's width alone
+                attention_head_dim=(2, 4),
+                use_linear_projection=True,
+                addition_embed_type="text_time",
+                addition_time_embed_dim=time_embed_dim,
+                projection_class_embeddings_input_dim=32 + 5 * time_embed_dim,
+                norm_num_groups=8,
+            ),
+        )
+        scheduler = EulerDiscreteScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            num_train_timesteps=1000,
+            steps_offset=1,
+            timestep_spacing="leading",
+        )
+        pipe = StableDiffusionXLImg2ImgPipeline(
+            vae=_vae(seed + 3, 0.13025, True),
+            text_encoder=None,
+            text_encoder_2=text_encoder_2,
+            tokenizer=None,
+            tokenizer_2=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            requires_aesthetics_score=True,
+        )
+        pipe.save_pretrained(dest, safe_serialization=True)
+    _write_tokenizer_files(dest / "tokenizer_2")
+
+
 def liven_controlnet(controlnet, seed: int):
     """Give a freshly built diffusers ``ControlNetModel`` weights whose every path carries signal.
 
@@ -444,4 +498,9 @@ def _write_tokenizer_files(folder: Path) -> None:
     write_clip_tokenizer(folder)
 
 
-_BUILDERS = {"tiny-sd": _build_tiny_sd, "tiny-sdxl": _build_tiny_sdxl, "tiny-controlnet": _build_tiny_controlnet}
+_BUILDERS = {
+    "tiny-sd": _build_tiny_sd,
+    "tiny-sdxl": _build_tiny_sdxl,
+    "tiny-sdxl-refiner": _build_tiny_sdxl_refiner,
+    "tiny-controlnet": _build_tiny_controlnet,
+}

@@ -140,8 +140,8 @@ def test_deep_merge_child_wins(tmp_path):
 
 
 def test_unbuilt_feature_stops_with_one_line(tmp_path):
-    p = write_recipe(tmp_path, "r", BASE.replace("tiny-sd\n", "tiny-sd\n  refiner: synthetic:tiny-sdxl\n"))
-    with pytest.raises(NotBuiltYet, match=r"model.refiner: the SDXL refiner is not built yet") as info:
+    p = write_recipe(tmp_path, "r", BASE + "compression: {linear8: true, activations: int8}\n")
+    with pytest.raises(NotBuiltYet, match=r"compression.activations: int8 .* is not built yet") as info:
         check_buildable(load_recipe(p), p)
     assert "\n" not in str(info.value) and str(info.value).startswith(str(p))
     # The safety checker, once refused here, is built now.
@@ -174,9 +174,16 @@ def test_cli_recipe_error_is_one_line_exit_2_and_writes_nothing(tmp_path):
 
 
 def test_cli_unbuilt_feature_exit_2(tmp_path):
+    p = write_recipe(tmp_path, "r", "model: {version: synthetic:tiny-sd}\ncompression: {linear8: true, activations: int8}\n")
+    done = run_cli("run", str(p), "--artifacts", str(tmp_path / "art"))
+    assert done.returncode == 2 and "compression.activations: int8" in done.stderr and "not built yet" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_cli_refiner_off_the_hub_offline_is_one_line(tmp_path):
     p = write_recipe(tmp_path, "r", "model: {version: synthetic:tiny-sdxl, refiner: stabilityai/stable-diffusion-xl-refiner-1.0}\n")
     done = run_cli("run", str(p), "--artifacts", str(tmp_path / "art"))
-    assert done.returncode == 2 and "model.refiner: the SDXL refiner is not built yet" in done.stderr
+    assert done.returncode != 0 and "model.refiner: cannot reach the Hugging Face Hub" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
 
 

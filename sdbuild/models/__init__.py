@@ -27,6 +27,7 @@ COMPONENTS = (
     "text_encoder",
     "text_encoder_2",
     "unet",
+    "unet_refiner",
     "controlled_unet",
     "controlnet",
     "vae_decoder",
@@ -36,7 +37,10 @@ COMPONENTS = (
 DEFAULT_COMPONENTS = {
     "sd": ["text_encoder", "unet", "vae_decoder"],
     "sdxl": ["text_encoder", "text_encoder_2", "unet", "vae_decoder"],
+    # A refiner alone refines images (img2img): its one text encoder, its unet as Unet, and the VAE both ways.
+    "sdxl-refiner": ["text_encoder_2", "unet", "vae_decoder", "vae_encoder"],
 }
+REFINER_TIME_IDS = 5  # original h, w, crop top, left, aesthetic score (SDXL base: target h, w instead of the score)
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,13 @@ def model_family(checkpoint: Path) -> str:
     return "sdxl" if "text_encoder_2" in index or "XL" in index.get("_class_name", "") else "sd"
 
 
+def is_refiner(checkpoint: Path) -> bool:
+    """Whether the diffusers folder ``checkpoint`` is an SDXL refiner: aesthetic-score conditioning, no first text encoder."""
+    index = read_model_index(checkpoint)
+    first = index.get("text_encoder")
+    return bool(index.get("requires_aesthetics_score")) or ("text_encoder_2" in index and (first is None or first == [None, None]))
+
+
 def build_component(component: str, checkpoint: Path, options: BuildOptions, vae: Path | None = None) -> ComponentModel:
     """Load ``component`` of the diffusers folder ``checkpoint`` as a module to trace.
 
@@ -127,7 +138,7 @@ def build_component(component: str, checkpoint: Path, options: BuildOptions, vae
         return _build_controlnet(checkpoint, options)
     family = model_family(checkpoint)
     vae_folder = Path(vae) if vae else checkpoint / "vae"
-    if component in ("unet", "controlled_unet", "vae_decoder", "vae_encoder"):
+    if component in ("unet", "unet_refiner", "controlled_unet", "vae_decoder", "vae_encoder"):
         # A folder without a VAE (a unet alone) keeps options.vae_scale_factor, 8 unless set.
         has_vae = (vae_folder / "config.json").is_file()
         factor = vae_scale_factor(_read_config(vae_folder, "VAE")) if has_vae else options.vae_scale_factor
@@ -136,6 +147,8 @@ def build_component(component: str, checkpoint: Path, options: BuildOptions, vae
         return _build_text_encoder(component, checkpoint, family, options)
     if component == "unet":
         return _build_unet(checkpoint, options)
+    if component == "unet_refiner":
+        return _build_refiner_unet(checkpoint, options)
     if component == "controlled_unet":
         if family == "sdxl":
             from sdbuild.models.controlnet import SDXL_REFUSAL
@@ -243,6 +256,18 @@ def _build_unet(checkpoint: Path, options: BuildOptions, controlled: bool = Fals
         shapes = info["skip_shapes"]
         inputs += [TensorSpec(name, shape, dtype=FLOAT16) for name, shape in zip(residual_names(len(shapes)), shapes)]
     return ComponentModel(module, inputs, ["noise_pred"], info=info)
+
+
+def _build_refiner_unet(checkpoint: Path, options: BuildOptions) -> ComponentModel:
+    """The SDXL refiner's unet (``UnetRefiner``), from the refiner's own folder; refuses any other unet."""
+    model = _build_unet(checkpoint, options)
+    ids = next((s.shape[-1] for s in model.inputs if s.name == "time_ids"), None)
+    if ids != REFINER_TIME_IDS:
+        what = f"its unet takes {ids} time_ids" if ids else "its unet takes no time_ids"
+        raise RecipeError(
+            f"model.refiner {checkpoint}: not an SDXL refiner ({what}; a refiner's take {REFINER_TIME_IDS}, the aesthetic score last)"
+        )
+    return model
 
 
 def _build_controlnet(folder: Path, options: BuildOptions) -> ComponentModel:

@@ -38,6 +38,9 @@ class Stage:
         return self.fields + self.component_fields.get(component_kind(component), ())
 
 
+REFINER = "unet_refiner"  # the SDXL refiner's unet, built from model.refiner's own download
+
+
 def component_kind(component: str | None) -> str:
     """``controlnet/lllyasviel/sd-controlnet-mlsd`` → ``controlnet``; other names are their own kind."""
     return (component or "").split("/")[0]
@@ -75,6 +78,7 @@ STAGES: dict[str, Stage] = {
             component_fields={
                 "unet": ("attention", "resolution", "multires", "unet_batch_one", "encoder_sequence_length"),
                 "controlled_unet": ("attention", "resolution", "multires", "unet_batch_one", "encoder_sequence_length"),
+                "unet_refiner": ("attention", "resolution", "multires", "unet_batch_one", "encoder_sequence_length"),
                 "controlnet": ("attention", "resolution", "multires", "unet_batch_one", "encoder_sequence_length"),
                 "vae_decoder": ("resolution", "multires"),
                 "vae_encoder": ("resolution", "multires"),

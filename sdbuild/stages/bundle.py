@@ -32,6 +32,7 @@ SWIFT_NAMES = {
     "text_encoder": "TextEncoder",
     "text_encoder_2": "TextEncoder2",
     "unet": "Unet",
+    "unet_refiner": "UnetRefiner",
     "vae_decoder": "VAEDecoder",
     "vae_encoder": "VAEEncoder",
     "safety_checker": "SafetyChecker",
@@ -39,7 +40,7 @@ SWIFT_NAMES = {
     "multilingual_projection": "MultilingualTextEncoderProjection",
 }
 # Apple's Python pipeline loads no projection; its name follows that pipeline's pattern.
-PYTHON_NAMES = {"controlled_unet": "control-unet", "multilingual_projection": "multilingual_text_encoder_projection"}
+PYTHON_NAMES = {"controlled_unet": "control-unet", "unet_refiner": "refiner", "multilingual_projection": "multilingual_text_encoder_projection"}
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 PIPELINE_FILE = "pipeline.json"
 SPEC_PATH = Path("Data/com.apple.CoreML/model.mlmodel")
@@ -54,7 +55,7 @@ DESCRIPTIONS = {
     "timestep": "diffusion timestep per batch row [B]",
     "encoder_hidden_states": "text embeddings in the (B, C, 1, S) layout",
     "text_embeds": "pooled embedding of the second text encoder [B, C] (SDXL)",
-    "time_ids": "original h, w, crop top, left, target h, w per row [B, 6] (SDXL)",
+    "time_ids": "original h, w, crop top, left, then target h, w [B, 6] (SDXL base) or the aesthetic score [B, 5] (refiner)",
     "noise_pred": "predicted noise [B, 4, H, W]",
     "z": "latents already divided by the VAE scaling factor [1, 4, H, W]",
     "image": "decoded image in [-1, 1], [1, 3, 8H, 8W]",
@@ -130,7 +131,7 @@ def recipe_key(recipe) -> str:
 
 def _metadata(recipe, component: str, family: str = "") -> dict[str, str]:
     comp = recipe.compression
-    kind = {"controlled_unet": "unet"}.get(component, component.split("/")[0])
+    kind = {"controlled_unet": "unet", "unet_refiner": "unet"}.get(component, component.split("/")[0])
     if comp is None or kind not in comp.components or (comp.mixed_bit is not None and kind != "unet"):
         compression = "float16"
     elif comp.nbits is not None:
@@ -139,7 +140,8 @@ def _metadata(recipe, component: str, family: str = "") -> dict[str, str]:
         compression = "linear 8-bit"
     else:
         compression = f"mixed-bit palettization ({comp.mixed_bit.recipe})"
-    version = recipe.model.version
+    # The refiner's weights are its own (Apple's converter gives its package the refiner's version).
+    version = recipe.model.refiner if component == "unet_refiner" and recipe.model.refiner else recipe.model.version
     card = f"https://huggingface.co/{version}" if version.count("/") == 1 and not Path(version).exists() else version
     return {
         "author": f"converted by sdbuild {__version__}; weights from {version}",
@@ -214,6 +216,15 @@ def pipeline_facts(recipe, family: str, checkpoint: Path, vae_folder: Path) -> d
     }
 
 
+def tokenizer_dir(checkpoint: Path) -> Path:
+    """The checkpoint's CLIP tokenizer: ``tokenizer/``, or ``tokenizer_2/`` for a refiner (which has only that one).
+
+    SDXL's two tokenizers share vocabulary and merges (Apple's Swift package reads one pair for both).
+    """
+    first = checkpoint / "tokenizer"
+    return first if (first / TOKENIZER_FILES[0]).is_file() else checkpoint / "tokenizer_2"
+
+
 def write_bundle(recipe, family: str, packages: dict[str, dict], download_entry: Path, dest: Path) -> list[Path]:
     """Write the bundle for ``recipe.bundle.layout`` into ``dest``; returns the package paths written.
 
@@ -243,7 +254,7 @@ def write_bundle(recipe, family: str, packages: dict[str, dict], download_entry:
                     place_package(package, target, _metadata(recipe, component, family))
                 written.append(target)
         for name in TOKENIZER_FILES:
-            shutil.copyfile(checkpoint / "tokenizer" / name, resources / name)
+            shutil.copyfile(tokenizer_dir(checkpoint) / name, resources / name)
     if layout in ("python", "both"):
         folder = dest / "python"
         folder.mkdir(parents=True)
@@ -255,6 +266,6 @@ def write_bundle(recipe, family: str, packages: dict[str, dict], download_entry:
             place_package(parts["whole"], target, _metadata(recipe, component, family))
             written.append(target)
         for name in TOKENIZER_FILES:
-            shutil.copyfile(checkpoint / "tokenizer" / name, folder / name)
+            shutil.copyfile(tokenizer_dir(checkpoint) / name, folder / name)
     (dest / PIPELINE_FILE).write_text(json.dumps(pipeline_facts(recipe, family, checkpoint, vae_dir(download_entry)), indent=2))
     return written
