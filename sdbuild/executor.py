@@ -372,6 +372,7 @@ STAGE_SERVER_PRELOAD = (
     "sdbuild.synthetic",
     "sdbuild.executor",
     "sdbuild.cli",
+    "sdbuild.stages.server_ready",  # last: removes the folder torch made in TMPDIR at import
 )
 WORKERS_ENV = "SDBUILD_WORKERS"  # forkserver (default) | spawn: a fresh interpreter per stage, the old path
 

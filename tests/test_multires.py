@@ -113,7 +113,7 @@ def test_inspect_lists_functions_and_shapes(mr3):
     done = run_cli("inspect", mr3[0] / "Resources" / "Unet.mlpackage", "--json")
     assert done.returncode == 0, done.stderr[-2000:]
     facts = json.loads(done.stdout)
-    functions = facts["functions"]
+    functions = facts["packages"][0]["functions"]
     assert [f["name"] for f in functions] == [f"h{h}_w{w}" for h, w in SIZES]
     assert functions[0]["default"] and not functions[1]["default"]
     sample = next(i for i in functions[1]["inputs"] if i["name"] == "sample")

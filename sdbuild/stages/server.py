@@ -22,6 +22,30 @@ def _end_with_the_build() -> None:
     _set_parent_death_signal()
 
 
+def _leftovers() -> set[str]:
+    import tempfile
+
+    try:
+        return {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("torchinductor_")}
+    except OSError:
+        return set()
+
+
+# ``import diffusers`` makes torch's ``torchinductor_<user>`` folder in TMPDIR, which for the
+# server is the system's; ``tidy`` (run by the last preloaded module) removes it if this server made it, empty.
+_BEFORE = _leftovers()
+
+
+def tidy() -> None:
+    import tempfile
+
+    for name in _leftovers() - _BEFORE:
+        try:
+            os.rmdir(os.path.join(tempfile.gettempdir(), name))
+        except OSError:
+            pass
+
+
 def _quiet() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
