@@ -580,16 +580,7 @@ def _check_inpainting(pipe, image, mask) -> None:
 
 def load_mask(path: Path) -> np.ndarray:
     """A mask image file as float32 [height, width] in [0, 1] (grayscale, as diffusers' mask processor converts it)."""
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.is_file():
-        raise GenerationError(f"--mask {path}: no such file")
-    try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("L"), np.float32) / 255.0
-    except (UnidentifiedImageError, OSError) as e:
-        raise GenerationError(f"--mask {path}: not an image ({e})") from None
+    return load_image(path, "--mask", mode="L")
 
 
 def bundle_sizes(bundle: BundleFiles) -> list[dict]:
@@ -1213,8 +1204,8 @@ def image_file_name(prompt: str, seed: int, index: int | None = None) -> str:
     return f"{stem}{'' if index is None else f'.{index}'}.{seed}.final.png"
 
 
-def load_image(path: Path, flag: str = "--image") -> np.ndarray:
-    """An RGB image file as float32 [height, width, 3] in [0, 1]; ``flag`` names it in errors."""
+def load_image(path: Path, flag: str = "--image", mode: str = "RGB") -> np.ndarray:
+    """An image file as float32 [height, width, 3] in [0, 1] (``mode`` ``L``: [height, width]); ``flag`` names it in errors."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
@@ -1222,7 +1213,7 @@ def load_image(path: Path, flag: str = "--image") -> np.ndarray:
         raise GenerationError(f"{flag} {path}: no such file")
     try:
         with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"), np.float32) / 255.0
+            return np.asarray(img.convert(mode), np.float32) / 255.0
     except (UnidentifiedImageError, OSError) as e:
         raise GenerationError(f"{flag} {path}: not an image Pillow can read ({type(e).__name__})") from None
 

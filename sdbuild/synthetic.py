@@ -326,43 +326,56 @@ def _write_feature_extractor(folder: Path) -> None:
     (folder / "preprocessor_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
+def _tiny_sdxl_unet(seed: int, cross_attention_dim: int, time_ids: int):
+    """The tiny SDXL-shaped unet: text_time conditioning on ``time_ids`` ids (6 base, 5 refiner) and a 32-wide pooled embedding."""
+    from diffusers import UNet2DConditionModel
+
+    time_embed_dim = 8
+    return _seeded(
+        seed,
+        lambda: UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=(32, 64),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2),
+            cross_attention_dim=cross_attention_dim,
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_embed_dim,
+            projection_class_embeddings_input_dim=32 + time_ids * time_embed_dim,
+            norm_num_groups=8,
+        ),
+    )
+
+
+def _sdxl_scheduler():
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+
+
 def _build_tiny_sdxl(dest: Path, seed: int) -> None:
     """SDXL-shaped: two text encoders (the second with projection), text_time conditioning."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionXLPipeline
 
     with tempfile.TemporaryDirectory() as tok_dir:
         tokenizer, vocab_size = _tokenizer(Path(tok_dir))
         text_encoder = _clip_text(seed + 1, vocab_size, hidden=32, layers=2)
         text_encoder_2 = _clip_text(seed + 4, vocab_size, hidden=32, layers=2, projection_dim=32, act="gelu")
-        time_embed_dim = 8
-        unet = _seeded(
-            seed + 2,
-            lambda: UNet2DConditionModel(
-                sample_size=8,
-                in_channels=4,
-                out_channels=4,
-                layers_per_block=1,
-                block_out_channels=(32, 64),
-                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-                transformer_layers_per_block=(1, 2),
-                cross_attention_dim=64,
-                attention_head_dim=(2, 4),
-                use_linear_projection=True,
-                addition_embed_type="text_time",
-                addition_time_embed_dim=time_embed_dim,
-                projection_class_embeddings_input_dim=32 + 6 * time_embed_dim,
-                norm_num_groups=8,
-            ),
-        )
-        scheduler = EulerDiscreteScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            num_train_timesteps=1000,
-            steps_offset=1,
-            timestep_spacing="leading",
-        )
+        unet = _tiny_sdxl_unet(seed + 2, cross_attention_dim=64, time_ids=6)
+        scheduler = _sdxl_scheduler()
         pipe = StableDiffusionXLPipeline(
             vae=_vae(seed + 3, 0.13025, True),
             text_encoder=text_encoder,
@@ -383,40 +396,13 @@ def _build_tiny_sdxl_refiner(dest: Path, seed: int) -> None:
 
     As the released refiner: no first text encoder or tokenizer, ``requires_aesthetics_score``.
     """
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionXLImg2ImgPipeline
 
     with tempfile.TemporaryDirectory() as tok_dir:
         tokenizer, vocab_size = _tokenizer(Path(tok_dir))
         text_encoder_2 = _clip_text(seed + 4, vocab_size, hidden=32, layers=2, projection_dim=32, act="gelu")
-        time_embed_dim = 8
-        unet = _seeded(
-            seed + 8,
-            lambda: UNet2DConditionModel(
-                sample_size=8,
-                in_channels=4,
-                out_channels=4,
-                layers_per_block=1,
-                block_out_channels=(32, 64),
-                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-                transformer_layers_per_block=(1, 2),
-                cross_attention_dim=32,  # text_encoder_2's width alone
-                attention_head_dim=(2, 4),
-                use_linear_projection=True,
-                addition_embed_type="text_time",
-                addition_time_embed_dim=time_embed_dim,
-                projection_class_embeddings_input_dim=32 + 5 * time_embed_dim,
-                norm_num_groups=8,
-            ),
-        )
-        scheduler = EulerDiscreteScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            num_train_timesteps=1000,
-            steps_offset=1,
-            timestep_spacing="leading",
-        )
+        unet = _tiny_sdxl_unet(seed + 8, cross_attention_dim=32, time_ids=5)  # text_encoder_2's width alone
+        scheduler = _sdxl_scheduler()
         pipe = StableDiffusionXLImg2ImgPipeline(
             vae=_vae(seed + 3, 0.13025, True),
             text_encoder=None,
