@@ -48,6 +48,18 @@ def readonly_view(package: Path) -> Path:
     return view
 
 
+def open_readonly(package: Path, **kwargs):
+    """``ct.models.MLModel`` of ``package`` (``kwargs`` passed on) through a ``readonly_view``, removed with the model."""
+    import weakref
+
+    import coremltools as ct
+
+    view = readonly_view(package)
+    model = ct.models.MLModel(str(view), **kwargs)
+    weakref.finalize(model, shutil.rmtree, view.parent, True)
+    return model
+
+
 def spec_path(package: Path) -> Path:
     """The model spec file of ``package``, as its manifest names it."""
     info = json.loads((Path(package) / MANIFEST).read_text())

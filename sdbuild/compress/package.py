@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import weakref
 from pathlib import Path
 
 import numpy as np
 
 from sdbuild.errors import PackageError
 from sdbuild.mil.validation import validate_once_per_pipeline
-from sdbuild.mlpackage import readonly_view
+from sdbuild.mlpackage import open_readonly
 
 # coremltools compresses a const only above this many elements (its default);
 # the pre-analysis uses the same line so both sides see the same layers.
@@ -38,16 +37,12 @@ def weight_file(package: Path) -> Path:
 
 def load_mlmodel(package: Path):
     """The package as a ``ct.models.MLModel`` (spec and weights only: nothing is compiled)."""
-    import coremltools as ct
-
     package = Path(package)
     if not (package / "Manifest.json").is_file():
         raise PackageError(f"{package}: not an .mlpackage (no Manifest.json)")
     weight_file(package)
     # Through a private view: opening the package itself would rewrite its manifest (a cache entry's).
-    view = readonly_view(package)
-    mlmodel = ct.models.MLModel(str(view), skip_model_load=True)
-    weakref.finalize(mlmodel, shutil.rmtree, view.parent, True)
+    mlmodel = open_readonly(package, skip_model_load=True)
     if mlmodel.get_spec().WhichOneof("Type") != "mlProgram":
         raise PackageError(f"{package}: not an ML program: only ML programs can be compressed")
     return mlmodel

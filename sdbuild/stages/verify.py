@@ -107,18 +107,13 @@ def _device_model(package: Path, compute_unit: str, function: str | None = None)
     """Core ML itself on the recipe's compute unit, where it exists (macOS); else None. ``function``: of a multifunction package."""
     if sys.platform != "darwin":
         return None
-    import shutil
-    import weakref
-
     import coremltools as ct
 
-    from sdbuild.mlpackage import readonly_view
+    from sdbuild.mlpackage import open_readonly
 
-    view = readonly_view(package)  # opening the cache entry itself would rewrite its manifest
     named = {"function_name": function} if function else {}
-    model = ct.models.MLModel(str(view), compute_units=getattr(ct.ComputeUnit, compute_unit), **named)
-    weakref.finalize(model, shutil.rmtree, view.parent, True)
-    return model
+    # Opening the cache entry itself would rewrite its manifest.
+    return open_readonly(package, compute_units=getattr(ct.ComputeUnit, compute_unit), **named)
 
 
 def read_psnr(entry_path: Path) -> dict:
