@@ -463,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
             _src, where, why = e.args[0][0]  # copytree's list of failures: the first says enough
             line = f"{where}: {why}"
         else:
-            line = disk_full_line(e, where) if e.errno in DISK_FULL else f"{where}: {e.strerror or type(e).__name__}"
+            line = disk_full_line(e, where) if e.errno in DISK_FULL else f"{where}: {e.strerror or str(e) or type(e).__name__}"
         print(f"error: {line}", file=sys.stderr)
         return 1
 

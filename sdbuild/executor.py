@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sdbuild import __version__, faults
+from sdbuild.workers import short_socket_dir
 from sdbuild.cache import (
     DISK_FULL,
     DiskFullError,
@@ -382,7 +383,9 @@ def stage_start_method() -> str:
     wanted = os.environ.get(WORKERS_ENV) or "forkserver"
     if wanted not in ("forkserver", "spawn"):
         raise SdbuildError(f"{WORKERS_ENV}={wanted}: choose forkserver or spawn")
-    return wanted if wanted in multiprocessing.get_all_start_methods() else "spawn"
+    if wanted == "forkserver" and "forkserver" in multiprocessing.get_all_start_methods() and short_socket_dir():
+        return "forkserver"
+    return "spawn"
 
 
 def start_stage_server() -> None:
@@ -545,7 +548,7 @@ def run_in_child(run: str, job: Job, out: Path, log: Path, env: dict[str, str] |
     memory.start()
     try:
         message = receive.recv()
-    except EOFError:
+    except (EOFError, OSError):  # nothing, or part of a message: the process died
         message = None
     proc.join()
     peak = memory.stop()

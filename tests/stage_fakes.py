@@ -49,7 +49,9 @@ def pool(job, out: Path) -> dict:
     """Square numbers in a pool of workers started from a forkserver of this stage's own, as k-means does."""
     from multiprocessing import get_context
 
-    with get_context("forkserver").Pool(2) as workers:
+    from sdbuild.workers import forkserver_or_spawn
+
+    with get_context(forkserver_or_spawn()).Pool(2) as workers:
         pids = set(workers.map(_worker_pid, range(8)))
         squares = workers.map(_square, range(5))
     return {"squares": squares, "worker_pids": len(pids - {os.getpid()})}

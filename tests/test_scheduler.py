@@ -176,6 +176,20 @@ def test_stages_fork_from_a_server_that_imported_the_libraries(tmp_path):
     assert "coremltools" not in err and "scikit-learn" not in err, err
 
 
+def test_a_tmpdir_too_long_for_a_socket_path_still_gets_the_stage_server(tmp_path):
+    """CI's xdist tmp_path made the forkserver's socket path longer than 107 bytes: bind failed."""
+    long_tmp = tmp_path / ("t" * 60) / ("m" * 60)
+    long_tmp.mkdir(parents=True)
+    proc = run_probe(tmp_path, [("stage_fakes:report", {}), ("stage_fakes:pool", {})], env={"TMPDIR": str(long_tmp)})
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    first, pooled = json.loads(out)
+    assert first["preloaded"] == ["coremltools", "diffusers", "torch", "transformers"], first  # forked, not spawned
+    assert first["tmpdir"] == str(long_tmp)  # the stage's own temp files still go to TMPDIR
+    assert pooled["squares"] == [0, 1, 4, 9, 16]  # a stage's own pool too
+    assert list(long_tmp.iterdir()) == []
+
+
 def test_spawn_workers_start_fresh_interpreters(tmp_path):
     proc = run_probe(tmp_path, [("stage_fakes:report", {})], env={"SDBUILD_WORKERS": "spawn"})
     out, err = proc.communicate(timeout=600)

@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from multiprocessing import get_all_start_methods, get_context
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ import numpy as np
 from sdbuild.compress import package as pkg
 from sdbuild.compress.kmeans import SUPPORTED_NBITS, kmeans_lut, lut_indices
 from sdbuild.errors import RecipeError
+from sdbuild.workers import forkserver_or_spawn
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,6 @@ def _digest(array: np.ndarray) -> str:
 # take well under a second; a pool's start costs more).
 IN_PROCESS_ELEMENTS = 4_000_000
 
-_POOL_START = "forkserver" if "forkserver" in get_all_start_methods() else "spawn"
 
 
 def _kmeans_job(job: tuple[str, np.ndarray, int, bool]) -> tuple[str, np.ndarray]:
@@ -162,12 +162,12 @@ def make_palettizer(bits_by_const: dict[str, int] | int, group_size: int | None,
             n_workers = max(1, min(workers, len(jobs)))
             if sum(job[1].size for job in jobs) < IN_PROCESS_ELEMENTS:
                 n_workers = 1  # starting the pool would cost more than the k-means itself
-            start = _POOL_START if n_workers > 1 else "this process"
+            start = forkserver_or_spawn() if n_workers > 1 else "this process"
             log.info("palettize: k-means for %d weights in %d worker process(es) (%s)", len(jobs), n_workers, start)
             if n_workers == 1:
                 self.luts.update(_kmeans_job(job) for job in jobs)
                 return
-            with get_context(_POOL_START).Pool(n_workers) as pool:
+            with get_context(start).Pool(n_workers) as pool:
                 self.luts.update(pool.imap_unordered(_kmeans_job, jobs, chunksize=1))
 
         def _groups(self, op, op_config, optimize_utils) -> list[np.ndarray]:
