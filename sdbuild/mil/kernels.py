@@ -58,17 +58,28 @@ KERNELS: dict[str, list[Kernel]] = {}
 
 
 def kernel(*op_types: str, attrs=(), exact: bool = False, raw: bool = False, since: str = "iOS15"):
-    """Register the decorated function as the kernel of ``op_types`` from opset ``since`` on."""
+    """Register the decorated function as the kernel of ``op_types`` from opset ``since`` on.
+
+    A second kernel for the same op and opset is refused (ValueError at import): one
+    would silently replace the other. The same function again (a module reloaded) replaces itself.
+    """
 
     def register(fn):
         params = frozenset(inspect.signature(fn).parameters)
         for op_type in op_types:
             entry = Kernel(op_type, fn, OPSETS[since], frozenset(attrs), params, exact, raw)
+            for known in KERNELS.get(op_type, []):
+                if known.since == entry.since and _qualified(known.fn) != _qualified(fn):
+                    raise ValueError(f"kernel for {op_type} ({since}) registered twice: {_qualified(known.fn)} and {_qualified(fn)}")
             forms = [k for k in KERNELS.get(op_type, []) if k.since != entry.since]
             KERNELS[op_type] = sorted(forms + [entry], key=lambda k: k.since)
         return fn
 
     return register
+
+
+def _qualified(fn: Callable) -> str:
+    return f"{fn.__module__}.{fn.__qualname__}"
 
 
 def find_kernel(op_type: str, opset: int, table: dict[str, list[Kernel]] | None = None) -> Kernel | None:

@@ -632,6 +632,20 @@ def test_registry_picks_the_form_of_the_model_opset():
     assert kernels.find_kernel("no_such_op", kernels.OPSETS["iOS18"]) is None
 
 
+def test_registry_refuses_a_second_kernel_for_one_op_and_opset():
+    before = {op: list(forms) for op, forms in kernels.KERNELS.items()}
+    try:
+        with pytest.raises(ValueError, match="registered twice"):
+            kernels.kernel("relu")(lambda x: x)  # relu has an iOS15 kernel already
+        kernels.kernel("relu", since="iOS18")(lambda x: x)  # another opset: a form of its own
+        assert kernels.find_kernel("relu", kernels.OPSETS["iOS17"]).fn is before["relu"][0].fn
+        kernels.kernel("relu")(before["relu"][0].fn)  # the same function again (a reload): allowed
+    finally:
+        kernels.KERNELS.clear()
+        kernels.KERNELS.update(before)
+    assert kernels.find_kernel("relu", kernels.OPSETS["iOS18"]).fn is before["relu"][0].fn
+
+
 # ---- decompression kernels against coremltools' own numpy definitions of the ops
 #
 # Each case: (op_type, opset, inputs) fed to our raw kernel and to the op class's
