@@ -926,35 +926,60 @@ def run_build(
     (default: the number of cores) while their estimated peaks fit in the
     available memory.
     """
-    from sdbuild.report import write_report
-    from sdbuild.stages.bundle import write_bundle
-    from sdbuild.stages.chunk import chunk_facts, part_paths
-    from sdbuild.stages.compile import compiled_paths
-    from sdbuild.stages.compile import SKIP_REASON, compiler_available
-    from sdbuild.stages.verify import DEVICE_SKIPPED, read_psnr
-
     reporter = reporter or Reporter()
-    for name in force:
-        if name not in ORDER:
-            raise UsageError(f"--force: unknown stage '{name}'; stages are {', '.join(ORDER)}")
-    if until is not None and until not in ORDER:
-        raise UsageError(f"--until: unknown stage '{until}'; stages are {', '.join(ORDER)}")
-    limit = ORDER.index(until) if until else len(ORDER) - 1
+    limit = _last_stage_index(force, until)
     started = time.time()
-    logs = build.artifacts / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    log = logs / f"{build.recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-    log.touch()
-    cache = build.cache
-    cache.sweep()  # temporary folders of killed runs; never a live run's
+    log = _new_build_log(build)
+    build.cache.sweep()  # temporary folders of killed runs; never a live run's
     sweep_build_temps(build.artifacts / "builds")
-    notes: list[str] = []
     todo = []
     for node in build.nodes:
         if ORDER.index(node.stage.name) > limit:
             node.status = "skipped"
         else:
             todo.append(node)
+    build_stages(build, todo, force, log, reporter, jobs)
+    notes: list[str] = []
+    psnr = {n.component: _psnr(n) for n in build.nodes if n.stage.name == "verify" and n.entry}
+    report = build_report(build, started, notes, psnr)
+    _note_skipped_device_work(psnr, limit, notes, reporter)
+    check_psnr(build, psnr, log)
+    if limit < ORDER.index("bundle"):
+        report["seconds"] = round(time.time() - started, 3)
+        return BuildResult(build.build_dir, report)
+    publish_bundle(build, report, log, reporter, started)
+    return BuildResult(build.build_dir, report)
+
+
+def _last_stage_index(force: tuple[str, ...], until: str | None) -> int:
+    """Where ``--until`` stops (the last stage otherwise); unknown stage names are a usage error."""
+    for name in force:
+        if name not in ORDER:
+            raise UsageError(f"--force: unknown stage '{name}'; stages are {', '.join(ORDER)}")
+    if until is not None and until not in ORDER:
+        raise UsageError(f"--until: unknown stage '{until}'; stages are {', '.join(ORDER)}")
+    return ORDER.index(until) if until else len(ORDER) - 1
+
+
+def _new_build_log(build: Build) -> Path:
+    logs = build.artifacts / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"{build.recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    log.touch()
+    return log
+
+
+def _psnr(node: Node) -> dict:
+    from sdbuild.stages.verify import read_psnr
+
+    return read_psnr(node.entry.path)
+
+
+def build_stages(build: Build, todo: list[Node], force: tuple[str, ...], log: Path, reporter: Reporter, jobs: int | None) -> None:
+    """Take each of ``todo`` from the cache or build it, side by side where inputs and memory allow."""
+    import psutil
+
+    cache = build.cache
     to_build = [n for n in todo if n.stage.name in force or cache.get(n.stage.name, n.key) is None]
     if to_build:
         start_stage_server()  # it imports the libraries while the cache is checked
@@ -998,13 +1023,33 @@ def run_build(
             node.status = "failed"
         reporter.stage_finished(node)
 
-    import psutil
-
     gate = MemoryGate(psutil.virtual_memory().available)
     schedule(todo, run_node, jobs=jobs or default_jobs(), gate=gate, estimate=estimate, started=reporter.stage_started, finished=finished)
 
-    finals = final_nodes(build.nodes)
-    psnr = {n.component: read_psnr(n.entry.path) for n in build.nodes if n.stage.name == "verify" and n.entry}
+
+def shipped_package(build: Build, component: str) -> dict[str, Any]:
+    """The package ``component`` ships, from its last package-producing stage: ``whole`` (the one
+    package, for the Python layout and verify) and ``swift`` (the chunks, or the compiled models)."""
+    from sdbuild.stages.chunk import part_paths
+    from sdbuild.stages.compile import compiled_paths
+
+    node = final_nodes(build.nodes)[component]
+    whole = node.entry.path / "model.mlpackage"
+    chunk = next((n for n in build.nodes if n.stage.name == "chunk" and n.component == component), None)
+    compiled = next((n for n in build.nodes if n.stage.name == "compile" and n.component == component and n.entry), None)
+    swift = part_paths(chunk.entry.path) if chunk else [whole]
+    if compiled is not None:
+        swift = compiled_paths(compiled.entry.path, compiled.entry.manifest)
+    return {"swift": swift, "whole": whole}
+
+
+def build_report(build: Build, started: float, notes: list[str], psnr: dict[str, dict]) -> dict:
+    """build.json's content for the stages just taken or built: keys, timings, peaks, sizes, PSNRs.
+
+    ``notes`` is the report's own list (lines added later land in it); ``psnr``: each verified component's figures.
+    """
+    from sdbuild.stages.chunk import chunk_facts
+
     report = {
         "name": build.recipe.name,
         "recipe_file": str(build.recipe_path),
@@ -1032,7 +1077,7 @@ def run_build(
         "components": {},
         "notes": notes,
     }
-    for comp, node in finals.items():
+    for comp, node in final_nodes(build.nodes).items():
         if node.entry is None:
             continue
         convert = next(n for n in build.nodes if n.component == comp and n.stage.name == "convert")
@@ -1058,13 +1103,24 @@ def run_build(
     analyze = next((n for n in build.nodes if n.stage.name == "analyze" and n.entry), None)
     if analyze is not None and (analyze.entry.path / "analysis.png").is_file():
         report["compression_plot"] = str(analyze.entry.path / "analysis.png")
+    return report
+
+
+def _note_skipped_device_work(psnr: dict, limit: int, notes: list[str], reporter: Reporter) -> None:
+    """One line each for what needs macOS and was skipped: the device PSNR, the compiler."""
+    from sdbuild.stages.compile import SKIP_REASON, compiler_available
+    from sdbuild.stages.verify import DEVICE_SKIPPED
+
     if psnr and any("note" in p for p in psnr.values()):
         notes.append(DEVICE_SKIPPED)
         reporter.note(DEVICE_SKIPPED)
-
     if limit >= ORDER.index("compile") and not compiler_available():
         notes.append(SKIP_REASON)
         reporter.note(SKIP_REASON)
+
+
+def check_psnr(build: Build, psnr: dict, log: Path) -> None:
+    """Refuse the bundle where a component's PSNR is below the recipe's minimum, or chained chunks drift."""
     minimum = build.recipe.verify.psnr_min_db
     for comp, figures in psnr.items():
         if figures.get("chain_psnr_db", CHAIN_MIN_DB) < CHAIN_MIN_DB:
@@ -1077,22 +1133,18 @@ def run_build(
                 f"verify {comp}: PSNR {figures['psnr_db']:.1f} dB against the float32 reference is below "
                 f"verify.psnr_min_db {minimum:g} dB; the bundle was not written (figures in {log})"
             )
-    if limit < ORDER.index("bundle"):
-        report["seconds"] = round(time.time() - started, 3)
-        return BuildResult(build.build_dir, report)
+
+
+def publish_bundle(build: Build, report: dict, log: Path, reporter: Reporter, started: float) -> None:
+    """Lay out the bundle (or take the previous one over, same key) in staging, add the sample
+    image, report and log, then publish it under the build's name by a rename."""
+    from sdbuild.report import write_report
+    from sdbuild.stages.bundle import write_bundle
 
     download = build.nodes[0]
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{build.recipe.name}-p{os.getpid()}-", dir=_mkdir(build.build_dir.parent)))
     try:
-        packages = {}
-        for comp, node in finals.items():
-            whole = node.entry.path / "model.mlpackage"
-            chunk = next((n for n in build.nodes if n.stage.name == "chunk" and n.component == comp), None)
-            compiled = next((n for n in build.nodes if n.stage.name == "compile" and n.component == comp and n.entry), None)
-            swift = part_paths(chunk.entry.path) if chunk else [whole]
-            if compiled is not None:
-                swift = compiled_paths(compiled.entry.path, compiled.entry.manifest)
-            packages[comp] = {"swift": swift, "whole": whole}
+        packages = {comp: shipped_package(build, comp) for comp in final_nodes(build.nodes)}
         key = bundle_key(build)
         reused = _reuse_bundle(build.build_dir, key, staging)
         if reused is None:
@@ -1118,7 +1170,6 @@ def run_build(
             # The bundle, report or build.json met a full disk: one line, nothing published.
             raise DiskFullError(disk_full_line(full, build.build_dir), full) from None
         raise
-    return BuildResult(build.build_dir, report)
 
 
 BUNDLE_FILES_EXCLUDED = ("build.json", "build.log", "report.html", "report.md")  # rewritten by every run

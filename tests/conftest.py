@@ -58,3 +58,11 @@ def warm_artifacts(tmp_path_factory) -> Path:
         shared.mkdir(exist_ok=True)
         return shared
     return tmp_path_factory.mktemp("warm-artifacts")
+
+
+@pytest.fixture(scope="module")
+def artifacts(warm_artifacts) -> Path:
+    """Where a module's bundles are built: the shared warm cache (modules testing cold builds define their own)."""
+    from builds import artifacts_folder
+
+    return artifacts_folder(warm_artifacts)

@@ -10,7 +10,6 @@ error under strong guidance). PSNR is on the decoded image in [0, 1].
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -18,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import assert_one_line_error, run_cli, write_recipe
+from builds import build_once
+from helpers import assert_one_line_error, run_cli
 from sdbuild.generate import (
     SCHEDULERS,
     ChainedRunner,
@@ -32,7 +32,6 @@ from sdbuild.generate import (
     scheduler_name,
 )
 from sdbuild.metrics import psnr
-from sdbuild.stages.download import checkpoint_dir
 
 PROMPT = "a photo of a cat on a red sofa"
 SIZE = "resolution: {height: 64, width: 64}\nverify: {samples: 1}\n"
@@ -54,28 +53,10 @@ FIGURES: dict[str, float] = {}
 # --------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module")
-def artifacts(warm_artifacts) -> Path:
-    # The stage cache is keyed by content, so a kept folder is safe to reuse between runs.
-    kept = os.environ.get("SDBUILD_TEST_ARTIFACTS")
-    return Path(kept) if kept else warm_artifacts
-
-
-_BUILDS: dict[str, tuple[Path, Path, Path]] = {}
-
-
 def build(artifacts: Path, name: str) -> tuple[Path, Path, Path]:
-    """(build folder, checkpoint folder, download cache entry) of recipe ``name``, built once per module."""
-    from sdbuild.executor import prepare, run_build
-
-    key = f"{artifacts}:{name}"
-    if key not in _BUILDS:
-        recipe = write_recipe(artifacts, name, f"name: {name}\n" + RECIPES[name])
-        plan = prepare(recipe, artifacts)
-        result = run_build(plan)
-        entry = plan.nodes[0].entry.path
-        _BUILDS[key] = result.build_dir, checkpoint_dir(entry), entry
-    return _BUILDS[key]
+    """(build folder, checkpoint folder, download cache entry) of recipe ``name``, built once per run."""
+    built = build_once(artifacts, name, RECIPES[name])
+    return built.build_dir, built.checkpoint, built.download_entry
 
 
 @pytest.fixture(scope="module")

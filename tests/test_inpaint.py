@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +17,6 @@ from sdbuild.metrics import psnr
 
 PROMPT = "a photo of a cat on a red sofa"
 MATCH_DB = 30.0  # the bar against diffusers
-
-
-@pytest.fixture(scope="module")
-def artifacts(warm_artifacts) -> Path:
-    kept = os.environ.get("SDBUILD_TEST_ARTIFACTS")
-    return Path(kept) if kept else warm_artifacts
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,12 @@ check and then through the reference executor.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from helpers import write_recipe
+from builds import build_once
 from sdbuild.stages.download import checkpoint_dir
 
 SIZE = 64
@@ -43,26 +42,10 @@ RECIPES = {
 APPLE_DTYPES = {65552: np.float16, 65568: np.float32, 131104: np.int32}
 F16, F32 = "float16", "float32"
 
-_BUILDS: dict[str, tuple[Path, Path]] = {}
-
-
 def build(artifacts: Path, name: str) -> tuple[Path, Path]:
     """(build folder, checkpoint folder) of recipe ``name``, built once per run."""
-    from sdbuild.executor import prepare, run_build
-
-    if name not in _BUILDS:
-        recipe = write_recipe(artifacts, name, f"name: {name}\n" + RECIPES[name])
-        plan = prepare(recipe, artifacts)
-        result = run_build(plan)
-        _BUILDS[name] = result.build_dir, checkpoint_dir(plan.nodes[0].entry.path)
-    return _BUILDS[name]
-
-
-@pytest.fixture(scope="module")
-def artifacts(warm_artifacts) -> Path:
-    # The stage cache is keyed by content, so a kept folder is safe to reuse between runs (as test_generate).
-    kept = os.environ.get("SDBUILD_TEST_ARTIFACTS")
-    return Path(kept) if kept else warm_artifacts
+    built = build_once(artifacts, name, RECIPES[name])
+    return built.build_dir, built.checkpoint
 
 
 @pytest.fixture(scope="module")

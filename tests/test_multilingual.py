@@ -32,12 +32,6 @@ PYTHON = "python/Stable_Diffusion_version_synthetic:tiny-sd_multilingual_text_en
 
 
 @pytest.fixture(scope="module")
-def artifacts(warm_artifacts) -> Path:
-    kept = os.environ.get("SDBUILD_TEST_ARTIFACTS")
-    return Path(kept) if kept else warm_artifacts
-
-
-@pytest.fixture(scope="module")
 def recipe_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("ml")
     save_projection(folder / "projection.pt", WIDTH)

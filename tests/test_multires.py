@@ -8,19 +8,18 @@ text encoder's stages are a hit from the other modules' tiny builds).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from builds import build_once
 from helpers import assert_one_line_error, run_cli, write_recipe
 from sdbuild.errors import RecipeError
 from sdbuild.generate import GenerationError, Pipeline, make_scheduler
 from sdbuild.metrics import psnr
 from sdbuild.recipe import load_recipe
-from sdbuild.stages.download import checkpoint_dir
 
 PROMPT = "a photo of a cat on a red sofa"
 SIZES = [(64, 64), (64, 96), (96, 64)]  # square (the default), landscape, portrait
@@ -34,26 +33,10 @@ MATCH_DB = 30.0  # the issue's bar for a bundle's image against diffusers'
 SHARED_MAX = 1.25  # the issue's bar: three resolutions' weight bytes against one's
 
 
-@pytest.fixture(scope="module")
-def artifacts(warm_artifacts) -> Path:
-    kept = os.environ.get("SDBUILD_TEST_ARTIFACTS")
-    return Path(kept) if kept else warm_artifacts
-
-
-_BUILDS: dict[str, tuple[Path, Path]] = {}
-
-
 def build(artifacts: Path, name: str) -> tuple[Path, Path]:
-    """(build folder, checkpoint folder) of recipe ``name``, built once per module."""
-    from sdbuild.executor import prepare, run_build
-
-    key = f"{artifacts}:{name}"
-    if key not in _BUILDS:
-        recipe = write_recipe(artifacts, name, f"name: {name}\n" + RECIPES[name])
-        plan = prepare(recipe, artifacts)
-        result = run_build(plan)
-        _BUILDS[key] = result.build_dir, checkpoint_dir(plan.nodes[0].entry.path)
-    return _BUILDS[key]
+    """(build folder, checkpoint folder) of recipe ``name``, built once per run."""
+    built = build_once(artifacts, name, RECIPES[name])
+    return built.build_dir, built.checkpoint
 
 
 @pytest.fixture(scope="module")

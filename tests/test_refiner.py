@@ -10,18 +10,17 @@ image-to-image test. Images are compared with diffusers' StableDiffusionXLPipeli
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from builds import build_once
 from helpers import assert_one_line_error, run_cli, write_recipe
 from sdbuild.generate import REFINER_START, Pipeline, make_scheduler
 from sdbuild.metrics import psnr
 from sdbuild.stages.bundle import python_package_name, swift_name
-from sdbuild.stages.download import checkpoint_dir
 
 PROMPT = "a photo of a cat on a red sofa"
 SIZE = "resolution: {height: 64, width: 64}\nverify: {samples: 1}\n"
@@ -33,27 +32,10 @@ RECIPES = {
 }
 MATCH_DB = 30.0  # the issue's bar for a bundle's image against diffusers'
 STEPS, GUIDANCE, SEED = 5, 2.0, 11
-_BUILDS: dict[str, tuple[Path, Path, Path | None]] = {}
-
-
-@pytest.fixture(scope="module")
-def artifacts(warm_artifacts) -> Path:
-    kept = os.environ.get("SDBUILD_TEST_ARTIFACTS")
-    return Path(kept) if kept else warm_artifacts
-
-
 def build(artifacts: Path, name: str) -> tuple[Path, Path, Path | None]:
-    """(build folder, checkpoint folder, refiner checkpoint folder or None) of recipe ``name``, built once per module."""
-    from sdbuild.executor import prepare, run_build
-
-    key = f"{artifacts}:{name}"
-    if key not in _BUILDS:
-        recipe = write_recipe(artifacts, name, f"name: {name}\n" + RECIPES[name])
-        plan = prepare(recipe, artifacts)
-        result = run_build(plan)
-        refiner = next((n for n in plan.nodes if n.stage.name == "download" and n.component == "unet_refiner"), None)
-        _BUILDS[key] = result.build_dir, checkpoint_dir(plan.nodes[0].entry.path), refiner and checkpoint_dir(refiner.entry.path)
-    return _BUILDS[key]
+    """(build folder, checkpoint folder, refiner checkpoint folder or None) of recipe ``name``, built once per run."""
+    built = build_once(artifacts, name, RECIPES[name])
+    return built.build_dir, built.checkpoint, built.downloads.get("unet_refiner")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ with a multilingual projection and a ControlNet, chunked (``ml-cn``).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -30,13 +29,6 @@ controlnet: [synthetic:tiny-controlnet]
 chunk: {unet: 2}
 verify: {samples: 1}
 """
-
-
-@pytest.fixture(scope="module")
-def artifacts(warm_artifacts) -> Path:
-    # As test_generate's: the stage cache is keyed by content, so a kept folder is safe to reuse.
-    kept = os.environ.get("SDBUILD_TEST_ARTIFACTS")
-    return Path(kept) if kept else warm_artifacts
 
 
 @pytest.fixture(scope="module")
