@@ -98,16 +98,25 @@ def imported_modules(module: str, package_dir: Path = PACKAGE_DIR) -> frozenset[
 
     Each import statement is found by its line and parsed with ``ast``; parsing
     whole modules would cost a warm run most of its time. A line that only
-    looks like one (in a docstring) can add a module, never drop one.
+    looks like one (in a docstring) can add a module, never drop one: a
+    statement the line scan cannot parse (a ``)`` in a comment inside an
+    import's parentheses, say) sends the whole module to ``ast``.
     """
     source = module_source(module, package_dir)
     package = module.split(".") if source.name == "__init__.py" else module.split(".")[:-1]
     found = set()
-    for match in _IMPORT_LINE.finditer(source.read_text()):
+    text = source.read_text()
+    statements = []
+    for match in _IMPORT_LINE.finditer(text):
         try:
             (node,) = ast.parse(match.group(0).strip().rstrip("\\")).body
         except SyntaxError:
-            continue
+            if "(" in match.group(0):
+                statements = [n for n in ast.walk(ast.parse(text)) if isinstance(n, (ast.Import, ast.ImportFrom))]
+                break
+            continue  # a docstring's line that only looks like an import
+        statements.append(node)
+    for node in statements:
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):

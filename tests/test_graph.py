@@ -92,6 +92,23 @@ def test_a_changed_helper_module_moves_the_keys_of_the_stages_importing_it(tmp_p
     assert moved("report.py") == set()
 
 
+def test_an_import_the_line_scan_cannot_parse_is_still_followed(tmp_path):
+    """A ')' in a comment inside an import's parentheses cut the scanned statement short: it was dropped."""
+    from sdbuild import executor
+
+    package = tmp_path / "sdbuild"
+    (package / "names").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "names" / "__init__.py").write_text("A = 1\n")
+    (package / "plain.py").write_text("X = 1\n")
+    (package / "user.py").write_text(
+        '"""A docstring line: from nowhere import (something"""\n'
+        "from sdbuild.names import (  # noqa: F401 (re-exported)\n    A,\n)\n"
+        "from sdbuild import plain\n"
+    )
+    assert {"sdbuild.names", "sdbuild.plain"} <= executor.imported_modules("sdbuild.user", package)
+
+
 def test_the_synthetic_tokenizer_corpus_is_in_every_key(tmp_path, monkeypatch):
     """The tiny models' tokenizer is learned from a data file, which no code digest covers."""
     import sdbuild.stages.download as download
