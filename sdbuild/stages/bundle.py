@@ -24,7 +24,8 @@ import shutil
 from pathlib import Path
 
 from sdbuild import __version__
-from sdbuild.bundle_names import (  # noqa: F401 (re-exported: bundle names were this module's)
+# Re-exported too: other modules import these names from here.
+from sdbuild.bundle_names import (  # noqa: F401
     PIPELINE_FILE,
     PYTHON_FOLDER,
     PYTHON_NAMES,
