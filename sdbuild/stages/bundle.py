@@ -1,6 +1,6 @@
 """Bundle: lay the finished packages out as Apple's consumers expect them.
 
-This module is the one place that knows bundle file names (CONTRACT.md).
+The bundle file names are ``sdbuild.bundle_names``'s (CONTRACT.md).
 Files are reflinked (copy-on-write) out of the cache where the filesystem can,
 else copied: never symlinked, so a bundle survives ``sdbuild cache gc`` and
 being zipped, and never hard-linked, so editing a bundle cannot change the
@@ -24,25 +24,22 @@ import shutil
 from pathlib import Path
 
 from sdbuild import __version__
+# Re-exported too: other modules import these names from here.
+from sdbuild.bundle_names import (  # noqa: F401
+    PIPELINE_FILE,
+    PYTHON_FOLDER,
+    PYTHON_NAMES,
+    RESOURCES_FOLDER,
+    SWIFT_NAMES,
+    TOKENIZER_FILES,
+    controlnet_swift_name,
+    python_package_name,
+    swift_name,
+)
 from sdbuild.cache import clone_file
 from sdbuild.models import SAFETY_CHECKER_IMAGE_SIZED, SAFETY_CHECKER_IMAGES
 from sdbuild.stages.download import checkpoint_dir, vae_dir
 
-SWIFT_NAMES = {
-    "text_encoder": "TextEncoder",
-    "text_encoder_2": "TextEncoder2",
-    "unet": "Unet",
-    "unet_refiner": "UnetRefiner",
-    "vae_decoder": "VAEDecoder",
-    "vae_encoder": "VAEEncoder",
-    "safety_checker": "SafetyChecker",
-    "controlled_unet": "ControlledUnet",
-    "multilingual_projection": "MultilingualTextEncoderProjection",
-}
-# Apple's Python pipeline loads no projection; its name follows that pipeline's pattern.
-PYTHON_NAMES = {"controlled_unet": "control-unet", "unet_refiner": "refiner", "multilingual_projection": "multilingual_text_encoder_projection"}
-TOKENIZER_FILES = ("vocab.json", "merges.txt")
-PIPELINE_FILE = "pipeline.json"
 SPEC_PATH = Path("Data/com.apple.CoreML/model.mlmodel")
 
 # Short descriptions of every input and output, saying what Apple's converter's descriptions say, in our words.
@@ -92,30 +89,6 @@ def layout_components(components: list[str], layout: str, height: int, width: in
     at = out.index("safety_checker")
     out[at : at + 1] = variants
     return out
-
-
-def swift_name(component: str, part: int | None = None) -> str:
-    """``Unet``; ``UnetChunk1`` for part 1 of a chunked unet; ``controlnet/<Name>`` for a ControlNet."""
-    if component.startswith("controlnet/"):
-        return f"controlnet/{controlnet_swift_name(component.split('/', 1)[1])}"
-    base = SWIFT_NAMES[component]
-    return f"{base}Chunk{part}" if part else base
-
-
-def python_package_name(model_version: str, component: str) -> str:
-    """Apple's Python pipeline name: every '/' of the model version becomes '_'.
-
-    A ControlNet is ``controlnet/<its version with / as _>.mlpackage``.
-    """
-    if component.startswith("controlnet/"):
-        return f"controlnet/{component.split('/', 1)[1].replace('/', '_')}.mlpackage"
-    name = PYTHON_NAMES.get(component, component.split("/")[0])
-    return f"Stable_Diffusion_version_{model_version.replace('/', '_')}_{name}.mlpackage"
-
-
-def controlnet_swift_name(hub_id: str) -> str:
-    """``lllyasviel/sd-controlnet-mlsd`` → ``LllyasvielSdControlnetMlsd``."""
-    return "".join(w[:1].upper() + w[1:] for w in re.split(r"[^A-Za-z0-9]+", hub_id) if w)
 
 
 def _link(src, dst) -> None:
@@ -238,7 +211,7 @@ def write_bundle(recipe, family: str, packages: dict[str, dict], download_entry:
     checkpoint = checkpoint_dir(download_entry)
     written = []
     if layout in ("swift", "both"):
-        resources = dest / "Resources"
+        resources = dest / RESOURCES_FOLDER
         resources.mkdir(parents=True)
         for component, parts in packages.items():
             if component == SAFETY_CHECKER_IMAGE_SIZED:
@@ -256,7 +229,7 @@ def write_bundle(recipe, family: str, packages: dict[str, dict], download_entry:
         for name in TOKENIZER_FILES:
             shutil.copyfile(tokenizer_dir(checkpoint) / name, resources / name)
     if layout in ("python", "both"):
-        folder = dest / "python"
+        folder = dest / PYTHON_FOLDER
         folder.mkdir(parents=True)
         for component, parts in packages.items():
             if component == "safety_checker" and SAFETY_CHECKER_IMAGE_SIZED in packages:
