@@ -131,6 +131,7 @@ def stage(name: str, component: str | None, fields: dict, upstream: dict, out: P
 
 
 def measure(args) -> dict:
+    from sdbuild.cache import sha256_file
     from sdbuild.stages.download import resolve_source
 
     folder, single = models(args.cache, args.tiny)
@@ -153,24 +154,36 @@ def measure(args) -> dict:
     result["detected"] = {k: single_source[k] for k in ("family", "inpainting", "prediction_type")}
     work = Path(tempfile.mkdtemp(prefix="bench-single-file-", dir=args.cache))
     s = result["stages"]
-    try:
-        s["single_file_download"] = stage("download", None, {"source": single_source}, {}, work / "single_file_download", work)
-        s["folder_download"] = stage("download", None, {"source": folder_source}, {}, work / "folder_download", work)
-        s["folder_trace_unet"] = stage(
+    runs = {
+        "single_file_download": lambda: stage("download", None, {"source": single_source}, {}, work / "single_file_download", work),
+        "folder_download": lambda: stage("download", None, {"source": folder_source}, {}, work / "folder_download", work),
+        "folder_trace_unet": lambda: stage(
             "trace", "unet", trace_fields, {"download": work / "folder_download"}, work / "folder_trace_unet", work
-        )
-        shutil.rmtree(work / "folder_trace_unet")  # GBs of TorchScript
-        s["single_file_trace_unet"] = stage(
+        ),
+        "single_file_trace_unet": lambda: stage(
             "trace", "unet", trace_fields, {"download": work / "single_file_download"}, work / "single_file_trace_unet", work
-        )
-        converted = work / "single_file_download" / "model"
-        result["converted_folder_bytes"] = sum(f.stat().st_size for f in converted.rglob("*") if f.is_file())
+        ),
+    }
+    needs = {"folder_trace_unet": "folder_download", "single_file_trace_unet": "single_file_download"}
+    wanted = [name for name in runs if name in args.stages or any(needs.get(w) == name for w in args.stages)]
+    try:
+        for name in wanted:
+            s[name] = runs[name]()
+            if name.endswith("trace_unet"):
+                shutil.rmtree(work / name)  # GBs of TorchScript
+            if name == "single_file_download":
+                converted = work / name / "model"
+                result["converted_folder_bytes"] = sum(f.stat().st_size for f in converted.rglob("*") if f.is_file())
+                # Not measured: shows the converted folder is the same bytes before and after a change.
+                result["converted_sha256"] = {
+                    f.relative_to(converted).as_posix(): sha256_file(f) for f in sorted(converted.rglob("*")) if f.is_file()
+                }
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result["load_after"] = [round(x, 2) for x in os.getloadavg()]
-    result["single_file_peak_over_folder_path_peak"] = round(
-        s["single_file_download"]["peak_rss_gib"] / max(s["folder_download"]["peak_rss_gib"], s["folder_trace_unet"]["peak_rss_gib"]), 3
-    )
+    if "single_file_download" in s and "folder_trace_unet" in s:
+        folder_peak = max(s["folder_download"]["peak_rss_gib"], s["folder_trace_unet"]["peak_rss_gib"])
+        result["single_file_peak_over_folder_path_peak"] = round(s["single_file_download"]["peak_rss_gib"] / folder_peak, 3)
     return result
 
 
@@ -178,10 +191,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="a tiny SDXL (tests/models/single_file.py) to try the code path")
     parser.add_argument("--cache", type=Path, default=Path("/work/bench-cache"))
+    parser.add_argument("--stages", default="single_file_download,folder_download,folder_trace_unet,single_file_trace_unet",
+                        help="which to measure (a trace brings its download along)")
+    parser.add_argument("--result", default="single-file-sdxl.json", help="file name under bench/results/")
     parser.add_argument("--make", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.cache = args.cache.resolve()
     args.cache.mkdir(parents=True, exist_ok=True)
+    args.stages = args.stages.split(",")
     if args.make:
         make_models(args.cache, args.tiny)
         return
@@ -192,7 +209,8 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     if not args.tiny:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "single-file-sdxl.json").write_text(json.dumps(result, indent=2) + "\n")
+        result["commit"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        (RESULTS / args.result).write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
