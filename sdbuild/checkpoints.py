@@ -122,7 +122,38 @@ def load_tensors(path: Path, prefixes: tuple[str, ...], dtype=None) -> dict:
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
-        return {k: cast(f.get_tensor(k)) for k in f.keys() if k.startswith(prefixes)}
+        sizes = {k: _nbytes(f.get_slice(k)) for k in f.keys() if k.startswith(prefixes)}
+    tensors = {}
+    for batch in _batches(sizes, MAPPED_BYTES):
+        # safetensors maps the file, and each page read counts in this process's memory until the
+        # file is closed (as much again as a float16 file's tensors): reopened every MAPPED_BYTES.
+        with safe_open(str(path), "pt") as f:
+            tensors.update((k, cast(f.get_tensor(k))) for k in batch)
+    return tensors
+
+
+MAPPED_BYTES = 1 << 29  # how much of a safetensors file load_tensors reads before closing it
+DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
+
+
+def _nbytes(view) -> int:
+    """Bytes of a safetensors slice's tensor (1 per element for 8-bit and boolean types)."""
+    count = 1
+    for n in view.get_shape():
+        count *= n
+    return count * DTYPE_BYTES.get(view.get_dtype(), 1)
+
+
+def _batches(sizes: dict[str, int], limit: int) -> list[list[str]]:
+    """The names of ``sizes`` in order, in runs of at most ``limit`` bytes (a larger tensor alone)."""
+    batches, total = [[]], 0
+    for name, size in sizes.items():
+        if batches[-1] and total + size > limit:
+            batches.append([])
+            total = 0
+        batches[-1].append(name)
+        total += size
+    return [b for b in batches if b]
 
 
 # --- which family ------------------------------------------------------------

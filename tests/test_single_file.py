@@ -214,12 +214,16 @@ def _diffusers_folder(path, dest, detected):
         model.save_pretrained(dest / component, safe_serialization=True)
 
 
-def test_converted_folder_is_byte_identical_to_diffusers_loading(single_files, tmp_path):
-    """Reading the tensors already in the model's dtype (the memory-frugal path) writes the same bytes,
-    every file, as diffusers loading the float16 file and saving; the weights are float32 as diffusers leaves them."""
+def test_converted_folder_is_byte_identical_to_diffusers_loading(single_files, tmp_path, monkeypatch):
+    """Reading the tensors already in the model's dtype, the file reopened every few tensors (the
+    memory-frugal path), writes the same bytes, every file, as diffusers loading the float16 file and
+    saving; the weights are float32 as diffusers leaves them."""
     from safetensors import safe_open
 
+    from sdbuild import checkpoints
     from sdbuild.checkpoints import convert_single_file, detect_family, tensor_shapes
+
+    monkeypatch.setattr(checkpoints, "MAPPED_BYTES", 1 << 16)  # many reopenings, a tensor larger than that alone
 
     path, _ = single_files["sdxl"]  # both text encoder layouts, the unet and the VAE
     detected = detect_family(tensor_shapes(path), str(path))
