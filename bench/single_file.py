@@ -150,7 +150,8 @@ def measure(args) -> dict:
     }
     # Resolving hashes the file and the folder (in the build's own process, before any stage): not measured.
     single_source = resolve_source(str(single), "main", None, False)
-    folder_source = resolve_source(str(folder), "main", None, False)
+    wants_folder = any(name.startswith("folder_") for name in args.stages)
+    folder_source = resolve_source(str(folder), "main", None, False) if wants_folder else None
     result["detected"] = {k: single_source[k] for k in ("family", "inpainting", "prediction_type")}
     work = Path(tempfile.mkdtemp(prefix="bench-single-file-", dir=args.cache))
     s = result["stages"]
