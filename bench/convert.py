@@ -169,7 +169,7 @@ def measure(args) -> dict:
         if args.sizes:
             result["weight_bytes"] = sum(f.stat().st_size for p in parts for f in p.rglob("weight.bin"))
             if args.executor_functions != 0:
-                result["executor"] = executor_seconds(parts[0], args.executor_functions)
+                result["executor"] = executor_seconds(parts[0], args.executor_functions, args.executor_deadline)
     finally:
         peak = tree.stop()
         if not args.keep:
@@ -188,16 +188,26 @@ def measure(args) -> dict:
     return result
 
 
-def executor_seconds(package: Path, limit: int | None = None) -> dict:
+def executor_seconds(package: Path, limit: int | None = None, deadline: float | None = None) -> dict:
     """The reference executor on each function of ``package`` (the first ``limit``), each in a fresh process:
-    load seconds, one float16 run's seconds (inputs as the function declares them, batch included), peak RSS."""
+    load seconds, one float16 run's seconds (inputs as the function declares them, batch included), peak RSS.
+    A run still going at ``deadline`` (time.time()) is stopped and recorded as such, later ones not started."""
     from sdbuild.convert.multifunction import function_names
 
     out = {}
     for name in (function_names(package) or [None])[:limit]:
+        left = None if deadline is None else deadline - time.time()
+        if left is not None and left < 10:
+            out[name or "main"] = {"not_run": "deadline"}
+            continue
         cmd = [sys.executable, __file__, "--executor-run", str(package)] + (["--function", name] if name else [])
         print(f"executor: {name or 'main'} ...", file=sys.stderr, flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        started = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=left)
+        except subprocess.TimeoutExpired:
+            out[name or "main"] = {"stopped_after_s": round(time.perf_counter() - started, 1)}
+            continue
         out[name or "main"] = json.loads(proc.stdout.splitlines()[-1])
     return out
 
@@ -279,6 +289,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the stage outputs (path in the JSON)")
     parser.add_argument("--json", action="store_true", help="one target: print its figures as one JSON object")
     parser.add_argument("--executor-functions", type=int, help="with --sizes: run the executor on the first N functions (0: none; default all)")
+    parser.add_argument("--executor-deadline", type=float, help="unix time: stop the executor runs there (the figures so far are kept)")
     parser.add_argument("--make-checkpoint", metavar="MODEL", help=argparse.SUPPRESS)
     parser.add_argument("--executor-run", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--function", help=argparse.SUPPRESS)

@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--attention", default="SPLIT_EINSUM", help="the recipe's default, as the multires tests build")
     parser.add_argument("--counts", default="1,2,3", help="how many of the sizes, per run")
     parser.add_argument("--executor-functions", type=int, help="run the executor on the first N functions (default all)")
+    parser.add_argument("--executor-deadline", type=float, help="unix time: stop the executor runs there")
     parser.add_argument("--cache", type=Path, default=Path("/work/bench-cache"))
     args = parser.parse_args()
     counts = [int(c) for c in args.counts.split(",")]
@@ -44,6 +45,7 @@ def main() -> None:
         # The executor runs on the package with every size only.
         limit = args.executor_functions if count == max(counts) else 0
         cmd += ["--executor-functions", str(limit)] if limit is not None else []
+        cmd += ["--executor-deadline", str(args.executor_deadline)] if args.executor_deadline and limit != 0 else []
         print(" ".join(cmd[1:]), file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
         rows[str(count)] = json.loads(proc.stdout)
@@ -58,6 +60,9 @@ def main() -> None:
             f"{r['stages']['trace']['seconds']:>8.1f} {r['stages']['convert']['seconds']:>9.1f} {r['peak_rss_gib']:>8.2f} {r['load_before'][0]:>5.2f}"
         )
         for name, e in (r.get("executor") or {}).items():
+            if "run_s" not in e:
+                print(f"      executor {name}: {e}")
+                continue
             print(f"      executor {name}: load {e['load_s']} s, run {e['run_s']} s (fp16), peak {e['peak_rss_gib']} GiB")
 
 
