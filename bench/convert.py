@@ -35,7 +35,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
 
-RESOLUTION = {"sd15": 512, "sd21-base": 512, "sdxl": 1024}
+RESOLUTION = {"sd15": 512, "sd21-base": 512, "sdxl": 1024, "tiny": 64}
+# A small unet with SD 1.5's layout, to try the script in seconds (``--model tiny``).
+TINY_UNET = {
+    "block_out_channels": [32, 64],
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "layers_per_block": 1,
+    "cross_attention_dim": 64,
+    "attention_head_dim": 8,
+    "norm_num_groups": 8,
+    "sample_size": 8,
+}
 
 # (model, component, attention, nbits, chunk): what `make bench` measures. SDXL last: it takes longest.
 TARGETS = [
@@ -50,6 +61,8 @@ TARGETS = [
 
 
 def configs(model: str) -> dict:
+    if model == "tiny":
+        return {"unet": TINY_UNET}
     sys.path.insert(0, str(ROOT / "tests" / "models"))
     from full_size import ARCHS  # the public full-size configs, shared with the model tests
 
@@ -155,7 +168,8 @@ def measure(args) -> dict:
         result["packages"] = {p.name: package_bytes(p) for p in parts}
         if args.sizes:
             result["weight_bytes"] = sum(f.stat().st_size for p in parts for f in p.rglob("weight.bin"))
-            result["executor_s"] = executor_seconds(parts[0])
+            if args.executor_functions != 0:
+                result["executor"] = executor_seconds(parts[0], args.executor_functions, args.executor_deadline)
     finally:
         peak = tree.stop()
         if not args.keep:
@@ -174,22 +188,53 @@ def measure(args) -> dict:
     return result
 
 
-def executor_seconds(package: Path) -> dict:
-    """Seconds the reference executor takes per function of ``package``: load, then one float16 run."""
-    import numpy as np
-
+def executor_seconds(package: Path, limit: int | None = None, deadline: float | None = None) -> dict:
+    """The reference executor on each function of ``package`` (the first ``limit``), each in a fresh process:
+    load seconds, one float16 run's seconds (inputs as the function declares them, batch included), peak RSS.
+    A run still going at ``deadline`` (time.time()) is stopped and recorded as such, later ones not started."""
     from sdbuild.convert.multifunction import function_names
-    from sdbuild.mil.executor import load_program
 
     out = {}
-    for name in function_names(package) or [None]:
+    for name in (function_names(package) or [None])[:limit]:
+        left = None if deadline is None else deadline - time.time()
+        if left is not None and left < 10:
+            out[name or "main"] = {"not_run": "deadline"}
+            continue
+        cmd = [sys.executable, __file__, "--executor-run", str(package)] + (["--function", name] if name else [])
+        print(f"executor: {name or 'main'} ...", file=sys.stderr, flush=True)
         started = time.perf_counter()
-        program = load_program(package, function=name)
-        loaded = time.perf_counter()
-        feeds = {k: np.random.default_rng(0).standard_normal(shape).astype(np.float32) for k, (shape, _) in program.inputs.items()}
-        program.run(feeds, precision="fp16")
-        out[name or "main"] = {"load_s": round(loaded - started, 1), "run_s": round(time.perf_counter() - loaded, 1)}
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=left)
+        except subprocess.TimeoutExpired:
+            out[name or "main"] = {"stopped_after_s": round(time.perf_counter() - started, 1)}
+            continue
+        out[name or "main"] = json.loads(proc.stdout.splitlines()[-1])
     return out
+
+
+def executor_run(package: Path, function: str | None) -> dict:
+    """Load one function of ``package`` into the reference executor and run it once in float16 (as verify does)."""
+    import resource
+
+    import numpy as np
+
+    from sdbuild.mil.executor import load_program
+
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    started = time.perf_counter()
+    program = load_program(package, function=function)
+    loaded = time.perf_counter()
+    rng = np.random.default_rng(0)
+    feeds = {k: rng.standard_normal(shape).astype(np.float32) for k, (shape, _) in program.inputs.items()}
+    program.run(feeds, precision="fp16")
+    return {
+        "inputs": {k: list(shape) for k, (shape, _) in program.inputs.items()},
+        "load_s": round(loaded - started, 1),
+        "run_s": round(time.perf_counter() - loaded, 1),
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),  # Linux: KiB
+        "load_before": load_before,
+        "load_after": [round(x, 2) for x in os.getloadavg()],
+    }
 
 
 def result_name(model, component, attention, nbits, chunk, sizes=None) -> str:
@@ -232,7 +277,7 @@ def run_all(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["sd15", "sd21-base", "sdxl"])
+    parser.add_argument("--model", choices=["sd15", "sd21-base", "sdxl", "tiny"])
     parser.add_argument("--component", choices=["unet", "text_encoder", "vae_decoder"], default="unet")
     parser.add_argument("--attention", choices=["ORIGINAL", "SPLIT_EINSUM", "SPLIT_EINSUM_V2"], default="SPLIT_EINSUM")
     parser.add_argument("--nbits", type=int)
@@ -243,9 +288,16 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("/tmp/sdbuild-bench"))
     parser.add_argument("--keep", action="store_true", help="keep the stage outputs (path in the JSON)")
     parser.add_argument("--json", action="store_true", help="one target: print its figures as one JSON object")
+    parser.add_argument("--executor-functions", type=int, help="with --sizes: run the executor on the first N functions (0: none; default all)")
+    parser.add_argument("--executor-deadline", type=float, help="unix time: stop the executor runs there (the figures so far are kept)")
     parser.add_argument("--make-checkpoint", metavar="MODEL", help=argparse.SUPPRESS)
+    parser.add_argument("--executor-run", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--function", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.cache = args.cache.resolve()
+    if args.executor_run:
+        print(json.dumps(executor_run(args.executor_run, args.function)))
+        return
     if args.make_checkpoint:
         make_checkpoint(args.make_checkpoint, args.cache / f"ckpt-{args.make_checkpoint}")
         return

@@ -109,15 +109,51 @@ def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def load_tensors(path: Path, prefixes: tuple[str, ...]) -> dict:
-    """The tensors of ``path`` whose names start with one of ``prefixes`` (only those are read)."""
+def load_tensors(path: Path, prefixes: tuple[str, ...], dtype=None) -> dict:
+    """The tensors of ``path`` whose names start with one of ``prefixes`` (only those are read).
+
+    With ``dtype``, floating tensors are cast to it one at a time as they are
+    read, so the file's own copy of each is freed before the next is read.
+    """
     path = Path(path)
+    cast = (lambda t: t.to(dtype) if dtype is not None and t.is_floating_point() else t)  # noqa: E731
     if path.suffix.lower() != ".safetensors":
-        return {k: v for k, v in _pickled_state_dict(path).items() if k.startswith(prefixes)}
+        return {k: cast(v) for k, v in _pickled_state_dict(path).items() if k.startswith(prefixes)}
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefixes)}
+        sizes = {k: _nbytes(f.get_slice(k)) for k in f.keys() if k.startswith(prefixes)}
+    tensors = {}
+    for batch in _batches(sizes, MAPPED_BYTES):
+        # safetensors maps the file, and each page read counts in this process's memory until the
+        # file is closed (as much again as a float16 file's tensors): reopened every MAPPED_BYTES.
+        with safe_open(str(path), "pt") as f:
+            tensors.update((k, cast(f.get_tensor(k))) for k in batch)
+    return tensors
+
+
+MAPPED_BYTES = 1 << 29  # how much of a safetensors file load_tensors reads before closing it
+DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
+
+
+def _nbytes(view) -> int:
+    """Bytes of a safetensors slice's tensor (1 per element for 8-bit and boolean types)."""
+    count = 1
+    for n in view.get_shape():
+        count *= n
+    return count * DTYPE_BYTES.get(view.get_dtype(), 1)
+
+
+def _batches(sizes: dict[str, int], limit: int) -> list[list[str]]:
+    """The names of ``sizes`` in order, in runs of at most ``limit`` bytes (a larger tensor alone)."""
+    batches, total = [[]], 0
+    for name, size in sizes.items():
+        if batches[-1] and total + size > limit:
+            batches.append([])
+            total = 0
+        batches[-1].append(name)
+        total += size
+    return [b for b in batches if b]
 
 
 # --- which family ------------------------------------------------------------
@@ -307,7 +343,10 @@ def _write_json(path: Path, data: dict) -> None:
 def convert_single_file(path: Path, dest: Path, detected: Detected) -> Path:
     """Write the diffusers folder ``dest`` (created) for the single-file checkpoint ``path``.
 
-    Weights keep the file's dtype. One component at a time: only its tensors are read.
+    Weights are saved in torch's default dtype (float32), as diffusers' loader
+    leaves them. One component at a time: only its tensors are read, already
+    in that dtype, so the model takes them as its parameters without a copy
+    (a float16 file's tensors and the float32 model are never both in memory).
     """
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -317,15 +356,16 @@ def convert_single_file(path: Path, dest: Path, detected: Detected) -> Path:
     path, dest = Path(path), Path(dest)
     shapes = tensor_shapes(path)
     write_configs(shapes, detected, dest)
+    dtype = torch.get_default_dtype()  # the dtype of the empty model diffusers loads into
     with torch.no_grad():
         for cls, component, prefix in ((UNet2DConditionModel, "unet", UNET), (AutoencoderKL, "vae", VAE)):
-            tensors = load_tensors(path, (prefix,))
+            tensors = load_tensors(path, (prefix,), dtype)
             model = cls.from_single_file(tensors, config=str(dest), subfolder=component, local_files_only=True)
             _check_all_loaded(model, path, component)
             model.save_pretrained(dest / component, safe_serialization=True)
             del model, tensors
         for component, prefix, kind in TEXT_ENCODERS[detected.family]:
-            tensors = load_tensors(path, (prefix,))
+            tensors = load_tensors(path, (prefix,), dtype)
             if detected.family == "sd2":
                 last = len(_indices(shapes, prefix + "transformer.resblocks.")) - 1
                 tensors = {k: v for k, v in tensors.items() if not k.startswith(f"{prefix}transformer.resblocks.{last}.")}

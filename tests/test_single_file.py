@@ -191,3 +191,51 @@ def test_pickled_checkpoint_with_allow_pickle(single_files, tmp_path):
     build = prepare(_recipe(tmp_path, "ckpt", ckpt, ["unet"], "\n  allow_pickle: true"), tmp_path / "artifacts")
     source = build.nodes[0].fields["source"]
     assert source["family"] == "sd1" and source["inpainting"]
+
+
+def _diffusers_folder(path, dest, detected):
+    """The folder diffusers' own loading gives for ``path``: each model from the file's tensors as they
+    are (float16), loaded into its float32 model and saved; the reference for ``convert_single_file``."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from sdbuild.checkpoints import TEXT_ENCODERS, tensor_shapes, write_configs
+
+    write_configs(tensor_shapes(path), detected, dest)
+    state = load_file(path)
+    for cls, component in ((UNet2DConditionModel, "unet"), (AutoencoderKL, "vae")):
+        model = cls.from_single_file(str(path), config=str(dest), subfolder=component, local_files_only=True)
+        model.save_pretrained(dest / component, safe_serialization=True)
+    for component, _, _ in TEXT_ENCODERS[detected.family]:
+        cls = CLIPTextModelWithProjection if component == "text_encoder_2" else CLIPTextModel
+        model = create_diffusers_clip_model_from_ldm(cls, state, subfolder=component, config=str(dest), local_files_only=True)
+        model.save_pretrained(dest / component, safe_serialization=True)
+
+
+def test_converted_folder_is_byte_identical_to_diffusers_loading(single_files, tmp_path, monkeypatch):
+    """Reading the tensors already in the model's dtype, the file reopened every few tensors (the
+    memory-frugal path), writes the same bytes, every file, as diffusers loading the float16 file and
+    saving; the weights are float32 as diffusers leaves them."""
+    from safetensors import safe_open
+
+    from sdbuild import checkpoints
+    from sdbuild.checkpoints import convert_single_file, detect_family, tensor_shapes
+
+    monkeypatch.setattr(checkpoints, "MAPPED_BYTES", 1 << 16)  # many reopenings, a tensor larger than that alone
+
+    path, _ = single_files["sdxl"]  # both text encoder layouts, the unet and the VAE
+    detected = detect_family(tensor_shapes(path), str(path))
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    convert_single_file(path, ours, detected)
+    _diffusers_folder(path, theirs, detected)
+    files = lambda root: {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}  # noqa: E731
+    got, want = files(ours), files(theirs)
+    assert sorted(got) == sorted(want)
+    assert [name for name in want if got[name] != want[name]] == []
+    assert sum(name.endswith(".safetensors") for name in got) == 4
+    with safe_open(str(path), "pt") as f:
+        assert f.get_slice(next(iter(f.keys()))).get_dtype() == "F16"
+    with safe_open(str(ours / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
