@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sdbuild import __version__, faults
-from sdbuild.workers import short_socket_dir
 from sdbuild.cache import (
     DISK_FULL,
     DiskFullError,
@@ -52,6 +51,7 @@ from sdbuild.cache import (
 from sdbuild.errors import RecipeError, SdbuildError, UsageError
 from sdbuild.recipe import Recipe, check_buildable, check_local_sources, load_recipe
 from sdbuild.stages import ORDER, REFINER, STAGES, Job, Stage
+from sdbuild.workers import short_socket_dir
 
 DEFAULT_ARTIFACTS = Path("artifacts")
 CHAIN_MIN_DB = 60.0  # chunking must not change the numbers: chained parts vs the whole, fp32
@@ -1036,13 +1036,14 @@ def build_stages(build: Build, todo: list[Node], force: tuple[str, ...], log: Pa
     schedule(todo, run_node, jobs=jobs or default_jobs(), gate=gate, estimate=estimate, started=reporter.stage_started, finished=finished)
 
 
-def shipped_package(build: Build, component: str) -> dict[str, Any]:
-    """The package ``component`` ships, from its last package-producing stage: ``whole`` (the one
-    package, for the Python layout and verify) and ``swift`` (the chunks, or the compiled models)."""
+def shipped_package(build: Build, node: Node) -> dict[str, Any]:
+    """The package ``node``'s component ships, ``node`` being its last package-producing stage
+    (``final_nodes``): ``whole`` (the one package, for the Python layout and verify) and
+    ``swift`` (the chunks, or the compiled models)."""
     from sdbuild.stages.chunk import part_paths
     from sdbuild.stages.compile import compiled_paths
 
-    node = final_nodes(build.nodes)[component]
+    component = node.component
     whole = node.entry.path / "model.mlpackage"
     chunk = next((n for n in build.nodes if n.stage.name == "chunk" and n.component == component), None)
     compiled = next((n for n in build.nodes if n.stage.name == "compile" and n.component == component and n.entry), None)
@@ -1153,7 +1154,7 @@ def publish_bundle(build: Build, report: dict, log: Path, reporter: Reporter, st
     download = build.nodes[0]
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{build.recipe.name}-p{os.getpid()}-", dir=_mkdir(build.build_dir.parent)))
     try:
-        packages = {comp: shipped_package(build, comp) for comp in final_nodes(build.nodes)}
+        packages = {comp: shipped_package(build, node) for comp, node in final_nodes(build.nodes).items()}
         key = bundle_key(build)
         reused = _reuse_bundle(build.build_dir, key, staging)
         if reused is None:

@@ -82,7 +82,6 @@ def _digest(array: np.ndarray) -> str:
 IN_PROCESS_ELEMENTS = 4_000_000
 
 
-
 def _kmeans_job(job: tuple[str, np.ndarray, int, bool]) -> tuple[str, np.ndarray]:
     key, weight, nbits, pruned = job
     return key, kmeans_lut(_kept_values(weight) if pruned else weight, nbits)
