@@ -45,6 +45,7 @@ VARIANTS = {
     "50% sparse + 4-bit": dict(nbits=4, sparsity=0.5),
     "linear 8-bit": "linear8",
 }
+ORDER = ["float16", *VARIANTS]
 
 
 def tiny_package(cache: Path) -> tuple[Path, dict]:
@@ -105,7 +106,11 @@ def main() -> None:
             "seconds": round(stats.seconds, 2), "average_bits": round(stats.average_bits, 2),
             "sparsity": round(pkg.weight_sparsity(dst), 3) if "sparsity" in (kw if isinstance(kw, dict) else {}) else 0.0,
         })
-    rows.append({"variant": "W8A8", "not_built": "compression.activations: int8 is not built yet"})
+    out = ROOT / "bench" / "results" / f"joint-{args.model}.json"
+    if args.only and out.is_file():  # a partial run keeps the rows it did not redo
+        kept = [r for r in json.loads(out.read_text())["rows"] if r["variant"] not in args.only and r["variant"] != "float16"]
+        rows = rows[:1] + kept + rows[1:]
+        rows.sort(key=lambda r: ORDER.index(r["variant"]) if r["variant"] in ORDER else len(ORDER))
     result = {
         "model": {"tiny": "synthetic tiny SD unet (64x64)", "sd15": "SD 1.5 unet, public config, random weights, 512x512"}[args.model],
         "target": "iOS18",
@@ -113,7 +118,6 @@ def main() -> None:
         "rows": rows,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_before": os.getloadavg()},
     }
-    out = ROOT / "bench" / "results" / f"joint-{args.model}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print("\n| variant | weight bytes | vs float16 | PSNR (dB) | compress (s) |\n|---|---:|---:|---:|---:|")
     base = rows[0]["weight_bytes"]
