@@ -194,6 +194,7 @@ def cmd_schema(args) -> int:
 
 def cmd_matrix(args) -> int:
     from sdbuild.recipe import expand_matrix
+    from sdbuild.stages import runner_stages
 
     variants = []
     for recipe in args.recipe:
@@ -204,8 +205,8 @@ def cmd_matrix(args) -> int:
                     "recipe": recipe,
                     "overrides": overrides,
                     "command": f"sdbuild run {recipe} --variant {name}",
-                    # Everything up to the bundle runs on Linux; compiling and Core ML checks need a Mac.
-                    "runners": {"linux": ["download", "trace", "convert", "compress", "chunk", "bundle", "verify"], "macos": ["compile", "verify"]},
+                    # From the stages' declarations: compiling and Core ML checks need a Mac.
+                    "runners": runner_stages(),
                 }
             )
     if args.json:

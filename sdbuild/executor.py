@@ -1,10 +1,11 @@
 """The stage graph of a build: planning, scheduling, child processes.
 
-For each component: trace → convert → compress → compile, after one
-download; then bundle (and verify) over them all. Keys come from each stage's
-declaration (sdbuild/stages/__init__.py): its name and version, the recipe
-fields it reads, its upstream keys, the versions of the libraries it uses and
-a digest of its own source.
+For each component: trace → convert → compress → chunk → compile, after one
+download; then verify, and bundle and its sample image over them all. The
+graph and its keys come from each stage's declaration
+(sdbuild/stages/__init__.py): which components it applies to, what it
+consumes (its upstream), its name and version, the recipe fields it reads,
+the versions of the libraries it uses and a digest of its own source.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from sdbuild.cache import (
 )
 from sdbuild.errors import RecipeError, SdbuildError, UsageError
 from sdbuild.recipe import Recipe, check_buildable, check_local_sources, load_recipe
-from sdbuild.stages import ORDER, REFINER, STAGES, Job, Stage
+from sdbuild.stages import EVERY, ORDER, PACKAGE_OF, REFINER, SHIPPED, STAGES, Job, Plan, Stage
 from sdbuild.workers import short_socket_dir
 
 DEFAULT_ARTIFACTS = Path("artifacts")
@@ -244,31 +245,35 @@ def build_graph(
 ) -> list[Node]:
     """Nodes in dependency order. ``source`` is what the download resolved to.
 
-    Per component: trace → convert → (analyze) → compress → chunk, then a
-    verify over what ships. ``with_analysis`` adds the unet's mixed-bit
-    pre-analysis even when the recipe's compression does not use it
-    (``sdbuild analyze``). ``controlnets`` maps each of the recipe's
-    ControlNets to its resolved source; with any, the controlled unet is built
-    beside the plain one. ``compiler`` is coremlcompiler's version where it
-    exists (macOS): then every shipped package is compiled too. ``refiner``:
-    the recipe's ``model.refiner`` resolved; its unet is built from its own
-    download as ``unet_refiner`` (trace → convert → compress → chunk, like
-    the unet; the base's second text encoder serves it, as in Apple's Swift package).
+    Which components the build has is decided here; which stages each one
+    gets, and what each node consumes, is derived from the stages'
+    declarations (``sdbuild.stages.STAGES``: ``applies``, ``consumes``,
+    ``scope``). ``with_analysis`` adds the unet's mixed-bit pre-analysis even
+    when the recipe's compression does not use it (``sdbuild analyze``).
+    ``controlnets`` maps each of the recipe's ControlNets to its resolved
+    source; with any, the controlled unet is built beside the plain one.
+    ``compiler`` is coremlcompiler's version where it exists (macOS): then
+    every shipped package is compiled too. ``refiner``: the recipe's
+    ``model.refiner`` resolved; its unet is built from its own download as
+    ``unet_refiner`` (the base's second text encoder serves it, as in Apple's Swift package).
     """
-    download = Node(STAGES["download"], None, fields=read_fields(recipe, STAGES["download"].fields, {"source": source}))
-    nodes = [download]
+    plan = plan_of(recipe, source, family, with_analysis, controlnets, compiler, refiner)
+    nodes = derive_nodes(plan)
+    for node in nodes:
+        node.fields, node.files = node_fields(plan, node, recipe_dir)
+    return nodes
+
+
+def plan_of(recipe: Recipe, source: dict, family: str, with_analysis: bool, controlnets: dict[str, dict] | None,
+            compiler: str | None, refiner: dict | None) -> Plan:
+    """The build's components and the facts the stages' declarations ask about."""
+    from sdbuild.stages.bundle import layout_components
+
     comp = recipe.compression
     compressed = set(comp.components) if comp else set()
     mixed_bit = comp is not None and comp.mixed_bit is not None
     if mixed_bit:
         compressed &= {"unet"}  # the pre-analysis measures the unet; other components stay float16
-    analyze = None
-    if with_analysis or (mixed_bit and comp.mixed_bit.pre_analysis == "auto"):
-        analyze = Node(STAGES["analyze"], "unet", [download])
-    shipped: dict[str, list[Node]] = {}
-    from sdbuild.stages.bundle import layout_components
-
-    unets = ["unet"] + (["controlled_unet"] if recipe.controlnet else [])
     res = recipe.resolutions[0]
     # The safety checker in the variant(s) the layout's clients feed (Swift: 512x512 images; Python: the image).
     components = layout_components(components_of(recipe, family), recipe.bundle.layout, res.height, res.width)
@@ -278,60 +283,121 @@ def build_graph(
     if recipe.controlnet and "unet" in components:
         components.insert(components.index("unet") + 1, "controlled_unet")
     if recipe.multilingual_projection and family.startswith("sdxl"):
-        from sdbuild.errors import RecipeError
-
         raise RecipeError("multilingual_projection: Apple's SDXL pipeline takes no multilingual text encoder (SD 1.x/2.x only)")
-    for component in components:
-        trace = Node(STAGES["trace"], component, [download])
-        convert = Node(STAGES["convert"], component, [trace])
-        chain = [trace, convert]
-        if component == "unet" and analyze is not None:
-            nodes.append(analyze)
-        if component in compressed or (component == "controlled_unet" and "unet" in compressed):
-            deps = [convert] + ([analyze] if mixed_bit and analyze is not None else [])
-            chain.append(Node(STAGES["compress"], component, deps))
-        if component in unets and recipe.chunk is not None:
-            chain.append(Node(STAGES["chunk"], component, [chain[-1]]))
-        nodes += chain
-        shipped[component] = chain
-    if refiner is not None:
-        component = REFINER
-        fetch = Node(STAGES["download"], component, fields={"source": refiner})
-        trace = Node(STAGES["trace"], component, [fetch])
-        chain = [trace, Node(STAGES["convert"], component, [trace])]
-        # Compressed with the unet; a mixed-bit recipe is the base unet's own measurement: the refiner stays float16.
-        if "unet" in compressed and not mixed_bit:
-            chain.append(Node(STAGES["compress"], component, [chain[-1]]))
-        if recipe.chunk is not None:
-            chain.append(Node(STAGES["chunk"], component, [chain[-1]]))
-        nodes += [fetch, *chain]
-        shipped[component] = chain
-    for name, source in (controlnets or {}).items():
-        component = f"controlnet/{name}"
-        fetch = Node(STAGES["download"], component, fields={"source": source})
-        trace = Node(STAGES["trace"], component, [fetch])
-        chain = [trace, Node(STAGES["convert"], component, [trace])]
-        if "controlnet" in compressed and not mixed_bit:
-            chain.append(Node(STAGES["compress"], component, [chain[-1]]))
-        nodes += [fetch, *chain]
-        shipped[component] = chain
-    for component, chain in shipped.items():
-        nodes.append(Node(STAGES["verify"], component, chain))
-    if compiler is not None:
-        for component, chain in shipped.items():
-            node = Node(STAGES["compile"], component, [chain[-1]])
-            node.fields = {"coremlcompiler": compiler}
-            nodes.append(node)
-    for node in nodes[1:]:
-        if node.stage.name in ("download", "compile"):
-            continue  # a ControlNet's or refiner's download reads its own source only; compile, the compiler's version
-        extra = pre_analysis_fields(recipe, recipe_dir) if node.stage.name == "compress" and mixed_bit else {}
-        if node.stage.name == "trace" and node.component == "multilingual_projection":
-            path, extra = projection_input(recipe, recipe_dir)
-            node.files = {"multilingual_projection": path}
-        extra = {**extra, "multires": recipe.multires_kind}  # the default resolved: functions where the target has them
-        node.fields = read_fields(recipe, node.stage.fields_for(node.component) + tuple(k for k in extra if k != "multires"), extra)
+    sources = {REFINER: refiner} if refiner is not None else {}
+    sources.update({f"controlnet/{name}": src for name, src in (controlnets or {}).items()})
+    facts = {
+        "source": source,
+        "coremlcompiler": compiler,
+        "multires": recipe.multires_kind,  # the default resolved: functions where the target has them
+        "recipe": recipe.model_dump(mode="json"),
+        "family": family,
+    }
+    analysis = with_analysis or (mixed_bit and comp.mixed_bit.pre_analysis == "auto")
+    return Plan(recipe, components + list(sources), sources, compressed, mixed_bit, analysis, compiler, facts)
+
+
+def chain_stages() -> set[str]:
+    """The stages a component's shipped package comes out of (``SHIPPED`` and what they consume, transitively).
+
+    They are planned component by component; the stages that take a finished
+    package (verify, compile) after every component's chain, stage by stage.
+    """
+    found: set[str] = set()
+    todo = list(SHIPPED.stages)
+    while todo:
+        name = todo.pop()
+        if name not in found:
+            found.add(name)
+            todo += [s for i in STAGES[name].inputs() for s in i.stages]
+    return found
+
+
+def derive_nodes(plan: Plan) -> list[Node]:
+    """The graph's nodes, each stage's where its ``applies`` holds, each with its ``consumes`` as ``deps``.
+
+    Order: the model's download; each component's chain (its own download,
+    a whole-build stage labelled with it, then its stages in build order); the
+    other per-component stages; the whole-build stages.
+    """
+    nodes: list[Node] = []
+    by_key: dict[tuple[str, str | None], Node] = {}
+    chain = chain_stages()
+
+    def add(stage: Stage, component: str | None) -> None:
+        node = Node(stage, component, consumed(plan, stage, component, nodes, by_key))
+        nodes.append(node)
+        by_key[stage.name, component] = node
+
+    def planned(scope: str, in_chain: bool) -> list[Stage]:
+        return [s for s in STAGES.values() if s.scope == scope and (s.name in chain) == in_chain]
+
+    for stage in planned("source", True):
+        add(stage, None)
+    for component in plan.components:
+        for stage in planned("source", True):
+            if component in plan.sources:
+                add(stage, component)
+        for stage in planned("build", True):
+            if stage.component == component and stage.applies(plan, component):
+                add(stage, component)
+        for stage in planned("component", True):
+            if stage.applies(plan, component):
+                add(stage, component)
+    for stage in planned("component", False):
+        for component in plan.components:
+            if stage.applies(plan, component):
+                add(stage, component)
+    for stage in planned("build", False):
+        if stage.applies(plan, stage.component):
+            add(stage, stage.component)
     return nodes
+
+
+def consumed(plan: Plan, stage: Stage, component: str | None, nodes: list[Node],
+             by_key: dict[tuple[str, str | None], Node]) -> list[Node]:
+    """The nodes planned so far that ``stage``'s declared inputs name for ``component``."""
+    deps: list[Node] = []
+    for wanted in stage.inputs():
+        if wanted.when is not None and not wanted.when(plan):
+            continue
+        for name in wanted.stages:
+            found = list(nodes) if wanted is EVERY else providers(name, stage, component, nodes, by_key)
+            if found:
+                deps += [n for n in found if n not in deps]
+                break
+    return deps
+
+
+def providers(name: str, consumer: Stage, component: str | None, nodes: list[Node],
+              by_key: dict[tuple[str, str | None], Node]) -> list[Node]:
+    """The nodes of stage ``name`` that serve ``component``: its own; its checkpoint's download (the
+    model's unless it has its own); the one whole-build node; for a whole-build consumer, every component's."""
+    scope = STAGES[name].scope
+    if scope == "build":
+        return [n for n in nodes if n.stage.name == name]
+    if consumer.scope == "build" and scope == "component":
+        return [n for n in nodes if n.stage.name == name]
+    own = by_key.get((name, component))
+    if own is None and scope == "source":
+        own = by_key.get((name, None))
+    return [own] if own is not None else []
+
+
+def node_fields(plan: Plan, node: Node, recipe_dir: Path) -> tuple[dict[str, Any], dict[str, Path]]:
+    """A node's fields (what its declaration reads, with the input files named by the recipe
+    keyed by content) and the input files its stage opens."""
+    recipe, stage = plan.recipe, node.stage
+    if stage.scope == "source" and node.component in plan.sources:
+        return {"source": plan.sources[node.component]}, {}  # a ControlNet's or the refiner's own checkpoint
+    extra: dict[str, Any] = {}
+    files: dict[str, Path] = {}
+    if stage.name == "compress" and plan.mixed_bit:
+        extra = pre_analysis_fields(recipe, recipe_dir)
+    if stage.name == "trace" and node.component == "multilingual_projection":
+        path, extra = projection_input(recipe, recipe_dir)
+        files = {"multilingual_projection": path}
+    return read_fields(recipe, stage.fields_for(node.component) + tuple(extra), {**plan.facts, **extra}), files
 
 
 def assign_keys(nodes: list[Node]) -> None:
@@ -347,12 +413,23 @@ def assign_keys(nodes: list[Node]) -> None:
 
 
 def final_nodes(nodes: list[Node]) -> dict[str, Node]:
-    """The last package-producing node of each component."""
-    out: dict[str, Node] = {}
+    """Each component's package (``PACKAGE_OF``): its compress node where it has one, else its convert node."""
+    found = by_component(nodes)
+    return {c: PACKAGE_OF.first(stages) for c, stages in found.items() if PACKAGE_OF.first(stages) is not None}
+
+
+def by_component(nodes: list[Node]) -> dict[str, dict[str, Node]]:
+    """component → stage name → its node, for the nodes of a component."""
+    out: dict[str, dict[str, Node]] = {}
     for node in nodes:
-        if node.component and node.stage.name in ("convert", "compress"):
-            out[node.component] = node
+        if node.component:
+            out.setdefault(node.component, {})[node.stage.name] = node
     return out
+
+
+def at_publish(stage: Stage) -> bool:
+    """Whether the stage runs when the build folder is laid out: it publishes it, or comes after one that does."""
+    return stage.publishes or any(STAGES[name].publishes for name in stage.after)
 
 
 # --- child processes ---------------------------------------------------------
@@ -891,6 +968,9 @@ def plan_rows(build: Build) -> list[PlanRow]:
         if node.key is None:
             rows.append(PlanRow(node.stage.name, node.component, None, "needs network", build.problem or ""))
             continue
+        if node.stage.publishes:
+            rows.append(PlanRow(node.stage.name, node.component, node.key, "to build", f"artifacts/builds/{build.recipe.name}"))
+            continue
         status = build.cache.status(node.stage.name, node.key)
         detail = "changed since last checked: the run re-hashes it and rebuilds it if bad" if status == "stale" else ""
         rows.append(PlanRow(node.stage.name, node.component, node.key, status, detail))
@@ -899,7 +979,6 @@ def plan_rows(build: Build) -> list[PlanRow]:
         return rows
     if not compiler_available():
         rows.append(PlanRow("compile", None, None, "skipped", "needs macOS with Xcode tools; bundle keeps .mlpackage"))
-    rows.append(PlanRow("bundle", None, None, "to build", f"artifacts/builds/{build.recipe.name}"))
     # verify rows are keyed nodes: move them after bundle, where they belong in ORDER.
     rows.sort(key=lambda r: ORDER.index(r.stage) if r.stage in ORDER else ORDER.index("convert"))
     return rows
@@ -945,18 +1024,19 @@ def run_build(
     for node in build.nodes:
         if ORDER.index(node.stage.name) > limit:
             node.status = "skipped"
-        else:
+        elif not at_publish(node.stage):
             todo.append(node)
     build_stages(build, todo, force, log, reporter, jobs)
     notes: list[str] = []
     psnr = {n.component: _psnr(n) for n in build.nodes if n.stage.name == "verify" and n.entry}
-    report = build_report(build, started, notes, psnr)
     _note_skipped_device_work(psnr, limit, notes, reporter)
     check_psnr(build, psnr, log)
-    if limit < ORDER.index("bundle"):
+    bundle = next((n for n in build.nodes if n.stage.publishes and n.status != "skipped"), None)
+    if bundle is None:
+        report = build_report(build, started, notes, psnr)
         report["seconds"] = round(time.time() - started, 3)
         return BuildResult(build.build_dir, report)
-    publish_bundle(build, report, log, reporter, started)
+    report = publish_bundle(build, bundle, notes, psnr, log, reporter, started, force=force, jobs=jobs)
     return BuildResult(build.build_dir, report)
 
 
@@ -1001,7 +1081,8 @@ def build_stages(build: Build, todo: list[Node], force: tuple[str, ...], log: Pa
 
     def run_node(node: Node) -> None:
         begun = time.time()
-        upstream = {**node.files, **{d.stage.name: d.entry.path for d in node.deps}}
+        # A whole-build stage's deps may include skipped ones (--until): it reads none of them.
+        upstream = {**node.files, **{d.stage.name: d.entry.path for d in node.deps if d.entry is not None}}
         scratch = cache.root / ".scratch" / f"{node.stage.name}-{node.key}" if node.stage.resumable else None
         if scratch is not None:
             scratch.mkdir(parents=True, exist_ok=True)
@@ -1036,19 +1117,20 @@ def build_stages(build: Build, todo: list[Node], force: tuple[str, ...], log: Pa
     schedule(todo, run_node, jobs=jobs or default_jobs(), gate=gate, estimate=estimate, started=reporter.stage_started, finished=finished)
 
 
-def shipped_package(build: Build, node: Node) -> dict[str, Any]:
-    """The package ``node``'s component ships, ``node`` being its last package-producing stage
-    (``final_nodes``): ``whole`` (the one package, for the Python layout and verify) and
-    ``swift`` (the chunks, or the compiled models)."""
+def shipped_package(build: Build, component: str) -> dict[str, Any]:
+    """What ``component`` ships, by the stages' declarations: ``whole``, its package (``PACKAGE_OF``:
+    the Python layout's, what verify checks), and ``swift``, what of it ships (``SHIPPED``: the
+    chunks where chunked, else the package), compiled where compile ran."""
     from sdbuild.stages.chunk import part_paths
     from sdbuild.stages.compile import compiled_paths
+    from sdbuild.stages.convert import PACKAGE
 
-    component = node.component
-    whole = node.entry.path / "model.mlpackage"
-    chunk = next((n for n in build.nodes if n.stage.name == "chunk" and n.component == component), None)
-    compiled = next((n for n in build.nodes if n.stage.name == "compile" and n.component == component and n.entry), None)
-    swift = part_paths(chunk.entry.path) if chunk else [whole]
-    if compiled is not None:
+    nodes = by_component(build.nodes)[component]
+    whole = PACKAGE_OF.first(nodes).entry.path / PACKAGE
+    shipped = SHIPPED.first(nodes)
+    swift = part_paths(shipped.entry.path) if shipped.stage.name == "chunk" else [whole]
+    compiled = nodes.get("compile")
+    if compiled is not None and compiled.entry is not None:
         swift = compiled_paths(compiled.entry.path, compiled.entry.manifest)
     return {"swift": swift, "whole": whole}
 
@@ -1083,6 +1165,7 @@ def build_report(build: Build, started: float, notes: list[str], psnr: dict[str,
                 "ran_s": [round(t - started, 2) for t in n.window] if n.window else None,
             }
             for n in build.nodes
+            if not n.stage.publishes  # the bundle is reported under "bundle"
         ],
         "components": {},
         "notes": notes,
@@ -1145,25 +1228,37 @@ def check_psnr(build: Build, psnr: dict, log: Path) -> None:
             )
 
 
-def publish_bundle(build: Build, report: dict, log: Path, reporter: Reporter, started: float) -> None:
-    """Lay out the bundle (or take the previous one over, same key) in staging, add the sample
-    image, report and log, then publish it under the build's name by a rename."""
+def publish_bundle(build: Build, bundle: Node, notes: list[str], psnr: dict[str, dict], log: Path, reporter: Reporter,
+                   started: float, *, force: tuple[str, ...] = (), jobs: int | None = None) -> dict:
+    """Lay out the bundle (or take the previous one over, same key) in staging, run the stages that
+    come after it (the sample image), add the report and log, then publish it under the build's
+    name by a rename. Returns the report (``build_report`` plus the bundle's facts)."""
     from sdbuild.report import write_report
     from sdbuild.stages.bundle import write_bundle
 
     download = build.nodes[0]
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{build.recipe.name}-p{os.getpid()}-", dir=_mkdir(build.build_dir.parent)))
     try:
-        packages = {comp: shipped_package(build, node) for comp, node in final_nodes(build.nodes).items()}
-        key = bundle_key(build)
-        reused = _reuse_bundle(build.build_dir, key, staging)
+        packages = {comp: shipped_package(build, comp) for comp in final_nodes(build.nodes)}
+        reused = _reuse_bundle(build.build_dir, bundle.key, staging)
         if reused is None:
             write_bundle(build.recipe, build.family, packages, download.entry.path, staging)
-        report["bundle"] = {"key": key, "files": _bundle_files(staging, reused)}
-        report["seconds"] = round(time.time() - started, 3)
-        report["bundle_bytes"] = tree_bytes(staging)
-        if build.recipe.verify.sample_image:
-            report["sample_image"] = _sample_image(build, staging, log, reporter, report)
+        bundle.status = "built" if reused is None else "cached"
+        files = _bundle_files(staging, reused)
+        seconds, size = round(time.time() - started, 3), tree_bytes(staging)
+        after = [n for n in build.nodes if bundle.stage.name in n.stage.after and n.status != "skipped"]
+        for node in after:
+            node.files = {**node.files, bundle.stage.name: staging}  # read, not keyed (``Stage.after``)
+        build_stages(build, after, force, log, reporter, jobs)
+        report = build_report(build, started, notes, psnr)
+        report["bundle"] = {"key": bundle.key, "files": files}
+        report["seconds"] = seconds
+        report["bundle_bytes"] = size
+        sample = next((n for n in after if n.stage.name == "sample"), None)
+        if sample is not None:
+            facts = sample.entry.manifest["sample_image"]
+            shutil.copyfile(sample.entry.path / facts["path"], staging / facts["path"])
+            report["sample_image"] = facts
         if report.get("compression_plot"):
             # The bundle keeps its own copy: the cache entry may be collected.
             shutil.copyfile(report["compression_plot"], staging / "compression.png")
@@ -1173,6 +1268,7 @@ def publish_bundle(build: Build, report: dict, log: Path, reporter: Reporter, st
         write_report(staging)
         faults.point("bundle", "bundle")
         _publish_dir(staging, build.build_dir)
+        return report
     except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
         full = as_disk_full(e)
@@ -1183,16 +1279,6 @@ def publish_bundle(build: Build, report: dict, log: Path, reporter: Reporter, st
 
 
 BUNDLE_FILES_EXCLUDED = ("build.json", "build.log", "report.html", "report.md")  # rewritten by every run
-
-
-def bundle_key(build: Build) -> str:
-    """What the files ``write_bundle`` lays out are a function of: the recipe, the family, every stage key."""
-    from sdbuild.stages import bundle
-
-    version = f"{__version__}+{code_digest((bundle.__name__,))}"
-    fields = {"recipe": build.recipe.model_dump(mode="json"), "family": build.family}
-    upstream = {f"{n.stage.name}:{n.component or ''}": n.key for n in build.nodes}
-    return stage_key("bundle", version, fields, upstream, library_versions(("coremltools",)))
 
 
 def _file_state(path: Path) -> list[int]:
@@ -1244,44 +1330,6 @@ def _reuse_bundle(previous: Path, key: str, staging: Path) -> dict | None:
         (staging / rel).parent.mkdir(parents=True, exist_ok=True)
         _link(previous / rel, staging / rel)
     return files
-
-
-def sample_node(build: Build) -> Node:
-    """The report's sample image, keyed after every shipped model's verify."""
-    node = Node(STAGES["sample"], None, [n for n in build.nodes if n.stage.name == "verify"])
-    node.fields = read_fields(build.recipe, node.stage.fields, {})
-    assign_keys([node])
-    return node
-
-
-def _sample_image(build: Build, bundle: Path, log: Path, reporter: Reporter, report: dict) -> dict:
-    """Generate (or take from the cache) the report's sample image; copy it into ``bundle``.
-
-    Its key follows every shipped model's verify key, so it is a function of
-    exactly the packages the bundle holds; the bundle folder itself is only
-    where the stage reads them from.
-    """
-    node = sample_node(build)
-    job = Job("sample", None, node.fields, {"bundle": bundle}, build.recipe.name)
-    reporter.stage_started(node)
-
-    def produce(tmp: Path) -> dict:
-        with open(log, "a") as f:
-            f.write(f"\n=== sample ({node.key})\n")
-        return run_in_child(node.stage.run, job, tmp, log)
-
-    entry, how = build.cache.build("sample", node.key, produce, node.record)
-    node.status = {"hit": "cached", "remote": "downloaded", "miss": "built"}[how]
-    reporter.stage_finished(node)
-    report["stages"].append(
-        {"stage": "sample", "component": None, "key": node.key, "status": node.status, "cache": how,
-         "seconds": entry.seconds if how == "miss" else 0.0, "build_seconds": entry.seconds,
-         "peak_rss_bytes": entry.manifest.get("peak_rss_bytes", 0) if how == "miss" else 0,
-         "bytes": entry.manifest.get("bytes")}
-    )
-    facts = entry.manifest["sample_image"]
-    shutil.copyfile(entry.path / facts["path"], bundle / facts["path"])
-    return facts
 
 
 _log_lock = threading.Lock()  # stages finishing side by side append one at a time

@@ -1,28 +1,68 @@
-"""The stages of a build, each declared once: what it reads, what it is.
+"""The stages of a build, each declared once: what it reads, what it consumes, what it is.
 
 A stage function gets a ``Job`` holding only the recipe fields the stage
 declares and its upstream entries' folders, and writes its files into ``out``.
-The executor derives every cache key from these declarations.
+The executor derives the graph (which nodes, and each one's upstream) and
+every cache key from these declarations: adding a stage is its module plus
+its ``Stage`` here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping, TypeVar
+
+from sdbuild import __version__
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Input:
+    """What a stage consumes of its component: the first of ``stages`` the component has (none: nothing).
+
+    ``when``: consumed only where it holds for the build (``Plan``). A stage of
+    the whole build consuming a per-component stage takes every component's node.
+    """
+
+    stages: tuple[str, ...]
+    when: Callable[["Plan"], bool] | None = None
+
+    def first(self, found: Mapping[str, T]) -> T | None:
+        """The value under the first of ``stages`` that ``found`` (by stage name) has."""
+        return next((found[s] for s in self.stages if s in found), None)
+
+
+# A component's package: compressed where it is, else as converted.
+PACKAGE_OF = Input(("compress", "convert"))
+# What of it ships: the chunk parts where it is chunked, else its package.
+SHIPPED = Input(("chunk", *PACKAGE_OF.stages))
+EVERY = Input(("*",))  # every node planned before this one
 
 
 @dataclass(frozen=True)
 class Stage:
     """A stage's declaration.
 
-    fields: recipe fields (dotted) it reads, for every component;
+    fields: recipe fields (dotted) it reads, for every component (or facts of the
+    build, ``Plan.facts``: the resolved source, the compiler's version, …);
     component_fields: more fields read for one component only;
     libraries: distributions whose versions enter the key;
     code: sdbuild modules whose source enters the key besides ``run``'s module; the
     executor adds every sdbuild module these import, transitively (read, not imported);
     run: ``module:function`` called as ``function(job, out) -> dict``, always in a
-    child process (memory goes back when it ends, a crash loses nothing else).
+    child process (memory goes back when it ends, a crash loses nothing else); for a
+    stage that ``publishes``, the function the executor lays the build folder out with;
+    consumes: the upstream outputs it reads, stage names or ``Input``s, each where
+    the component has it: they are its upstream in the graph and in its key;
+    after: stages whose output it reads without consuming it (ordering only, never keyed);
+    scope: ``component`` (a node per component it applies to), ``source`` (one per
+    checkpoint: the model's, the refiner's, each ControlNet's) or ``build`` (one,
+    for ``component`` when set);
+    applies: whether the build (``Plan``) has a node of it for a component;
+    runners: the CI runners that run it (``sdbuild matrix``);
+    publishes: its output is the build folder, laid out by the executor, not a cache entry.
     """
 
     name: str
@@ -33,9 +73,20 @@ class Stage:
     libraries: tuple[str, ...] = ()
     code: tuple[str, ...] = ()
     resumable: bool = False  # gets a scratch folder that survives a kill, removed once published
+    consumes: tuple[str | Input, ...] = ()
+    after: tuple[str, ...] = ()
+    scope: str = "component"
+    component: str | None = None
+    applies: Callable[["Plan", str | None], bool] = lambda plan, component: True
+    runners: tuple[str, ...] = ("linux",)
+    publishes: bool = False
 
     def fields_for(self, component: str | None) -> tuple[str, ...]:
         return self.fields + self.component_fields.get(component_kind(component), ())
+
+    def inputs(self) -> tuple[Input, ...]:
+        """``consumes`` with plain stage names as ``Input``s."""
+        return tuple(Input((c,)) if isinstance(c, str) else c for c in self.consumes)
 
 
 REFINER = "unet_refiner"  # the SDXL refiner's unet, built from model.refiner's own download
@@ -44,6 +95,38 @@ REFINER = "unet_refiner"  # the SDXL refiner's unet, built from model.refiner's 
 def component_kind(component: str | None) -> str:
     """``controlnet/lllyasviel/sd-controlnet-mlsd`` → ``controlnet``; other names are their own kind."""
     return (component or "").split("/")[0]
+
+
+def weights_kind(component: str | None) -> str:
+    """The component whose weights (and recipe settings) a component shares: the controlled unet
+    and the refiner's unet are unets; a ControlNet is a ``controlnet``."""
+    kind = component_kind(component)
+    return {"controlled_unet": "unet", REFINER: "unet"}.get(kind, kind)
+
+
+@dataclass
+class Plan:
+    """The build being planned, as a stage's ``applies`` and ``when`` see it.
+
+    components: what the bundle holds, in order (the refiner's unet and the ControlNets last);
+    sources: the components with a checkpoint of their own (refiner, ControlNets) → it;
+    compressed: the kinds ``compression.components`` names (the unet only for mixed-bit);
+    facts: values a stage may declare as fields besides the recipe's (``source``,
+    ``coremlcompiler``, ``multires`` resolved, ``recipe``, ``family``).
+    """
+
+    recipe: Any
+    components: list[str]
+    sources: dict[str, dict]
+    compressed: set[str]
+    mixed_bit: bool
+    analysis: bool  # the unet's mixed-bit pre-analysis is built
+    compiler: str | None  # coremlcompiler's version where it exists (macOS)
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    def is_compressed(self, component: str) -> bool:
+        # A checkpoint of its own (refiner, ControlNet) has no mixed-bit measurement: it stays float16.
+        return weights_kind(component) in self.compressed and not (self.mixed_bit and component in self.sources)
 
 
 @dataclass
@@ -57,10 +140,17 @@ class Job:
     build_name: str = ""
     scratch: Path | None = None  # kept across a killed run of this key: for resumable stages
 
+    def input(self, consumed: Input) -> Path:
+        """The folder of the first of ``consumed``'s stages upstream (``PACKAGE_OF``: the package to read)."""
+        return consumed.first(self.upstream)
+
 
 TORCH_LIBS = ("torch", "diffusers", "transformers", "safetensors")
 COREML_LIBS = ("coremltools", "numpy")
 
+UNETS = ("unet", "controlled_unet", REFINER)  # what ``chunk`` splits
+
+# In build order: ``--until``, ``--force`` and the plan's table follow it.
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
@@ -68,8 +158,10 @@ STAGES: dict[str, Stage] = {
             "download",
             "1",
             "sdbuild.stages.download:run",
+            # A refiner's or ControlNet's own download reads its source only (Plan.sources).
             fields=("model.version", "model.revision", "model.variant", "model.allow_pickle", "source"),
             libraries=("huggingface_hub", "peft", "open-clip-torch", *TORCH_LIBS),
+            scope="source",
         ),
         Stage(
             "trace",
@@ -89,6 +181,7 @@ STAGES: dict[str, Stage] = {
                 "multilingual_projection": ("multilingual_projection_sha256",),
             },
             libraries=TORCH_LIBS,
+            consumes=("download",),
         ),
         Stage(
             "convert",
@@ -98,6 +191,7 @@ STAGES: dict[str, Stage] = {
             # How several resolutions become one package (functions | enumerated), and which.
             component_fields={k: ("resolution", "multires") for k in ("unet", "controlled_unet", "controlnet", "vae_decoder", "vae_encoder")},
             libraries=(*TORCH_LIBS, *COREML_LIBS),
+            consumes=("trace",),
         ),
         Stage(
             "analyze",
@@ -106,6 +200,10 @@ STAGES: dict[str, Stage] = {
             fields=("model.version", "attention", "resolution", "unet_batch_one"),
             libraries=TORCH_LIBS + ("numpy", "scikit-learn"),
             resumable=True,
+            consumes=("download",),
+            scope="build",
+            component="unet",
+            applies=lambda plan, component: plan.analysis and "unet" in plan.components,
         ),
         Stage(
             "compress",
@@ -113,6 +211,9 @@ STAGES: dict[str, Stage] = {
             "sdbuild.stages.compress:run",
             fields=("compression",),
             libraries=(*COREML_LIBS, "scikit-learn"),
+            # The pre-analysis is read by mixed-bit palettization only (the controlled unet shares the unet's).
+            consumes=("convert", Input(("analyze",), when=lambda plan: plan.mixed_bit)),
+            applies=lambda plan, component: plan.is_compressed(component),
         ),
         Stage(
             "chunk",
@@ -120,20 +221,8 @@ STAGES: dict[str, Stage] = {
             "sdbuild.stages.chunk:run",
             fields=("chunk",),
             libraries=COREML_LIBS,
-        ),
-        Stage(
-            "verify",
-            "1",
-            "sdbuild.stages.verify:run",
-            fields=("verify.samples", "verify.seed", "compute_unit"),
-            libraries=(*TORCH_LIBS, *COREML_LIBS),
-        ),
-        Stage(
-            "sample",
-            "1",
-            "sdbuild.stages.sample:run",
-            fields=("verify.seed",),
-            libraries=(*TORCH_LIBS, *COREML_LIBS),
+            consumes=(PACKAGE_OF,),
+            applies=lambda plan, component: plan.recipe.chunk is not None and component in UNETS,
         ),
         Stage(
             "compile",
@@ -141,10 +230,51 @@ STAGES: dict[str, Stage] = {
             "sdbuild.stages.compile:run",
             fields=("coremlcompiler",),  # the compiler's version, read at plan time
             libraries=("coremltools",),
+            consumes=(SHIPPED,),
+            applies=lambda plan, component: plan.compiler is not None,
+            runners=("macos",),
+        ),
+        Stage(
+            "bundle",
+            __version__,  # the packages' metadata names sdbuild's version
+            "sdbuild.stages.bundle:write_bundle",
+            fields=("recipe", "family"),
+            libraries=("coremltools",),
+            consumes=(EVERY,),
+            scope="build",
+            publishes=True,
+        ),
+        Stage(
+            "sample",
+            "1",
+            "sdbuild.generate.sample:run",
+            fields=("verify.seed",),
+            libraries=(*TORCH_LIBS, *COREML_LIBS),
+            # Keyed by every shipped model's verify: exactly the packages the bundle it reads holds.
+            consumes=("verify",),
+            after=("bundle",),
+            scope="build",
+            applies=lambda plan, component: plan.recipe.verify.sample_image,
+        ),
+        Stage(
+            "verify",
+            "1",
+            "sdbuild.stages.verify:run",
+            fields=("verify.samples", "verify.seed", "compute_unit"),
+            libraries=(*TORCH_LIBS, *COREML_LIBS),
+            consumes=("trace", "convert", PACKAGE_OF, "chunk"),
+            runners=("linux", "macos"),  # on macOS, Core ML itself runs the packages too
         ),
     )
 }
 
-# Stages in build order, including those the executor runs itself (bundle) or
-# that are not built yet; plan and summary tables follow this order.
-ORDER = ("download", "trace", "convert", "analyze", "compress", "chunk", "compile", "bundle", "verify")
+ORDER = tuple(STAGES)
+
+
+def runner_stages() -> dict[str, list[str]]:
+    """The stages each CI runner runs, in build order (``sdbuild matrix``)."""
+    runners: dict[str, list[str]] = {}
+    for stage in STAGES.values():
+        for runner in stage.runners:
+            runners.setdefault(runner, []).append(stage.name)
+    return runners

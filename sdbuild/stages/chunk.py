@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sdbuild.stages import Job
+from sdbuild.stages import PACKAGE_OF, Job
 from sdbuild.stages.convert import PACKAGE
 
 RESULT = "chunks.json"
@@ -15,7 +15,7 @@ def run(job: Job, out: Path) -> dict:
     """Write ``chunk1.mlpackage`` … ``chunkN.mlpackage`` and ``chunks.json`` (sizes, crossing tensors)."""
     from sdbuild.mil.chunk import chunk_program
 
-    source = job.upstream.get("compress", job.upstream.get("convert")) / PACKAGE
+    source = job.input(PACKAGE_OF) / PACKAGE
     n = job.fields["chunk"]["unet"]
     result = chunk_program(source, n, out)
     facts = result.to_dict()

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from sdbuild.errors import SdbuildError
-from sdbuild.stages import Job
+from sdbuild.stages import PACKAGE_OF, Job
 from sdbuild.stages.chunk import part_paths
 from sdbuild.stages.convert import PACKAGE
 
@@ -38,7 +38,7 @@ def sources(job: Job) -> list[Path]:
     """The packages to compile: the chunk parts when chunked, else the finished package."""
     if "chunk" in job.upstream:
         return part_paths(job.upstream["chunk"])
-    return [job.upstream.get("compress", job.upstream.get("convert")) / PACKAGE]
+    return [job.input(PACKAGE_OF) / PACKAGE]
 
 
 def run(job: Job, out: Path) -> dict:

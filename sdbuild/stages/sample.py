@@ -1,10 +1,11 @@
-"""A sample image from a finished bundle, for the build report (``verify.sample_image``)."""
+"""Sample: one image from the finished bundle, for the build report (``verify.sample_image``).
+
+What the image is (prompt, steps, guidance, scheduler) is declared here; the
+stage's function is ``sdbuild.generate.sample:run``, since making it takes the
+image pipeline, which sits above the stages (it reads bundles they write).
+"""
 
 from __future__ import annotations
-
-from pathlib import Path
-
-from sdbuild.stages import Job
 
 PROMPT = "a photo of an astronaut riding a horse on mars"
 SAMPLE = "sample.png"
@@ -12,13 +13,6 @@ SAMPLE = "sample.png"
 STEPS, GUIDANCE, SCHEDULER = 8, 2.0, "DDIM"
 
 
-def run(job: Job, out: Path) -> dict:
-    """Generate one image from ``job.upstream["bundle"]`` into ``out/sample.png``; returns its settings."""
-    from sdbuild.generate import Pipeline, save_png
-
-    pipe = Pipeline.from_bundle(job.upstream["bundle"])
-    seed = job.fields["verify.seed"]
-    result = pipe.generate(PROMPT, seed=seed, steps=STEPS, guidance_scale=GUIDANCE, scheduler=SCHEDULER, progress=False)
-    settings = {"prompt": PROMPT, "seed": seed, "steps": STEPS, "guidance_scale": GUIDANCE, "scheduler": SCHEDULER}
-    save_png(result.images[0], out / SAMPLE, settings)
-    return {"sample_image": {"path": SAMPLE, **settings}}
+def sample_settings(seed: int) -> dict:
+    """The generation settings of the sample image, as its PNG and the report record them."""
+    return {"prompt": PROMPT, "seed": seed, "steps": STEPS, "guidance_scale": GUIDANCE, "scheduler": SCHEDULER}

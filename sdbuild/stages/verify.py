@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from sdbuild.metrics import psnr
-from sdbuild.stages import Job
+from sdbuild.stages import PACKAGE_OF, Job
 from sdbuild.stages.chunk import part_paths
 from sdbuild.stages.convert import PACKAGE
 from sdbuild.stages.trace import read_io
@@ -64,7 +64,7 @@ def _verify_function(job: Job, trace_dir: Path, function: str | None) -> dict:
     io = read_io(trace_dir)
     specs = [TensorSpec(i["name"], tuple(i["shape"]), i["kind"], i["high"], i.get("dtype", FLOAT32)) for i in io["inputs"]]
     reference = torch.jit.load(str(trace_dir / "module.pt")).eval()
-    shipped_dir = job.upstream.get("compress", job.upstream["convert"])
+    shipped_dir = job.input(PACKAGE_OF)
     shipped = load_program(shipped_dir / PACKAGE, function=function)
     float16 = load_program(job.upstream["convert"] / PACKAGE, function=function) if "compress" in job.upstream else None
     device = _device_model(shipped_dir / PACKAGE, job.fields["compute_unit"], function)
