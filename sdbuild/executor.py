@@ -969,7 +969,9 @@ def plan_rows(build: Build) -> list[PlanRow]:
             rows.append(PlanRow(node.stage.name, node.component, None, "needs network", build.problem or ""))
             continue
         if node.stage.publishes:
-            rows.append(PlanRow(node.stage.name, node.component, node.key, "to build", f"artifacts/builds/{build.recipe.name}"))
+            # Not a cache entry: no key shown. Taken over from the previous build laid out with the same key (if unedited).
+            status = "cached" if _published_key(build.build_dir) == node.key else "to build"
+            rows.append(PlanRow(node.stage.name, node.component, None, status, f"artifacts/builds/{build.recipe.name}"))
             continue
         status = build.cache.status(node.stage.name, node.key)
         detail = "changed since last checked: the run re-hashes it and rebuilds it if bad" if status == "stale" else ""
@@ -1240,7 +1242,8 @@ def publish_bundle(build: Build, bundle: Node, notes: list[str], psnr: dict[str,
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{build.recipe.name}-p{os.getpid()}-", dir=_mkdir(build.build_dir.parent)))
     try:
         packages = {comp: shipped_package(build, comp) for comp in final_nodes(build.nodes)}
-        reused = _reuse_bundle(build.build_dir, bundle.key, staging)
+        # --force bundle lays it out anew, as --force does any stage.
+        reused = None if bundle.stage.name in force else _reuse_bundle(build.build_dir, bundle.key, staging)
         if reused is None:
             write_bundle(build.recipe, build.family, packages, download.entry.path, staging)
         bundle.status = "built" if reused is None else "cached"
@@ -1300,6 +1303,14 @@ def _bundle_files(folder: Path, known: dict | None = None) -> dict[str, list]:
             sha = old[4] if isinstance(old, list) and len(old) == 5 else sha256_file(p)
             out[rel] = [*_file_state(p), sha]
     return out
+
+
+def _published_key(build_dir: Path) -> str | None:
+    """The bundle key the build folder was last published with (None: none, or unreadable)."""
+    try:
+        return (json.loads((build_dir / "build.json").read_text()).get("bundle") or {}).get("key")
+    except (OSError, ValueError):
+        return None
 
 
 def _reuse_bundle(previous: Path, key: str, staging: Path) -> dict | None:
