@@ -183,6 +183,7 @@ class Node:
     seconds: float = 0.0
     peak_rss_bytes: int = 0
     window: tuple[float, float] | None = None  # when it ran in this run: (start, end), time.time()
+    ships: bool = True  # False: built only for another stage (the calibration's text encoder), not bundled
 
     @property
     def label(self) -> str:
@@ -281,18 +282,35 @@ def build_graph(
         from sdbuild.errors import RecipeError
 
         raise RecipeError("multilingual_projection: Apple's SDXL pipeline takes no multilingual text encoder (SD 1.x/2.x only)")
+    calibrate = None
+    calibrating = comp is not None and comp.activations is not None
+    if calibrating and family != "sd":
+        raise RecipeError(
+            "compression.activations: int8 is built for SD 1.x/2.x unets only (as Apple's converter); "
+            "drop it for linear 8-bit weights (linear8: true)"
+        )
+    # Calibration runs the float16 text encoder, listed first: the shipped one, or its own (built, not bundled).
+    encoder = _text_encoder_nodes(download, ships="text_encoder" in components) if calibrating else []
+    nodes += encoder
     for component in components:
-        trace = Node(STAGES["trace"], component, [download])
-        convert = Node(STAGES["convert"], component, [trace])
+        if component == "text_encoder" and encoder:
+            trace, convert = encoder
+        else:
+            trace = Node(STAGES["trace"], component, [download])
+            convert = Node(STAGES["convert"], component, [trace])
         chain = [trace, convert]
         if component == "unet" and analyze is not None:
             nodes.append(analyze)
+        if component == "unet" and calibrating:
+            calibrate = Node(STAGES["calibrate"], "unet", [download, encoder[1], convert])
+            nodes += [trace, convert, calibrate]
         if component in compressed or (component == "controlled_unet" and "unet" in compressed):
             deps = [convert] + ([analyze] if mixed_bit and analyze is not None else [])
+            deps += [calibrate] if component == "unet" and calibrate is not None else []
             chain.append(Node(STAGES["compress"], component, deps))
         if component in unets and recipe.chunk is not None:
             chain.append(Node(STAGES["chunk"], component, [chain[-1]]))
-        nodes += chain
+        nodes += [n for n in chain if n not in nodes]  # the text encoder's and calibrated unet's are in already
         shipped[component] = chain
     if refiner is not None:
         component = REFINER
@@ -326,12 +344,20 @@ def build_graph(
         if node.stage.name in ("download", "compile"):
             continue  # a ControlNet's or refiner's download reads its own source only; compile, the compiler's version
         extra = pre_analysis_fields(recipe, recipe_dir) if node.stage.name == "compress" and mixed_bit else {}
+        if node.stage.name == "calibrate":
+            extra = {"calibration": comp.calibration_settings}
         if node.stage.name == "trace" and node.component == "multilingual_projection":
             path, extra = projection_input(recipe, recipe_dir)
             node.files = {"multilingual_projection": path}
         extra = {**extra, "multires": recipe.multires_kind}  # the default resolved: functions where the target has them
         node.fields = read_fields(recipe, node.stage.fields_for(node.component) + tuple(k for k in extra if k != "multires"), extra)
     return nodes
+
+
+def _text_encoder_nodes(download: Node, ships: bool) -> list[Node]:
+    """The text encoder's trace and convert nodes; ``ships`` False: built for calibration only, not bundled."""
+    trace = Node(STAGES["trace"], "text_encoder", [download], ships=ships)
+    return [trace, Node(STAGES["convert"], "text_encoder", [trace], ships=ships)]
 
 
 def assign_keys(nodes: list[Node]) -> None:
@@ -350,7 +376,7 @@ def final_nodes(nodes: list[Node]) -> dict[str, Node]:
     """The last package-producing node of each component."""
     out: dict[str, Node] = {}
     for node in nodes:
-        if node.component and node.stage.name in ("convert", "compress"):
+        if node.component and node.ships and node.stage.name in ("convert", "compress"):
             out[node.component] = node
     return out
 
@@ -588,6 +614,7 @@ PEAK_TABLE: dict[str, tuple[int, float]] = {
     "trace": (1 * GiB, 1.5),
     "convert": (1 * GiB, 1.5),
     "analyze": (1 * GiB, 2.0),
+    "calibrate": (1 * GiB, 2.0),
     "compress": (1 * GiB, 1.5),
     "chunk": (1 * GiB, 1.5),
     "verify": (1 * GiB, 1.5),
@@ -1002,6 +1029,8 @@ def build_stages(build: Build, todo: list[Node], force: tuple[str, ...], log: Pa
     def run_node(node: Node) -> None:
         begun = time.time()
         upstream = {**node.files, **{d.stage.name: d.entry.path for d in node.deps}}
+        # By stage and component too, where a node follows one stage for several components (calibrate).
+        upstream.update({f"{d.stage.name}:{d.component}": d.entry.path for d in node.deps if d.component})
         scratch = cache.root / ".scratch" / f"{node.stage.name}-{node.key}" if node.stage.resumable else None
         if scratch is not None:
             scratch.mkdir(parents=True, exist_ok=True)

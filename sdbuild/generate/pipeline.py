@@ -178,6 +178,23 @@ class Pipeline:
             pipe.image_size = (size["height"], size["width"])
         return pipe
 
+    @classmethod
+    def from_packages(cls, packages: dict[str, Path], checkpoint: Path) -> "Pipeline":
+        """A pipeline on the reference executor over loose SD packages that are no bundle (yet):
+        ``packages`` maps components (``text_encoder``, ``unet``; ``vae_decoder`` to decode) to
+        ``.mlpackage`` paths; tokenizer and scheduler come from the diffusers folder ``checkpoint``.
+        The calibration of int8 activations runs a build's float16 packages so."""
+        started = time.perf_counter()
+        folder = Path(checkpoint)
+        bundle = BundleFiles(folder, folder, "python", folder.name, {c: [Path(p)] for c, p in packages.items()})
+        tokenizer = load_tokenizer(bundle, folder)
+        scheduler_config = json.loads((folder / "scheduler" / SCHEDULER_CONFIG).read_text())
+        vae_config = folder / "vae" / "config.json"
+        scaling = json.loads(vae_config.read_text()).get("scaling_factor") if vae_config.is_file() else None
+        runners = {component: ExecutorRunner([Path(p)]) for component, p in packages.items()}
+        return cls(bundle, runners, tokenizer, scheduler_config, float(scaling or _DEFAULT_SCALING_FACTOR["sd"]),
+                   "executor", None, [], time.perf_counter() - started)
+
     def _runner(self, key: str, paths: list[Path]) -> ModelRunner:
         """A model loaded on first use and kept (``controlled_unet``, ``controlnet/<file>``)."""
         if key not in self.runners:
@@ -241,6 +258,7 @@ class Pipeline:
         refiner_start: float = REFINER_START,
         aesthetic_score: float = AESTHETIC_SCORE,
         negative_aesthetic_score: float = NEGATIVE_AESTHETIC_SCORE,
+        decode: bool = True,
     ) -> Generation:
         """Generate ``image_count`` images.
 
@@ -256,6 +274,9 @@ class Pipeline:
         text_encoder_2 alone and on ``aesthetic_score`` (``negative_aesthetic_score``
         for the negative prompt's row). A bundle whose unet is itself a refiner
         runs it throughout (image to image, as refiners are used).
+
+        ``decode``: False stops at the latents (diffusers' ``output_type="latent"``):
+        ``images`` is then empty [N, 0, 0, 3], and neither the VAE nor the safety checker runs.
 
         ``image``: a start image for image-to-image, float32 [8H, 8W, 3] in
         [0, 1]; ``strength`` in (0, 1] says how much of the schedule runs over it.
@@ -347,10 +368,13 @@ class Pipeline:
 
         t0 = time.perf_counter()
         latents = latents.numpy().astype(np.float32)
-        images = np.stack([self.decode(latents[i : i + 1])[0] for i in range(image_count)])
-        timings["vae_decoder_s"] = time.perf_counter() - t0
+        if decode:
+            images = np.stack([self.decode(latents[i : i + 1])[0] for i in range(image_count)])
+            timings["vae_decoder_s"] = time.perf_counter() - t0
+        else:
+            images = np.zeros((image_count, 0, 0, 3), np.float32)
         nsfw = [False] * image_count
-        if "safety_checker" in self.runners:
+        if decode and "safety_checker" in self.runners:
             t0 = time.perf_counter()
             nsfw = [self.is_nsfw(img) for img in images]
             timings["safety_checker_s"] = time.perf_counter() - t0

@@ -37,6 +37,7 @@ class ExecutorRunner(ModelRunner):
 
         # ``function``: a multifunction package's function (one resolution); None: its default.
         self.programs = [load_program(p, function=function) for p in paths]
+        self.observer = None  # a RangeObserver shown every run of a one-package model (calibration)
         self.name = " + ".join(p.name for p in paths)
         self.inputs = _chain_inputs([(prog.inputs, prog.outputs) for prog in self.programs])
         self.outputs = list(self.programs[-1].outputs)
@@ -46,7 +47,7 @@ class ExecutorRunner(ModelRunner):
 
         feeds = _cast(feeds, self.inputs)
         if len(self.programs) == 1:
-            return self.programs[0].run(feeds, precision="fp16")
+            return self.programs[0].run(feeds, precision="fp16", observer=self.observer)
         return chain_run(self.programs, feeds, precision="fp16")
 
 

@@ -284,6 +284,11 @@ class Program:
         self._check_kernels()
         self._decompress_weights()
 
+    @property
+    def function(self):
+        """The pymil Function this program runs (ops, vars and their names)."""
+        return self._function
+
     def _kernel(self, op):
         k = _kernels.find_kernel(op.op_type, self._opset_number, self._table)
         if k is None or op.blocks:
@@ -546,14 +551,18 @@ class Program:
 
     # ---- running
 
-    def run(self, inputs: dict, precision: str = "fp16", profile: dict | None = None) -> dict[str, np.ndarray]:
+    def run(
+        self, inputs: dict, precision: str = "fp16", profile: dict | None = None, observer: "RangeObserver | None" = None
+    ) -> dict[str, np.ndarray]:
         """Run the program on ``inputs`` (name -> array of the declared shape).
 
         Float inputs may come as any float dtype: they are cast to the declared
         dtype as Core ML casts (round to nearest). Returns name -> array for
         every declared output, float outputs as float32 (float16-rounded values
         in fp16 mode; the declared dtypes are in ``output_dtypes``). With a dict
-        as ``profile``, adds seconds per op type to it.
+        as ``profile``, adds seconds per op type to it. With an ``observer``,
+        every run-time value it names (program inputs included) is shown to it
+        as the run makes it.
         """
         plan = self._plan(precision)
         self._check_inputs(inputs)
@@ -570,7 +579,9 @@ class Program:
             else:
                 env[name] = torch.from_numpy(np.array(value.astype(bool)))
         with torch.inference_mode():
-            if profile is None:
+            if observer is not None:
+                self._execute_observed(plan.steps, env, observer)
+            elif profile is None:
                 self._execute(plan.steps, env)
             else:
                 self._execute_profiled(plan.steps, env, profile)
@@ -615,12 +626,48 @@ class Program:
             cls._execute((step,), env)
             profile[step[6]] = profile.get(step[6], 0.0) + time.perf_counter() - start
 
+    @classmethod
+    def _execute_observed(cls, steps, env, observer: "RangeObserver") -> None:
+        observer.runs += 1
+        for name in observer.names & env.keys():
+            observer.record(name, env[name])
+        for step in steps:
+            # Shown before the step runs: it frees the values read for the last time.
+            cls._execute((step[:5] + ((),) + step[6:],), env)
+            for name in observer.names.intersection(step[3]):
+                observer.record(name, env[name])
+            for name in step[5]:
+                del env[name]
+
     def op_counts(self) -> dict[str, int]:
         """Number of ops per op type in the main function (consts included)."""
         counts: dict[str, int] = {}
         for op in self._function.operations:
             counts[op.op_type] = counts.get(op.op_type, 0) + 1
         return counts
+
+
+class RangeObserver:
+    """Running minimum and maximum of named values over runs (``Program.run(..., observer=)``).
+
+    ``names``: the var names to watch; ``ranges``: name -> [min, max] of every
+    value seen so far, as the run held it (float16-rounded in fp16 mode); ``runs``: runs watched.
+    """
+
+    def __init__(self, names):
+        self.names = frozenset(names)
+        self.ranges: dict[str, list[float]] = {}
+        self.runs = 0
+
+    def record(self, name: str, value) -> None:
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.numel() == 0:
+            return
+        lo, hi = torch.aminmax(value)
+        seen = self.ranges.get(name)
+        if seen is None:
+            self.ranges[name] = [float(lo), float(hi)]
+        else:
+            seen[0], seen[1] = min(seen[0], float(lo)), max(seen[1], float(hi))
 
 
 def _function_description(spec, name: str):

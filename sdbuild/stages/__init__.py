@@ -108,6 +108,15 @@ STAGES: dict[str, Stage] = {
             resumable=True,
         ),
         Stage(
+            "calibrate",
+            "1",
+            "sdbuild.stages.calibrate:run",
+            # compression.calibration with its defaults filled in (the build graph reads them);
+            # the float16 text encoder and unet it runs enter the key as upstream entries.
+            fields=("calibration",),
+            libraries=(*TORCH_LIBS, *COREML_LIBS),
+        ),
+        Stage(
             "compress",
             "1",
             "sdbuild.stages.compress:run",
@@ -147,4 +156,4 @@ STAGES: dict[str, Stage] = {
 
 # Stages in build order, including those the executor runs itself (bundle) or
 # that are not built yet; plan and summary tables follow this order.
-ORDER = ("download", "trace", "convert", "analyze", "compress", "chunk", "compile", "bundle", "verify")
+ORDER = ("download", "trace", "convert", "analyze", "calibrate", "compress", "chunk", "compile", "bundle", "verify")
