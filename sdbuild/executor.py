@@ -279,15 +279,13 @@ def build_graph(
     if recipe.controlnet and "unet" in components:
         components.insert(components.index("unet") + 1, "controlled_unet")
     if recipe.multilingual_projection and family.startswith("sdxl"):
-        from sdbuild.errors import RecipeError
-
         raise RecipeError("multilingual_projection: Apple's SDXL pipeline takes no multilingual text encoder (SD 1.x/2.x only)")
     calibrate = None
     calibrating = comp is not None and comp.activations is not None
     if calibrating and family != "sd":
         raise RecipeError(
-            "compression.activations: int8 is built for SD 1.x/2.x unets only (as Apple's converter); "
-            "drop it for linear 8-bit weights (linear8: true)"
+            f"compression.activations: int8: model.version is an {'SDXL refiner' if family == 'sdxl-refiner' else 'SDXL'} model; "
+            "W8A8 is built for SD 1.x/2.x unets only (as Apple's converter): remove activations for linear 8-bit weights"
         )
     # Calibration runs the float16 text encoder, listed first: the shipped one, or its own (built, not bundled).
     encoder = _text_encoder_nodes(download, ships="text_encoder" in components) if calibrating else []

@@ -275,28 +275,26 @@ class Recipe(_Strict):
             return None
         return self.multires or "functions"
 
-    @model_validator(mode="after")
-    def _activations_fit(self):
-        comp = self.compression
-        if comp is None or comp.activations is None:
-            return self
-        if self.target not in ACTIVATION_TARGETS:
-            raise ValueError(
-                f"compression.activations: int8 needs target macOS14 or iOS17 or later (Core ML's quantize ops); got target: {self.target}"
-            )
-        # Calibration runs one static-shape unet through the plain text-to-image pipeline.
-        unsupported = [
-            (len(self.resolutions) > 1, "several resolutions (one calibration per shape is not built): build one recipe per resolution"),
-            (bool(self.controlnet), "controlnet (the controlled unet takes residuals the calibration does not run): remove controlnet"),
-            (bool(self.multilingual_projection), "multilingual_projection (calibration runs the CLIP text encoder): remove it"),
-        ]
-        for refused, why in unsupported:
-            if refused:
-                raise ValueError(f"compression.activations: int8 is not built with {why}")
-        return self
+    @field_validator("compression")
+    @classmethod
+    def _activations_fit(cls, v, info):
+        if v is None or v.activations is None:
+            return v
+        target, resolution = info.data.get("target"), info.data.get("resolution")
+        if target is not None and target not in ACTIVATION_TARGETS:
+            raise ValueError(f"activations: int8 needs target macOS14 or iOS17 or later (Core ML's quantize ops); got target: {target}")
+        if isinstance(resolution, list) and len(resolution) > 1:
+            # Calibration runs one static-shape unet through the text-to-image pipeline.
+            raise ValueError("activations: int8 is not built for several resolutions (one calibration per shape): build one recipe per resolution")
+        return v
 
     @model_validator(mode="after")
     def _controlnet_needs_batch_two(self):
+        if self.controlnet and self.compression is not None and self.compression.activations is not None:
+            raise ValueError(
+                "controlnet with compression.activations: int8 is not built (the controlled unet takes residuals "
+                "the calibration does not run); remove one of them"
+            )
         if self.controlnet and self.unet_batch_one:
             raise ValueError("controlnet with unet_batch_one: Apple's ControlNet pipelines run the unet at batch 2; remove unet_batch_one")
         if len(set(self.controlnet)) != len(self.controlnet):
@@ -318,6 +316,9 @@ class Recipe(_Strict):
             )
         if verify is not None and verify.sample_image:
             raise ValueError("the sample image needs the CLIP text encoder: set verify.sample_image: false")
+        compression = info.data.get("compression")
+        if compression is not None and compression.activations is not None:
+            raise ValueError("with compression.activations: int8 is not built (calibration runs the CLIP text encoder); remove one of them")
         return v
 
     @property

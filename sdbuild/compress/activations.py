@@ -16,19 +16,21 @@ concatenations, norms, SiLU and GELU stay float16. Apple's converter also
 quantizes the attention einsums' inputs; coremltools' passes have no pattern
 for ``matmul``, so attention stays float16 here.
 
-    pipe = Pipeline.from_packages({"text_encoder": te, "unet": unet}, checkpoint)   # sdbuild.generate
-    ranges, facts = calibrate_unet(pipe, prompts, seed=0, steps=20)
-    w8a8_package(unet, dst, ranges)
+    # the calibrate stage: the float16 pipeline on the reference executor, a RangeObserver on its unet
+    ranges = {var name: [min, max]}
+    w8a8_package(unet_package, dst, ranges)
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 from sdbuild.compress import package as pkg
 from sdbuild.errors import PackageError
 
+RANGES_FILE = "activation_ranges.json"  # what the calibrate stage writes, the compress stage reads
 # The ops whose input and output activations are quantized (coremltools' patterns, Apple's choice of them).
 QUANTIZED_OPS = ("conv", "linear")
 # What coremltools' suffix pass folds into a quantized op's output (quantized after it instead).
@@ -57,6 +59,11 @@ def concat_groups(prog) -> list[list[str]]:
     ]
 
 
+def read_ranges(folder: Path) -> dict[str, list[float]]:
+    """The activation ranges a calibration wrote into ``folder``: {var name: [min, max]}."""
+    return json.loads((Path(folder) / RANGES_FILE).read_text())["ranges"]
+
+
 def _ops(prog):
     """Every op of a pymil Program, or of one Function (what the executor runs)."""
     return pkg.iter_ops(prog) if hasattr(prog, "functions") else pkg.iter_ops_of(prog)
@@ -73,36 +80,6 @@ def calibrated_names(prog) -> set[str]:
     for group in concat_groups(prog):
         names.update(group)
     return names
-
-
-def calibrate_unet(pipe, prompts: list[str], seed: int, steps: int, guidance_scale: float = 7.5, scheduler: str = "DDIM"):
-    """Run ``pipe`` (a float16 ``sdbuild.generate.Pipeline`` on the reference executor) over
-    ``prompts`` and record the unet's activation ranges over every denoising step.
-
-    Every prompt starts from the same seeded latents (as Apple's converter
-    calibrates); under guidance both halves of each unet call are seen. No image
-    is decoded. Returns ({var name: [min, max]} over ``calibrated_names``, facts:
-    unet calls, seconds, tensors).
-    """
-    from sdbuild.mil.executor import RangeObserver
-
-    started = time.perf_counter()
-    unet = pipe.runners["unet"]
-    observer = RangeObserver(calibrated_names(unet.programs[0].function))
-    unet.observer = observer
-    try:
-        for prompt in prompts:
-            pipe.generate(prompt, seed=seed, steps=steps, guidance_scale=guidance_scale, scheduler=scheduler, decode=False)
-    finally:
-        unet.observer = None
-    missing = observer.names - observer.ranges.keys()
-    facts = {
-        "unet_calls": observer.runs,
-        "seconds": round(time.perf_counter() - started, 3),
-        "tensors": len(observer.ranges),
-        "unseen": len(missing),  # computed from constants alone: their ops stay float16
-    }
-    return observer.ranges, facts
 
 
 def activation_config(skip: list[str] = ()):

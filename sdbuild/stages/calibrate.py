@@ -11,19 +11,19 @@ guidance scale (``compression.calibration``) and the two packages' keys.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
+from sdbuild.compress.activations import RANGES_FILE, calibrated_names
 from sdbuild.stages import Job
 from sdbuild.stages.convert import PACKAGE
 from sdbuild.stages.download import checkpoint_dir
 
-RANGES = "activation_ranges.json"
 SCHEDULER = "DDIM"
 
 
 def run(job: Job, out: Path) -> dict:
     """Write ``activation_ranges.json``: {"ranges": {var name: [min, max]}, "calibration": settings, facts}."""
-    from sdbuild.compress.activations import calibrate_unet
     from sdbuild.generate import Pipeline
 
     settings = job.fields["calibration"]
@@ -34,10 +34,35 @@ def run(job: Job, out: Path) -> dict:
         guidance_scale=settings["guidance_scale"], scheduler=SCHEDULER,
     )
     result = {"calibration": {**settings, "scheduler": SCHEDULER}, **facts, "ranges": ranges}
-    (out / RANGES).write_text(json.dumps(result, indent=1, sort_keys=True))
+    (out / RANGES_FILE).write_text(json.dumps(result, indent=1, sort_keys=True))
     return {"calibration": facts}
 
 
-def read_ranges(entry: Path) -> dict[str, list[float]]:
-    """The ranges a calibrate entry holds: {var name: [min, max]}."""
-    return json.loads((Path(entry) / RANGES).read_text())["ranges"]
+def calibrate_unet(pipe, prompts: list[str], seed: int, steps: int, guidance_scale: float = 7.5, scheduler: str = "DDIM"):
+    """Run ``pipe`` (a float16 ``sdbuild.generate.Pipeline`` on the reference executor) over
+    ``prompts`` and record the unet's activation ranges over every denoising step.
+
+    Every prompt starts from the same seeded latents (as Apple's converter
+    calibrates); under guidance both halves of each unet call are seen. No image
+    is decoded. Returns ({var name: [min, max]} over ``calibrated_names``, facts:
+    unet calls, seconds, tensors).
+    """
+    from sdbuild.mil.executor import RangeObserver
+
+    started = time.perf_counter()
+    unet = pipe.runners["unet"]
+    observer = RangeObserver(calibrated_names(unet.programs[0].function))
+    unet.observer = observer
+    try:
+        for prompt in prompts:
+            pipe.generate(prompt, seed=seed, steps=steps, guidance_scale=guidance_scale, scheduler=scheduler, decode=False)
+    finally:
+        unet.observer = None
+    missing = observer.names - observer.ranges.keys()
+    facts = {
+        "unet_calls": observer.runs,
+        "seconds": round(time.perf_counter() - started, 3),
+        "tensors": len(observer.ranges),
+        "unseen": len(missing),  # computed from constants alone: their ops stay float16
+    }
+    return observer.ranges, facts

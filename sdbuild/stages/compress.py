@@ -27,8 +27,7 @@ def run(job: Job, out: Path) -> dict:
             lut_dtype=settings.get("lut_dtype"),
         )
     elif settings.get("activations"):
-        from sdbuild.compress.activations import w8a8_package
-        from sdbuild.stages.calibrate import read_ranges
+        from sdbuild.compress.activations import read_ranges, w8a8_package
 
         stats = w8a8_package(src, out / PACKAGE, read_ranges(job.upstream["calibrate"]))
     elif settings.get("linear8"):
