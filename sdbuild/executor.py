@@ -287,6 +287,11 @@ def build_graph(
             f"compression.activations: int8: model.version is an {'SDXL refiner' if family == 'sdxl-refiner' else 'SDXL'} model; "
             "W8A8 is built for SD 1.x/2.x unets only (as Apple's converter): remove activations for linear 8-bit weights"
         )
+    if calibrating and is_inpainting_source(source):
+        raise RecipeError(
+            "compression.activations: int8 is not built for inpainting unets (calibration runs text to image); "
+            "remove activations for linear 8-bit weights"
+        )
     # Calibration runs the float16 text encoder, listed first: the shipped one, or its own (built, not bundled).
     encoder = _text_encoder_nodes(download, ships="text_encoder" in components) if calibrating else []
     nodes += encoder
