@@ -13,7 +13,7 @@ checked by ``command`` next, still before any model loads.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from sdbuild.generate.errors import GenerationError
