@@ -310,7 +310,8 @@ def family_of_layout(layout_name: str) -> Family:
 
 
 def family_of_synthetic(name: str) -> Family:
-    """The family of a synthetic model (``tiny-sdxl``…); an unlisted one is the fallback's."""
+    """The family of a synthetic model (``synthetic:tiny-sdxl`` or ``tiny-sdxl``); an unlisted one is the fallback's."""
+    name = name.removeprefix("synthetic:")
     return next((f for f in FAMILIES.values() if name in f.synthetic), fallback_family())
 
 

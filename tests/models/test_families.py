@@ -24,6 +24,7 @@ from sdbuild.models.families import (
     unregister_family,
 )
 from sdbuild.recipe import Recipe
+from sdbuild.stages.download import resolve_source
 
 FAMILY_CONFIGS = Path(__file__).parents[2] / "sdbuild" / "data" / "families"
 UNET = "model.diffusion_model."
@@ -64,7 +65,10 @@ def test_a_single_file_is_told_by_its_text_encoders(prefixes, layout):
 def test_families_read_their_facts_from_the_table():
     assert [f.name for f in FAMILIES.values()][-1] == "sd"  # the fallback
     assert family_of_index({"_class_name": "SomethingElse"}) is SD
-    assert family_of_source({"kind": "synthetic", "name": "tiny-sdxl-refiner"}) == "sdxl-refiner"
+    for name in ("tiny-sd", "tiny-sdxl", "tiny-sdxl-refiner", "tiny-controlnet"):
+        # As the download resolves a synthetic model; one no family lists is the fallback's.
+        found = family_of_source(resolve_source(f"synthetic:{name}", "main", None, False))
+        assert found == {"tiny-sdxl": "sdxl", "tiny-sdxl-refiner": "sdxl-refiner"}.get(name, "sd"), name
     assert family_of_source({"kind": "single_file", "family": "sd2"}) == "sd"
     recipe = Recipe.model_validate({"name": "x", "model": {"version": "synthetic:tiny-sdxl"}})
     assert components_of(recipe, "sdxl") == list(FAMILIES["sdxl"].components)
@@ -110,7 +114,7 @@ def test_a_registered_family_is_detected_and_its_components_follow(toy_family):
     assert (detected.family, detected.prediction_type) == ("toy", "v_prediction")
     assert detected.describe() == "Toy 1.0 (v_prediction)"
     assert family_of_source({"kind": "single_file", "family": "toy"}) == "toy"
-    assert family_of_source({"kind": "synthetic", "name": "tiny-toy"}) == "toy"
+    assert family_of_source({"kind": "synthetic", "name": "synthetic:tiny-toy"}) == "toy"
     recipe = Recipe.model_validate({"name": "x", "model": {"version": "synthetic:tiny-toy", "refiner": "synthetic:tiny-sdxl-refiner"}})
     assert components_of(recipe, "toy") == ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
     # What it may be combined with is the entry's too: no refiner follows a toy model.
