@@ -160,10 +160,10 @@ def _read_spec(pkg: Path, spec_file: Path):
 def _check_weight_file(pkg: Path, path: Path, offsets: set[int]) -> None:
     """Walk the blob storage file and check every referenced blob lies whole inside it.
 
-    A weight file is a 64-byte header (blob count, version) followed by blobs,
-    each a 64-byte metadata record (sentinel 0xDEADBEEF, dtype, size, data
-    offset) and its data. Truncation or damaged records are caught here, before
-    anything reads past the end of the file.
+    The weight file's layout is ``sdbuild.mlpackage``'s (``BLOB_*``): a header
+    (blob count, version), then per blob a metadata record (sentinel, dtype,
+    size, data offset) and its data. Truncation or damaged records are caught
+    here, before anything reads past the end of the file.
     """
     rel = path.relative_to(pkg)
     if not path.is_file():
