@@ -49,6 +49,7 @@ from sdbuild.cache import (
     write_json_atomic,
 )
 from sdbuild.errors import RecipeError, SdbuildError, UsageError
+from sdbuild.models.families import FAMILIES, INPAINT_CHANNELS
 from sdbuild.recipe import Recipe, check_buildable, check_local_sources, load_recipe
 from sdbuild.stages import ORDER, REFINER, STAGES, Job, Stage
 from sdbuild.workers import short_socket_dir
@@ -196,9 +197,7 @@ def read_fields(recipe: Recipe, names: tuple[str, ...], extra: dict[str, Any]) -
 
 def components_of(recipe: Recipe, family: str) -> list[str]:
     """What the recipe converts; a multilingual projection takes the text encoder's place."""
-    from sdbuild.models import DEFAULT_COMPONENTS
-
-    components = list(recipe.components or DEFAULT_COMPONENTS[family])
+    components = list(recipe.components or FAMILIES[family].components)
     if recipe.multilingual_projection:
         components = ["multilingual_projection"] + [c for c in components if not c.startswith("text_encoder")]
     return components
@@ -278,7 +277,7 @@ def build_graph(
         components.insert(components.index("vae_decoder") + 1, "vae_encoder")
     if recipe.controlnet and "unet" in components:
         components.insert(components.index("unet") + 1, "controlled_unet")
-    if recipe.multilingual_projection and family.startswith("sdxl"):
+    if recipe.multilingual_projection and not FAMILIES[family].multilingual:
         raise RecipeError("multilingual_projection: Apple's SDXL pipeline takes no multilingual text encoder (SD 1.x/2.x only)")
     calibrate = None
     calibrating = comp is not None and comp.activations is not None
@@ -788,19 +787,14 @@ def is_inpainting_source(source: dict) -> bool:
     config = Path(source.get("path") or "") / "unet" / "config.json"
     if source.get("kind") == "synthetic" or not config.is_file():
         return False
-    return json.loads(config.read_text()).get("in_channels") == 9
+    return json.loads(config.read_text()).get("in_channels") == INPAINT_CHANNELS
 
 
 def family_of_source(source: dict) -> str:
-    """``sd``, ``sdxl``, or ``sdxl-refiner`` (a refiner built on its own: image to image)."""
-    from sdbuild.models import is_refiner, model_family
+    """The name of the resolved checkpoint's family (``sdbuild.models.families``): ``sd``, ``sdxl``, ``sdxl-refiner``…"""
+    from sdbuild.models.families import family_of_source as entry
 
-    if source["kind"] == "synthetic":
-        return "sdxl-refiner" if "refiner" in source["name"] else "sdxl" if "sdxl" in source["name"] else "sd"
-    if source["kind"] == "single_file":
-        return source["family"] if source["family"].startswith("sdxl") else "sd"
-    family = model_family(Path(source["path"]))
-    return "sdxl-refiner" if family == "sdxl" and is_refiner(Path(source["path"])) else family
+    return entry(source).name
 
 
 def prepare(
@@ -864,13 +858,18 @@ def resolve_refiner(recipe: Recipe, family: str) -> dict | None:
     m = recipe.model
     if not m.refiner:
         return None
-    if family != "sdxl":
-        what = "an SDXL refiner" if family == "sdxl-refiner" else "an SD 1.x/2.x model"
-        raise RecipeError(f"model.refiner: the base model.version is {what}; a refiner follows an SDXL base (or build the refiner alone as model.version)")
+    bases = [f for f in FAMILIES.values() if f.refiner]
+    if FAMILIES[family].refiner is None:
+        followed = " or ".join(f.label for f in bases)
+        raise RecipeError(
+            f"model.refiner: the base model.version is {FAMILIES[family].label}; a refiner follows {followed}"
+            " (or build the refiner alone as model.version)"
+        )
     source = resolve_source(m.refiner, "main", None, m.allow_pickle, key="model.refiner")
     found = family_of_source(source)
-    if found != "sdxl-refiner":
-        raise RecipeError(f"model.refiner: {m.refiner} is {'an SDXL base' if found == 'sdxl' else 'an SD 1.x/2.x model'}, not an SDXL refiner")
+    if found != FAMILIES[family].refiner:
+        wanted = FAMILIES[FAMILIES[family].refiner].label
+        raise RecipeError(f"model.refiner: {m.refiner} is {FAMILIES[found].label}, not {wanted}")
     return source
 
 
@@ -879,7 +878,7 @@ def resolve_controlnets(recipe: Recipe, family: str) -> dict[str, dict]:
     from sdbuild.errors import NotBuiltYet
     from sdbuild.stages.download import resolve_source
 
-    if recipe.controlnet and family.startswith("sdxl"):
+    if recipe.controlnet and not FAMILIES[family].controlnet:
         from sdbuild.models.controlnet import SDXL_REFUSAL  # imports torch: only on this refusal
 
         raise NotBuiltYet(f"controlnet: {SDXL_REFUSAL}")

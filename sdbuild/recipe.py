@@ -16,19 +16,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from sdbuild.errors import NotBuiltYet, RecipeError
+from sdbuild.models import COMPONENTS
+from sdbuild.models.families import all_components
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-COMPONENT_NAMES = (
-    "text_encoder",
-    "text_encoder_2",
-    "unet",
-    "vae_decoder",
-    "vae_encoder",
-    "safety_checker",
-)
+# What a recipe may list under components: every family's, and the safety checker, in the modules' order.
+COMPONENT_NAMES = tuple(c for c in COMPONENTS if c in {*all_components(), "safety_checker"})
 COMPRESSIBLE = ("text_encoder", "text_encoder_2", "unet", "controlnet", "multilingual_projection")
 # NLContextualEmbedding, which a multilingual projection's input comes from, exists from macOS 14 / iOS 17.
 MULTILINGUAL_TARGETS = ("macOS14", "macOS15", "iOS17", "iOS18")
+COMPUTE_UNITS = ("ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE")  # Core ML's, by name
 # Multifunction packages (one function per resolution) exist from Core ML's iOS18 / macOS15 release.
 MULTIFUNCTION_TARGETS = ("macOS15", "iOS18")
 # Core ML's quantize/dequantize ops (int8 activations) exist from iOS17 / macOS14.
@@ -223,7 +220,7 @@ class Recipe(_Strict):
         "macOS15/iOS18 targets; the default there) | enumerated (ct.EnumeratedShapes, macOS13/iOS16 and later)",
     )
     target: Literal["macOS13", "macOS14", "macOS15", "iOS16", "iOS17", "iOS18"] = "macOS14"
-    compute_unit: Literal["ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE"] = "CPU_AND_NE"
+    compute_unit: Literal[COMPUTE_UNITS] = "CPU_AND_NE"
     unet_batch_one: bool = False
     compression: Compression | None = None
     chunk: Chunk | None = None

@@ -73,13 +73,13 @@ class CoreMLRunner(ModelRunner):
             }
             self.outputs = [o["name"] for o in meta["outputSchema"]]
         else:
-            from sdbuild.mil.executor import _ARRAY_DTYPES
+            from sdbuild.mlpackage import array_dtype
 
             self.model = ct.models.MLModel(str(path), compute_units=units, **named)
             spec = self.model.get_spec()
             description = next((f for f in spec.description.functions if f.name == function), spec.description)
             self.inputs = {
-                i.name: (tuple(i.type.multiArrayType.shape), np.dtype(_ARRAY_DTYPES.get(i.type.multiArrayType.dataType, np.float32)))
+                i.name: (tuple(i.type.multiArrayType.shape), np.dtype(array_dtype(i.type.multiArrayType.dataType)))
                 for i in description.input
             }
             self.outputs = [o.name for o in description.output]
