@@ -193,7 +193,7 @@ class Pipeline:
         vae_config = folder / "vae" / "config.json"
         scaling = json.loads(vae_config.read_text()).get("scaling_factor") if vae_config.is_file() else None
         runners = {component: ExecutorRunner([Path(p)]) for component, p in packages.items()}
-        return cls(bundle, runners, tokenizer, scheduler_config, float(scaling or _DEFAULT_SCALING_FACTOR["sd"]),
+        return cls(bundle, runners, tokenizer, scheduler_config, float(scaling or FAMILIES["sd"].scaling_factor),
                    "executor", None, [], time.perf_counter() - started)
 
     def _runner(self, key: str, paths: list[Path]) -> ModelRunner:
