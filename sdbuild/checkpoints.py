@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdbuild.errors import SdbuildError
-from sdbuild.models.families import INPAINT_CHANNELS, LATENT_CHANNELS, layout_named, single_file_layout
+from sdbuild.families import INPAINT_CHANNELS, LATENT_CHANNELS, layout_named, single_file_layout
 
 FAMILY_CONFIGS = Path(__file__).parent / "data" / "families"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")

@@ -49,7 +49,7 @@ from sdbuild.cache import (
     write_json_atomic,
 )
 from sdbuild.errors import RecipeError, SdbuildError, UsageError
-from sdbuild.models.families import FAMILIES, INPAINT_CHANNELS
+from sdbuild.families import FAMILIES, INPAINT_CHANNELS
 from sdbuild.recipe import Recipe, check_buildable, check_local_sources, load_recipe
 from sdbuild.stages import ORDER, REFINER, STAGES, Job, Stage
 from sdbuild.workers import short_socket_dir
@@ -791,8 +791,8 @@ def is_inpainting_source(source: dict) -> bool:
 
 
 def family_of_source(source: dict) -> str:
-    """The name of the resolved checkpoint's family (``sdbuild.models.families``): ``sd``, ``sdxl``, ``sdxl-refiner``…"""
-    from sdbuild.models.families import family_of_source as entry
+    """The name of the resolved checkpoint's family (``sdbuild.families``): ``sd``, ``sdxl``, ``sdxl-refiner``…"""
+    from sdbuild.families import family_of_source as entry
 
     return entry(source).name
 

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sdbuild.errors import NotBuiltYet, RecipeError
 from sdbuild.models import COMPONENTS
-from sdbuild.models.families import all_components
+from sdbuild.families import all_components
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # What a recipe may list under components: every family's, and the safety checker, in the modules' order.

@@ -202,7 +202,7 @@ def _diffusers_folder(path, dest, detected):
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from sdbuild.checkpoints import tensor_shapes, write_configs
-    from sdbuild.models.families import layout_named
+    from sdbuild.families import layout_named
 
     write_configs(tensor_shapes(path), detected, dest)
     state = load_file(path)

@@ -23,7 +23,7 @@ from sdbuild.bundle_names import (
     swift_name,
 )
 from sdbuild.generate.errors import GenerationError
-from sdbuild.models.families import FAMILIES, family_of_bundle
+from sdbuild.families import FAMILIES, family_of_bundle
 
 
 @dataclass
@@ -48,7 +48,7 @@ class BundleFiles:
 
     @property
     def family(self) -> str:
-        """The model family (``sdbuild.models.families``), told by the text encoders the bundle holds."""
+        """The model family (``sdbuild.families``), told by the text encoders the bundle holds."""
         return family_of_bundle(self.models).name
 
     @property

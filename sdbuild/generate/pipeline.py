@@ -33,7 +33,7 @@ from sdbuild.generate.images import _clip_pixels, _resize
 from sdbuild.generate.request import REFINER_START, RNG_MODES, check_controlnets, check_settings  # noqa: F401
 from sdbuild.generate.runners import ChainedRunner, CoreMLRunner, ExecutorRunner, ModelRunner, default_backend
 from sdbuild.generate.schedulers import make_scheduler, scheduler_name
-from sdbuild.models.families import FAMILIES, INPAINT_CHANNELS, Family
+from sdbuild.families import FAMILIES, INPAINT_CHANNELS, Family
 from sdbuild.recipe import COMPUTE_UNITS
 from sdbuild.stages.trace import RESOLUTION_KINDS
 
@@ -110,7 +110,7 @@ class Pipeline:
 
     @property
     def spec(self) -> Family:
-        """The family's table entry (``sdbuild.models.families``)."""
+        """The family's table entry (``sdbuild.families``)."""
         return FAMILIES[self.family]
 
     @property

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sdbuild.errors import NotBuiltYet, RecipeError
-from sdbuild.models.families import FAMILIES, Family, family_of_folder, read_model_index  # noqa: F401
+from sdbuild.families import FAMILIES, Family, family_of_folder, read_model_index  # noqa: F401
 
 TOKENS = 77
 MULTILINGUAL_TOKENS = 256  # NLContextualEmbedding's sequence, as the Swift package pads it

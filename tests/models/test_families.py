@@ -12,7 +12,7 @@ from sdbuild.checkpoints import CheckpointError, detect_family
 from sdbuild.errors import RecipeError
 from sdbuild.executor import components_of, family_of_source, resolve_refiner
 from sdbuild.generate.discovery import BundleFiles, _required
-from sdbuild.models.families import (
+from sdbuild.families import (
     FAMILIES,
     SD,
     Family,
