@@ -281,7 +281,7 @@ def build_graph(
         raise RecipeError("multilingual_projection: Apple's SDXL pipeline takes no multilingual text encoder (SD 1.x/2.x only)")
     calibrate = None
     calibrating = comp is not None and comp.activations is not None
-    if calibrating and family != "sd":
+    if calibrating and not FAMILIES[family].w8a8:
         raise RecipeError(
             f"compression.activations: int8: model.version is an {'SDXL refiner' if family == 'sdxl-refiner' else 'SDXL'} model; "
             "W8A8 is built for SD 1.x/2.x unets only (as Apple's converter): remove activations for linear 8-bit weights"

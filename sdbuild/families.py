@@ -80,6 +80,8 @@ class Family:
     this family (None: any; the fallback). ``single_file``: its single-file
     layouts. ``synthetic``: names of the tiny built-in models of this family.
     ``refiner``: the family whose unet may refine this one's (``model.refiner``).
+    ``w8a8``: its unet takes int8 activations (``compression.activations``;
+    Apple's converter builds them for SD 1.x/2.x only).
     """
 
     name: str
@@ -95,6 +97,7 @@ class Family:
     vae_encoder_float32: bool = False
     controlnet: bool = True
     multilingual: bool = True
+    w8a8: bool = False
     refiner: str | None = None
     folder_rule: Callable[[dict], bool] | None = None
     single_file: tuple[SingleFileLayout, ...] = ()
@@ -216,6 +219,7 @@ SD = Family(
     scheduler=SD_SCHEDULER,
     scheduler_source="Stable Diffusion 1.5",
     scaling_factor=0.18215,
+    w8a8=True,
     single_file=(
         # SD 2.x before 1.x: a file with both encoders' names is read as 2.x.
         SingleFileLayout(

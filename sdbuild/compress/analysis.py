@@ -121,26 +121,24 @@ class _Model:
         self.cache: dict[tuple[str, int], np.ndarray] = {}
         self.cache_bytes = 0
         if replay:
-            replay_ = _Replay(self.module, {l.name for l in self.layers}, len(self.inputs))
-            replay_.record(self._baseline_forwards)
-            self.replay = replay_
+            recording = _Replay(self.module, {l.name for l in self.layers}, len(self.inputs))
+            self.outputs(around=recording.recording)  # the baseline forwards (float16-rounded weights)
+            recording.recorded()
+            self.replay = recording
 
-    def _baseline_forwards(self, before_each) -> None:
+    def outputs(self, replaced: tuple[str, ...] = (), around=None) -> list[np.ndarray]:
+        """The unet's output per input. With a replay, calls that end before any ``replaced`` layer
+        is used are replayed; ``around(i)``: a context each input's forward runs in instead."""
+        import contextlib
+
+        if around is None and self.replay is not None:
+            around = lambda i: self.replay.replaying(i, replaced)  # noqa: E731
+        outs = []
         with self.torch.no_grad():
             for i, x in enumerate(self.inputs):
-                before_each(i)
-                self.module(**x)
-
-    def outputs(self, replaced: tuple[str, ...] = ()) -> list[np.ndarray]:
-        """The unet's output per input; with a replay, calls finished before any ``replaced`` layer is used are replayed."""
-        with self.torch.no_grad():
-            if self.replay is None:
-                return [_first_tensor(self.module(**x)).numpy().copy() for x in self.inputs]
-            outs = []
-            for i, x in enumerate(self.inputs):
-                with self.replay.replaying(i, replaced):
+                with around(i) if around else contextlib.nullcontext():
                     outs.append(_first_tensor(self.module(**x)).numpy().copy())
-            return outs
+        return outs
 
     def _eligible_layers(self) -> list[Layer]:
         """Conv/linear weights above the threshold, in the order forward first uses them."""
@@ -236,14 +234,13 @@ class _Replay:
         self.broken = False
         self._recording, self._input, self._next, self._until = False, 0, 0, 0
 
-    def record(self, run_inputs) -> None:
-        """Run the baseline forward of every input (``run_inputs(before_each)``) and keep what may be replayed."""
-        self._recording = True
-        try:
-            with self._patched():
-                run_inputs(self._begin)
-        finally:
-            self._recording = False
+    def recording(self, index: int):
+        """Context: the baseline forward of input ``index``, its calls recorded; ``recorded()`` after the last input."""
+        self._begin(index)
+        return self._patched(recording=True)
+
+    def recorded(self) -> None:
+        """After every input's baseline forward: number the layers' first uses, bound what is kept."""
         if any(names != self.names[0] for names in self.names):
             self.broken = True  # the inputs take different paths: the numbering cannot be shared
         for index, name in enumerate(self.names[0]):
@@ -272,7 +269,7 @@ class _Replay:
         self._until = min((self.first_use[n] for n in replaced), default=len(self.names[index]))
         return self._patched()
 
-    def _patched(self):
+    def _patched(self, recording: bool = False):
         import contextlib
 
         @contextlib.contextmanager
@@ -280,9 +277,11 @@ class _Replay:
             saved = {name: module.__dict__.get("forward") for name, module in self.modules.items()}
             for name, module in self.modules.items():
                 module.__dict__["forward"] = self._wrap(name, module.forward)
+            self._recording = recording
             try:
                 yield
             finally:
+                self._recording = False
                 for name, module in self.modules.items():
                     if saved[name] is None:
                         del module.__dict__["forward"]

@@ -236,8 +236,9 @@ def _check_group_size(group_size: int | None, mlmodel, src: Path) -> None:
         )
 
 
-def _finish(method, src, dst, started, workers, **extra) -> CompressionStats:
-    bits = pkg.weight_bits(dst)
+def _finish(method, src, dst, started, workers, program=None, **extra) -> CompressionStats:
+    """``program``: ``dst``'s pymil Program where the caller has it loaded already."""
+    bits = pkg.weight_bits(dst if program is None else program)
     return CompressionStats(
         method=method,
         bytes_before=pkg.weight_file(src).stat().st_size,
