@@ -5,9 +5,17 @@
 
 Variants: float16; 8/6/4-bit palettes per tensor; 4-bit palettes per group of
 16 and 32 output channels; 4-bit with int8 palette entries; 50% sparse; 50%
-sparse + 4-bit (joint); linear 8-bit. W8A8 (``compression.activations``) is
-not built yet and is listed as such. Every variant compresses the same float16
-package, converted for iOS18 (grouped and joint forms need it).
+sparse + 4-bit (joint); linear 8-bit; W8A8 (linear 8-bit weights and int8
+activations, ``compression.activations``). Every variant compresses the same
+float16 package, converted for iOS18 (grouped and joint forms need it).
+
+W8A8 is calibrated here on random inputs, not on prompts: the bench has the
+unet alone, no text encoder. Its ranges come from the reference executor
+(fp16, a ``RangeObserver``) running the float16 package on 4 inputs drawn as
+the measured one is (standard normal latents and encoder states, random
+timesteps) with other seeds; its time counts that calibration
+(``calibrate_s``) apart from the compression. A build calibrates on prompts
+through the float16 pipeline instead (the ``calibrate`` stage).
 
 PSNR is of the unet's output for one seeded input, run by the reference
 executor (fp32 mode, the fastest) on each compressed package, against the same
@@ -25,6 +33,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -32,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from sdbuild.compress import linear8_package, palettize_package  # noqa: E402
+from sdbuild.compress.activations import calibrated_names, w8a8_package  # noqa: E402
 from sdbuild.compress import package as pkg  # noqa: E402
 
 VARIANTS = {
@@ -44,11 +54,13 @@ VARIANTS = {
     "50% sparse": dict(nbits=None, sparsity=0.5),
     "50% sparse + 4-bit": dict(nbits=4, sparsity=0.5),
     "linear 8-bit": "linear8",
+    "W8A8": "w8a8",
 }
+CALIBRATION_SEEDS = (2, 3, 4, 5)  # the W8A8 calibration's inputs; PSNR is measured on seed 1's
 ORDER = ["float16", *VARIANTS]
 
 
-def tiny_package(cache: Path) -> tuple[Path, dict]:
+def tiny_package(cache: Path) -> tuple[Path, Callable[[int], dict]]:
     from sdbuild.models import sample_inputs
     from sdbuild.synthetic import make_synthetic
     from tests.compress.conftest import convert, tiny_unet
@@ -60,19 +72,36 @@ def tiny_package(cache: Path) -> tuple[Path, dict]:
     component = tiny_unet(checkpoint)
     if not (path / "Manifest.json").is_file():
         convert(component, path, "iOS18")
-    return path, sample_inputs(component.inputs, 1)
+    return path, lambda seed: sample_inputs(component.inputs, seed)
 
 
-def sd15_package(cache: Path) -> tuple[Path, dict]:
+def sd15_package(cache: Path) -> tuple[Path, Callable[[int], dict]]:
     from bench.palettize import sd15_unet_package
 
-    rng = np.random.default_rng(1)
-    inputs = {
-        "sample": rng.standard_normal((2, 4, 64, 64)).astype(np.float32),
-        "timestep": np.array([500.0, 500.0], np.float32),
-        "encoder_hidden_states": rng.standard_normal((2, 768, 1, 77)).astype(np.float32),
-    }
-    return sd15_unet_package(cache, "iOS18"), inputs
+    def draw(seed: int) -> dict:
+        rng = np.random.default_rng(seed)
+        inputs = {
+            "sample": rng.standard_normal((2, 4, 64, 64)).astype(np.float32),
+            "timestep": np.array([500.0, 500.0], np.float32),
+            "encoder_hidden_states": rng.standard_normal((2, 768, 1, 77)).astype(np.float32),
+        }
+        if seed != 1:  # calibration inputs: timesteps over the whole schedule (seed 1's stay those measured before)
+            inputs["timestep"] = np.full(2, rng.integers(0, 1000), np.float32)
+        return inputs
+
+    return sd15_unet_package(cache, "iOS18"), draw
+
+
+def calibrate(src: Path, draw) -> tuple[dict, float]:
+    """Activation ranges of the float16 package over ``CALIBRATION_SEEDS``' inputs, and the seconds it took."""
+    from sdbuild.mil.executor import RangeObserver, load_program
+
+    started = time.perf_counter()
+    program = load_program(src)
+    observer = RangeObserver(calibrated_names(program.function))
+    for seed in CALIBRATION_SEEDS:
+        program.run(draw(seed), precision="fp16", observer=observer)
+    return observer.ranges, time.perf_counter() - started
 
 
 def run_unet(path: Path, inputs: dict) -> np.ndarray:
@@ -91,7 +120,8 @@ def main() -> None:
     parser.add_argument("--only", action="append", help="run only these variants (repeatable)")
     args = parser.parse_args()
     args.cache.mkdir(parents=True, exist_ok=True)
-    src, inputs = (tiny_package if args.model == "tiny" else sd15_package)(args.cache)
+    src, draw = (tiny_package if args.model == "tiny" else sd15_package)(args.cache)
+    inputs = draw(1)
     reference = run_unet(src, inputs)
     rows = [{"variant": "float16", "weight_bytes": pkg.weight_file(src).stat().st_size, "psnr_db": None, "seconds": 0.0}]
     for name, kw in VARIANTS.items():
@@ -99,12 +129,19 @@ def main() -> None:
             continue
         dst = args.cache / f"{args.model}-{name.replace(' ', '_').replace('%', 'pc')}.mlpackage"
         print(f"{name} ...", flush=True)
-        stats = linear8_package(src, dst) if kw == "linear8" else palettize_package(src, dst, **kw)
+        extra = {}
+        if kw == "w8a8":
+            ranges, seconds = calibrate(src, draw)
+            stats = w8a8_package(src, dst, ranges)
+            extra = {"calibrate_s": round(seconds, 2), "calibration": f"{len(CALIBRATION_SEEDS)} random inputs", "notes": stats.notes}
+        else:
+            stats = linear8_package(src, dst) if kw == "linear8" else palettize_package(src, dst, **kw)
         db = psnr(reference, run_unet(dst, inputs))
         rows.append({
             "variant": name, "weight_bytes": stats.bytes_after, "psnr_db": round(float(db), 2),
             "seconds": round(stats.seconds, 2), "average_bits": round(stats.average_bits, 2),
             "sparsity": round(pkg.weight_sparsity(dst), 3) if "sparsity" in (kw if isinstance(kw, dict) else {}) else 0.0,
+            **extra,
         })
     out = ROOT / "bench" / "results" / f"joint-{args.model}.json"
     if args.only and out.is_file():  # a partial run keeps the rows it did not redo
@@ -126,7 +163,8 @@ def main() -> None:
             print(f"| {r['variant']} | not built | | | |")
             continue
         db = "–" if r["psnr_db"] is None else f"{r['psnr_db']:.1f}"
-        print(f"| {r['variant']} | {r['weight_bytes']:,} | {r['weight_bytes'] / base:.0%} | {db} | {r['seconds']:.1f} |")
+        seconds = f"{r['seconds']:.1f}" + (f" (+{r['calibrate_s']:.1f} calibration)" if "calibrate_s" in r else "")
+        print(f"| {r['variant']} | {r['weight_bytes']:,} | {r['weight_bytes'] / base:.0%} | {db} | {seconds} |")
     print(f"written {out}")
 
 

@@ -19,23 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdbuild.errors import SdbuildError
+from sdbuild.families import INPAINT_CHANNELS, LATENT_CHANNELS, layout_named, single_file_layout
 
 FAMILY_CONFIGS = Path(__file__).parent / "data" / "families"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 PICKLED_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
-# Where each family keeps its text encoders: (diffusers component, prefix, kind).
-TEXT_ENCODERS = {
-    "sd1": [("text_encoder", "cond_stage_model.transformer.", "clip")],
-    "sd2": [("text_encoder", "cond_stage_model.model.", "open_clip")],
-    "sdxl": [
-        ("text_encoder", "conditioner.embedders.0.transformer.", "clip"),
-        ("text_encoder_2", "conditioner.embedders.1.model.", "open_clip"),
-    ],
-    "sdxl-refiner": [("text_encoder_2", "conditioner.embedders.0.model.", "open_clip")],
-}
-FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL base", "sdxl-refiner": "SDXL refiner"}
 # Tensor names of checkpoints we do not convert, and what to call them in the error.
 OTHER_KINDS = (
     ("joint_blocks.", "an SD3 checkpoint"),
@@ -68,7 +58,7 @@ class Detected:
 
     def describe(self) -> str:
         extra = " inpainting" if self.inpainting else ""
-        return f"{FAMILY_NAMES[self.family]}{extra} ({self.prediction_type})"
+        return f"{layout_named(self.family).label}{extra} ({self.prediction_type})"
 
 
 def is_single_file(version: str) -> bool:
@@ -177,29 +167,23 @@ def detect_family(shapes: dict[str, tuple], origin: str, prediction_type: str | 
     if has(UNET + "joint_blocks.") or has(UNET + "double_blocks."):
         kind = "an SD3" if has(UNET + "joint_blocks.") else "a Flux"
         raise CheckpointError(f"{origin}: tensor names look like {kind} checkpoint; sdbuild converts SD 1.x, 2.x and SDXL")
-    if has("conditioner.embedders.1.model.") and has("conditioner.embedders.0.transformer."):
-        family = "sdxl"
-    elif has("conditioner.embedders.0.model.") and not has("conditioner.embedders.1."):
-        family = "sdxl-refiner"
-    elif has("cond_stage_model.model."):
-        family = "sd2"
-    elif has("cond_stage_model.transformer."):
-        family = "sd1"
-    else:
+    layout = single_file_layout(names)
+    if layout is None:
         raise CheckpointError(
             f"{origin}: has a unet but no text encoder this sdbuild knows "
             "(cond_stage_model.* for SD 1.x/2.x, conditioner.embedders.* for SDXL)"
         )
+    family = layout.name
     if not has(VAE):
-        raise CheckpointError(f"{origin}: {FAMILY_NAMES[family]} unet without a VAE ({VAE}* tensors)")
+        raise CheckpointError(f"{origin}: {layout.label} unet without a VAE ({VAE}* tensors)")
     conv_in = shapes.get(UNET + "input_blocks.0.0.weight")
     if conv_in is None or len(conv_in) != 4:
         raise CheckpointError(f"{origin}: no {UNET}input_blocks.0.0.weight convolution: not a Stable Diffusion unet")
-    if conv_in[1] not in (4, 9):
+    if conv_in[1] not in (LATENT_CHANNELS, INPAINT_CHANNELS):
         raise CheckpointError(f"{origin}: the unet takes {conv_in[1]} input channels; sdbuild converts 4 (text to image) or 9 (inpainting)")
     if prediction_type is None:
-        prediction_type = "v_prediction" if "v_pred" in shapes or family == "sd2" else "epsilon"
-    return Detected(family, conv_in[1] == 9, prediction_type)
+        prediction_type = "v_prediction" if "v_pred" in shapes else layout.prediction_type
+    return Detected(family, conv_in[1] == INPAINT_CHANNELS, prediction_type)
 
 
 # --- configs: the family's, with the file's sizes ----------------------------
@@ -237,11 +221,12 @@ def unet_config(shapes: dict, family: str, base: dict) -> dict:
         cross_attention_dim=to_k[1],
         use_linear_projection=len(proj_in) == 2,
     )
-    if family == "sd1":
-        config["attention_head_dim"] = 8  # SD 1.x: eight heads at every width
+    layout = layout_named(family)
+    if layout.heads:
+        config["attention_head_dim"] = layout.heads  # SD 1.x: eight heads at every width
     else:
         config["attention_head_dim"] = [max(1, c // 64) for c in channels]  # 64-wide heads
-    if family in ("sdxl", "sdxl-refiner"):
+    if layout.text_time:
         # Levels without attention take the middle block's depth (the refiner's last level sets the mid block's).
         config["transformer_layers_per_block"] = [d if a else mid_depth for d, a in zip(depths, attention)]
         config["projection_class_embeddings_input_dim"] = s["label_emb.0.0.weight"][1]
@@ -279,7 +264,7 @@ def text_encoder_config(shapes: dict, prefix: str, kind: str, family: str, base:
         layers = len(_indices(shapes, prefix + "transformer.resblocks."))
         mlp = shapes[prefix + "transformer.resblocks.0.mlp.c_fc.weight"][0]
         positions = shapes[prefix + "positional_embedding"][0]
-        if family == "sd2":
+        if layout_named(family).drops_last_text_layer:
             layers -= 1  # SD 2.x conditions on the penultimate layer: diffusers' config drops the last
         if prefix + "text_projection" in shapes and config.get("architectures") == ["CLIPTextModelWithProjection"]:
             config["projection_dim"] = shapes[prefix + "text_projection"][1]
@@ -314,7 +299,7 @@ def family_configs(shapes: dict, detected: Detected, origin: str) -> dict[str, d
                 "prediction_type": detected.prediction_type,
             },
         }
-        for component, prefix, kind in TEXT_ENCODERS[family]:
+        for component, prefix, kind in layout_named(family).text_encoders:
             base = read(f"{component}/config.json")
             configs[f"{component}/config.json"] = text_encoder_config(shapes, prefix, kind, family, base)
     except (KeyError, StopIteration, IndexError) as e:
@@ -329,7 +314,7 @@ def write_configs(shapes: dict, detected: Detected, dest: Path) -> None:
 
     for name, config in family_configs(shapes, detected, str(dest)).items():
         _write_json(dest / name, config)
-    for component, _, kind in TEXT_ENCODERS[detected.family]:
+    for component, _, kind in layout_named(detected.family).text_encoders:
         # OpenCLIP tokenizers pad with "!", OpenAI CLIP's with the end token.
         tokenizer = "tokenizer" if component == "text_encoder" else "tokenizer_2"
         write_clip_vocabulary(dest / tokenizer, pad_token="!" if kind == "open_clip" else "<|endoftext|>")
@@ -364,9 +349,10 @@ def convert_single_file(path: Path, dest: Path, detected: Detected) -> Path:
             _check_all_loaded(model, path, component)
             model.save_pretrained(dest / component, safe_serialization=True)
             del model, tensors
-        for component, prefix, kind in TEXT_ENCODERS[detected.family]:
+        layout = layout_named(detected.family)
+        for component, prefix, kind in layout.text_encoders:
             tensors = load_tensors(path, (prefix,), dtype)
-            if detected.family == "sd2":
+            if layout.drops_last_text_layer:
                 last = len(_indices(shapes, prefix + "transformer.resblocks.")) - 1
                 tensors = {k: v for k, v in tensors.items() if not k.startswith(f"{prefix}transformer.resblocks.{last}.")}
             cls = CLIPTextModelWithProjection if component == "text_encoder_2" else CLIPTextModel

@@ -275,31 +275,10 @@ def cmd_cache(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from sdbuild.generate import run_generate
+    from sdbuild.generate import GenerateRequest, run_generate
 
-    result = run_generate(
-        bundle=Path(args.bundle),
-        prompt=args.prompt,
-        negative_prompt=args.negative_prompt,
-        seed=args.seed,
-        steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        scheduler=args.scheduler,
-        rng=args.rng,
-        image_count=args.image_count,
-        image=Path(args.image) if args.image else None,
-        strength=args.strength,
-        compute_unit=args.compute_unit,
-        controlnet=args.controlnet or [],
-        controlnet_inputs=[Path(p) for p in args.controlnet_inputs or []],
-        controlnet_scale=args.controlnet_scale,
-        output_dir=Path(args.output_dir),
-        progress=not args.json,
-        height=args.height,
-        width=args.width,
-        mask=Path(args.mask) if args.mask else None,
-        refiner_start=args.refiner_start,
-    )
+    # The parsed flags are the request's fields, by name (--output-dir is output_dir, …).
+    result = run_generate(GenerateRequest.from_namespace(args, progress=not args.json))
     if args.json:
         print(json.dumps(result, indent=2, default=str))
         return 0

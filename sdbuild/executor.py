@@ -50,6 +50,7 @@ from sdbuild.cache import (
     write_json_atomic,
 )
 from sdbuild.errors import RecipeError, SdbuildError, UsageError
+from sdbuild.families import FAMILIES, INPAINT_CHANNELS
 from sdbuild.recipe import Recipe, check_buildable, check_local_sources, load_recipe
 from sdbuild.stages import EVERY, ORDER, PACKAGE_OF, REFINER, SHIPPED, STAGES, Job, Plan, Stage
 from sdbuild.workers import short_socket_dir
@@ -184,6 +185,7 @@ class Node:
     seconds: float = 0.0
     peak_rss_bytes: int = 0
     window: tuple[float, float] | None = None  # when it ran in this run: (start, end), time.time()
+    ships: bool = True  # False: built only for another stage (the calibration's text encoder), not bundled
 
     @property
     def label(self) -> str:
@@ -196,9 +198,7 @@ def read_fields(recipe: Recipe, names: tuple[str, ...], extra: dict[str, Any]) -
 
 def components_of(recipe: Recipe, family: str) -> list[str]:
     """What the recipe converts; a multilingual projection takes the text encoder's place."""
-    from sdbuild.models import DEFAULT_COMPONENTS
-
-    components = list(recipe.components or DEFAULT_COMPONENTS[family])
+    components = list(recipe.components or FAMILIES[family].components)
     if recipe.multilingual_projection:
         components = ["multilingual_projection"] + [c for c in components if not c.startswith("text_encoder")]
     return components
@@ -282,8 +282,19 @@ def plan_of(recipe: Recipe, source: dict, family: str, with_analysis: bool, cont
         components.insert(components.index("vae_decoder") + 1, "vae_encoder")
     if recipe.controlnet and "unet" in components:
         components.insert(components.index("unet") + 1, "controlled_unet")
-    if recipe.multilingual_projection and family.startswith("sdxl"):
+    if recipe.multilingual_projection and not FAMILIES[family].multilingual:
         raise RecipeError("multilingual_projection: Apple's SDXL pipeline takes no multilingual text encoder (SD 1.x/2.x only)")
+    calibrating = comp is not None and comp.activations is not None
+    if calibrating and not FAMILIES[family].w8a8:
+        raise RecipeError(
+            f"compression.activations: int8: model.version is an {'SDXL refiner' if family == 'sdxl-refiner' else 'SDXL'} model; "
+            "W8A8 is built for SD 1.x/2.x unets only (as Apple's converter): remove activations for linear 8-bit weights"
+        )
+    if calibrating and is_inpainting_source(source):
+        raise RecipeError(
+            "compression.activations: int8 is not built for inpainting unets (calibration runs text to image); "
+            "remove activations for linear 8-bit weights"
+        )
     sources = {REFINER: refiner} if refiner is not None else {}
     sources.update({f"controlnet/{name}": src for name, src in (controlnets or {}).items()})
     facts = {
@@ -292,19 +303,21 @@ def plan_of(recipe: Recipe, source: dict, family: str, with_analysis: bool, cont
         "multires": recipe.multires_kind,  # the default resolved: functions where the target has them
         "recipe": recipe.model_dump(mode="json"),
         "family": family,
+        "calibration": comp.calibration_settings if comp else None,  # its defaults filled in
     }
     analysis = with_analysis or (mixed_bit and comp.mixed_bit.pre_analysis == "auto")
-    return Plan(recipe, components + list(sources), sources, compressed, mixed_bit, analysis, compiler, facts)
+    return Plan(recipe, components + list(sources), sources, compressed, mixed_bit, analysis, calibrating, compiler, facts)
 
 
-def chain_stages() -> set[str]:
-    """The stages a component's shipped package comes out of (``SHIPPED`` and what they consume, transitively).
+def chain_stages(ends: tuple[str, ...] = SHIPPED.stages) -> set[str]:
+    """The stages a component's shipped package comes out of (``SHIPPED`` and what they consume, transitively);
+    or, given ``ends``, those stages and what they consume.
 
     They are planned component by component; the stages that take a finished
     package (verify, compile) after every component's chain, stage by stage.
     """
     found: set[str] = set()
-    todo = list(SHIPPED.stages)
+    todo = list(ends)
     while todo:
         name = todo.pop()
         if name not in found:
@@ -317,15 +330,19 @@ def derive_nodes(plan: Plan) -> list[Node]:
     """The graph's nodes, each stage's where its ``applies`` holds, each with its ``consumes`` as ``deps``.
 
     Order: the model's download; each component's chain (its own download,
-    a whole-build stage labelled with it, then its stages in build order); the
-    other per-component stages; the whole-build stages.
+    a whole-build stage labelled with it, then its stages in build order),
+    the components another one's stage consumes (``Input.component``) first;
+    the other per-component stages; the whole-build stages. A consumed
+    component the build does not ship gets only the chain stages consumed of
+    it, not shipped (``Node.ships``).
     """
     nodes: list[Node] = []
     by_key: dict[tuple[str, str | None], Node] = {}
     chain = chain_stages()
+    borrowed = borrowed_stages(plan)
 
-    def add(stage: Stage, component: str | None) -> None:
-        node = Node(stage, component, consumed(plan, stage, component, nodes, by_key))
+    def add(stage: Stage, component: str | None, ships: bool = True) -> None:
+        node = Node(stage, component, consumed(plan, stage, component, nodes, by_key), ships=ships)
         nodes.append(node)
         by_key[stage.name, component] = node
 
@@ -334,7 +351,12 @@ def derive_nodes(plan: Plan) -> list[Node]:
 
     for stage in planned("source", True):
         add(stage, None)
-    for component in plan.components:
+    for component in borrowed:
+        if component not in plan.components:
+            for stage in planned("component", True):
+                if stage.name in borrowed[component] and stage.applies(plan, component):
+                    add(stage, component, ships=False)
+    for component in [*(c for c in borrowed if c in plan.components), *(c for c in plan.components if c not in borrowed)]:
         for stage in planned("source", True):
             if component in plan.sources:
                 add(stage, component)
@@ -354,15 +376,30 @@ def derive_nodes(plan: Plan) -> list[Node]:
     return nodes
 
 
+def borrowed_stages(plan: Plan) -> dict[str, set[str]]:
+    """The components a stage of another component consumes (``Input.component``) → the chain
+    stages that input needs of it (the calibration's text encoder: trace and convert)."""
+    out: dict[str, set[str]] = {}
+    for stage in STAGES.values():
+        for wanted in stage.inputs():
+            if wanted.component is None or (wanted.when is not None and not wanted.when(plan)):
+                continue
+            if any(stage.applies(plan, c) for c in plan.components):
+                out.setdefault(wanted.component, set()).update(chain_stages(wanted.stages))
+    return out
+
+
 def consumed(plan: Plan, stage: Stage, component: str | None, nodes: list[Node],
              by_key: dict[tuple[str, str | None], Node]) -> list[Node]:
-    """The nodes planned so far that ``stage``'s declared inputs name for ``component``."""
+    """The nodes planned so far that ``stage``'s declared inputs name for ``component`` (or for the
+    other component an input names)."""
     deps: list[Node] = []
     for wanted in stage.inputs():
         if wanted.when is not None and not wanted.when(plan):
             continue
         for name in wanted.stages:
-            found = list(nodes) if wanted is EVERY else providers(name, stage, component, nodes, by_key)
+            of = wanted.component or component
+            found = list(nodes) if wanted is EVERY else providers(name, stage, of, nodes, by_key)
             if found:
                 deps += [n for n in found if n not in deps]
                 break
@@ -419,10 +456,10 @@ def final_nodes(nodes: list[Node]) -> dict[str, Node]:
 
 
 def by_component(nodes: list[Node]) -> dict[str, dict[str, Node]]:
-    """component → stage name → its node, for the nodes of a component."""
+    """component → stage name → its node, for the nodes of a component that ships (``Node.ships``)."""
     out: dict[str, dict[str, Node]] = {}
     for node in nodes:
-        if node.component:
+        if node.component and node.ships:
             out.setdefault(node.component, {})[node.stage.name] = node
     return out
 
@@ -665,6 +702,7 @@ PEAK_TABLE: dict[str, tuple[int, float]] = {
     "trace": (1 * GiB, 1.5),
     "convert": (1 * GiB, 1.5),
     "analyze": (1 * GiB, 2.0),
+    "calibrate": (1 * GiB, 2.0),
     "compress": (1 * GiB, 1.5),
     "chunk": (1 * GiB, 1.5),
     "verify": (1 * GiB, 1.5),
@@ -835,19 +873,14 @@ def is_inpainting_source(source: dict) -> bool:
     config = Path(source.get("path") or "") / "unet" / "config.json"
     if source.get("kind") == "synthetic" or not config.is_file():
         return False
-    return json.loads(config.read_text()).get("in_channels") == 9
+    return json.loads(config.read_text()).get("in_channels") == INPAINT_CHANNELS
 
 
 def family_of_source(source: dict) -> str:
-    """``sd``, ``sdxl``, or ``sdxl-refiner`` (a refiner built on its own: image to image)."""
-    from sdbuild.models import is_refiner, model_family
+    """The name of the resolved checkpoint's family (``sdbuild.families``): ``sd``, ``sdxl``, ``sdxl-refiner``…"""
+    from sdbuild.families import family_of_source as entry
 
-    if source["kind"] == "synthetic":
-        return "sdxl-refiner" if "refiner" in source["name"] else "sdxl" if "sdxl" in source["name"] else "sd"
-    if source["kind"] == "single_file":
-        return source["family"] if source["family"].startswith("sdxl") else "sd"
-    family = model_family(Path(source["path"]))
-    return "sdxl-refiner" if family == "sdxl" and is_refiner(Path(source["path"])) else family
+    return entry(source).name
 
 
 def prepare(
@@ -911,13 +944,18 @@ def resolve_refiner(recipe: Recipe, family: str) -> dict | None:
     m = recipe.model
     if not m.refiner:
         return None
-    if family != "sdxl":
-        what = "an SDXL refiner" if family == "sdxl-refiner" else "an SD 1.x/2.x model"
-        raise RecipeError(f"model.refiner: the base model.version is {what}; a refiner follows an SDXL base (or build the refiner alone as model.version)")
+    bases = [f for f in FAMILIES.values() if f.refiner]
+    if FAMILIES[family].refiner is None:
+        followed = " or ".join(f.label for f in bases)
+        raise RecipeError(
+            f"model.refiner: the base model.version is {FAMILIES[family].label}; a refiner follows {followed}"
+            " (or build the refiner alone as model.version)"
+        )
     source = resolve_source(m.refiner, "main", None, m.allow_pickle, key="model.refiner")
     found = family_of_source(source)
-    if found != "sdxl-refiner":
-        raise RecipeError(f"model.refiner: {m.refiner} is {'an SDXL base' if found == 'sdxl' else 'an SD 1.x/2.x model'}, not an SDXL refiner")
+    if found != FAMILIES[family].refiner:
+        wanted = FAMILIES[FAMILIES[family].refiner].label
+        raise RecipeError(f"model.refiner: {m.refiner} is {FAMILIES[found].label}, not {wanted}")
     return source
 
 
@@ -926,7 +964,7 @@ def resolve_controlnets(recipe: Recipe, family: str) -> dict[str, dict]:
     from sdbuild.errors import NotBuiltYet
     from sdbuild.stages.download import resolve_source
 
-    if recipe.controlnet and family.startswith("sdxl"):
+    if recipe.controlnet and not FAMILIES[family].controlnet:
         from sdbuild.models.controlnet import SDXL_REFUSAL  # imports torch: only on this refusal
 
         raise NotBuiltYet(f"controlnet: {SDXL_REFUSAL}")
@@ -1084,7 +1122,10 @@ def build_stages(build: Build, todo: list[Node], force: tuple[str, ...], log: Pa
     def run_node(node: Node) -> None:
         begun = time.time()
         # A whole-build stage's deps may include skipped ones (--until): it reads none of them.
-        upstream = {**node.files, **{d.stage.name: d.entry.path for d in node.deps if d.entry is not None}}
+        ready = [d for d in node.deps if d.entry is not None]
+        upstream = {**node.files, **{d.stage.name: d.entry.path for d in ready}}
+        # By stage and component too, where a node follows one stage for several components (calibrate).
+        upstream.update({f"{d.stage.name}:{d.component}": d.entry.path for d in ready if d.component})
         scratch = cache.root / ".scratch" / f"{node.stage.name}-{node.key}" if node.stage.resumable else None
         if scratch is not None:
             scratch.mkdir(parents=True, exist_ok=True)

@@ -18,10 +18,9 @@ import math
 from pathlib import Path
 
 from sdbuild.errors import SdbuildError, UsageError
+from sdbuild.mlpackage import MANIFEST, array_dtype, read_manifest
 from sdbuild.report import human_bytes
 
-# Core ML's ArrayFeatureType data types.
-_ARRAY_DTYPES = {65552: "float16", 65568: "float32", 65600: "float64", 131104: "int32", 131080: "int8"}
 # Bits of MIL storage dtypes that hold compressed weight data.
 _STORAGE_BITS = {"UINT1": 1, "UINT2": 2, "UINT3": 3, "UINT4": 4, "INT4": 4, "UINT6": 6, "UINT8": 8, "INT8": 8}
 _FLOAT_BITS = {"FLOAT16": 16, "FLOAT32": 32, "BFLOAT16": 16}
@@ -38,12 +37,8 @@ def _dir_bytes(path: Path) -> int:
 def _read_spec(package: Path):
     from coremltools.proto import Model_pb2
 
-    manifest = package / "Manifest.json"
-    if not manifest.is_file():
-        raise SdbuildError(f"{package}: not an .mlpackage (Manifest.json is missing)")
+    spec_file = read_manifest(package).spec
     try:
-        info = json.loads(manifest.read_text())
-        spec_file = package / "Data" / info["itemInfoEntries"][info["rootModelIdentifier"]]["path"]
         spec = Model_pb2.Model()
         spec.ParseFromString(spec_file.read_bytes())
     except Exception as e:  # json, key and protobuf errors alike: one line for the user
@@ -59,7 +54,7 @@ def _features(features) -> list[dict]:
         if kind == "multiArrayType":
             arr = f.type.multiArrayType
             entry["shape"] = [int(s) for s in arr.shape]
-            entry["dtype"] = _ARRAY_DTYPES.get(arr.dataType, str(arr.dataType))
+            entry["dtype"] = array_dtype(arr.dataType, str(arr.dataType))
             if arr.WhichOneof("ShapeFlexibility") == "enumeratedShapes":  # several resolutions in one program
                 entry["shapes"] = [[int(s) for s in e.shape] for e in arr.enumeratedShapes.shapes]
         else:
@@ -274,7 +269,7 @@ def inspect_path(path: Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{path}: no such file or folder")
-    if path.suffix == ".mlpackage" or (path / "Manifest.json").is_file():
+    if path.suffix == ".mlpackage" or (path / MANIFEST).is_file():
         package = inspect_package(path)
         return {"path": str(path), "kind": "package", "packages": [package], "files": [], "total_bytes": package["bytes"]}
     if path.suffix == ".mlmodelc":

@@ -1,5 +1,12 @@
-"""Saved ``.mlpackage`` folders made byte-reproducible.
+"""The ``.mlpackage`` format: reading a package's parts and writing it byte-reproducibly.
 
+Reading: ``read_manifest`` (where the model spec and the weights lie),
+``program_blob_refs``/``blob_refs`` (which weight blobs an ML program reads),
+the weight file's layout (``BLOB_*``, ``read_blob_record``) and Core ML's
+array data types (``ARRAY_DTYPES``). The executor, chunking, compression,
+inspect and generate read packages through these.
+
+Writing:
 coremltools leaves three things in a package that change from one build of
 the same model to the next: the conversion date in the user-defined metadata
 (``com.github.apple.coremltools.conversion_date``), the order in which the
@@ -21,8 +28,10 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import struct
 import tempfile
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 CONVERSION_DATE = "com.github.apple.coremltools.conversion_date"
@@ -62,9 +71,7 @@ def open_readonly(package: Path, **kwargs):
 
 def spec_path(package: Path) -> Path:
     """The model spec file of ``package``, as its manifest names it."""
-    info = json.loads((Path(package) / MANIFEST).read_text())
-    root = info["itemInfoEntries"][info["rootModelIdentifier"]]
-    return Path(package) / "Data" / root["path"]
+    return read_manifest(package).spec
 
 
 def load_spec(package: Path):
@@ -125,3 +132,99 @@ def _replace(target: Path, data: bytes) -> None:
     # Unlink first: the old file may be a hard link to a cache entry's.
     target.unlink(missing_ok=True)
     target.write_bytes(data)
+
+
+# --- reading: the manifest, the weight file's blobs, data types --------------------
+
+# The weight file (blob storage, version 2): a 64-byte header (uint32 blob count, uint32 version, reserved),
+# then per blob a 64-byte metadata record (uint32 sentinel, uint32 dtype, uint64 data size, uint64 data
+# offset, reserved) and its data, every record 64-byte aligned.
+BLOB_HEADER = 64
+BLOB_METADATA = 64
+BLOB_ALIGN = 64
+BLOB_SENTINEL = 0xDEADBEEF
+BLOB_STORAGE_VERSION = 2
+DEFAULT_WEIGHTS = Path("com.apple.CoreML") / "weights"  # under Data/, where the manifest names none
+WEIGHT_FILE = Path("Data") / DEFAULT_WEIGHTS / "weight.bin"  # the one weight file coremltools writes
+
+# Core ML's ArrayFeatureType.ArrayDataType numbers -> numpy dtype names.
+ARRAY_DTYPES = {65552: "float16", 65568: "float32", 65600: "float64", 131104: "int32", 131080: "int8"}
+
+
+def array_dtype(data_type: int, default: str | None = "float32") -> str | None:
+    """The numpy dtype name of a Core ML multi-array ``dataType`` number (``default`` for an unknown one)."""
+    return ARRAY_DTYPES.get(data_type, default)
+
+
+@dataclass(frozen=True)
+class PackageFiles:
+    """Where a package's parts lie, as its ``Manifest.json`` says: the model spec file and the weights folder."""
+
+    spec: Path
+    weights: Path
+
+
+def read_manifest(package: Path) -> PackageFiles:
+    """The model spec file and weights folder of ``package``; PackageError (one line) when its manifest is missing or unreadable."""
+    from sdbuild.errors import PackageError
+
+    package = Path(package)
+    manifest = package / MANIFEST
+    if not manifest.is_file():
+        raise PackageError(f"{package}: not an .mlpackage ({MANIFEST} is missing)")
+    try:
+        info = json.loads(manifest.read_text())
+        entries = info["itemInfoEntries"]
+        root = entries[info["rootModelIdentifier"]]["path"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise PackageError(f"{package}: {MANIFEST} is unreadable ({type(e).__name__}: {e})") from None
+    weights = package / "Data" / DEFAULT_WEIGHTS
+    for entry in entries.values():
+        if isinstance(entry, dict) and entry.get("name") == "weights" and "path" in entry:
+            weights = package / "Data" / entry["path"]
+    return PackageFiles(package / "Data" / root, weights)
+
+
+def blob_values(op):
+    """Every weight-file value of the MIL ``op``: in its attributes (const, iOS16 constexpr ops) and
+    bound inline to its inputs (iOS18 constexpr ops), nested blocks included."""
+    for value in op.attributes.values():
+        if value.WhichOneof("value") == "blobFileValue":
+            yield value
+    for arg in op.inputs.values():
+        for binding in arg.arguments:
+            if binding.WhichOneof("binding") == "value" and binding.value.WhichOneof("value") == "blobFileValue":
+                yield binding.value
+    for block in op.blocks:
+        for inner in block.operations:
+            yield from blob_values(inner)
+
+
+def blob_refs(op) -> list[tuple[str, int]]:
+    """(weight file name, offset) of every blob the MIL ``op`` reads."""
+    return [(v.blobFileValue.fileName, v.blobFileValue.offset) for v in blob_values(op)]
+
+
+def program_blob_refs(spec) -> list[tuple[str, int]]:
+    """(weight file name, offset) of every blob the ML program ``spec`` reads, every function and block."""
+    return [
+        ref
+        for function in spec.mlProgram.functions.values()
+        for block in function.block_specializations.values()
+        for op in block.operations
+        for ref in blob_refs(op)
+    ]
+
+
+def weight_file_of(weights: Path, file_name: str) -> Path:
+    """The file a blob reference's ``file_name`` (``@model_path/weights/weight.bin``) names in the ``weights`` folder."""
+    return Path(weights) / file_name.split("/")[-1]
+
+
+def read_blob_record(f, offset: int) -> tuple[int, int, int, int] | None:
+    """(sentinel, dtype, data size, data offset) of the metadata record at ``offset`` of the open weight file ``f``; None when cut short."""
+    f.seek(offset)
+    record = f.read(BLOB_METADATA)
+    if len(record) < BLOB_METADATA:
+        return None
+    return struct.unpack_from("<IIQQ", record)

@@ -16,21 +16,20 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from sdbuild.errors import NotBuiltYet, RecipeError
+from sdbuild.models import COMPONENTS
+from sdbuild.families import all_components
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-COMPONENT_NAMES = (
-    "text_encoder",
-    "text_encoder_2",
-    "unet",
-    "vae_decoder",
-    "vae_encoder",
-    "safety_checker",
-)
+# What a recipe may list under components: every family's, and the safety checker, in the modules' order.
+COMPONENT_NAMES = tuple(c for c in COMPONENTS if c in {*all_components(), "safety_checker"})
 COMPRESSIBLE = ("text_encoder", "text_encoder_2", "unet", "controlnet", "multilingual_projection")
 # NLContextualEmbedding, which a multilingual projection's input comes from, exists from macOS 14 / iOS 17.
 MULTILINGUAL_TARGETS = ("macOS14", "macOS15", "iOS17", "iOS18")
+COMPUTE_UNITS = ("ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE")  # Core ML's, by name
 # Multifunction packages (one function per resolution) exist from Core ML's iOS18 / macOS15 release.
 MULTIFUNCTION_TARGETS = ("macOS15", "iOS18")
+# Core ML's quantize/dequantize ops (int8 activations) exist from iOS17 / macOS14.
+ACTIVATION_TARGETS = ("macOS14", "macOS15", "iOS17", "iOS18")
 
 
 def function_name(height: int, width: int) -> str:
@@ -92,10 +91,33 @@ class MixedBit(_Strict):
     pre_analysis: str = Field("auto", description="path to a pre-analysis JSON, or auto")
 
 
+# The default calibration set for int8 activations: varied subjects, styles and lighting, as
+# Apple's converter calibrates on a list of descriptive prompts (its own list is longer).
+CALIBRATION_PROMPTS = (
+    "a glass of iced tea with lemon slices on a wooden table, warm afternoon light, photograph",
+    "a quiet living room with a large window over the sea at night, minimalist furniture, 3D render",
+    "a tall office building of glass and steel under a clear blue sky, wide angle, detailed",
+    "a small cat curled up on a knitted blanket, soft indoor lighting, digital painting",
+    "a rocket lifting off at dusk seen from a distant hill, cinematic, highly detailed matte painting",
+    "a coral reef with bright fish swimming between rocks, underwater photograph",
+    "an old pocket watch with brass gears, macro photograph, sharp focus",
+    "a castle on a snowy mountain ridge, dramatic clouds, oil painting",
+)
+
+
+class Calibration(_Strict):
+    """The prompts int8 activations are calibrated on, run through the float16 bundle's own pipeline."""
+
+    prompts: list[str] = Field(default_factory=lambda: list(CALIBRATION_PROMPTS), min_length=1)
+    steps: int = Field(20, ge=1, description="denoising steps per prompt (the unet runs once per step)")
+    seed: int = Field(0, description="the initial latents' seed, the same for every prompt")
+    guidance_scale: float = Field(7.5, ge=0, description="as in generation: above 1, both guidance halves run")
+
+
 N_M_SPARSITY = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 # Compression keys added after compress entries were first cached: a dump leaves them out while
 # unset, so the compress key of a recipe that does not use them stays what it was.
-_LATER_COMPRESSION_KEYS = ("sparsity", "lut_dtype", "activations")
+_LATER_COMPRESSION_KEYS = ("sparsity", "lut_dtype", "activations", "calibration")
 
 
 class Compression(_Strict):
@@ -109,7 +131,10 @@ class Compression(_Strict):
         "quoted in YAML); alone, or joint with nbits (iOS18/macOS15 targets)",
     )
     lut_dtype: Literal["int8"] | None = Field(None, description="palette entries stored as int8 with a scale (with nbits; iOS18/macOS15)")
-    activations: Literal["int8"] | None = Field(None, description="W8A8: int8 activations calibrated on prompts (with linear8)")
+    activations: Literal["int8"] | None = Field(
+        None, description="W8A8: int8 activations calibrated on prompts (with linear8; the SD 1.x/2.x unet only)"
+    )
+    calibration: Calibration | None = Field(None, description="what int8 activations are calibrated on; default: Calibration()")
     components: list[Literal[COMPRESSIBLE]] = ["unet", "text_encoder", "text_encoder_2"]
 
     @field_validator("sparsity")
@@ -141,7 +166,21 @@ class Compression(_Strict):
             raise ValueError("lut_dtype goes with nbits (it is the type of the palette entries)")
         if self.activations is not None and not self.linear8:
             raise ValueError("activations: int8 goes with linear8: true (W8A8: 8-bit weights and activations)")
+        if self.activations is not None and self.components != ["unet"]:
+            raise ValueError(
+                "activations: int8 quantizes the unet's activations only (as Apple's converter); "
+                "set components: [unet] (other components: a second recipe with linear8 alone)"
+            )
+        if self.calibration is not None and self.activations is None:
+            raise ValueError("calibration goes with activations: int8 (it is what the activations are calibrated on)")
         return self
+
+    @property
+    def calibration_settings(self) -> dict | None:
+        """The calibration int8 activations use (the default where the recipe sets none); None without them."""
+        if self.activations is None:
+            return None
+        return (self.calibration or Calibration()).model_dump(mode="json")
 
     @model_serializer(mode="wrap")
     def _dump(self, handler):
@@ -181,7 +220,7 @@ class Recipe(_Strict):
         "macOS15/iOS18 targets; the default there) | enumerated (ct.EnumeratedShapes, macOS13/iOS16 and later)",
     )
     target: Literal["macOS13", "macOS14", "macOS15", "iOS16", "iOS17", "iOS18"] = "macOS14"
-    compute_unit: Literal["ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE"] = "CPU_AND_NE"
+    compute_unit: Literal[COMPUTE_UNITS] = "CPU_AND_NE"
     unet_batch_one: bool = False
     compression: Compression | None = None
     chunk: Chunk | None = None
@@ -233,8 +272,26 @@ class Recipe(_Strict):
             return None
         return self.multires or "functions"
 
+    @field_validator("compression")
+    @classmethod
+    def _activations_fit(cls, v, info):
+        if v is None or v.activations is None:
+            return v
+        target, resolution = info.data.get("target"), info.data.get("resolution")
+        if target is not None and target not in ACTIVATION_TARGETS:
+            raise ValueError(f"activations: int8 needs target macOS14 or iOS17 or later (Core ML's quantize ops); got target: {target}")
+        if isinstance(resolution, list) and len(resolution) > 1:
+            # Calibration runs one static-shape unet through the text-to-image pipeline.
+            raise ValueError("activations: int8 is not built for several resolutions (one calibration per shape): build one recipe per resolution")
+        return v
+
     @model_validator(mode="after")
     def _controlnet_needs_batch_two(self):
+        if self.controlnet and self.compression is not None and self.compression.activations is not None:
+            raise ValueError(
+                "controlnet with compression.activations: int8 is not built (the controlled unet takes residuals "
+                "the calibration does not run); remove one of them"
+            )
         if self.controlnet and self.unet_batch_one:
             raise ValueError("controlnet with unet_batch_one: Apple's ControlNet pipelines run the unet at batch 2; remove unet_batch_one")
         if len(set(self.controlnet)) != len(self.controlnet):
@@ -256,6 +313,9 @@ class Recipe(_Strict):
             )
         if verify is not None and verify.sample_image:
             raise ValueError("the sample image needs the CLIP text encoder: set verify.sample_image: false")
+        compression = info.data.get("compression")
+        if compression is not None and compression.activations is not None:
+            raise ValueError("with compression.activations: int8 is not built (calibration runs the CLIP text encoder); remove one of them")
         return v
 
     @property
@@ -621,11 +681,7 @@ def recipe_schema() -> dict:
 
 def unbuilt_features(recipe: Recipe) -> list[str]:
     """One line per recipe setting that asks for a stage this sdbuild cannot run yet."""
-    out = []
-    if recipe.compression is not None and recipe.compression.activations is not None:
-        # coremltools calibrates activations through Core ML prediction (macOS only); ours would run the executor.
-        out.append("compression.activations: int8 (W8A8, calibrated activations) is not built yet; drop it for linear 8-bit weights")
-    return out
+    return []
 
 
 def check_buildable(recipe: Recipe, path: Path | str) -> None:

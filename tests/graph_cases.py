@@ -2,7 +2,8 @@
 
 The repository's recipes with their hub checkpoints swapped for the synthetic models of the same
 family (planning resolves the checkpoint; no hub is reachable), plus what each case adds:
-ControlNet, refiner, several resolutions and a mixed-bit pre-analysis, the safety checker in both layouts.
+ControlNet, refiner, several resolutions and a mixed-bit pre-analysis, the safety checker in both layouts,
+W8A8's calibration (with the text encoder shipped, and built for it alone).
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ CASES = [
     ("sd15+safety-checker", RECIPES / "sd15.yaml",
      {"model.version": "synthetic:tiny-sd", "resolution": {"height": 64, "width": 96},
       "components": ["text_encoder", "unet", "vae_decoder", "safety_checker"]}),
+    # W8A8: the unet's calibration (the float16 text encoder's and unet's packages) feeding its compress.
+    ("tiny+w8a8", RECIPES / "tiny.yaml",
+     {"compression": {"linear8": True, "activations": "int8", "components": ["unet"]}}),
+    # The same with the text encoder not shipped: built for the calibration alone.
+    ("tiny-unet-only+w8a8", RECIPES / "tiny.yaml",
+     {"components": ["unet", "vae_decoder"], "compression": {"linear8": True, "activations": "int8", "components": ["unet"]}}),
 ]
 
 

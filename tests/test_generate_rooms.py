@@ -9,7 +9,7 @@ import sdbuild.generate
 from sdbuild.executor import stage_modules
 
 # Bottom first: a room may import only rooms before it in this list.
-ROOMS = ["errors", "images", "request", "schedulers", "discovery", "runners", "pipeline", "command", "sample"]
+ROOMS = ["errors", "images", "schedulers", "request", "discovery", "runners", "pipeline", "command", "sample", "calibrate"]
 
 
 def _imports(path: Path) -> set[str]:

@@ -12,7 +12,8 @@ from helpers import REPO, write_recipe
 from sdbuild.executor import prepare
 
 TINY = REPO / "recipes" / "tiny.yaml"
-BASE = Path(__file__).parent / "data" / "graph_base.json"  # planned at 1083e68, before the graph was derived
+# Planned at 1083e68 and 432bbae (W8A8), before the graph was derived.
+BASE = Path(__file__).parent / "data" / "graph_base.json"
 COMPILER = "coremlcompiler 3400.1"
 # The bundle follows every key of its build, the sample image every verify key.
 WHOLE_BUILD = {("bundle", None), ("sample", None)}
@@ -203,6 +204,36 @@ def test_keys_of_recipes_without_the_later_compression_keys_leave_them_out(tmp_p
     six = prepare(TINY, tmp_path)
     fields = next(n.fields for n in six.nodes if n.stage.name == "compress")
     assert set(fields["compression"]) == {"nbits", "linear8", "mixed_bit", "group_size", "components"}
+
+
+W8 = f"extends: {TINY}\nname: w\ncompression: {{nbits: null, linear8: true, components: [unet]"
+
+
+def test_int8_activations_add_calibration_and_change_only_the_unets_compress_and_what_follows(tmp_path):
+    a = keys(prepare(write_recipe(tmp_path, "w", W8 + "}\n"), tmp_path))
+    b = keys(prepare(write_recipe(tmp_path, "w", W8 + ", activations: int8}\n"), tmp_path))
+    assert ("calibrate", "unet") in b and ("calibrate", "unet") not in a
+    assert {k for k in b if a.get(k) != b[k]} == {("calibrate", "unet"), ("compress", "unet"), ("verify", "unet"), *WHOLE_BUILD}
+    # The calibration set is in the calibrate key, and only what follows it changes.
+    c = keys(prepare(write_recipe(tmp_path, "w", W8 + ", activations: int8, calibration: {prompts: [a fox], steps: 3}}\n"), tmp_path))
+    assert {k for k in c if b[k] != c[k]} == {("calibrate", "unet"), ("compress", "unet"), ("verify", "unet"), *WHOLE_BUILD}
+
+
+def test_calibration_runs_the_float16_text_encoder_and_unet_even_where_the_text_encoder_does_not_ship(tmp_path):
+    from sdbuild.executor import final_nodes
+
+    shipped = prepare(write_recipe(tmp_path, "w", W8 + ", activations: int8}\n"), tmp_path)
+    alone = prepare(write_recipe(tmp_path, "u", W8 + ", activations: int8}\ncomponents: [unet]\n"), tmp_path)
+    for build in (shipped, alone):
+        calibrate = next(n for n in build.nodes if n.stage.name == "calibrate")
+        assert [(d.stage.name, d.component) for d in calibrate.deps] == [("download", None), ("convert", "text_encoder"), ("convert", "unet")]
+        compress = next(n for n in build.nodes if n.stage.name == "compress")
+        assert calibrate in compress.deps
+        order = [n for n in build.nodes]
+        assert all(order.index(d) < order.index(n) for n in order for d in n.deps)  # dependency order
+    assert keys(alone)[("calibrate", "unet")] == keys(shipped)[("calibrate", "unet")]
+    assert set(final_nodes(alone.nodes)) == {"unet"}  # calibrated with it, the text encoder does not ship
+    assert "text_encoder" in final_nodes(shipped.nodes)
 
 
 # --- adding a stage: its module and its declaration ------------------------------------

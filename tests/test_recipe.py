@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import pytest
 
-from sdbuild.errors import NotBuiltYet, RecipeError
+from sdbuild.errors import RecipeError
 from sdbuild.recipe import check_buildable, expand_matrix, load_recipe, recipe_schema
 
 from helpers import REPO, run_cli, write_recipe
@@ -123,12 +123,38 @@ def test_sparsity_forms_and_what_they_go_with(tmp_path):
     assert error_of(p) == f"{p}:4: compression: lut_dtype goes with nbits (it is the type of the palette entries)"
 
 
-def test_int8_activations_go_with_linear8_and_stop_before_any_work(tmp_path):
+W8A8 = "compression: {linear8: true, activations: int8, components: [unet]}\n"
+
+
+def test_int8_activations_refusals_name_the_key_and_the_fix(tmp_path):
     p = write_recipe(tmp_path, "a", BASE + "compression: {nbits: 8, activations: int8}\n")
     assert error_of(p) == f"{p}:4: compression: activations: int8 goes with linear8: true (W8A8: 8-bit weights and activations)"
-    p = write_recipe(tmp_path, "w", BASE + "compression: {linear8: true, activations: int8}\n")
-    with pytest.raises(NotBuiltYet, match=r"compression.activations: int8 \(W8A8, calibrated activations\) is not built yet"):
-        check_buildable(load_recipe(p), p)
+    p = write_recipe(tmp_path, "c", BASE + "compression: {linear8: true, activations: int8}\n")  # default components
+    assert error_of(p) == (
+        f"{p}:4: compression: activations: int8 quantizes the unet's activations only (as Apple's converter); "
+        "set components: [unet] (other components: a second recipe with linear8 alone)"
+    )
+    p = write_recipe(tmp_path, "t", BASE + "target: macOS13\n" + W8A8)
+    assert error_of(p) == f"{p}:5: compression: activations: int8 needs target macOS14 or iOS17 or later (Core ML's quantize ops); got target: macOS13"
+    p = write_recipe(tmp_path, "r", "model: {version: synthetic:tiny-sd}\nresolution: [{height: 64, width: 64}, {height: 64, width: 96}]\ntarget: macOS15\n" + W8A8)
+    assert error_of(p) == f"{p}:4: compression: activations: int8 is not built for several resolutions (one calibration per shape): build one recipe per resolution"
+    p = write_recipe(tmp_path, "n", BASE + "controlnet: [synthetic:tiny-controlnet]\n" + W8A8)
+    assert "controlnet with compression.activations: int8 is not built" in error_of(p)
+    p = write_recipe(tmp_path, "m", BASE + W8A8 + "multilingual_projection: proj.pt\n")
+    assert error_of(p) == f"{p}:5: multilingual_projection: with compression.activations: int8 is not built (calibration runs the CLIP text encoder); remove one of them"
+    p = write_recipe(tmp_path, "k", BASE + "compression: {linear8: true, calibration: {steps: 2}}\n")
+    assert error_of(p) == f"{p}:4: compression: calibration goes with activations: int8 (it is what the activations are calibrated on)"
+
+
+def test_int8_activations_calibrate_on_the_default_prompts_unless_given(tmp_path):
+    p = write_recipe(tmp_path, "w", BASE + W8A8)
+    recipe = load_recipe(p)
+    check_buildable(recipe, p)
+    settings = recipe.compression.calibration_settings
+    assert len(settings["prompts"]) >= 4 and settings["steps"] >= 10 and settings["seed"] == 0
+    p = write_recipe(tmp_path, "g", BASE + "compression: {linear8: true, activations: int8, components: [unet], calibration: {prompts: [a fox], steps: 3}}\n")
+    assert load_recipe(p).compression.calibration_settings == {"prompts": ["a fox"], "steps": 3, "seed": 0, "guidance_scale": 7.5}
+    assert load_recipe(write_recipe(tmp_path, "l", BASE + "compression: {linear8: true}\n")).compression.calibration_settings is None
 
 
 def test_deep_merge_child_wins(tmp_path):
@@ -139,14 +165,11 @@ def test_deep_merge_child_wins(tmp_path):
     assert r.name == "child"
 
 
-def test_unbuilt_feature_stops_with_one_line(tmp_path):
-    p = write_recipe(tmp_path, "r", BASE + "compression: {linear8: true, activations: int8}\n")
-    with pytest.raises(NotBuiltYet, match=r"compression.activations: int8 .* is not built yet") as info:
-        check_buildable(load_recipe(p), p)
-    assert "\n" not in str(info.value) and str(info.value).startswith(str(p))
-    # The safety checker, once refused here, is built now.
-    ok = write_recipe(tmp_path, "ok", BASE + "components: [unet, safety_checker]\n")
-    check_buildable(load_recipe(ok), ok)
+def test_features_once_refused_are_buildable(tmp_path):
+    # The safety checker and int8 activations, once refused by check_buildable, are built now.
+    for name, body in (("ok", "components: [unet, safety_checker]\n"), ("w8a8", W8A8)):
+        ok = write_recipe(tmp_path, name, BASE + body)
+        check_buildable(load_recipe(ok), ok)
 
 
 def test_schema_lists_keys():
@@ -173,11 +196,15 @@ def test_cli_recipe_error_is_one_line_exit_2_and_writes_nothing(tmp_path):
     assert not art.exists()
 
 
-def test_cli_unbuilt_feature_exit_2(tmp_path):
-    p = write_recipe(tmp_path, "r", "model: {version: synthetic:tiny-sd}\ncompression: {linear8: true, activations: int8}\n")
+def test_cli_int8_activations_of_sdxl_are_one_line_exit_2(tmp_path):
+    p = write_recipe(tmp_path, "r", "model: {version: synthetic:tiny-sdxl}\n" + W8A8)
     done = run_cli("run", str(p), "--artifacts", str(tmp_path / "art"))
-    assert done.returncode == 2 and "compression.activations: int8" in done.stderr and "not built yet" in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "error: compression.activations: int8: model.version is an SDXL model; W8A8 is built for SD 1.x/2.x unets "
+        "only (as Apple's converter): remove activations for linear 8-bit weights"
+    )
+    assert not (tmp_path / "art" / "cache").exists()
 
 
 def test_cli_refiner_off_the_hub_offline_is_one_line(tmp_path):

@@ -201,14 +201,15 @@ def _diffusers_folder(path, dest, detected):
     from safetensors.torch import load_file
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from sdbuild.checkpoints import TEXT_ENCODERS, tensor_shapes, write_configs
+    from sdbuild.checkpoints import tensor_shapes, write_configs
+    from sdbuild.families import layout_named
 
     write_configs(tensor_shapes(path), detected, dest)
     state = load_file(path)
     for cls, component in ((UNet2DConditionModel, "unet"), (AutoencoderKL, "vae")):
         model = cls.from_single_file(str(path), config=str(dest), subfolder=component, local_files_only=True)
         model.save_pretrained(dest / component, safe_serialization=True)
-    for component, _, _ in TEXT_ENCODERS[detected.family]:
+    for component, _, _ in layout_named(detected.family).text_encoders:
         cls = CLIPTextModelWithProjection if component == "text_encoder_2" else CLIPTextModel
         model = create_diffusers_clip_model_from_ldm(cls, state, subfolder=component, config=str(dest), local_files_only=True)
         model.save_pretrained(dest / component, safe_serialization=True)

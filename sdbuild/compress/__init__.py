@@ -6,6 +6,7 @@ writes a new one:
 
     palettize_package(src, dst, nbits=6)          # k-means LUTs, all cores
     linear8_package(src, dst)                     # int8, per output channel
+    w8a8_package(src, dst, ranges)                # linear8 + int8 activations (compress.activations)
     pre_analyze(unet_factory, out_dir, inputs=..., model_version=...)  # -> analysis.json (+ .png)
     mixed_bit_package(src, dst, analysis_json, "recipe_4.50_bit_mixedpalette")
 """

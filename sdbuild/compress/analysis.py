@@ -50,6 +50,7 @@ PLOT_FILE = "analysis.png"
 ANALYSIS_VERSION = 1
 FLOAT16_BITS = 16
 CACHE_BYTES = 1 << 30  # palettized weights kept between curve points and recipes
+REPLAY_BYTES = 2 << 30  # baseline activations kept to replay (see _Replay)
 
 
 def recipe_name(average_bits: float) -> str:
@@ -104,11 +105,12 @@ def size_percent(recipe: dict[str, int], layers: list[Layer]) -> float:
 class _Model:
     """The unet with float16-rounded weights and a way to swap one layer's weight in and out."""
 
-    def __init__(self, module, inputs: list[dict]):
+    def __init__(self, module, inputs: list[dict], replay: bool = True):
         import torch
 
         self.torch = torch
         self.module = module.float().eval()
+        self.replay: _Replay | None = None
         self.inputs = [{k: torch.as_tensor(np.asarray(v), dtype=torch.float32) for k, v in x.items()} for x in inputs]
         self.reference = self.outputs()  # float32 weights
         self.layers = self._eligible_layers()
@@ -118,10 +120,25 @@ class _Model:
         self.weight16 = {l.name: l.module.weight.detach().numpy().astype(np.float16) for l in self.layers}
         self.cache: dict[tuple[str, int], np.ndarray] = {}
         self.cache_bytes = 0
+        if replay:
+            recording = _Replay(self.module, {l.name for l in self.layers}, len(self.inputs))
+            self.outputs(around=recording.recording)  # the baseline forwards (float16-rounded weights)
+            recording.recorded()
+            self.replay = recording
 
-    def outputs(self) -> list[np.ndarray]:
+    def outputs(self, replaced: tuple[str, ...] = (), around=None) -> list[np.ndarray]:
+        """The unet's output per input. With a replay, calls that end before any ``replaced`` layer
+        is used are replayed; ``around(i)``: a context each input's forward runs in instead."""
+        import contextlib
+
+        if around is None and self.replay is not None:
+            around = lambda i: self.replay.replaying(i, replaced)  # noqa: E731
+        outs = []
         with self.torch.no_grad():
-            return [_first_tensor(self.module(**x)).numpy().copy() for x in self.inputs]
+            for i, x in enumerate(self.inputs):
+                with around(i) if around else contextlib.nullcontext():
+                    outs.append(_first_tensor(self.module(**x)).numpy().copy())
+        return outs
 
     def _eligible_layers(self) -> list[Layer]:
         """Conv/linear weights above the threshold, in the order forward first uses them."""
@@ -161,7 +178,7 @@ class _Model:
             for name, w in replaced.items():
                 by_name[name].module.weight.copy_(self.torch.from_numpy(w.astype(np.float32)))
             try:
-                outs = self.outputs()
+                outs = self.outputs(tuple(replaced))
             finally:
                 for name in replaced:
                     by_name[name].module.weight.copy_(self.torch.from_numpy(self.weight16[name].astype(np.float32)))
@@ -180,6 +197,159 @@ class _Model:
 
     def palettized(self, recipe: dict[str, int]) -> dict[str, np.ndarray]:
         return {name: self.palettized_layer(name, bits) for name, bits in recipe.items() if bits < FLOAT16_BITS}
+
+
+class _Replay:
+    """The baseline forward's module calls, replayed where a measurement cannot change them.
+
+    A measurement swaps a few layers' weights and runs the whole unet; every
+    module call that *finished* before the first swapped layer was first used
+    computes exactly what it computed with the baseline weights. The baseline
+    forward (one per input) records those calls' outputs; a measurement then
+    returns a copy of the recorded output instead of running such a call, so
+    only the unet from the first swapped layer on is computed again. Exact:
+    the calls that do run are the same operations on the same values.
+
+    A call is kept only where replaying it cannot change anything else: its
+    arguments are tensors or plain values (a list argument may be changed by
+    the call: the up blocks pop their skips), it modifies no tensor argument
+    in place, and its output is a tensor or a tuple or list of tensors
+    (a fresh copy is returned each time). Calls are
+    numbered in the order they start (the modules holding a measured layer,
+    and the layers); the numbering must come out the same in every forward,
+    which is checked: where it does not, nothing is replayed from then on.
+    What is kept is bounded by ``REPLAY_BYTES``, outermost modules first.
+    """
+
+    def __init__(self, root, layers: set[str], inputs: int):
+        self.modules = {
+            name: module
+            for name, module in root.named_modules()
+            if name and any(layer == name or layer.startswith(name + ".") for layer in layers)
+        }
+        self.layers = layers
+        self.names: list[list[str]] = [[] for _ in range(inputs)]  # per input, the module of each call
+        self.kept: list[dict[int, tuple[int, object]]] = [{} for _ in range(inputs)]  # call → (its last call, output)
+        self.first_use: dict[str, int] = {}
+        self.broken = False
+        self._recording, self._input, self._next, self._until = False, 0, 0, 0
+
+    def recording(self, index: int):
+        """Context: the baseline forward of input ``index``, its calls recorded; ``recorded()`` after the last input."""
+        self._begin(index)
+        return self._patched(recording=True)
+
+    def recorded(self) -> None:
+        """After every input's baseline forward: number the layers' first uses, bound what is kept."""
+        if any(names != self.names[0] for names in self.names):
+            self.broken = True  # the inputs take different paths: the numbering cannot be shared
+        for index, name in enumerate(self.names[0]):
+            if name in self.layers:
+                self.first_use.setdefault(name, index)
+        self._bound()
+
+    def _bound(self) -> None:
+        entries = [(name.count("."), i, index) for i, kept in enumerate(self.kept) for index in kept for name in [self.names[i][index]]]
+        total = 0
+        for _depth, i, index in sorted(entries):
+            total += _nbytes(self.kept[i][index][1])
+            if total > REPLAY_BYTES:
+                del self.kept[i][index]
+
+    def _begin(self, index: int) -> None:
+        self._input, self._next = index, 0
+
+    def replaying(self, index: int, replaced):
+        """Context: replay input ``index``'s calls that end before the first of ``replaced`` is used (all, for none)."""
+        import contextlib
+
+        if self.broken:
+            return contextlib.nullcontext()
+        self._begin(index)
+        self._until = min((self.first_use[n] for n in replaced), default=len(self.names[index]))
+        return self._patched()
+
+    def _patched(self, recording: bool = False):
+        import contextlib
+
+        @contextlib.contextmanager
+        def patch():
+            saved = {name: module.__dict__.get("forward") for name, module in self.modules.items()}
+            for name, module in self.modules.items():
+                module.__dict__["forward"] = self._wrap(name, module.forward)
+            self._recording = recording
+            try:
+                yield
+            finally:
+                self._recording = False
+                for name, module in self.modules.items():
+                    if saved[name] is None:
+                        del module.__dict__["forward"]
+                    else:
+                        module.__dict__["forward"] = saved[name]
+
+        return patch()
+
+    def _wrap(self, name: str, forward):
+        def call(*args, **kwargs):
+            return (self._record if self._recording else self._replay)(name, forward, args, kwargs)
+
+        return call
+
+    def _record(self, name, forward, args, kwargs):
+        index = self._next
+        self._next += 1
+        self.names[self._input].append(name)
+        tensors = _tensor_arguments(args, kwargs)
+        versions = None if tensors is None else [t._version for t in tensors]
+        out = forward(*args, **kwargs)
+        unchanged = versions is not None and versions == [t._version for t in tensors]
+        if name not in self.layers and unchanged and _is_tensors(out):
+            self.kept[self._input][index] = (self._next - 1, out)
+        return out
+
+    def _replay(self, name, forward, args, kwargs):
+        index = self._next
+        names = self.names[self._input]
+        if self.broken or index >= len(names) or names[index] != name:
+            self.broken = True  # another path than the baseline's: run everything from here on
+            return forward(*args, **kwargs)
+        self._next += 1
+        kept = self.kept[self._input].get(index)
+        if kept is not None and kept[0] < self._until:
+            self._next = kept[0] + 1
+            return _clone(kept[1])
+        return forward(*args, **kwargs)
+
+
+def _tensor_arguments(args, kwargs):
+    """The tensors among a call's arguments, or None when one is neither a tensor nor a plain value."""
+    import torch
+
+    tensors = []
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            tensors.append(value)
+        elif not (value is None or isinstance(value, (bool, int, float, str))):
+            return None
+    return tensors
+
+
+def _is_tensors(out) -> bool:
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return True
+    return isinstance(out, (tuple, list)) and bool(out) and all(_is_tensors(o) for o in out)
+
+
+def _clone(out):
+    """A fresh copy: tensors and lists alike may be changed by the code that takes them (the skips list is)."""
+    return type(out)(_clone(o) for o in out) if isinstance(out, (tuple, list)) else out.clone()
+
+
+def _nbytes(out) -> int:
+    return sum(_nbytes(o) for o in out) if isinstance(out, (tuple, list)) else out.numel() * out.element_size()
 
 
 def _first_tensor(out):

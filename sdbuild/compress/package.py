@@ -16,12 +16,11 @@ import numpy as np
 
 from sdbuild.errors import PackageError
 from sdbuild.mil.validation import validate_once_per_pipeline
-from sdbuild.mlpackage import open_readonly
+from sdbuild.mlpackage import WEIGHT_FILE, open_readonly, read_manifest
 
 # coremltools compresses a const only above this many elements (its default);
 # the pre-analysis uses the same line so both sides see the same layers.
 WEIGHT_THRESHOLD = 2048
-WEIGHT_FILE = Path("Data/com.apple.CoreML/weights/weight.bin")
 IOS18_SPEC_VERSION = 9  # Core ML specification version of iOS18 / macOS15
 # Suffixes coremltools' compression passes give the op that replaces a const.
 _COMPRESSED_SUFFIXES = ("_palettized", "_quantized", "_sparsified")
@@ -38,8 +37,7 @@ def weight_file(package: Path) -> Path:
 def load_mlmodel(package: Path):
     """The package as a ``ct.models.MLModel`` (spec and weights only: nothing is compiled)."""
     package = Path(package)
-    if not (package / "Manifest.json").is_file():
-        raise PackageError(f"{package}: not an .mlpackage (no Manifest.json)")
+    read_manifest(package)  # PackageError, one line, when it is not a package
     weight_file(package)
     # Through a private view: opening the package itself would rewrite its manifest (a cache entry's).
     mlmodel = open_readonly(package, skip_model_load=True)

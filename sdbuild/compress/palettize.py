@@ -236,8 +236,9 @@ def _check_group_size(group_size: int | None, mlmodel, src: Path) -> None:
         )
 
 
-def _finish(method, src, dst, started, workers, **extra) -> CompressionStats:
-    bits = pkg.weight_bits(dst)
+def _finish(method, src, dst, started, workers, program=None, **extra) -> CompressionStats:
+    """``program``: ``dst``'s pymil Program where the caller has it loaded already."""
+    bits = pkg.weight_bits(dst if program is None else program)
     return CompressionStats(
         method=method,
         bytes_before=pkg.weight_file(src).stat().st_size,
@@ -363,18 +364,13 @@ def make_palette_quantizer():
     return quantizer
 
 
-def linear8_package(src: Path, dst: Path) -> CompressionStats:
-    """Linear 8-bit weights: symmetric int8 with one scale per output channel, as the seed's baseline.
-
-    coremltools' ``linear_quantize_weights`` does all of it; weights at or
-    below 2048 elements stay float16.
-    """
+def linear8_pass():
+    """coremltools' ``linear_quantize_weights`` pass, set for symmetric int8 per output channel
+    over every weight above 2048 elements (the rest stay float16)."""
     from coremltools.optimize.coreml import OpLinearQuantizerConfig, OptimizationConfig
     from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
     from coremltools.converters.mil.mil.passes.graph_pass import PassOption
 
-    started = time.perf_counter()
-    mlmodel = pkg.load_mlmodel(src)
     config = OptimizationConfig(
         global_config=OpLinearQuantizerConfig(
             mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=pkg.WEIGHT_THRESHOLD
@@ -382,5 +378,16 @@ def linear8_package(src: Path, dst: Path) -> CompressionStats:
     )
     quantizer = PASS_REGISTRY["compression::linear_quantize_weights"]
     quantizer.set_options([PassOption("config", config), PassOption("joint_compression", False)])
-    pkg.apply_passes(mlmodel, [quantizer], dst)
+    return quantizer
+
+
+def linear8_package(src: Path, dst: Path) -> CompressionStats:
+    """Linear 8-bit weights: symmetric int8 with one scale per output channel, as the seed's baseline.
+
+    coremltools' ``linear_quantize_weights`` does all of it; weights at or
+    below 2048 elements stay float16.
+    """
+    started = time.perf_counter()
+    mlmodel = pkg.load_mlmodel(src)
+    pkg.apply_passes(mlmodel, [linear8_pass()], dst)
     return _finish("linear8", src, dst, started, 1, nbits=8)

@@ -20,8 +20,8 @@ StableDiffusionImg2ImgPipeline and StableDiffusionXLPipeline step for step
 can be compared with diffusers' image of the same checkpoint.
 
 The rooms, each importing only rooms below it: ``errors``; ``images`` (files in
-and out), ``request`` (the arguments, checked before any model loads) and
-``schedulers``; ``discovery`` (a bundle's files) and ``runners`` (what runs a
+and out), ``schedulers`` and ``request`` (the arguments in one object, checked
+once before any model loads); ``discovery`` (a bundle's files) and ``runners`` (what runs a
 package); ``pipeline``; ``command`` (``run_generate``). Their names are
 re-exported here.
 """
@@ -47,11 +47,12 @@ from sdbuild.generate.request import (  # noqa: F401
     MAX_IMAGES,
     MAX_SEED,
     MAX_STEPS,
-    check_request,
+    GenerateRequest,
+    check_controlnets,
+    check_settings,
 )
 from sdbuild.generate.schedulers import (  # noqa: F401
     SCHEDULERS,
-    _DEFAULT_SCHEDULER_CONFIG,
     _SCHEDULER_ALIASES,
     make_scheduler,
     scheduler_name,
@@ -99,12 +100,11 @@ from sdbuild.generate.pipeline import (  # noqa: F401
     REFINER_TIME_IDS,
     RNG_MODES,
     SCHEDULER_CONFIG,
-    VAE_SCALE_FACTOR,
-    _DEFAULT_SCALING_FACTOR,
     _check_inpainting,
     _progress_bar,
     _time_id_count,
 )
 from sdbuild.generate.command import (  # noqa: F401
+    generate_images,
     run_generate,
 )

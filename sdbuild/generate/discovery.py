@@ -23,6 +23,7 @@ from sdbuild.bundle_names import (
     swift_name,
 )
 from sdbuild.generate.errors import GenerationError
+from sdbuild.families import FAMILIES, family_of_bundle
 
 
 @dataclass
@@ -47,7 +48,8 @@ class BundleFiles:
 
     @property
     def family(self) -> str:
-        return "sdxl" if "text_encoder_2" in self.models else "sd"
+        """The model family (``sdbuild.families``), told by the text encoders the bundle holds."""
+        return family_of_bundle(self.models).name
 
     @property
     def search_folders(self) -> list[Path]:
@@ -58,7 +60,7 @@ class BundleFiles:
         return ", ".join(p.name for p in self.models[component])
 
 
-REQUIRED = ("text_encoder", "unet", "vae_decoder")
+REQUIRED = ("unet", "vae_decoder")  # besides the family's text encoders
 
 
 def find_bundle(path: Path, compiled_ok: bool = False) -> BundleFiles:
@@ -80,7 +82,7 @@ def find_bundle(path: Path, compiled_ok: bool = False) -> BundleFiles:
         folder, layout = path / RESOURCES_FOLDER, "swift"
     elif (path / PYTHON_FOLDER).is_dir():
         folder, layout = path / PYTHON_FOLDER, "python"
-    elif any(_swift_model(path, SWIFT_NAMES[c], True) for c in REQUIRED):
+    elif any(_swift_model(path, SWIFT_NAMES[c], True) for c in (*_text_encoders(), *REQUIRED)):
         folder, layout = path, "swift"
     elif list(path.glob(PYTHON_PREFIX + "*" + PYTHON_UNET_SUFFIX)):
         folder, layout = path, "python"
@@ -173,10 +175,13 @@ def _swift_models(folder: Path, compiled_ok: bool) -> dict[str, list[Path]]:
 
 
 def _required(models: dict) -> tuple[str, ...]:
-    """The models a bundle needs to generate; an SDXL refiner alone has only the second text encoder."""
-    if "text_encoder_2" in models and "text_encoder" not in models:
-        return tuple(c for c in REQUIRED if c != "text_encoder")
-    return REQUIRED
+    """The models a bundle needs to generate: its family's text encoders (an SDXL refiner alone has only the second), a unet and a VAE decoder."""
+    return (*family_of_bundle(models).text_encoders, *REQUIRED)
+
+
+def _text_encoders() -> list[str]:
+    """Every family's text encoders."""
+    return list(dict.fromkeys(c for f in FAMILIES.values() for c in f.text_encoders))
 
 
 def _python_models(folder: Path) -> tuple[dict[str, list[Path]], str]:

@@ -12,6 +12,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -29,27 +30,19 @@ from sdbuild.generate.discovery import (
 )
 from sdbuild.generate.errors import GenerationError
 from sdbuild.generate.images import _clip_pixels, _resize
+from sdbuild.generate.request import REFINER_START, RNG_MODES, check_controlnets, check_settings  # noqa: F401
 from sdbuild.generate.runners import ChainedRunner, CoreMLRunner, ExecutorRunner, ModelRunner, default_backend
-from sdbuild.generate.schedulers import _DEFAULT_SCHEDULER_CONFIG, make_scheduler, scheduler_name
+from sdbuild.generate.schedulers import make_scheduler, scheduler_name
+from sdbuild.families import FAMILIES, INPAINT_CHANNELS, Family
+from sdbuild.recipe import COMPUTE_UNITS
 from sdbuild.stages.trace import RESOLUTION_KINDS
 
-
-# CONTRACT.md: latent scaling factors when the VAE config is not at hand.
-_DEFAULT_SCALING_FACTOR = {"sd": 0.18215, "sdxl": 0.13025}
-
-# Apple's Swift package defaults (StableDiffusionPipeline.Configuration): the refiner takes over after
-# 80% of the steps, conditioned on aesthetic scores 6 (prompt) and 2.5 (negative prompt), as diffusers' too.
-REFINER_START = 0.8
+# Apple's Swift package defaults (StableDiffusionPipeline.Configuration): the refiner is conditioned
+# on aesthetic scores 6 (prompt) and 2.5 (negative prompt), as diffusers' too.
 AESTHETIC_SCORE = 6.0
 NEGATIVE_AESTHETIC_SCORE = 2.5
 REFINER_TIME_IDS = 5
-VAE_SCALE_FACTOR = 8  # image pixels per latent pixel of every released Stable Diffusion VAE
-RNG_MODES = ("numpy", "torch")
-COMPUTE_UNITS = ("ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE")
 SCHEDULER_CONFIG = "scheduler_config.json"
-
-
-INPAINT_CHANNELS = 9  # an inpainting unet's `sample` channels
 
 
 def _check_inpainting(pipe, image, mask) -> None:
@@ -79,7 +72,8 @@ class Pipeline:
     """Stable Diffusion over a bundle's models; build once with ``from_bundle``, call ``generate`` many times."""
 
     def __init__(self, bundle: BundleFiles, runners: dict[str, ModelRunner], tokenizer, scheduler_config: dict,
-                 scaling_factor: float, backend: str, compute_unit: str | None, notes: list[str], load_seconds: float):
+                 scaling_factor: float, backend: str, compute_unit: str | None, notes: list[str], load_seconds: float,
+                 make: Callable[[str, list[Path]], ModelRunner] | None = None):
         self.bundle = bundle
         self.runners = runners
         self.tokenizer = tokenizer
@@ -89,6 +83,8 @@ class Pipeline:
         self.compute_unit = compute_unit
         self.notes = notes  # facts about the bundle, repeated with every generation
         self.load_seconds = load_seconds
+        # What loads a model asked for later (controlled unet, ControlNets): as the others were loaded.
+        self._make = make or (lambda component, paths: ExecutorRunner(paths))
         unet = runners["unet"]
         shape = unet.inputs["sample"][0]
         self.unet_batch = int(shape[0])  # 2: both guidance halves in one call; 1: a unet_batch_one bundle
@@ -97,13 +93,13 @@ class Pipeline:
         self.inpainting = self.latent_shape[0] == INPAINT_CHANNELS
         if self.inpainting:
             self.latent_shape = ((INPAINT_CHANNELS - 1) // 2, *self.latent_shape[1:])
-        # Image pixels per latent pixel: the bundle's VAE says (pipeline.json); 8, as for every released VAE, else.
-        factor = int(bundle.facts.get("vae_scale_factor") or VAE_SCALE_FACTOR)
+        # Image pixels per latent pixel: the bundle's VAE says (pipeline.json); the family's, else.
+        factor = int(bundle.facts.get("vae_scale_factor") or self.spec.vae_scale_factor)
         self.image_size = (factor * self.latent_shape[1], factor * self.latent_shape[2])  # (height, width) in pixels
         encoder = runners.get("text_encoder") or runners["text_encoder_2"]
         self.sequence_length = int(encoder.inputs["input_ids"][0][-1])
         # As Apple's Swift package tells them apart: a refiner's unet takes 5 time_ids (the base's 6).
-        self.refiner_only = self.family == "sdxl" and _time_id_count(unet) == REFINER_TIME_IDS
+        self.refiner_only = self.spec.text_time and _time_id_count(unet) == REFINER_TIME_IDS
         refiner = runners.get("unet_refiner")
         if refiner is not None and _time_id_count(refiner) != REFINER_TIME_IDS:
             raise GenerationError(f"{bundle.describe('unet_refiner')}: takes {_time_id_count(refiner)} time_ids; an SDXL refiner takes {REFINER_TIME_IDS}")
@@ -111,6 +107,11 @@ class Pipeline:
     @property
     def family(self) -> str:
         return self.bundle.family
+
+    @property
+    def spec(self) -> Family:
+        """The family's table entry (``sdbuild.families``)."""
+        return FAMILIES[self.family]
 
     @property
     def has_refiner(self) -> bool:
@@ -158,19 +159,19 @@ class Pipeline:
         if not scheduler_config:
             found = _find_file(bundle, checkpoint, (SCHEDULER_CONFIG,), f"scheduler/{SCHEDULER_CONFIG}")
             scheduler_config = json.loads(found.read_text()) if found else None
+        family = FAMILIES[bundle.family]
         if not scheduler_config:
-            scheduler_config = dict(_DEFAULT_SCHEDULER_CONFIG[bundle.family])
-            label = "SDXL base" if bundle.family == "sdxl" else "Stable Diffusion 1.5"
-            notes.append(f"no {PIPELINE_FILE} or {SCHEDULER_CONFIG} with the bundle: using {label}'s scheduler settings")
+            scheduler_config = dict(family.scheduler)
+            notes.append(f"no {PIPELINE_FILE} or {SCHEDULER_CONFIG} with the bundle: using {family.scheduler_source}'s scheduler settings")
         scaling = bundle.facts.get("vae_scaling_factor")
         if scaling is None:
             found = _find_file(bundle, checkpoint, (), "vae/config.json")
             scaling = json.loads(found.read_text()).get("scaling_factor") if found else None
-        scaling = float(scaling or _DEFAULT_SCALING_FACTOR[bundle.family])
+        scaling = float(scaling or family.scaling_factor)
         # The controlled unet and the ControlNets load when a generation first asks for them.
         runners = {component: make_sized(component, paths) for component, paths in bundle.models.items() if component != "controlled_unet"}
-        pipe = cls(bundle, runners, tokenizer, scheduler_config, scaling, backend, compute_unit, notes, time.perf_counter() - started)
-        pipe._make = make_sized
+        pipe = cls(bundle, runners, tokenizer, scheduler_config, scaling, backend, compute_unit, notes,
+                   time.perf_counter() - started, make_sized)
         if size and bundle.facts.get("multires") == "enumerated":
             # One package takes every enumerated shape: the size asked for, not the default one.
             factor = pipe.image_size[0] // pipe.latent_shape[1]
@@ -178,11 +179,27 @@ class Pipeline:
             pipe.image_size = (size["height"], size["width"])
         return pipe
 
+    @classmethod
+    def from_packages(cls, packages: dict[str, Path], checkpoint: Path) -> "Pipeline":
+        """A pipeline on the reference executor over loose SD packages that are no bundle (yet):
+        ``packages`` maps components (``text_encoder``, ``unet``; ``vae_decoder`` to decode) to
+        ``.mlpackage`` paths; tokenizer and scheduler come from the diffusers folder ``checkpoint``.
+        The calibration of int8 activations runs a build's float16 packages so."""
+        started = time.perf_counter()
+        folder = Path(checkpoint)
+        bundle = BundleFiles(folder, folder, "python", folder.name, {c: [Path(p)] for c, p in packages.items()})
+        tokenizer = load_tokenizer(bundle, folder)
+        scheduler_config = json.loads((folder / "scheduler" / SCHEDULER_CONFIG).read_text())
+        vae_config = folder / "vae" / "config.json"
+        scaling = json.loads(vae_config.read_text()).get("scaling_factor") if vae_config.is_file() else None
+        runners = {component: ExecutorRunner([Path(p)]) for component, p in packages.items()}
+        return cls(bundle, runners, tokenizer, scheduler_config, float(scaling or FAMILIES["sd"].scaling_factor),
+                   "executor", None, [], time.perf_counter() - started)
+
     def _runner(self, key: str, paths: list[Path]) -> ModelRunner:
         """A model loaded on first use and kept (``controlled_unet``, ``controlnet/<file>``)."""
         if key not in self.runners:
-            make = getattr(self, "_make", None) or (lambda component, paths: ExecutorRunner(paths))
-            self.runners[key] = make(key, paths)
+            self.runners[key] = self._make(key, paths)
         return self.runners[key]
 
     def controlnet_runners(self, names: list[str]) -> tuple[ModelRunner, list[ModelRunner]]:
@@ -209,15 +226,12 @@ class Pipeline:
         SDXL refiner takes, from the base's second encoder as in Apple's Swift package).
         """
         ids, truncated = self.tokenize(text)
-        if refiner:
-            out2 = self.runners["text_encoder_2"].run({"input_ids": ids})
-            return out2["hidden_embeds"], out2["pooled_outputs"], truncated
-        out = self.runners["text_encoder"].run({"input_ids": ids})
-        if self.family == "sd":
-            return out["last_hidden_state"], None, truncated
-        out2 = self.runners["text_encoder_2"].run({"input_ids": ids})
-        hidden = np.concatenate([out["hidden_embeds"], out2["hidden_embeds"]], axis=-1)
-        return hidden, out2["pooled_outputs"], truncated
+        family = FAMILIES[self.spec.refiner or self.family] if refiner else self.spec
+        outs = [self.runners[encoder].run({"input_ids": ids}) for encoder in family.text_encoders]
+        hidden = [out[family.text_output] for out in outs]
+        hidden = hidden[0] if len(hidden) == 1 else np.concatenate(hidden, axis=-1)
+        # The pooled output conditions a text_time unet: the last encoder's (text_encoder_2, projected).
+        return hidden, outs[-1]["pooled_outputs"] if family.text_time else None, truncated
 
     # ---- generation
 
@@ -241,6 +255,7 @@ class Pipeline:
         refiner_start: float = REFINER_START,
         aesthetic_score: float = AESTHETIC_SCORE,
         negative_aesthetic_score: float = NEGATIVE_AESTHETIC_SCORE,
+        decode: bool = True,
     ) -> Generation:
         """Generate ``image_count`` images.
 
@@ -257,6 +272,9 @@ class Pipeline:
         for the negative prompt's row). A bundle whose unet is itself a refiner
         runs it throughout (image to image, as refiners are used).
 
+        ``decode``: False stops at the latents (diffusers' ``output_type="latent"``):
+        ``images`` is then empty [N, 0, 0, 3], and neither the VAE nor the safety checker runs.
+
         ``image``: a start image for image-to-image, float32 [8H, 8W, 3] in
         [0, 1]; ``strength`` in (0, 1] says how much of the schedule runs over it.
         ``rng``: ``numpy`` draws the initial latents as Apple's pipelines do
@@ -270,15 +288,9 @@ class Pipeline:
         """
         import torch
 
+        check_settings(seed=seed, steps=steps, guidance_scale=guidance_scale, image_count=image_count, strength=strength,
+                       rng=rng, refiner_start=refiner_start, scheduler=scheduler)
         name = scheduler_name(scheduler)
-        if rng not in RNG_MODES:
-            raise GenerationError(f"--rng: unknown mode '{rng}'; choose one of {', '.join(RNG_MODES)}")
-        if steps < 1 or image_count < 1:
-            raise GenerationError("--steps and --image-count must be at least 1")
-        if image is not None and not 0 < strength <= 1:
-            raise GenerationError(f"--strength {strength:g}: must be in (0, 1]")
-        if not 0 <= refiner_start <= 1:
-            raise GenerationError(f"--refiner-start {refiner_start:g}: must be in [0, 1] (the fraction of steps the base runs)")
         if image is not None:
             _require_encoder(self.bundle)
         _check_inpainting(self, image, mask)
@@ -347,10 +359,13 @@ class Pipeline:
 
         t0 = time.perf_counter()
         latents = latents.numpy().astype(np.float32)
-        images = np.stack([self.decode(latents[i : i + 1])[0] for i in range(image_count)])
-        timings["vae_decoder_s"] = time.perf_counter() - t0
+        if decode:
+            images = np.stack([self.decode(latents[i : i + 1])[0] for i in range(image_count)])
+            timings["vae_decoder_s"] = time.perf_counter() - t0
+        else:
+            images = np.zeros((image_count, 0, 0, 3), np.float32)
         nsfw = [False] * image_count
-        if "safety_checker" in self.runners:
+        if decode and "safety_checker" in self.runners:
             t0 = time.perf_counter()
             nsfw = [self.is_nsfw(img) for img in images]
             timings["safety_checker_s"] = time.perf_counter() - t0
@@ -405,7 +420,7 @@ class Pipeline:
             truncated = truncated or neg_cut
         # (1, S, C) → (1, C, 1, S): the Neural Engine-friendly layout of the contract.
         cond = {"encoder_hidden_states": np.concatenate([h.transpose(0, 2, 1)[:, :, None, :] for h, _ in rows])}
-        if self.family == "sdxl":
+        if self.spec.text_time:
             h, w = self.image_size
             # CONTRACT: (original h, w, crop top, left, target h, w); no crop, original = target.
             time_ids = np.asarray([[h, w, 0, 0, h, w]], dtype=np.float32)
@@ -420,14 +435,7 @@ class Pipeline:
         """(controlled unet, ControlNet runners, scales, control images [1, 3, 8H, 8W]) or None; checks first."""
         if not names and not images:
             return None
-        if len(names) != len(images):
-            raise GenerationError(
-                f"--controlnet-inputs: {len(images)} control image{'s' if len(images) != 1 else ''} for "
-                f"{len(names)} ControlNet{'s' if len(names) != 1 else ''}; give one image per ControlNet, in the same order"
-            )
-        scales = [float(s) for s in scale] if isinstance(scale, (list, tuple)) else [float(scale)] * len(names)
-        if len(scales) != len(names):
-            raise GenerationError(f"--controlnet-scale: {len(scales)} scales for {len(names)} ControlNets; give one, or one each")
+        scales = check_controlnets(names, len(images), scale)
         h, w = self.image_size
         for name, img in zip(names, images):
             if img.ndim != 3 or img.shape[:2] != (h, w):

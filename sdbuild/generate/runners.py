@@ -37,6 +37,7 @@ class ExecutorRunner(ModelRunner):
 
         # ``function``: a multifunction package's function (one resolution); None: its default.
         self.programs = [load_program(p, function=function) for p in paths]
+        self.observer = None  # a RangeObserver shown every run of a one-package model (calibration)
         self.name = " + ".join(p.name for p in paths)
         self.inputs = _chain_inputs([(prog.inputs, prog.outputs) for prog in self.programs])
         self.outputs = list(self.programs[-1].outputs)
@@ -46,7 +47,7 @@ class ExecutorRunner(ModelRunner):
 
         feeds = _cast(feeds, self.inputs)
         if len(self.programs) == 1:
-            return self.programs[0].run(feeds, precision="fp16")
+            return self.programs[0].run(feeds, precision="fp16", observer=self.observer)
         return chain_run(self.programs, feeds, precision="fp16")
 
 
@@ -72,13 +73,13 @@ class CoreMLRunner(ModelRunner):
             }
             self.outputs = [o["name"] for o in meta["outputSchema"]]
         else:
-            from sdbuild.mil.executor import _ARRAY_DTYPES
+            from sdbuild.mlpackage import array_dtype
 
             self.model = ct.models.MLModel(str(path), compute_units=units, **named)
             spec = self.model.get_spec()
             description = next((f for f in spec.description.functions if f.name == function), spec.description)
             self.inputs = {
-                i.name: (tuple(i.type.multiArrayType.shape), np.dtype(_ARRAY_DTYPES.get(i.type.multiArrayType.dataType, np.float32)))
+                i.name: (tuple(i.type.multiArrayType.shape), np.dtype(array_dtype(i.type.multiArrayType.dataType)))
                 for i in description.input
             }
             self.outputs = [o.name for o in description.output]

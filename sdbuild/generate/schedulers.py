@@ -30,37 +30,6 @@ _SCHEDULER_ALIASES = {
     "lmsdiscrete": "LMS",
 }
 
-# Scheduler configs for bundles that carry none: SD 1.5's and SDXL base's published ones.
-_DEFAULT_SCHEDULER_CONFIG = {
-    "sd": {
-        "_class_name": "PNDMScheduler",
-        "beta_start": 0.00085,
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "num_train_timesteps": 1000,
-        "clip_sample": False,
-        "set_alpha_to_one": False,
-        "skip_prk_steps": True,
-        "steps_offset": 1,
-        "prediction_type": "epsilon",
-    },
-    "sdxl": {
-        "_class_name": "EulerDiscreteScheduler",
-        "beta_start": 0.00085,
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "num_train_timesteps": 1000,
-        "clip_sample": False,
-        "set_alpha_to_one": False,
-        "skip_prk_steps": True,
-        "steps_offset": 1,
-        "timestep_spacing": "leading",
-        "interpolation_type": "linear",
-        "prediction_type": "epsilon",
-    },
-}
-
-
 def scheduler_name(name: str) -> str:
     """The canonical name (a key of ``SCHEDULERS``) for ``name`` or one of its aliases."""
     squashed = re.sub(r"[\s_\-]", "", name).lower()

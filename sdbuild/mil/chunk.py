@@ -30,7 +30,6 @@ in every part that needs them rather than passed across.
 
 from __future__ import annotations
 
-import json
 import shutil
 import struct
 import tempfile
@@ -40,11 +39,18 @@ from pathlib import Path
 import numpy as np
 
 from sdbuild.errors import PackageError, SdbuildError
-
-_BLOB_HEADER = 64  # storage header: uint32 count, uint32 version (2), reserved
-_BLOB_METADATA = 64  # per blob: uint32 sentinel, uint32 dtype, uint64 size, uint64 data offset, reserved
-_BLOB_ALIGN = 64
-_BLOB_SENTINEL = 0xDEADBEEF
+from sdbuild.mlpackage import (
+    BLOB_ALIGN,
+    BLOB_HEADER,
+    BLOB_METADATA,
+    BLOB_SENTINEL,
+    BLOB_STORAGE_VERSION,
+    blob_refs,
+    blob_values,
+    read_blob_record,
+    read_manifest,
+    weight_file_of,
+)
 
 # MIL tensor dtypes a Core ML model input or output may have (float16 since
 # iOS16 / specification version 7), with their sizes in bytes.
@@ -151,16 +157,8 @@ def _read_package(src: Path):
     """(spec, weights folder) of a saved ML program package."""
     from coremltools.proto import Model_pb2
 
-    manifest = src / "Manifest.json"
-    if not manifest.is_file():
-        raise PackageError(f"{src}: not an .mlpackage (Manifest.json is missing)")
-    info = json.loads(manifest.read_text())
-    entries = info["itemInfoEntries"]
-    spec_file = src / "Data" / entries[info["rootModelIdentifier"]]["path"]
-    weights = src / "Data" / "com.apple.CoreML" / "weights"
-    for entry in entries.values():
-        if entry.get("name") == "weights" and "path" in entry:
-            weights = src / "Data" / entry["path"]
+    files = read_manifest(src)
+    spec_file, weights = files.spec, files.weights
     spec = Model_pb2.Model()
     spec.ParseFromString(spec_file.read_bytes())
     if spec.WhichOneof("Type") != "mlProgram":
@@ -180,24 +178,24 @@ def _write_blobs(path: Path, weights_dir: Path, keys: list[tuple[str, int]]) -> 
     sources: dict[str, object] = {}
     try:
         with open(path, "wb") as f:
-            f.write(struct.pack("<II", len(keys), 2).ljust(_BLOB_HEADER, b"\0"))
+            f.write(struct.pack("<II", len(keys), BLOB_STORAGE_VERSION).ljust(BLOB_HEADER, b"\0"))
             for name, offset in keys:
                 if name not in sources:
-                    sources[name] = open(weights_dir / name.split("/")[-1], "rb")
+                    sources[name] = open(weight_file_of(weights_dir, name), "rb")
                 src = sources[name]
                 src.seek(offset)
-                record = bytearray(src.read(_BLOB_METADATA))
+                record = bytearray(src.read(BLOB_METADATA))
                 _sentinel, _dtype, nbytes, data_offset = struct.unpack_from("<IIQQ", record)
                 src.seek(data_offset)
                 data = src.read(nbytes)
                 if len(data) != nbytes:
-                    raise PackageError(f"{weights_dir / name.split('/')[-1]}: truncated weight at offset {offset}")
+                    raise PackageError(f"{weight_file_of(weights_dir, name)}: truncated weight at offset {offset}")
                 new_offset = f.tell()
                 offsets.append(new_offset)
-                struct.pack_into("<Q", record, 16, new_offset + _BLOB_METADATA)
+                struct.pack_into("<Q", record, 16, new_offset + BLOB_METADATA)
                 f.write(record)
                 f.write(data)
-                f.write(b"\0" * (-f.tell() % _BLOB_ALIGN))
+                f.write(b"\0" * (-f.tell() % BLOB_ALIGN))
     finally:
         for src in sources.values():
             src.close()
@@ -217,25 +215,6 @@ def _arg_names(op) -> list[str]:
             names += [n for n in _arg_names(inner_op) if n not in inner]
         names += [n for n in block.outputs if n not in inner]
     return names
-
-
-def _blob_values(op):
-    """Every weight-file value of ``op``: in its attributes (const, iOS16 constexpr ops) and
-    bound inline to its inputs (iOS18 constexpr ops), nested blocks included."""
-    for value in op.attributes.values():
-        if value.WhichOneof("value") == "blobFileValue":
-            yield value
-    for arg in op.inputs.values():
-        for binding in arg.arguments:
-            if binding.WhichOneof("binding") == "value" and binding.value.WhichOneof("value") == "blobFileValue":
-                yield binding.value
-    for block in op.blocks:
-        for inner in block.operations:
-            yield from _blob_values(inner)
-
-
-def _blob_refs(op) -> list[tuple[str, int]]:
-    return [(v.blobFileValue.fileName, v.blobFileValue.offset) for v in _blob_values(op)]
 
 
 def _tensor_info(name: str, value_type) -> TensorInfo | None:
@@ -296,13 +275,13 @@ def _analyse(block, input_names: set[str], weights_dir: Path, outputs: list[str]
             runtime_index[o.name] = i
 
     # Weight bytes, each blob counted at the first runtime op that reaches it.
-    refs = {r for op in ops for r in _blob_refs(op)}
+    refs = {r for op in ops for r in blob_refs(op)}
     blob_bytes = _blob_sizes(weights_dir, refs)
     closure: dict[int, set] = {}
 
     def blobs_of(pos: int) -> set:
         if pos not in closure:
-            found = set(_blob_refs(ops[pos]))
+            found = set(blob_refs(ops[pos]))
             for a in _arg_names(ops[pos]):
                 if a in producer and producer[a] in replicable:
                     found |= blobs_of(producer[a])
@@ -365,16 +344,15 @@ def _blob_sizes(weights_dir: Path, refs: set[tuple[str, int]]) -> dict[tuple[str
     for name, offset in refs:
         by_file.setdefault(name, []).append(offset)
     for name, offsets in by_file.items():
-        path = weights_dir / name.split("/")[-1]
+        path = weight_file_of(weights_dir, name)
         if not path.is_file():
             raise PackageError(f"weight file {path} is missing")
         with open(path, "rb") as f:
             for offset in offsets:
-                f.seek(offset)
-                record = f.read(_BLOB_METADATA)
-                if len(record) < 24 or struct.unpack_from("<I", record)[0] != _BLOB_SENTINEL:
+                record = read_blob_record(f, offset)
+                if record is None or record[0] != BLOB_SENTINEL:
                     raise PackageError(f"{path}: damaged or truncated weight record at offset {offset}")
-                sizes[(name, offset)] = struct.unpack_from("<Q", record, 8)[0]
+                sizes[(name, offset)] = record[2]
     return sizes
 
 
@@ -468,7 +446,7 @@ def _cast_ops(src: str, dst: str, value_type, dtype: str) -> list:
 
 
 def _remap_blobs(op, new_offsets: dict[tuple[str, int], int]) -> None:
-    for value in _blob_values(op):
+    for value in blob_values(op):
         value.blobFileValue.offset = new_offsets[(value.blobFileValue.fileName, value.blobFileValue.offset)]
 
 
@@ -590,7 +568,7 @@ def chunk_program(src: Path, n: int, dst_dir: Path, balance_tolerance: float = 0
         del part_spec.description.output[:]
 
         # Weights: only the blobs this part reads, in their original order, bytes unchanged.
-        refs = sorted({r for p in positions for r in _blob_refs(analysis.ops[p])}, key=lambda r: (r[0], r[1]))
+        refs = sorted({r for p in positions for r in blob_refs(analysis.ops[p])}, key=lambda r: (r[0], r[1]))
         with tempfile.TemporaryDirectory(prefix=f".chunk{k + 1}-", dir=dst_dir) as tmp:
             weights_tmp = Path(tmp) / "weights"
             weights_tmp.mkdir()

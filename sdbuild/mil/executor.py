@@ -21,7 +21,6 @@ arithmetic itself runs in float32.
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 import tempfile
@@ -35,15 +34,19 @@ import torch
 
 from sdbuild.errors import ModelInputError, PackageError, UnsupportedOpError, UsageError
 from sdbuild.mil import kernels as _kernels
+from sdbuild.mlpackage import (
+    BLOB_HEADER,
+    BLOB_SENTINEL,
+    BLOB_STORAGE_VERSION,
+    array_dtype,
+    program_blob_refs,
+    read_blob_record,
+    read_manifest,
+    weight_file_of,
+)
 
 PRECISIONS = ("fp16", "fp32")
 
-# Core ML's ArrayFeatureType.ArrayDataType numbers -> numpy dtypes.
-_ARRAY_DTYPES = {65552: np.float16, 65568: np.float32, 65600: np.float64, 131104: np.int32, 131080: np.int8}
-
-_BLOB_SENTINEL = 0xDEADBEEF
-_BLOB_HEADER = 64  # storage header: uint32 count, uint32 version, reserved
-_BLOB_METADATA = 64  # per blob: uint32 sentinel, uint32 dtype, uint64 size, uint64 offset, reserved
 
 
 # --------------------------------------------------------------------------- dtype kinds
@@ -135,23 +138,10 @@ def _as_attr(value) -> Any:
 
 def _read_manifest(pkg: Path) -> tuple[Path, Path]:
     """(model spec file, weights folder) of a package, from its Manifest.json."""
-    manifest = pkg / "Manifest.json"
-    if not manifest.is_file():
-        raise PackageError(f"{pkg}: not a complete .mlpackage (Manifest.json is missing)")
-    try:
-        info = json.loads(manifest.read_text())
-        entries = info["itemInfoEntries"]
-        root = entries[info["rootModelIdentifier"]]
-    except (ValueError, KeyError, TypeError) as e:
-        raise PackageError(f"{pkg}: Manifest.json is unreadable ({type(e).__name__}: {e})") from None
-    spec_file = pkg / "Data" / root["path"]
-    weights = pkg / "Data" / "com.apple.CoreML" / "weights"
-    for entry in entries.values():
-        if isinstance(entry, dict) and entry.get("name") == "weights" and "path" in entry:
-            weights = pkg / "Data" / entry["path"]
-    if not spec_file.is_file():
-        raise PackageError(f"{pkg}: the model specification {root['path']} is missing (truncated package?)")
-    return spec_file, weights
+    files = read_manifest(pkg)
+    if not files.spec.is_file():
+        raise PackageError(f"{pkg}: the model specification {files.spec.relative_to(pkg / 'Data')} is missing (truncated package?)")
+    return files.spec, files.weights
 
 
 def _read_spec(pkg: Path, spec_file: Path):
@@ -167,50 +157,31 @@ def _read_spec(pkg: Path, spec_file: Path):
     return spec
 
 
-def _blob_refs(spec) -> list[tuple[str, int]]:
-    """(file name, offset) of every weight blob the program points at, nested blocks included."""
-    refs = []
-
-    def visit_block(block):
-        for op in block.operations:
-            for value in op.attributes.values():
-                if value.WhichOneof("value") == "blobFileValue":
-                    refs.append((value.blobFileValue.fileName, value.blobFileValue.offset))
-            for inner in op.blocks:
-                visit_block(inner)
-
-    for function in spec.mlProgram.functions.values():
-        for block in function.block_specializations.values():
-            visit_block(block)
-    return refs
-
-
 def _check_weight_file(pkg: Path, path: Path, offsets: set[int]) -> None:
     """Walk the blob storage file and check every referenced blob lies whole inside it.
 
-    A weight file is a 64-byte header (blob count, version) followed by blobs,
-    each a 64-byte metadata record (sentinel 0xDEADBEEF, dtype, size, data
-    offset) and its data. Truncation or damaged records are caught here, before
-    anything reads past the end of the file.
+    The weight file's layout is ``sdbuild.mlpackage``'s (``BLOB_*``): a header
+    (blob count, version), then per blob a metadata record (sentinel, dtype,
+    size, data offset) and its data. Truncation or damaged records are caught
+    here, before anything reads past the end of the file.
     """
     rel = path.relative_to(pkg)
     if not path.is_file():
         raise PackageError(f"{pkg}: weight file {rel} is missing (truncated package?)")
     size = path.stat().st_size
     with open(path, "rb") as f:
-        header = f.read(_BLOB_HEADER)
-        if len(header) < _BLOB_HEADER:
+        header = f.read(BLOB_HEADER)
+        if len(header) < BLOB_HEADER:
             raise PackageError(f"{pkg}: weight file {rel} is truncated ({size} bytes, no header)")
         count, version = struct.unpack_from("<II", header)
-        if version != 2:
-            raise PackageError(f"{pkg}: weight file {rel} is corrupted (storage version {version}, expected 2)")
+        if version != BLOB_STORAGE_VERSION:
+            raise PackageError(f"{pkg}: weight file {rel} is corrupted (storage version {version}, expected {BLOB_STORAGE_VERSION})")
         for offset in sorted(offsets):
-            f.seek(offset)
-            meta = f.read(_BLOB_METADATA)
-            if len(meta) < _BLOB_METADATA:
+            record = read_blob_record(f, offset)
+            if record is None:
                 raise PackageError(f"{pkg}: weight file {rel} is truncated ({size} bytes; a weight starts at {offset})")
-            sentinel, _dtype, nbytes, data_offset = struct.unpack_from("<IIQQ", meta)
-            if sentinel != _BLOB_SENTINEL:
+            sentinel, _dtype, nbytes, data_offset = record
+            if sentinel != BLOB_SENTINEL:
                 raise PackageError(f"{pkg}: weight file {rel} is corrupted (bad weight record at offset {offset})")
             if data_offset + nbytes > size:
                 raise PackageError(
@@ -222,10 +193,10 @@ def _check_weight_file(pkg: Path, path: Path, offsets: set[int]) -> None:
 
 def _check_weights(pkg: Path, spec, weights_dir: Path) -> None:
     by_file: dict[str, set[int]] = {}
-    for name, offset in _blob_refs(spec):
-        by_file.setdefault(name.split("/")[-1], set()).add(offset)
-    for name, offsets in by_file.items():
-        _check_weight_file(pkg, weights_dir / name, offsets)
+    for name, offset in program_blob_refs(spec):
+        by_file.setdefault(weight_file_of(weights_dir, name), set()).add(offset)
+    for path, offsets in by_file.items():
+        _check_weight_file(pkg, path, offsets)
 
 
 def check_package_weights(pkg: Path, spec) -> None:
@@ -272,7 +243,7 @@ class Program:
         self.output_dtypes: dict[str, np.dtype] = {}
         for feature in description.output:
             arr = feature.type.multiArrayType
-            self.output_dtypes[feature.name] = np.dtype(_ARRAY_DTYPES.get(arr.dataType, np.float32))
+            self.output_dtypes[feature.name] = np.dtype(array_dtype(arr.dataType))
         # Program output vars, matched to the declared names by position.
         self._output_vars = [v.name for v in function.outputs]
         if len(self._output_vars) != len(self.outputs):
@@ -283,6 +254,11 @@ class Program:
         self._plans: dict[str, _Plan] = {}
         self._check_kernels()
         self._decompress_weights()
+
+    @property
+    def function(self):
+        """The pymil Function this program runs (ops, vars and their names)."""
+        return self._function
 
     def _kernel(self, op):
         k = _kernels.find_kernel(op.op_type, self._opset_number, self._table)
@@ -336,7 +312,7 @@ class Program:
             raise PackageError(f"{self.path}: input '{feature.name}' is a {kind}; only multi-array inputs are supported")
         arr = feature.type.multiArrayType
         shape = tuple(int(s) for s in arr.shape)
-        dtype = np.dtype(_ARRAY_DTYPES.get(arr.dataType, np.float32))
+        dtype = np.dtype(array_dtype(arr.dataType))
         flex = arr.WhichOneof("ShapeFlexibility")
         if flex == "enumeratedShapes":
             shapes = {tuple(int(s) for s in e.shape) for e in arr.enumeratedShapes.shapes} | {shape}
@@ -546,14 +522,18 @@ class Program:
 
     # ---- running
 
-    def run(self, inputs: dict, precision: str = "fp16", profile: dict | None = None) -> dict[str, np.ndarray]:
+    def run(
+        self, inputs: dict, precision: str = "fp16", profile: dict | None = None, observer: "RangeObserver | None" = None
+    ) -> dict[str, np.ndarray]:
         """Run the program on ``inputs`` (name -> array of the declared shape).
 
         Float inputs may come as any float dtype: they are cast to the declared
         dtype as Core ML casts (round to nearest). Returns name -> array for
         every declared output, float outputs as float32 (float16-rounded values
         in fp16 mode; the declared dtypes are in ``output_dtypes``). With a dict
-        as ``profile``, adds seconds per op type to it.
+        as ``profile``, adds seconds per op type to it. With an ``observer``,
+        every run-time value it names (program inputs included) is shown to it
+        as the run makes it.
         """
         plan = self._plan(precision)
         self._check_inputs(inputs)
@@ -570,7 +550,9 @@ class Program:
             else:
                 env[name] = torch.from_numpy(np.array(value.astype(bool)))
         with torch.inference_mode():
-            if profile is None:
+            if observer is not None:
+                self._execute_observed(plan.steps, env, observer)
+            elif profile is None:
                 self._execute(plan.steps, env)
             else:
                 self._execute_profiled(plan.steps, env, profile)
@@ -615,12 +597,48 @@ class Program:
             cls._execute((step,), env)
             profile[step[6]] = profile.get(step[6], 0.0) + time.perf_counter() - start
 
+    @classmethod
+    def _execute_observed(cls, steps, env, observer: "RangeObserver") -> None:
+        observer.runs += 1
+        for name in observer.names & env.keys():
+            observer.record(name, env[name])
+        for step in steps:
+            # Shown before the step runs: it frees the values read for the last time.
+            cls._execute((step[:5] + ((),) + step[6:],), env)
+            for name in observer.names.intersection(step[3]):
+                observer.record(name, env[name])
+            for name in step[5]:
+                del env[name]
+
     def op_counts(self) -> dict[str, int]:
         """Number of ops per op type in the main function (consts included)."""
         counts: dict[str, int] = {}
         for op in self._function.operations:
             counts[op.op_type] = counts.get(op.op_type, 0) + 1
         return counts
+
+
+class RangeObserver:
+    """Running minimum and maximum of named values over runs (``Program.run(..., observer=)``).
+
+    ``names``: the var names to watch; ``ranges``: name -> [min, max] of every
+    value seen so far, as the run held it (float16-rounded in fp16 mode); ``runs``: runs watched.
+    """
+
+    def __init__(self, names):
+        self.names = frozenset(names)
+        self.ranges: dict[str, list[float]] = {}
+        self.runs = 0
+
+    def record(self, name: str, value) -> None:
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.numel() == 0:
+            return
+        lo, hi = torch.aminmax(value)
+        seen = self.ranges.get(name)
+        if seen is None:
+            self.ranges[name] = [float(lo), float(hi)]
+        else:
+            seen[0], seen[1] = min(seen[0], float(lo)), max(seen[1], float(hi))
 
 
 def _function_description(spec, name: str):

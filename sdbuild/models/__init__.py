@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sdbuild.errors import NotBuiltYet, RecipeError
+from sdbuild.families import FAMILIES, Family, family_of_folder, read_model_index  # noqa: F401
 
 TOKENS = 77
 MULTILINGUAL_TOKENS = 256  # NLContextualEmbedding's sequence, as the Swift package pads it
@@ -22,7 +23,6 @@ SAFETY_CHECKER_IMAGES = 512  # the side of the safety checker's `images` input, 
 SAFETY_CHECKER_IMAGE_SIZED = "safety_checker/python"
 # Model I/O data types (docs/interface.md says which input takes which, and why).
 FLOAT16, FLOAT32 = "float16", "float32"
-FAMILIES = ("sd", "sdxl")
 COMPONENTS = (
     "text_encoder",
     "text_encoder_2",
@@ -34,12 +34,6 @@ COMPONENTS = (
     "vae_encoder",
     "safety_checker",
 )
-DEFAULT_COMPONENTS = {
-    "sd": ["text_encoder", "unet", "vae_decoder"],
-    "sdxl": ["text_encoder", "text_encoder_2", "unet", "vae_decoder"],
-    # A refiner alone refines images (img2img): its one text encoder, its unet as Unet, and the VAE both ways.
-    "sdxl-refiner": ["text_encoder_2", "unet", "vae_decoder", "vae_encoder"],
-}
 REFINER_TIME_IDS = 5  # original h, w, crop top, left, aesthetic score (SDXL base: target h, w instead of the score)
 
 
@@ -94,26 +88,6 @@ class ComponentModel:
     info: dict = field(default_factory=dict)
 
 
-def read_model_index(checkpoint: Path) -> dict:
-    index = Path(checkpoint) / "model_index.json"
-    if not index.is_file():
-        raise RecipeError(f"{checkpoint}: no model_index.json: not a diffusers pipeline folder")
-    return json.loads(index.read_text())
-
-
-def model_family(checkpoint: Path) -> str:
-    """``sdxl`` for SDXL pipelines (two text encoders), else ``sd``."""
-    index = read_model_index(checkpoint)
-    return "sdxl" if "text_encoder_2" in index or "XL" in index.get("_class_name", "") else "sd"
-
-
-def is_refiner(checkpoint: Path) -> bool:
-    """Whether the diffusers folder ``checkpoint`` is an SDXL refiner: aesthetic-score conditioning, no first text encoder."""
-    index = read_model_index(checkpoint)
-    first = index.get("text_encoder")
-    return bool(index.get("requires_aesthetics_score")) or ("text_encoder_2" in index and (first is None or first == [None, None]))
-
-
 def build_component(component: str, checkpoint: Path, options: BuildOptions, vae: Path | None = None) -> ComponentModel:
     """Load ``component`` of the diffusers folder ``checkpoint`` as a module to trace.
 
@@ -136,7 +110,7 @@ def build_component(component: str, checkpoint: Path, options: BuildOptions, vae
     check_implementation(options.attention)
     if component == "controlnet":
         return _build_controlnet(checkpoint, options)
-    family = model_family(checkpoint)
+    family = family_of_folder(checkpoint)
     vae_folder = Path(vae) if vae else checkpoint / "vae"
     if component in ("unet", "unet_refiner", "controlled_unet", "vae_decoder", "vae_encoder"):
         # A folder without a VAE (a unet alone) keeps options.vae_scale_factor, 8 unless set.
@@ -150,7 +124,7 @@ def build_component(component: str, checkpoint: Path, options: BuildOptions, vae
     if component == "unet_refiner":
         return _build_refiner_unet(checkpoint, options)
     if component == "controlled_unet":
-        if family == "sdxl":
+        if not family.controlnet:
             from sdbuild.models.controlnet import SDXL_REFUSAL
 
             raise NotBuiltYet(f"{checkpoint}: {SDXL_REFUSAL}")
@@ -183,7 +157,7 @@ def _with_latent_of(options: BuildOptions, factor: int) -> BuildOptions:
     return replace(options, vae_scale_factor=factor)
 
 
-def _build_text_encoder(component: str, checkpoint: Path, family: str, options: BuildOptions) -> ComponentModel:
+def _build_text_encoder(component: str, checkpoint: Path, family: Family, options: BuildOptions) -> ComponentModel:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from sdbuild.models.text_encoder import TextEncoder
@@ -192,13 +166,12 @@ def _build_text_encoder(component: str, checkpoint: Path, family: str, options: 
     cls = CLIPTextModelWithProjection if projected else CLIPTextModel
     reference = cls.from_pretrained(checkpoint / component, use_safetensors=True).eval()
     # SDXL conditions on the penultimate layer's hidden states (both encoders).
-    sdxl = family == "sdxl"
-    module = TextEncoder.from_transformers(reference, options.attention, penultimate=sdxl, sequence_length=TOKENS)
+    module = TextEncoder.from_transformers(reference, options.attention, penultimate=family.penultimate, sequence_length=TOKENS)
     return ComponentModel(
         module,
         # float32: float16 would round token ids above 2048 before the graph casts them to integers.
         [TensorSpec("input_ids", (1, TOKENS), "tokens", reference.config.vocab_size, FLOAT32)],
-        ["hidden_embeds" if sdxl else "last_hidden_state", "pooled_outputs"],
+        [family.text_output, "pooled_outputs"],
     )
 
 
@@ -309,7 +282,7 @@ def _build_controlnet(folder: Path, options: BuildOptions) -> ComponentModel:
     return ComponentModel(module, inputs, residual_names(len(shapes)), info=info)
 
 
-def _build_vae(component: str, folder: Path, family: str, options: BuildOptions) -> ComponentModel:
+def _build_vae(component: str, folder: Path, family: Family, options: BuildOptions) -> ComponentModel:
     """``folder``: an AutoencoderKL's diffusers folder (the checkpoint's ``vae/`` or a recipe's custom VAE).
 
     Input dtype as Apple's converter declares it: float32 where the VAE runs
@@ -332,7 +305,7 @@ def _build_vae(component: str, folder: Path, family: str, options: BuildOptions)
         spec = TensorSpec("z", (1, reference.config.latent_channels, h, w), dtype=precision)
         return ComponentModel(module, [spec], ["image"], precision)
     module = VaeEncoder.from_diffusers(reference, options.attention)
-    dtype = FLOAT32 if family == "sdxl" else precision
+    dtype = FLOAT32 if family.vae_encoder_float32 else precision
     spec = TensorSpec("x", (1, 3, options.height, options.width), "image", dtype=dtype)
     return ComponentModel(module, [spec], ["latent"], precision)
 

@@ -24,10 +24,13 @@ class Input:
 
     ``when``: consumed only where it holds for the build (``Plan``). A stage of
     the whole build consuming a per-component stage takes every component's node.
+    ``component``: another component's (the calibration's text encoder); where the
+    build does not ship it, its nodes up to ``stages`` are built for this one alone.
     """
 
     stages: tuple[str, ...]
     when: Callable[["Plan"], bool] | None = None
+    component: str | None = None
 
     def first(self, found: Mapping[str, T]) -> T | None:
         """The value under the first of ``stages`` that ``found`` (by stage name) has."""
@@ -112,7 +115,7 @@ class Plan:
     sources: the components with a checkpoint of their own (refiner, ControlNets) → it;
     compressed: the kinds ``compression.components`` names (the unet only for mixed-bit);
     facts: values a stage may declare as fields besides the recipe's (``source``,
-    ``coremlcompiler``, ``multires`` resolved, ``recipe``, ``family``).
+    ``coremlcompiler``, ``multires`` resolved, ``recipe``, ``family``, ``calibration`` with its defaults).
     """
 
     recipe: Any
@@ -121,6 +124,7 @@ class Plan:
     compressed: set[str]
     mixed_bit: bool
     analysis: bool  # the unet's mixed-bit pre-analysis is built
+    calibrating: bool  # W8A8: the unet's activations are calibrated (compression.activations)
     compiler: str | None  # coremlcompiler's version where it exists (macOS)
     facts: dict[str, Any] = field(default_factory=dict)
 
@@ -206,13 +210,26 @@ STAGES: dict[str, Stage] = {
             applies=lambda plan, component: plan.analysis and "unet" in plan.components,
         ),
         Stage(
+            "calibrate",
+            "1",
+            "sdbuild.generate.calibrate:run",  # it runs the image pipeline, which sits above the stages
+            # compression.calibration with its defaults filled in (the build graph reads them);
+            # the float16 text encoder and unet it runs enter the key as upstream entries.
+            fields=("calibration",),
+            libraries=(*TORCH_LIBS, *COREML_LIBS),
+            # The text encoder's float16 package too: built for this where it does not ship.
+            consumes=("download", Input(("convert",), component="text_encoder"), "convert"),
+            applies=lambda plan, component: component == "unet" and plan.calibrating,
+        ),
+        Stage(
             "compress",
             "1",
             "sdbuild.stages.compress:run",
             fields=("compression",),
             libraries=(*COREML_LIBS, "scikit-learn"),
             # The pre-analysis is read by mixed-bit palettization only (the controlled unet shares the unet's).
-            consumes=("convert", Input(("analyze",), when=lambda plan: plan.mixed_bit)),
+            # W8A8: the unet's activation ranges (calibrate), where it has them.
+            consumes=("convert", Input(("analyze",), when=lambda plan: plan.mixed_bit), "calibrate"),
             applies=lambda plan, component: plan.is_compressed(component),
         ),
         Stage(

@@ -110,7 +110,7 @@ def _metadata(recipe, component: str, family: str = "") -> dict[str, str]:
     elif comp.nbits is not None:
         compression = f"{comp.nbits}-bit palettization" + (f", groups of {comp.group_size}" if comp.group_size else "")
     elif comp.linear8:
-        compression = "linear 8-bit"
+        compression = "linear 8-bit" + (" weights, int8 activations (W8A8)" if comp.activations else "")
     else:
         compression = f"mixed-bit palettization ({comp.mixed_bit.recipe})"
     # The refiner's weights are its own (Apple's converter gives its package the refiner's version).

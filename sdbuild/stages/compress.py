@@ -1,4 +1,5 @@
-"""Compress: palettize or quantize the weights of a converted float16 package."""
+"""Compress: palettize or quantize the weights of a converted float16 package (and, for W8A8,
+quantize the unet's activations with the ranges the calibrate stage measured)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from sdbuild.stages.convert import PACKAGE
 
 def run(job: Job, out: Path) -> dict:
     """Write the compressed ``model.mlpackage``: n-bit palettes (optionally pruned first, or with
-    int8 palette entries), pruned only, linear 8-bit or mixed-bit."""
+    int8 palette entries), pruned only, linear 8-bit (with int8 activations: W8A8) or mixed-bit."""
     from sdbuild.compress import linear8_package, mixed_bit_package, palettize_package
 
     settings = job.fields["compression"]
@@ -25,6 +26,10 @@ def run(job: Job, out: Path) -> dict:
             sparsity=settings.get("sparsity"),
             lut_dtype=settings.get("lut_dtype"),
         )
+    elif settings.get("activations"):
+        from sdbuild.compress.activations import read_ranges, w8a8_package
+
+        stats = w8a8_package(src, out / PACKAGE, read_ranges(job.upstream["calibrate"]))
     elif settings.get("linear8"):
         stats = linear8_package(src, out / PACKAGE)
     else:

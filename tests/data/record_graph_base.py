@@ -2,8 +2,10 @@
 declared what they consume: every node's key and edges, by planning only (no build).
 
 Run once at that commit (``PYTHONPATH=. python tests/data/record_graph_base.py``); it wrote
-``graph_base.json``, which ``tests/test_graph.py`` compares the derived graph with. Kept as the
-record of how the fixture was made; it uses the base commit's API (``sample_node``, ``bundle_key``).
+``graph_base.json``, which ``tests/test_graph.py`` compares the derived graph with. Run again at
+432bbae (main, with the hand-wired W8A8 calibration) with the W8A8 cases added: the earlier
+cases came out identical, the W8A8 ones were added. Kept as the record of how the fixture was
+made; it uses the base commit's API (``sample_node``, ``bundle_key``).
 """
 
 from __future__ import annotations

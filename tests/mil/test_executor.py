@@ -354,6 +354,27 @@ def test_profile_counts_time_per_op_type(resnet_packages):
     assert "conv" in profile and all(s >= 0 for s in profile.values())
 
 
+def test_range_observer_sees_inputs_intermediates_and_outputs_over_runs(resnet_packages):
+    """The calibration hook (W8A8): running min/max of the named values, freed intermediates included."""
+    from sdbuild.mil.executor import RangeObserver
+
+    prog = load_program(resnet_packages["fp16_io"])
+    hidden = next(op.outputs[0].name for op in prog.function.operations if op.op_type == "linear")  # of t: no norm before it
+    out_var = prog.function.outputs[0].name
+    observer = RangeObserver({"x", hidden, out_var, "no_such_var"})
+    feeds = [resnet_packages["inputs"], {k: v * 3 for k, v in resnet_packages["inputs"].items()}]
+    outs = [prog.run(f, observer=observer)["noise_pred"] for f in feeds]
+    np.testing.assert_array_equal(outs[0], prog.run(feeds[0])["noise_pred"])  # watching changes nothing
+    assert observer.runs == 2 and set(observer.ranges) == {"x", hidden, out_var}
+    xs = np.stack([f["x"].astype(np.float16).astype(np.float32) for f in feeds])
+    assert observer.ranges["x"] == [xs.min(), xs.max()]
+    assert observer.ranges[out_var] == [min(o.min() for o in outs), max(o.max() for o in outs)]
+    first = RangeObserver({hidden})
+    prog.run(feeds[0], observer=first)
+    # A freed intermediate, seen on both runs: the tripled input widens its range at both ends.
+    assert observer.ranges[hidden][0] < first.ranges[hidden][0] < first.ranges[hidden][1] < observer.ranges[hidden][1]
+
+
 def test_exec_files_round_trip(resnet_packages, tmp_path):
     inputs = tmp_path / "in.npz"
     np.savez(inputs, **resnet_packages["inputs"])

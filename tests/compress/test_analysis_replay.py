@@ -1,0 +1,98 @@
+"""The pre-analysis replays what a measurement cannot change, and measures exactly what the plain forward measures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sdbuild.compress import analysis
+from tests.compress.conftest import tiny_unet
+
+
+def _model(checkpoint, inputs, replay: bool) -> analysis._Model:
+    torch.set_num_threads(1)  # the same kernels on both sides: results compared bit for bit
+    tensors = [{k: torch.from_numpy(v) for k, v in x.items()} for x in inputs]
+    return analysis._Model(tiny_unet(checkpoint).module, tensors, replay=replay)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_sd_checkpoint, analysis_inputs):
+    previous = torch.get_num_threads()
+    try:
+        yield _model(tiny_sd_checkpoint, analysis_inputs, False), _model(tiny_sd_checkpoint, analysis_inputs, True)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_every_layer_and_mixed_recipes_measure_the_same_with_the_replay(models):
+    plain, fast = models
+    assert not fast.replay.broken and fast.replay.kept[0]
+    names = [layer.name for layer in plain.layers]
+    rng = np.random.default_rng(0)
+    spread = [names[i] for i in np.unique(np.linspace(0, len(names) - 1, 12).round().astype(int))]
+    recipes = [{}] + [{name: 2} for name in spread]
+    recipes += [{n: int(rng.choice((1, 4, 8))) for n in rng.choice(names, size=5, replace=False)} for _ in range(4)]
+    for recipe in recipes:
+        assert fast.psnr_with(fast.palettized(recipe)) == plain.psnr_with(plain.palettized(recipe)), recipe
+    assert not fast.replay.broken
+
+
+def test_the_replay_skips_the_calls_before_the_first_swapped_layer(models):
+    _, fast = models
+    replay = fast.replay
+    last = max(fast.layers, key=lambda layer: layer.order).name
+    ran = []
+    originals = {name: module.forward for name, module in replay.modules.items()}
+    for name, module in replay.modules.items():
+        module.forward = lambda *a, name=name, **k: (ran.append(name), originals[name](*a, **k))[1]
+    try:
+        fast.psnr_with(fast.palettized({last: 4}))
+    finally:
+        for module in replay.modules.values():
+            del module.forward
+    # The down path ended long before the last layer is used: none of it ran again.
+    assert ran and not any(name.startswith("down_blocks.") for name in ran)
+    assert any(name.startswith("up_blocks.") for name in ran)
+
+
+def test_a_call_that_changes_its_arguments_is_never_replayed(models):
+    _, fast = models
+    names = fast.replay.names[0]
+    kept = {names[index] for index in fast.replay.kept[0]}
+    # The up blocks pop their skips from a list argument: replaying one would leave the list as it was.
+    assert not any(name.count(".") == 1 and name.startswith("up_blocks.") for name in kept)
+    assert any(name.startswith("down_blocks.") for name in kept)
+
+
+def test_a_forward_that_takes_another_path_stops_the_replay_and_stays_exact(tiny_sd_checkpoint, analysis_inputs):
+    """A path that depends on the values (here: a switch) numbers the calls differently: nothing is replayed after it."""
+    state = {"twice": False}
+
+    def branching(block):
+        forward = type(block).forward
+
+        def run(h, temb, context):
+            if state["twice"]:
+                h = forward(block, h, temb, context)
+            return forward(block, h, temb, context)
+
+        block.forward = run
+
+    previous = torch.get_num_threads()
+    try:
+        plain = _model(tiny_sd_checkpoint, analysis_inputs, False)
+        fast = _model(tiny_sd_checkpoint, analysis_inputs, True)
+        for model in (plain, fast):
+            branching(model.module.mid_block)
+        first = min(fast.layers, key=lambda layer: layer.order).name
+        assert fast.psnr_with(fast.palettized({first: 4})) == plain.psnr_with(plain.palettized({first: 4}))
+        assert not fast.replay.broken
+        state["twice"] = True
+        early = sorted(fast.layers, key=lambda layer: layer.order)[3].name
+        assert fast.psnr_with(fast.palettized({early: 4})) == plain.psnr_with(plain.palettized({early: 4}))
+        assert fast.replay.broken
+        last = max(fast.layers, key=lambda layer: layer.order).name
+        assert fast.psnr_with(fast.palettized({last: 4})) == plain.psnr_with(plain.palettized({last: 4}))
+    finally:
+        torch.set_num_threads(previous)
