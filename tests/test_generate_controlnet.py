@@ -10,7 +10,6 @@ decoded image in [0, 1].
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -18,10 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import assert_one_line_error, run_cli, write_recipe
+from builds import build_once
+from helpers import assert_one_line_error, run_cli
 from sdbuild.generate import GenerationError, Pipeline, find_bundle, find_controlnet, load_image, make_scheduler
 from sdbuild.metrics import psnr
-from sdbuild.stages.download import checkpoint_dir
 
 PROMPT = "a photo of a cat on a red sofa"
 CN1 = "synthetic:tiny-controlnet"
@@ -30,29 +29,22 @@ GEN = dict(seed=7, steps=4, guidance_scale=2.0, scheduler="DDIM", rng="torch")
 
 
 @pytest.fixture(scope="module")
-def built(warm_artifacts):
+def built(artifacts):
     """(build folder, SD checkpoint, {ControlNet id: its diffusers folder}, control image paths)."""
-    from sdbuild.executor import prepare, run_build
     from sdbuild.synthetic import make_synthetic
 
-    # The stage cache is keyed by content, so a kept folder is safe to reuse between runs.
-    kept = os.environ.get("SDBUILD_TEST_ARTIFACTS")
-    work = Path(kept) if kept else warm_artifacts
+    work = artifacts
     cn2 = work / "cn2"
     if not cn2.is_dir():
         make_synthetic("synthetic:tiny-controlnet", cn2, seed=1)
-    recipe = write_recipe(
-        work,
+    done = build_once(
+        artifacts,
         "cn",
-        "name: cn\nmodel: {version: synthetic:tiny-sd}\ncomponents: [text_encoder, unet, vae_decoder]\n"
+        "model: {version: synthetic:tiny-sd}\ncomponents: [text_encoder, unet, vae_decoder]\n"
         f"resolution: {{height: 64, width: 64}}\ncontrolnet: [{CN1}, {cn2}]\n"
         "chunk: {unet: 2}\nbundle: {layout: both}\nverify: {samples: 1}\n",
     )
-    plan = prepare(recipe, work / "art")
-    result = run_build(plan)
-    downloads = {n.component: checkpoint_dir(n.entry.path) for n in plan.nodes if n.stage.name == "download"}
-    sd = checkpoint_dir(plan.nodes[0].entry.path)
-    controlnets = {CN1: downloads[f"controlnet/{CN1}"], str(cn2): downloads[f"controlnet/{cn2}"]}
+    controlnets = {CN1: done.downloads[f"controlnet/{CN1}"], str(cn2): done.downloads[f"controlnet/{cn2}"]}
     # Control images: smooth shapes plus noise, different per ControlNet.
     images = []
     yy, xx = np.mgrid[0:64, 0:64] / 63.0
@@ -64,7 +56,7 @@ def built(warm_artifacts):
 
         Image.fromarray((np.clip(rgb, 0, 1) * 255).round().astype(np.uint8)).save(path)
         images.append(path)
-    return result.build_dir, sd, controlnets, images
+    return done.build_dir, done.checkpoint, controlnets, images
 
 
 @pytest.fixture(scope="module")

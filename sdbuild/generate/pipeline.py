@@ -445,8 +445,8 @@ class Pipeline:
         conds = [np.asarray(img, np.float32).transpose(2, 0, 1)[None] for img in images]
         return unet, runners, scales, conds
 
-    def _controlled_unet(self, feeds: dict, control: tuple) -> np.ndarray:
-        """The controlled unet's noise_pred for batch ``feeds``, with the ControlNets' residuals summed."""
+    def _residuals(self, feeds: dict, control: tuple) -> dict[str, np.ndarray]:
+        """The ControlNets' residuals for batch ``feeds``, each summed over the ControlNets at its scale."""
         unet, runners, scales, conds = control
         batch = feeds["sample"].shape[0]
         residuals: dict[str, np.ndarray] = {}
@@ -458,45 +458,26 @@ class Pipeline:
         missing = [n for n in unet.inputs if n.startswith("additional_residual_") and n not in residuals]
         if missing:
             raise GenerationError(f"{unet.name}: takes {', '.join(missing)}, which the ControlNets do not give; rebuild the bundle")
-        return unet.run(dict(feeds, **residuals))["noise_pred"]
+        return residuals
 
     def _predict_noise(
         self, sample: np.ndarray, t: float, cond: dict, guidance_scale: float, control: tuple | None = None, unet: str = "unet"
     ) -> np.ndarray:
         """Guided noise prediction [N, 4, H, W] for latents ``sample`` [N, 4, H, W] at timestep ``t``.
 
-        With ``control`` (from ``_control``), the ControlNets run on the same batch
-        and the controlled unet takes their summed residuals. ``unet``: the
-        runner to use (``unet_refiner`` for the refiner's steps).
+        With ``control`` (from ``_control``), the ControlNets run on each batch
+        the unet runs on and their summed residuals are inputs of it (the
+        controlled unet's). ``unet``: the runner to use (``unet_refiner`` for
+        the refiner's steps).
         """
-        if control is not None:
-            return self._predict_controlled(sample, t, cond, guidance_scale, control)
-        unet = self.runners[unet]
-        batch = int(unet.inputs["sample"][0][0])
-        guided = cond["encoder_hidden_states"].shape[0] == 2
-        out = []
-        for x in sample:
-            x = x[None]
-            if guided and batch == 2:
-                feeds = dict(cond, sample=np.concatenate([x, x]), timestep=np.full((2,), t, np.float32))
-                uncond, text = np.split(unet.run(feeds)["noise_pred"], 2)
-            elif guided:  # a batch-one unet: one call per half
-                uncond, text = (
-                    unet.run(dict({k: v[i : i + 1] for k, v in cond.items()}, sample=x, timestep=np.full((1,), t, np.float32)))["noise_pred"]
-                    for i in (0, 1)
-                )
-            else:
-                # No guidance: a batch-two unet still needs two rows; the first is the answer.
-                feeds = {k: np.repeat(v, batch, axis=0) for k, v in dict(cond, sample=x).items()}
-                feeds["timestep"] = np.full((batch,), t, np.float32)
-                out.append(unet.run(feeds)["noise_pred"][:1])
-                continue
-            out.append(uncond + guidance_scale * (text - uncond))
-        return np.concatenate(out).astype(np.float32)
+        runner = self.runners[unet] if control is None else control[0]
 
-    def _predict_controlled(self, sample: np.ndarray, t: float, cond: dict, guidance_scale: float, control: tuple) -> np.ndarray:
-        unet = control[0]
-        batch = int(unet.inputs["sample"][0][0])  # 2 (recipes refuse unet_batch_one with ControlNets)
+        def predict(feeds: dict) -> np.ndarray:
+            if control is not None:
+                feeds = dict(feeds, **self._residuals(feeds, control))
+            return runner.run(feeds)["noise_pred"]
+
+        batch = int(runner.inputs["sample"][0][0])
         guided = cond["encoder_hidden_states"].shape[0] == 2
         out = []
         for x in sample:
@@ -504,14 +485,15 @@ class Pipeline:
             if guided:
                 feeds = dict(cond, sample=np.concatenate([x, x]), timestep=np.full((2,), t, np.float32))
                 if batch == 2:
-                    uncond, text = np.split(self._controlled_unet(feeds, control), 2)
-                else:
-                    uncond, text = (self._controlled_unet({k: v[i : i + 1] for k, v in feeds.items()}, control) for i in (0, 1))
+                    uncond, text = np.split(predict(feeds), 2)
+                else:  # a batch-one unet: one call per half
+                    uncond, text = (predict({k: v[i : i + 1] for k, v in feeds.items()}) for i in (0, 1))
                 out.append(uncond + guidance_scale * (text - uncond))
             else:
+                # No guidance: a batch-two unet still needs two rows; the first is the answer.
                 feeds = {k: np.repeat(v, batch, axis=0) for k, v in dict(cond, sample=x).items()}
                 feeds["timestep"] = np.full((batch,), t, np.float32)
-                out.append(self._controlled_unet(feeds, control)[:1])
+                out.append(predict(feeds)[:1])
         return np.concatenate(out).astype(np.float32)
 
     def _image_latents(self, sched, image: np.ndarray, strength: float, steps: int, draw, count: int):

@@ -38,6 +38,7 @@ from sdbuild.bundle_names import (  # noqa: F401
 )
 from sdbuild.cache import clone_file
 from sdbuild.models import SAFETY_CHECKER_IMAGE_SIZED, SAFETY_CHECKER_IMAGES
+from sdbuild.stages import component_kind, weights_kind
 from sdbuild.stages.download import checkpoint_dir, vae_dir
 
 SPEC_PATH = Path("Data/com.apple.CoreML/model.mlmodel")
@@ -104,7 +105,7 @@ def recipe_key(recipe) -> str:
 
 def _metadata(recipe, component: str, family: str = "") -> dict[str, str]:
     comp = recipe.compression
-    kind = {"controlled_unet": "unet", "unet_refiner": "unet"}.get(component, component.split("/")[0])
+    kind = weights_kind(component)  # the controlled unet and the refiner's are compressed as the unet
     if comp is None or kind not in comp.components or (comp.mixed_bit is not None and kind != "unet"):
         compression = "float16"
     elif comp.nbits is not None:
@@ -124,7 +125,7 @@ def _metadata(recipe, component: str, family: str = "") -> dict[str, str]:
         "com.sdbuild.version": __version__,
         "com.sdbuild.model_version": version,
         "com.sdbuild.family": family,
-        "com.sdbuild.component": component.split("/")[0] if kind == "safety_checker" else component,
+        "com.sdbuild.component": component_kind(component) if kind == "safety_checker" else component,
         "com.sdbuild.attention": recipe.attention,
         "com.sdbuild.resolution": ", ".join(f"{r.height}x{r.width}" for r in recipe.resolutions),
         "com.sdbuild.compression": compression,
