@@ -126,8 +126,10 @@ def measure(args) -> dict:
         "convert": {"target": args.target, "resolution": resolution, "multires": multires},
         "compress": {"compression": {"nbits": args.nbits, "components": [args.component]}},
         "chunk": {"chunk": {"unet": args.chunk}},
+        "verify": {"verify.samples": 1, "verify.seed": 0, "compute_unit": "CPU_AND_NE"},
     }
     stages = ["trace", "convert"] + (["compress"] if args.nbits else []) + (["chunk"] if args.chunk else [])
+    stages += ["verify"] if args.verify else []
     result = {
         "model": args.model,
         "component": args.component,
@@ -162,7 +164,9 @@ def measure(args) -> dict:
                 "phases_s": facts.get("phases_s"),
             }
             upstream[name] = out
-        final = upstream[stages[-1]]
+            if name == "verify":
+                result["psnr"] = {k: v for k, v in json.loads((out / "psnr.json").read_text()).items() if k.endswith("psnr_db")}
+        final = upstream[[name for name in stages if name != "verify"][-1]]
         parts = sorted(final.glob("*.mlpackage"))
         result["package_bytes"] = sum(package_bytes(p) for p in parts)
         result["packages"] = {p.name: package_bytes(p) for p in parts}
@@ -184,6 +188,8 @@ def measure(args) -> dict:
         result["palettize_s"] = s["compress"]["seconds"]
     if "chunk" in s:
         result["chunk_s"] = s["chunk"]["seconds"]
+    if "verify" in s:
+        result["verify_s"] = s["verify"]["seconds"]
     result["load_after"] = [round(x, 2) for x in os.getloadavg()]
     return result
 
@@ -286,6 +292,7 @@ def main() -> None:
     parser.add_argument("--sizes", help="HxW[,HxW…]: several resolutions in one multifunction package (needs --target macOS15)")
     parser.add_argument("--target", default="macOS14")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/sdbuild-bench"))
+    parser.add_argument("--verify", action="store_true", help="also run the verify stage (one sample) and measure it")
     parser.add_argument("--keep", action="store_true", help="keep the stage outputs (path in the JSON)")
     parser.add_argument("--json", action="store_true", help="one target: print its figures as one JSON object")
     parser.add_argument("--executor-functions", type=int, help="with --sizes: run the executor on the first N functions (0: none; default all)")

@@ -25,6 +25,7 @@ import os
 import struct
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -106,11 +107,23 @@ def _finisher(kind: str, precision: str, exact: bool) -> Callable:
     return _keep
 
 
+# Float16 constants of at least this many elements (the weights) stay float16 in memory and are
+# widened to float32 just before each op that reads them: a loaded model holds its weights once, at
+# the package's own size, instead of a float32 copy beside them. Widening is exact: results are equal.
+NARROW_MIN = 1 << 14
+
+
 def _as_data(value) -> Any:
-    """A stored constant (numpy array or scalar) as the tensor kernels take."""
+    """A stored constant (numpy array or scalar) as the tensor kernels take (large float16 ones narrow)."""
     if isinstance(value, str):
         return value
     arr = np.asarray(value)
+    if arr.dtype == np.float16 and arr.size >= NARROW_MIN:
+        arr = np.ascontiguousarray(arr)
+        with warnings.catch_warnings():
+            # The program's own (read-only) array is shared, not copied; nothing writes to it.
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(arr)
     if arr.dtype.kind == "f":
         return torch.from_numpy(np.array(arr, dtype=np.float32, order="C"))
     if arr.dtype.kind in "iu":
@@ -120,6 +133,15 @@ def _as_data(value) -> Any:
     if arr.dtype.kind in "US":
         return str(arr)
     raise TypeError(f"constant of dtype {arr.dtype} has no tensor form")
+
+
+def _is_narrow(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.dtype == torch.float16
+
+
+def _wide(value) -> Any:
+    """A narrow (float16) constant as the float32 tensor kernels compute with; anything else as it is."""
+    return value.to(torch.float32) if _is_narrow(value) else value
 
 
 def _as_attr(value) -> Any:
@@ -425,14 +447,19 @@ class Program:
                     refs = []
                     for e in v:
                         if is_const(e):
-                            refs.append((False, const_value(e)))
+                            refs.append((False, _wide(const_value(e))))
                         else:
                             refs.append((True, e.name))
                             used_at[e.name] = len(steps)
                     dyn.append((param, 2, refs))
                 elif is_const(v):
                     value = const_value(v)
-                    static[param] = _as_attr(value) if param in attrs else value
+                    if param in attrs:
+                        static[param] = _as_attr(value)
+                    elif _is_narrow(value):
+                        dyn.append((param, 3, value))  # widened when the step runs
+                    else:
+                        static[param] = value
                 else:
                     dyn.append((param, 1 if param in attrs else 0, v.name))
                     used_at[v.name] = len(steps)
@@ -472,7 +499,10 @@ class Program:
             if k.raw:
                 for name, fin in zip(out_names, finishers):
                     value = self._raw_results[name]
-                    known[name] = _as_fp32(value) if name in self._raw_is_fp16 else fin(value)
+                    if name in self._raw_is_fp16:
+                        known[name] = value if _is_narrow(value) else _as_fp32(value)
+                    else:
+                        known[name] = fin(_wide(value))
                 continue
             vars_in = []
             for v in op.inputs.values():
@@ -482,9 +512,9 @@ class Program:
                 kw = {}
                 for p, v in op.inputs.items():
                     if isinstance(v, (list, tuple)):
-                        kw[p] = [const_value(e) for e in v]
+                        kw[p] = [_wide(const_value(e)) for e in v]
                     else:
-                        kw[p] = _as_attr(const_value(v)) if p in k.attrs else const_value(v)
+                        kw[p] = _as_attr(const_value(v)) if p in k.attrs else _wide(const_value(v))
                 with torch.inference_mode():
                     result = k.fn(**kw)
                 results = result if isinstance(result, (tuple, list)) else (result,)
@@ -577,6 +607,8 @@ class Program:
                     kw[param] = env[ref]
                 elif how == 1:
                     kw[param] = _as_attr(env[ref])
+                elif how == 3:
+                    kw[param] = ref.to(torch.float32)
                 else:
                     kw[param] = [env[r] if is_var else r for is_var, r in ref]
             result = fn(**kw)

@@ -53,46 +53,39 @@ def run(job: Job, out: Path) -> dict:
 
 
 def _verify_function(job: Job, trace_dir: Path, function: str | None) -> dict:
-    """PSNR figures of one function (one resolution; None: the package's only one) against its traced module."""
-    import numpy as np
-    import torch
+    """PSNR figures of one function (one resolution; None: the package's only one) against its traced module.
 
-    from sdbuild.mil.chunk import chain_run
-    from sdbuild.mil.executor import load_program
+    One model is in memory at a time: each runs every sample and is freed before the next loads, so
+    verify's peak is the largest single model's, not the sum of the reference and two packages."""
     from sdbuild.models import FLOAT32, TensorSpec, as_declared, sample_inputs
 
     io = read_io(trace_dir)
     specs = [TensorSpec(i["name"], tuple(i["shape"]), i["kind"], i["high"], i.get("dtype", FLOAT32)) for i in io["inputs"]]
-    reference = torch.jit.load(str(trace_dir / "module.pt")).eval()
+    seeds = [job.fields["verify.seed"] + i for i in range(job.fields["verify.samples"])]
+    # In the declared dtypes, as a pipeline feeds them; the reference gets the same values in float32.
+    feeds = [as_declared(sample_inputs(specs, seed=seed), specs) for seed in seeds]
     shipped_dir = job.input(PACKAGE_OF)
-    shipped = load_program(shipped_dir / PACKAGE, function=function)
-    float16 = load_program(job.upstream["convert"] / PACKAGE, function=function) if "compress" in job.upstream else None
+
+    ref = _reference_outputs(trace_dir, io["outputs"], specs, feeds)
+    if "chunk" in job.upstream:
+        # What ships is the chain of parts: check it, and that it equals the whole package.
+        whole = _package_outputs(shipped_dir / PACKAGE, function, feeds, "fp32")
+        got, chained = _chain_outputs(part_paths(job.upstream["chunk"]), feeds)
+    else:
+        got = _package_outputs(shipped_dir / PACKAGE, function, feeds, "fp16")
+    base = _package_outputs(job.upstream["convert"] / PACKAGE, function, feeds, "fp16") if "compress" in job.upstream else None
     device = _device_model(shipped_dir / PACKAGE, job.fields["compute_unit"], function)
-    parts = [load_program(p) for p in part_paths(job.upstream["chunk"])] if "chunk" in job.upstream else None
 
     samples = []
-    for i in range(job.fields["verify.samples"]):
-        # In the declared dtypes, as a pipeline feeds them; the reference gets the same values in float32.
-        feeds = as_declared(sample_inputs(specs, seed=job.fields["verify.seed"] + i), specs)
-        with torch.no_grad():
-            result = reference(*[torch.from_numpy(feeds[s.name].astype(np.float32)) for s in specs])
-        result = result if isinstance(result, (tuple, list)) else (result,)
-        ref = {name: t.numpy().astype(np.float32) for name, t in zip(io["outputs"], result)}
-        if parts:
-            # What ships is the chain of parts: check it, and that it equals the whole package.
-            got = chain_run(parts, feeds, precision="fp16")
-            chain = _worst(shipped.run(feeds, precision="fp32"), chain_run(parts, feeds, precision="fp32"))
-        else:
-            got = shipped.run(feeds, precision="fp16")
-        sample = {"seed": job.fields["verify.seed"] + i, "psnr_db": _worst(ref, got)}
-        if parts:
-            sample["chain_psnr_db"] = chain
-        if float16 is not None:
-            base = float16.run(feeds, precision="fp16")
-            sample["float16_psnr_db"] = _worst(ref, base)
-            sample["vs_float16_psnr_db"] = _worst(base, got)
+    for i, seed in enumerate(seeds):
+        sample = {"seed": seed, "psnr_db": _worst(ref[i], got[i])}
+        if "chunk" in job.upstream:
+            sample["chain_psnr_db"] = _worst(whole[i], chained[i])
+        if base is not None:
+            sample["float16_psnr_db"] = _worst(ref[i], base[i])
+            sample["vs_float16_psnr_db"] = _worst(base[i], got[i])
         if device is not None:
-            sample["device_psnr_db"] = _worst(ref, device.predict(feeds))
+            sample["device_psnr_db"] = _worst(ref[i], device.predict(feeds[i]))
         samples.append(sample)
 
     summary = {key: min(s[key] for s in samples) for key in samples[0] if key.endswith("psnr_db")}
@@ -101,6 +94,38 @@ def _verify_function(job: Job, trace_dir: Path, function: str | None) -> dict:
     if device is None:
         summary["note"] = DEVICE_SKIPPED
     return summary
+
+
+def _reference_outputs(trace_dir: Path, names: list, specs: list, feeds: list) -> list[dict]:
+    """The traced float32 module's outputs for every sample (name -> float32 array); the module is freed after."""
+    import numpy as np
+    import torch
+
+    reference = torch.jit.load(str(trace_dir / "module.pt")).eval()
+    outputs = []
+    for feed in feeds:
+        with torch.no_grad():
+            result = reference(*[torch.from_numpy(feed[s.name].astype(np.float32)) for s in specs])
+        result = result if isinstance(result, (tuple, list)) else (result,)
+        outputs.append({name: t.numpy().astype(np.float32) for name, t in zip(names, result)})
+    return outputs
+
+
+def _package_outputs(package: Path, function: str | None, feeds: list, precision: str) -> list[dict]:
+    """A package's outputs for every sample on the reference executor; the program is freed after."""
+    from sdbuild.mil.executor import load_program
+
+    program = load_program(package, function=function)
+    return [program.run(feed, precision=precision) for feed in feeds]
+
+
+def _chain_outputs(paths: list, feeds: list) -> tuple[list[dict], list[dict]]:
+    """The chained parts' outputs for every sample: float16 (as shipped) and float32 (to compare with the whole)."""
+    from sdbuild.mil.chunk import chain_run
+    from sdbuild.mil.executor import load_program
+
+    parts = [load_program(p) for p in paths]
+    return [chain_run(parts, f, precision="fp16") for f in feeds], [chain_run(parts, f, precision="fp32") for f in feeds]
 
 
 def _device_model(package: Path, compute_unit: str, function: str | None = None):

@@ -16,6 +16,7 @@ import coremltools.optimize.coreml as cto
 
 from sdbuild.errors import ModelInputError, PackageError, UnsupportedOpError
 from sdbuild.metrics import psnr
+from sdbuild.mil import executor as executor_module
 from sdbuild.mil import kernels
 from sdbuild.mil.executor import exec_files, load_program
 
@@ -304,6 +305,32 @@ def test_joint_sparse_and_palettized_ios18(model_dir):
     reference = _reference_with(module, _dense_weights(path), x)
     out = prog.run({"x": x.numpy()})
     assert psnr(reference, list(out.values())[0]) >= FP16_MIN_DB
+
+
+def _outputs_with_narrow_min(monkeypatch, path, feeds, precision, narrow_min):
+    monkeypatch.setattr(executor_module, "NARROW_MIN", narrow_min)
+    prog = load_program(path)
+    return prog, prog.run(feeds, precision=precision)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_float16_weights_are_held_float16_and_give_the_same_results(precision, model_dir, monkeypatch):
+    """Weights stay float16 in memory (half a float32 copy), widened op by op: the same results, bit for bit."""
+    torch.manual_seed(9)
+    module = Compressible().eval()
+    x = torch.randn(1, 16, 6, 6)
+    dense = convert_torch(module, {"x": x}, model_dir, "iOS18", "fp16")
+    lut = cto.OptimizationConfig(global_config=cto.OpPalettizerConfig(mode="kmeans", nbits=4))
+    palettized = dense.with_name(dense.stem + "_narrow_lut4.mlpackage")
+    cto.palettize_weights(ct.models.MLModel(str(dense), skip_model_load=True), lut).save(str(palettized))
+    for path in (dense, palettized):
+        _, wide = _outputs_with_narrow_min(monkeypatch, path, {"x": x.numpy()}, precision, 1 << 62)
+        prog, narrow = _outputs_with_narrow_min(monkeypatch, path, {"x": x.numpy()}, precision, 1)
+        for name in wide:
+            np.testing.assert_array_equal(narrow[name], wide[name])
+        held = [ref for step in prog._plan(precision).steps for _param, how, ref in step[2] if how == 3]
+        convs = prog.op_counts()["conv"]
+        assert len(held) >= convs and all(t.dtype == torch.float16 for t in held), (path.name, len(held), convs)
 
 
 # --------------------------------------------------------------------------- the program API

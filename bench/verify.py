@@ -1,0 +1,94 @@
+"""Benchmark: the verify stage on a full-size unet, this tree against an earlier commit, side by side.
+
+    .venv/bin/python bench/convert.py --model sd15 --keep --json     # prints "kept": <folder>
+    .venv/bin/python bench/verify.py --entries <folder> --before 432bbae
+
+``--entries`` is a folder with the stage outputs ``trace`` and ``convert``
+(and ``compress``, ``chunk`` when there) that ``bench/convert.py --keep``
+leaves. Each tree runs the verify stage function on them (one sample, as
+``bench/convert.py --verify``) in a fresh process, in turn, so both see the
+same machine; seconds, peak RSS of that process and the PSNR figures are
+recorded with the load average. Writes ``bench/results/verify-<name>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+
+def checkout(commit: str, into: Path) -> Path:
+    """The sdbuild package as of ``commit``, in a folder to put first on PYTHONPATH."""
+    into.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "sdbuild"], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
+def run_verify(entries: Path) -> dict:
+    """In this process: the verify stage on ``entries``; seconds, peak RSS, PSNR."""
+    from sdbuild.stages import Job
+    from sdbuild.stages import verify
+
+    upstream = {name: entries / name for name in ("trace", "convert", "compress", "chunk") if (entries / name).is_dir()}
+    job = Job("verify", "unet", {"verify.samples": 1, "verify.seed": 0, "compute_unit": "CPU_AND_NE"}, upstream)
+    out = Path(tempfile.mkdtemp(prefix="bench-verify-"))
+    started = time.perf_counter()
+    verify.run(job, out)
+    seconds = time.perf_counter() - started
+    psnr = json.loads((out / "psnr.json").read_text())
+    (out / "psnr.json").unlink()
+    out.rmdir()
+    return {
+        "seconds": round(seconds, 1),
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),  # Linux: KiB
+        "psnr": {k: v for k, v in psnr.items() if k.endswith("psnr_db")},
+    }
+
+
+def measure(entries: Path, tree: Path | None) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(tree or ROOT))
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    proc = subprocess.run(
+        [sys.executable, __file__, "--run", str(entries)], env=env, capture_output=True, text=True, check=True
+    )
+    result = json.loads(proc.stdout.splitlines()[-1])
+    result["load_before"] = load_before
+    result["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--entries", type=Path)
+    parser.add_argument("--before", default="432bbae", help="the commit to compare with (default: before this change)")
+    parser.add_argument("--name", default="sd15-unet")
+    parser.add_argument("--run", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.run:
+        print(json.dumps(run_verify(args.run)))
+        return
+    with tempfile.TemporaryDirectory(prefix="bench-verify-before-") as tmp:
+        before = checkout(args.before, Path(tmp) / "tree")
+        result = {"entries": sorted(p.name for p in args.entries.iterdir() if p.is_dir()), "cpus": len(os.sched_getaffinity(0))}
+        print(f"verify as of {args.before} ...", file=sys.stderr, flush=True)
+        result["before"] = {"commit": args.before, **measure(args.entries, before)}
+        print("verify, this tree ...", file=sys.stderr, flush=True)
+        result["after"] = measure(args.entries, None)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"verify-{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
