@@ -12,6 +12,7 @@ from filelock import FileLock
 
 from builds import copy_cache_entries
 from helpers import REPO, run_cli
+from sdbuild.cache import LocalCache
 
 # No test may reach a hub; a test that needs one is a bug.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -140,6 +141,7 @@ def warm_artifacts(tmp_path_factory, request) -> Path:
     with FileLock(f"{shared}.lock"):
         if not seeded.exists():  # before any build: the first worker here seeds it
             copy_cache_entries(request.getfixturevalue("tiny_cold_build"), shared)
+            assert LocalCache(shared / "cache").verify() == []  # copies have new inodes: hash them once, as a first hit would
             seeded.touch()
     return shared
 
