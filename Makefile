@@ -22,8 +22,9 @@ demo: install
 
 test: install
 	sh scripts/ensure-chromium.sh
-	# One worker per core; a test module stays on one worker (its fixtures are built once).
-	$(BIN)/pytest -q -n auto --dist loadfile
+	# One worker per core; a test module stays on one worker (its fixtures are built once). Modules
+	# go out heaviest first (tests/conftest.py HEAVIEST_FIRST), not xdist's most-tests-first.
+	$(BIN)/pytest -q -n auto --dist loadfile --no-loadscope-reorder
 
 test-slow: install
 	$(BIN)/pytest -q -m slow

@@ -10,6 +10,7 @@ say) is a hit for the next. Build names must differ per module (see
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,3 +48,12 @@ def build_once(artifacts: Path, name: str, recipe: str) -> Built:
         downloads = {n.component: checkpoint_dir(n.entry.path) for n in plan.nodes if n.stage.name == "download"}
         _BUILT[key] = Built(result.build_dir, downloads[None], plan.nodes[0].entry.path, downloads)
     return _BUILT[key]
+
+
+def copy_cache_entries(source: Path, artifacts: Path) -> None:
+    """Copy every cache entry of artifacts folder ``source`` that ``artifacts`` lacks (entries are keyed by content)."""
+    for manifest in sorted((source / "cache").glob("*/*/manifest.json")):
+        entry = manifest.parent
+        dest = artifacts / "cache" / entry.parent.name / entry.name
+        if not dest.exists():
+            shutil.copytree(entry, dest)

@@ -3,14 +3,92 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
+
+from builds import copy_cache_entries
+from helpers import REPO, run_cli
+from sdbuild.cache import LocalCache
 
 # No test may reach a hub; a test that needs one is a bug.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+# Modules by what they cost (make test's --durations=0), heaviest first. `make test` hands whole
+# modules to its workers in this order (--dist loadfile --no-loadscope-reorder), so no long module
+# starts last while the other worker has nothing left; modules not named follow in collection order.
+HEAVIEST_FIRST = [
+    "test_build.py",  # the first asks for the run's cold tiny build (tiny_cold_build)
+    "test_convert_lowmem.py",  # needs no build: keeps the other worker busy meanwhile
+    "test_faults.py",
+    "test_remote_cache.py",
+    "test_generate.py",
+    "test_matrix.py",
+    "test_multires.py",
+    "test_reproducible.py",
+    "test_compress_stage.py",
+    "test_single_file.py",
+    "test_generate_controlnet.py",
+    "compress/test_joint.py",
+    "compress/test_palettize.py",
+    "test_lora.py",
+    "test_refiner.py",
+    "test_interface.py",
+    "compress/test_mixed_bit.py",
+    "models/test_convert.py",
+    "mil/test_chunk.py",
+    "test_multilingual.py",
+    "test_compare.py",
+    "models/test_controlnet.py",
+    "test_inpaint.py",
+]
+
+
+def pytest_collection_modifyitems(items):
+    """Order the modules heaviest first (HEAVIEST_FIRST), keeping each module's own test order."""
+    rank = {name: i for i, name in enumerate(HEAVIEST_FIRST)}
+    tests = Path(__file__).parent
+
+    def module_rank(item) -> int:
+        try:
+            return rank.get(Path(item.fspath).relative_to(tests).as_posix(), len(rank))
+        except ValueError:
+            return len(rank)
+
+    items.sort(key=module_rank)  # stable: collection order within a module and among the unnamed
+
+
+def shared_folder(tmp_path_factory, name: str) -> Path:
+    """A folder of this run's that every pytest-xdist worker sees (one per session without xdist)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        folder = tmp_path_factory.getbasetemp().parent / name
+        folder.mkdir(exist_ok=True)
+        return folder
+    return tmp_path_factory.mktemp(name)
+
+
+@pytest.fixture(scope="session")
+def tiny_cold_build(tmp_path_factory) -> Path:
+    """`make demo`'s build, once per run: recipes/tiny.yaml by the command line into an empty artifacts folder.
+
+    Read-only: modules copy it (test_build's cold-build tests, test_reproducible's first
+    clean build, the warm cache's seed) rather than each building the same stages again.
+    The first worker to ask builds it; the other waits on the lock.
+    """
+    folder = shared_folder(tmp_path_factory, "tiny-cold")
+    art = folder / "artifacts"
+    with FileLock(str(folder / "build.lock")):
+        if not (folder / "built").exists():
+            shutil.rmtree(art, ignore_errors=True)  # a failed attempt's leftovers
+            done = run_cli("run", REPO / "recipes" / "tiny.yaml", "--artifacts", art)
+            assert done.returncode == 0, done.stderr[-3000:]
+            (folder / "built").touch()
+    return art
+
 
 @pytest.fixture(scope="session", autouse=True)
 def private_tmpdir(tmp_path_factory) -> Path:
@@ -41,7 +119,7 @@ def tiny_sdxl_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def warm_artifacts(tmp_path_factory) -> Path:
+def warm_artifacts(tmp_path_factory, request) -> Path:
     """One artifacts folder shared by the modules that do not test cold builds.
 
     The cache is keyed by content, so what one module built (the tiny unet's
@@ -51,13 +129,21 @@ def warm_artifacts(tmp_path_factory) -> Path:
     module runs on one xdist worker (``--dist loadfile``), its neighbours may
     run at the same time on another.
     """
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        # Under pytest-xdist (make test) every worker shares one: the cache is safe for concurrent
-        # builds (one lock per key), and what one worker built is a hit for the others.
-        shared = tmp_path_factory.getbasetemp().parent / "warm-artifacts"
-        shared.mkdir(exist_ok=True)
-        return shared
-    return tmp_path_factory.mktemp("warm-artifacts")
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return tmp_path_factory.mktemp("warm-artifacts")
+    # Under pytest-xdist (make test) every worker shares one: the cache is safe for concurrent
+    # builds (one lock per key), and what one worker built is a hit for the others. The whole
+    # suite runs there, so it is seeded with the run's cold tiny build (tiny_cold_build, built
+    # anyway for test_build): the tiny SD model's download, traces, converts and 6-bit unet are
+    # hits from the start instead of being built a second time.
+    shared = shared_folder(tmp_path_factory, "warm-artifacts")
+    seeded = Path(f"{shared}.seeded")
+    with FileLock(f"{shared}.lock"):
+        if not seeded.exists():  # before any build: the first worker here seeds it
+            copy_cache_entries(request.getfixturevalue("tiny_cold_build"), shared)
+            assert LocalCache(shared / "cache").verify() == []  # copies have new inodes: hash them once, as a first hit would
+            seeded.touch()
+    return shared
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,13 @@
 """Two clean builds of one recipe are the same bytes: every bundle file, and every package-making cache entry.
 
 The recipe is the tiny model with what rewrites packages on the way: a
-6-bit unet (compress), in two chunks (chunk), both layouts (bundle). Each
-build starts from an empty artifacts folder of its own.
+6-bit unet (compress), in two chunks (chunk), both layouts (bundle). The
+second build starts from an empty artifacts folder. The first starts from the
+cache entries of the run's cold tiny build (conftest's ``tiny_cold_build``,
+itself built from an empty folder by another process, at another path, with
+stages side by side): the tiny recipe's download, traces, converts and 6-bit
+unet are the same keys, so each of those entries is still made twice, by two
+clean builds, and compared; the chunks and bundles are made by both builds here.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from builds import copy_cache_entries
 from helpers import write_recipe
 from sdbuild.cache import hash_tree
 
@@ -30,12 +36,14 @@ PACKAGE_STAGES = ("convert", "compress", "chunk")
 
 
 @pytest.fixture(scope="module")
-def builds(tmp_path_factory) -> list[Path]:
+def builds(tmp_path_factory, tiny_cold_build) -> list[Path]:
     from sdbuild.executor import prepare, run_build
 
     out = []
     for i in range(2):
         artifacts = tmp_path_factory.mktemp(f"clean{i}")
+        if i == 0:
+            copy_cache_entries(tiny_cold_build, artifacts)
         recipe = write_recipe(artifacts, "repro", RECIPE)
         out.append(run_build(prepare(recipe, artifacts)).build_dir)
     return out
