@@ -439,6 +439,13 @@ def start_stage_server() -> None:
     forkserver.ensure_running()
 
 
+def stage_server_running() -> bool:
+    """Whether this process has started the stage server (and it has not been stopped)."""
+    from multiprocessing import forkserver
+
+    return getattr(forkserver._forkserver, "_forkserver_pid", None) is not None
+
+
 def _set_parent_death_signal() -> None:
     # A child must not outlive a killed build: it would keep working for nobody.
     if sys.platform.startswith("linux"):
@@ -1180,7 +1187,6 @@ def publish_bundle(build: Build, report: dict, log: Path, reporter: Reporter, st
     """Lay out the bundle (or take the previous one over, same key) in staging, add the sample
     image, report and log, then publish it under the build's name by a rename."""
     from sdbuild.report import write_report
-    from sdbuild.stages.bundle import write_bundle
 
     download = build.nodes[0]
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{build.recipe.name}-p{os.getpid()}-", dir=_mkdir(build.build_dir.parent)))
@@ -1189,7 +1195,7 @@ def publish_bundle(build: Build, report: dict, log: Path, reporter: Reporter, st
         key = bundle_key(build)
         reused = _reuse_bundle(build.build_dir, key, staging)
         if reused is None:
-            write_bundle(build.recipe, build.family, packages, download.entry.path, staging)
+            _write_bundle(build, packages, download.entry.path, staging, log)
         report["bundle"] = {"key": key, "files": _bundle_files(staging, reused)}
         report["seconds"] = round(time.time() - started, 3)
         report["bundle_bytes"] = tree_bytes(staging)
@@ -1211,6 +1217,25 @@ def publish_bundle(build: Build, report: dict, log: Path, reporter: Reporter, st
             # The bundle, report or build.json met a full disk: one line, nothing published.
             raise DiskFullError(disk_full_line(full, build.build_dir), full) from None
         raise
+
+
+def _write_bundle(build: Build, packages: dict, download_entry: Path, staging: Path, log: Path) -> None:
+    """``write_bundle`` into ``staging``: in a process forked from the stage server where this run
+    started one, else here (a run that built nothing has none, and would wait for its imports).
+
+    Rewriting the package specs needs coremltools' protobuf classes, and
+    importing them imports all of coremltools and torch: several seconds in
+    this process, none in the server's child, which has them loaded.
+    """
+    if not stage_server_running():
+        from sdbuild.stages.bundle import write_bundle
+
+        write_bundle(build.recipe, build.family, packages, download_entry, staging)
+        return
+    fields = {"recipe": build.recipe, "family": build.family, "packages": packages, "download": str(download_entry)}
+    with open(log, "a") as f:
+        f.write("\n=== bundle\n")
+    run_in_child("sdbuild.stages.bundle:run", Job("bundle", None, fields, {}, build.recipe.name), staging, log)
 
 
 BUNDLE_FILES_EXCLUDED = ("build.json", "build.log", "report.html", "report.md")  # rewritten by every run
