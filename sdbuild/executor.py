@@ -431,6 +431,12 @@ def start_stage_server() -> None:
     It lives until the build process ends (once per run, not per stage). A
     no-op with spawn workers, or where one is already running in this process.
     """
+    # Stages run side by side, each with torch's OpenMP threads (one per core): a thread
+    # spinning at a barrier for a descheduled sibling burns the core that sibling needs
+    # (the tiny unet's verify took 3-5x the CPU). Waiting passively changes only how an idle
+    # thread waits, not how the work is split, so the numbers are the same. Read once,
+    # when the server (or a spawned stage) loads torch; a user's own setting stands.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if stage_start_method() != "forkserver":
         return
     from multiprocessing import forkserver
