@@ -27,12 +27,21 @@ CONTRACT = {
 }
 
 
+COLD_BUILD_IMPORTS: list[str] = []  # the heavy libraries the cold build's own process imported
+
+
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory) -> Path:
     art = tmp_path_factory.mktemp("artifacts")
-    done = run_cli("run", TINY, "--artifacts", art)
+    done, heavy = run_cli_watching_imports("run", TINY, "--artifacts", art)
     assert done.returncode == 0, done.stderr[-3000:]
+    COLD_BUILD_IMPORTS[:] = heavy
     return art
+
+
+def test_the_build_process_imports_nothing_heavy_when_stages_run(artifacts):
+    # Stages, and the bundle's package specs, are written in processes forked from the stage server.
+    assert COLD_BUILD_IMPORTS == []
 
 
 def build_json(art: Path, name: str) -> dict:
