@@ -517,12 +517,25 @@ def start_stage_server() -> None:
     It lives until the build process ends (once per run, not per stage). A
     no-op with spawn workers, or where one is already running in this process.
     """
+    # Stages run side by side, each with torch's OpenMP threads (one per core): a thread
+    # spinning at a barrier for a descheduled sibling burns the core that sibling needs
+    # (the tiny unet's verify took 3-5x the CPU). Waiting passively changes only how an idle
+    # thread waits, not how the work is split, so the numbers are the same. Read once,
+    # when the server (or a spawned stage) loads torch; a user's own setting stands.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if stage_start_method() != "forkserver":
         return
     from multiprocessing import forkserver
 
     multiprocessing.get_context("forkserver").set_forkserver_preload(list(STAGE_SERVER_PRELOAD))
     forkserver.ensure_running()
+
+
+def stage_server_running() -> bool:
+    """Whether this process has started the stage server (and it has not been stopped)."""
+    from multiprocessing import forkserver
+
+    return getattr(forkserver._forkserver, "_forkserver_pid", None) is not None
 
 
 def _set_parent_death_signal() -> None:
@@ -1277,7 +1290,6 @@ def publish_bundle(build: Build, bundle: Node, notes: list[str], psnr: dict[str,
     come after it (the sample image), add the report and log, then publish it under the build's
     name by a rename. Returns the report (``build_report`` plus the bundle's facts)."""
     from sdbuild.report import write_report
-    from sdbuild.stages.bundle import write_bundle
 
     download = build.nodes[0]
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{build.recipe.name}-p{os.getpid()}-", dir=_mkdir(build.build_dir.parent)))
@@ -1286,7 +1298,7 @@ def publish_bundle(build: Build, bundle: Node, notes: list[str], psnr: dict[str,
         # --force bundle lays it out anew, as --force does any stage.
         reused = None if bundle.stage.name in force else _reuse_bundle(build.build_dir, bundle.key, staging)
         if reused is None:
-            write_bundle(build.recipe, build.family, packages, download.entry.path, staging)
+            _write_bundle(build, packages, download.entry.path, staging, log)
         bundle.status = "built" if reused is None else "cached"
         files = _bundle_files(staging, reused)
         seconds, size = round(time.time() - started, 3), tree_bytes(staging)
@@ -1320,6 +1332,25 @@ def publish_bundle(build: Build, bundle: Node, notes: list[str], psnr: dict[str,
             # The bundle, report or build.json met a full disk: one line, nothing published.
             raise DiskFullError(disk_full_line(full, build.build_dir), full) from None
         raise
+
+
+def _write_bundle(build: Build, packages: dict, download_entry: Path, staging: Path, log: Path) -> None:
+    """``write_bundle`` into ``staging``: in a process forked from the stage server where this run
+    started one, else here (a run that built nothing has none, and would wait for its imports).
+
+    Rewriting the package specs needs coremltools' protobuf classes, and
+    importing them imports all of coremltools and torch: several seconds in
+    this process, none in the server's child, which has them loaded.
+    """
+    if not stage_server_running():
+        from sdbuild.stages.bundle import write_bundle
+
+        write_bundle(build.recipe, build.family, packages, download_entry, staging)
+        return
+    fields = {"recipe": build.recipe, "family": build.family, "packages": packages, "download": str(download_entry)}
+    with open(log, "a") as f:
+        f.write("\n=== bundle\n")
+    run_in_child("sdbuild.stages.bundle:run", Job("bundle", None, fields, {}, build.recipe.name), staging, log)
 
 
 BUNDLE_FILES_EXCLUDED = ("build.json", "build.log", "report.html", "report.md")  # rewritten by every run

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -33,3 +34,21 @@ def assert_one_line_error(done: subprocess.CompletedProcess, *fragments: str) ->
     assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in done.stderr, done.stderr[-2000:]
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
+
+
+HEAVY = ("torch", "coremltools", "diffusers", "transformers", "sklearn", "matplotlib")
+
+
+def run_cli_watching_imports(*args) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """Run the command line in a child process; also return the heavy libraries it imported."""
+    code = (
+        "import json, sys\n"
+        "from sdbuild.cli import main\n"
+        "rc = main(sys.argv[1:])\n"
+        f"heavy = sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r}))\n"
+        "print('heavy imports: ' + json.dumps(heavy), file=sys.stderr)\n"
+        "sys.exit(rc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=900)
+    line = next(l for l in reversed(done.stderr.splitlines()) if l.startswith("heavy imports: "))
+    return done, json.loads(line.split(": ", 1)[1])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, run_cli, write_recipe
+from helpers import REPO, run_cli, run_cli_watching_imports, write_recipe
 
 TINY = REPO / "recipes" / "tiny.yaml"
 
@@ -35,6 +35,11 @@ def artifacts(tiny_cold_build, tmp_path_factory) -> Path:
     art = tmp_path_factory.mktemp("artifacts") / "artifacts"
     shutil.copytree(tiny_cold_build, art, symlinks=True)  # a link into the cache would stay one (and fail below)
     return art
+
+
+def test_the_build_process_imports_nothing_heavy_when_stages_run(tiny_cold_build):
+    # Stages, and the bundle's package specs, are written in processes forked from the stage server.
+    assert json.loads((tiny_cold_build.parent / "heavy_imports.json").read_text()) == []
 
 
 def build_json(art: Path, name: str) -> dict:
@@ -120,24 +125,6 @@ def test_independent_stages_were_built_side_by_side(artifacts):
     windows = [(r["ran_s"], r["stage"], r["component"]) for r in built]
     overlapping = [(a[1:], b[1:]) for i, a in enumerate(windows) for b in windows[i + 1 :] if a[0][0] < b[0][1] and b[0][0] < a[0][1]]
     assert overlapping, windows
-
-
-HEAVY = ("torch", "coremltools", "diffusers", "transformers", "sklearn", "matplotlib")
-
-
-def run_cli_watching_imports(*args) -> tuple[subprocess.CompletedProcess, list[str]]:
-    """Run the command line in a child process; also return the heavy libraries it imported."""
-    code = (
-        "import json, sys\n"
-        "from sdbuild.cli import main\n"
-        "rc = main(sys.argv[1:])\n"
-        f"heavy = sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r}))\n"
-        "print('heavy imports: ' + json.dumps(heavy), file=sys.stderr)\n"
-        "sys.exit(rc)\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=900)
-    line = next(l for l in reversed(done.stderr.splitlines()) if l.startswith("heavy imports: "))
-    return done, json.loads(line.split(": ", 1)[1])
 
 
 def test_second_run_hits_cache_for_every_stage(artifacts):

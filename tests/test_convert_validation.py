@@ -72,3 +72,31 @@ def test_a_broken_program_still_fails_the_pipeline(monkeypatch):
         with validate_once_per_pipeline():
             ct.convert(traced, inputs=[ct.TensorType(name="x", shape=(1, 4, 8, 8))], convert_to="mlprogram", skip_model_load=True)
     assert len(seen) == 1  # not before the pipeline, not after each pass: once, at its end
+
+
+@pytest.mark.parametrize("level", ["WARNING", "DEBUG"])
+def test_programs_are_printed_for_the_debug_log_only(monkeypatch, tmp_path, level):
+    """The pipelines' debug lines format the whole program: only when the logger would write them."""
+    import logging
+
+    from coremltools.converters.mil.mil import Program
+
+    printed = []
+    original = Program.__str__
+
+    def counted(self, *args, **kwargs):
+        printed.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Program, "__str__", counted)
+    logger = logging.getLogger("coremltools")
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        with validate_once_per_pipeline():
+            _convert(_tiny_program(), tmp_path / "model.mlpackage")
+    finally:
+        logger.setLevel(before)
+    # Before and after each of ct.convert's three pipelines, at DEBUG.
+    assert len(printed) >= 6 if level == "DEBUG" else not printed
+    assert Program.__dict__["__str__"] is counted  # put back as it was

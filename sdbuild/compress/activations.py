@@ -144,8 +144,7 @@ def w8a8_package(src: Path, dst: Path, ranges: dict[str, list[float]]):
         passes.append(insert)
     # coremltools' own clean-up after the insertion: back-to-back dequantize -> quantize pairs of one scale go.
     passes.append(PASS_REGISTRY["common::dequantize_quantize_pair_elimination"])
-    pkg.apply_passes(mlmodel, [*passes, linear8_pass()], dst)
-    written = pkg.load_pymil(dst)  # read once: the weights' widths and the quantize count
+    written = pkg.apply_passes(mlmodel, [*passes, linear8_pass()], dst)  # as saved: the weights' widths, the quantize count
     stats_out = _finish("w8a8", src, dst, started, 1, program=written, nbits=8)
     quantized = sum(1 for op in pkg.iter_ops(written) if op.op_type == "quantize")
     stats_out.notes.append(f"{quantized} activations quantized to int8")

@@ -100,8 +100,8 @@ def mixed_bit_package(src: Path, dst: Path, analysis: Path | dict, recipe: str, 
     bits_by_const = {mapping[name]: bits for name, bits in widths.items() if bits < 16}
     workers = workers or default_workers()
     palettizer = make_palettizer(bits_by_const, None, workers)
-    pkg.apply_passes(mlmodel, [palettizer], dst)
-    stats = _finish("mixed_bit", src, dst, started, workers, recipe=recipe)
+    written = pkg.apply_passes(mlmodel, [palettizer], dst)
+    stats = _finish("mixed_bit", src, dst, started, workers, program=written, recipe=recipe)
     uncovered = set(stats.layer_bits) - set(mapping.values())
     if uncovered:
         stats.notes.append(f"{len(uncovered)} weight(s) not in the analysis left float16")

@@ -50,11 +50,14 @@ def spec_version(mlmodel) -> int:
     return int(mlmodel.get_spec().specificationVersion)
 
 
-def apply_passes(mlmodel, passes: list, dst: Path) -> None:
+def apply_passes(mlmodel, passes: list, dst: Path):
     """Run coremltools graph ``passes`` over ``mlmodel``'s program and save the result at ``dst``.
 
     Goes through coremltools' own helper (the one ``palettize_weights`` uses),
     so the program is read and written exactly as coremltools does it.
+    Returns the pymil Program as saved: the helper's conversion back to a
+    package runs its pipelines on the passes' program object itself, so
+    reading ``dst`` again (seconds for a full-size unet) gives the same ops.
     """
     from coremltools.models.utils import _apply_graph_pass
 
@@ -69,9 +72,22 @@ def apply_passes(mlmodel, passes: list, dst: Path) -> None:
     with validate_once_per_pipeline():
         # A multifunction package's functions share weights: compressed alike, stored once again.
         default = mlmodel.get_spec().description.defaultFunctionName
-        compressed = _apply_graph_pass(mlmodel, [*passes, share_weights_across_functions(default)], skip_model_load=True)
+        kept = []
+        compressed = _apply_graph_pass(mlmodel, [*passes, share_weights_across_functions(default), _keep_program(kept)], skip_model_load=True)
     compressed.save(str(dst))
     make_reproducible(dst)  # the same package bytes for the same input and settings
+    return kept[0]
+
+
+def _keep_program(into: list):
+    """A graph pass that changes nothing and appends the program it is given to ``into``."""
+    from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
+
+    class _Keep(AbstractGraphPass):
+        def apply(self, prog):
+            into.append(prog)
+
+    return _Keep()
 
 
 def load_pymil(package_or_mlmodel):

@@ -288,11 +288,11 @@ def palettize_package(
         passes.append(palettizer)
     if lut_dtype is not None:
         passes.append(make_palette_quantizer())
-    pkg.apply_passes(mlmodel, passes, dst)
+    written = pkg.apply_passes(mlmodel, passes, dst)
     notes = [f"{palettizer.misses} weight(s) clustered outside the pool"] if palettizer and palettizer.misses else []
     method = "palettize" if sparsity is None else ("prune" if nbits is None else "prune+palettize")
     return _finish(
-        method, src, dst, started, workers, nbits=nbits, group_size=group_size, notes=notes,
+        method, src, dst, started, workers, program=written, nbits=nbits, group_size=group_size, notes=notes,
         sparsity=sparsity, lut_dtype=lut_dtype,
     )
 
@@ -389,5 +389,5 @@ def linear8_package(src: Path, dst: Path) -> CompressionStats:
     """
     started = time.perf_counter()
     mlmodel = pkg.load_mlmodel(src)
-    pkg.apply_passes(mlmodel, [linear8_pass()], dst)
-    return _finish("linear8", src, dst, started, 1, nbits=8)
+    written = pkg.apply_passes(mlmodel, [linear8_pass()], dst)
+    return _finish("linear8", src, dst, started, 1, program=written, nbits=8)

@@ -1,4 +1,4 @@
-"""coremltools' program check, once per pass pipeline instead of after every pass.
+"""coremltools' pass pipelines without the work whose result nobody reads.
 
 ``PassPipelineManager.apply_pipeline`` validates the whole program before the
 pipeline and again after each of its ~110 passes. The check reads the program
@@ -8,11 +8,19 @@ more still on full-size models. ``validate_once_per_pipeline`` keeps the check
 and runs it once, on each pipeline's result: a pass that leaves the program
 broken still fails the conversion, with coremltools' own message, and the
 package written is the same bytes (``tests/test_convert_validation.py``).
+
+Inside a pipeline it also leaves the program unprinted where coremltools'
+logger drops debug lines: the pipeline and the transpose pass format the whole
+program into their debug lines (f-strings, built before the logger looks at
+the level), 16 printouts of a tiny unet's program per conversion.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import logging
+from contextlib import contextmanager, nullcontext
+
+UNPRINTED = "<program: printed when coremltools' logger is at DEBUG>"
 
 
 @contextmanager
@@ -31,7 +39,8 @@ def validate_once_per_pipeline():
     def checked_once(prog, pass_pipeline):
         inside[0] += 1
         try:
-            apply_pipeline.__func__(prog, pass_pipeline)
+            with _unprinted() if inside[0] == 1 else nullcontext():
+                apply_pipeline.__func__(prog, pass_pipeline)
         finally:
             inside[0] -= 1
         if not inside[0]:
@@ -44,3 +53,21 @@ def validate_once_per_pipeline():
     finally:
         Program.validate = validate
         PassPipelineManager.apply_pipeline = apply_pipeline
+
+
+@contextmanager
+def _unprinted():
+    """Programs, functions and blocks print as ``UNPRINTED`` while debug lines are dropped."""
+    from coremltools.converters.mil.mil import Block, Function, Program
+
+    if logging.getLogger("coremltools").isEnabledFor(logging.DEBUG):
+        yield
+        return
+    saved = [(cls, cls.__dict__["__str__"]) for cls in (Program, Function, Block)]
+    for cls, _ in saved:
+        cls.__str__ = lambda self, *args, **kwargs: UNPRINTED
+    try:
+        yield
+    finally:
+        for cls, method in saved:
+            cls.__str__ = method

@@ -243,3 +243,10 @@ def write_bundle(recipe, family: str, packages: dict[str, dict], download_entry:
             shutil.copyfile(tokenizer_dir(checkpoint) / name, folder / name)
     (dest / PIPELINE_FILE).write_text(json.dumps(pipeline_facts(recipe, family, checkpoint, vae_dir(download_entry)), indent=2))
     return written
+
+
+def run(job, out: Path) -> dict:
+    """``write_bundle`` as a stage process's job (``executor.publish_bundle``): the fields hold its arguments."""
+    fields = job.fields
+    write_bundle(fields["recipe"], fields["family"], fields["packages"], Path(fields["download"]), out)
+    return {}

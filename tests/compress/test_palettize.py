@@ -166,3 +166,18 @@ def test_compressing_leaves_every_file_of_the_source_package_as_it_was(unet_pack
 
     gc.collect()
     assert not list(Path(tempfile.gettempdir()).glob("view-*"))  # the private view is gone with the model
+
+
+def test_the_program_the_passes_leave_is_the_package_saved(unet_package, tmp_path):
+    """Stats read the program ``apply_passes`` returns, not the package read back: the same ops and widths."""
+    from sdbuild.compress.palettize import linear8_pass, make_palettizer
+
+    def ops(prog):  # but consts: the reader makes its own of a dequantizer's inline zero point, in its own order
+        return [(op.op_type, [o.name for o in op.outputs], [str(o.dtype) for o in op.outputs]) for op in pkg.iter_ops(prog) if op.op_type != "const"]
+
+    for name, passes in {"p6": [make_palettizer(6, None, 1)], "l8": [linear8_pass()]}.items():
+        dst = tmp_path / f"{name}.mlpackage"
+        kept = pkg.apply_passes(pkg.load_mlmodel(unet_package), passes, dst)
+        saved = pkg.load_pymil(dst)
+        assert pkg.weight_bits(kept) == pkg.weight_bits(saved)
+        assert ops(kept) == ops(saved)
