@@ -451,8 +451,8 @@ def assign_keys(nodes: list[Node]) -> None:
 
 def final_nodes(nodes: list[Node]) -> dict[str, Node]:
     """Each component's package (``PACKAGE_OF``): its compress node where it has one, else its convert node."""
-    found = by_component(nodes)
-    return {c: PACKAGE_OF.first(stages) for c, stages in found.items() if PACKAGE_OF.first(stages) is not None}
+    packages = {c: PACKAGE_OF.first(stages) for c, stages in by_component(nodes).items()}
+    return {c: node for c, node in packages.items() if node is not None}
 
 
 def by_component(nodes: list[Node]) -> dict[str, dict[str, Node]]:
@@ -1298,7 +1298,7 @@ def publish_bundle(build: Build, bundle: Node, notes: list[str], psnr: dict[str,
         # --force bundle lays it out anew, as --force does any stage.
         reused = None if bundle.stage.name in force else _reuse_bundle(build.build_dir, bundle.key, staging)
         if reused is None:
-            _write_bundle(build, packages, download.entry.path, staging, log)
+            _write_bundle(build, bundle, packages, download.entry.path, staging, log)
         bundle.status = "built" if reused is None else "cached"
         files = _bundle_files(staging, reused)
         seconds, size = round(time.time() - started, 3), tree_bytes(staging)
@@ -1334,23 +1334,25 @@ def publish_bundle(build: Build, bundle: Node, notes: list[str], psnr: dict[str,
         raise
 
 
-def _write_bundle(build: Build, packages: dict, download_entry: Path, staging: Path, log: Path) -> None:
-    """``write_bundle`` into ``staging``: in a process forked from the stage server where this run
-    started one, else here (a run that built nothing has none, and would wait for its imports).
+def _write_bundle(build: Build, bundle: Node, packages: dict, download_entry: Path, staging: Path, log: Path) -> None:
+    """The bundle stage's function (``write_bundle``) into ``staging``: in a process forked from the
+    stage server where this run started one, else here (a run that built nothing has none, and
+    would wait for its imports).
 
     Rewriting the package specs needs coremltools' protobuf classes, and
     importing them imports all of coremltools and torch: several seconds in
     this process, none in the server's child, which has them loaded.
     """
-    if not stage_server_running():
-        from sdbuild.stages.bundle import write_bundle
-
-        write_bundle(build.recipe, build.family, packages, download_entry, staging)
-        return
     fields = {"recipe": build.recipe, "family": build.family, "packages": packages, "download": str(download_entry)}
+    job = Job(bundle.stage.name, None, fields, {}, build.recipe.name)
+    if not stage_server_running():
+        from sdbuild.stages.bundle import run
+
+        run(job, staging)
+        return
     with open(log, "a") as f:
-        f.write("\n=== bundle\n")
-    run_in_child("sdbuild.stages.bundle:run", Job("bundle", None, fields, {}, build.recipe.name), staging, log)
+        f.write(f"\n=== {bundle.stage.name}\n")
+    run_in_child(bundle.stage.run, job, staging, log)
 
 
 BUNDLE_FILES_EXCLUDED = ("build.json", "build.log", "report.html", "report.md")  # rewritten by every run

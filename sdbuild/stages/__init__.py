@@ -254,7 +254,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "bundle",
             __version__,  # the packages' metadata names sdbuild's version
-            "sdbuild.stages.bundle:write_bundle",
+            "sdbuild.stages.bundle:run",
             fields=("recipe", "family"),
             libraries=("coremltools",),
             consumes=(EVERY,),

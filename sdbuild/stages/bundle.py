@@ -246,7 +246,8 @@ def write_bundle(recipe, family: str, packages: dict[str, dict], download_entry:
 
 
 def run(job, out: Path) -> dict:
-    """``write_bundle`` as a stage process's job (``executor.publish_bundle``): the fields hold its arguments."""
+    """The bundle stage's function (its declaration's ``run``): ``write_bundle`` with the fields as its arguments,
+    in a stage process or the build's own (``executor._write_bundle``)."""
     fields = job.fields
     write_bundle(fields["recipe"], fields["family"], fields["packages"], Path(fields["download"]), out)
     return {}
