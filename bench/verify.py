@@ -5,7 +5,8 @@
 
 ``--entries`` is a folder with the stage outputs ``trace`` and ``convert``
 (and ``compress``, ``chunk`` when there) that ``bench/convert.py --keep``
-leaves. Each tree runs the verify stage function on them (one sample, as
+leaves, and the ``download`` they came from (the reference binds the
+checkpoint's weights from it; a tree that does not read it ignores it). Each tree runs the verify stage function on them (one sample, as
 ``bench/convert.py --verify``) in a fresh process, in turn, so both see the
 same machine; seconds, peak RSS of that process and the PSNR figures are
 recorded with the load average. Writes ``bench/results/verify-<name>.json``.
@@ -40,7 +41,7 @@ def run_verify(entries: Path) -> dict:
     from sdbuild.stages import Job
     from sdbuild.stages import verify
 
-    upstream = {name: entries / name for name in ("trace", "convert", "compress", "chunk") if (entries / name).is_dir()}
+    upstream = {name: entries / name for name in ("download", "trace", "convert", "compress", "chunk") if (entries / name).is_dir()}
     job = Job("verify", "unet", {"verify.samples": 1, "verify.seed": 0, "compute_unit": "CPU_AND_NE"}, upstream)
     out = Path(tempfile.mkdtemp(prefix="bench-verify-"))
     started = time.perf_counter()

@@ -734,6 +734,23 @@ def download_of(node: Node) -> Node | None:
     return None
 
 
+def read_through(node: Node) -> dict[str, Path]:
+    """The entries of ``node.stage.reads``: for each, the nearest node of that stage behind its deps
+    (its trace's download, for verify) that has an entry; keyed through the deps, not again."""
+    found: dict[str, Path] = {}
+    seen: set[int] = set()
+    todo = list(node.deps)
+    while todo:
+        dep = todo.pop(0)
+        if id(dep) in seen:
+            continue
+        seen.add(id(dep))
+        if dep.stage.name in node.stage.reads and dep.entry is not None:
+            found.setdefault(dep.stage.name, dep.entry.path)
+        todo += dep.deps
+    return found
+
+
 def input_bytes(node: Node) -> int:
     """Bytes of the checkpoint files the node's component loads: the scale of its memory (0: unknown)."""
     from sdbuild.stages import component_kind
@@ -1139,6 +1156,7 @@ def build_stages(build: Build, todo: list[Node], force: tuple[str, ...], log: Pa
         upstream = {**node.files, **{d.stage.name: d.entry.path for d in ready}}
         # By stage and component too, where a node follows one stage for several components (calibrate).
         upstream.update({f"{d.stage.name}:{d.component}": d.entry.path for d in ready if d.component})
+        upstream.update(read_through(node))
         scratch = cache.root / ".scratch" / f"{node.stage.name}-{node.key}" if node.stage.resumable else None
         if scratch is not None:
             scratch.mkdir(parents=True, exist_ok=True)

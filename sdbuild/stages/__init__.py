@@ -60,6 +60,9 @@ class Stage:
     consumes: the upstream outputs it reads, stage names or ``Input``s, each where
     the component has it: they are its upstream in the graph and in its key;
     after: stages whose output it reads without consuming it (ordering only, never keyed);
+    reads: stages behind its consumed ones whose outputs it opens too (verify: the download its
+    trace was made from); a consumed entry's key holds theirs already, so they are handed to the
+    job and never keyed again;
     scope: ``component`` (a node per component it applies to), ``source`` (one per
     checkpoint: the model's, the refiner's, each ControlNet's) or ``build`` (one,
     for ``component`` when set);
@@ -78,6 +81,7 @@ class Stage:
     resumable: bool = False  # gets a scratch folder that survives a kill, removed once published
     consumes: tuple[str | Input, ...] = ()
     after: tuple[str, ...] = ()
+    reads: tuple[str, ...] = ()
     scope: str = "component"
     component: str | None = None
     applies: Callable[["Plan", str | None], bool] = lambda plan, component: True
@@ -280,6 +284,7 @@ STAGES: dict[str, Stage] = {
             fields=("verify.samples", "verify.seed", "compute_unit"),
             libraries=(*TORCH_LIBS, *COREML_LIBS),
             consumes=("trace", "convert", PACKAGE_OF, "chunk"),
+            reads=("download",),  # the checkpoint's weights for the reference, a layer at a time
             runners=("linux", "macos"),  # on macOS, Core ML itself runs the packages too
         ),
     )

@@ -1,15 +1,26 @@
 """Verify: PSNR of the shipped packages against the float32 PyTorch reference.
 
 For each component, ``verify.samples`` seeded random inputs of the contract's
-shapes go through the traced float32 module (the reference) and through the
+shapes go through the float32 PyTorch module (the reference) and through the
 final package run by the reference executor (fp16, as a device holds values);
 when the package is compressed, also through the uncompressed float16
 package, so a user sees what compression alone cost. On macOS, Core ML itself
 runs the package on the recipe's compute unit too.
+
+The reference is the component's module built from the checkpoint (the
+download the trace was made from) with each layer's weights bound from the
+checkpoint's safetensors only while that layer runs, and its attention
+computed a block of queries at a time (``lazy_weights``,
+``chunked_attention``): the traced module's values to float rounding, at a
+fraction of its memory. Where that module cannot be shown to be the traced
+one (the recipe's own TorchScript projection, a checkpoint whose keys or
+shapes do not map, no download at hand), the traced module is the reference,
+and the log says why.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -33,8 +44,10 @@ def run(job: Job, out: Path) -> dict:
     resolutions, over every function (each function's own under ``functions``)."""
     from sdbuild.stages.trace import traced_functions
 
+    from sdbuild.convert import give_freed_memory_back
     from sdbuild.convert.multifunction import function_names
 
+    give_freed_memory_back()  # this stage runs in a process of its own: one model's memory goes before the next's
     functions = traced_functions(job.upstream["trace"])
     if len(functions) == 1:
         summary = _verify_function(job, job.upstream["trace"], None)
@@ -66,7 +79,7 @@ def _verify_function(job: Job, trace_dir: Path, function: str | None) -> dict:
     feeds = [as_declared(sample_inputs(specs, seed=seed), specs) for seed in seeds]
     shipped_dir = job.input(PACKAGE_OF)
 
-    ref = _reference_outputs(trace_dir, io["outputs"], specs, feeds)
+    ref = _reference_outputs(job, trace_dir, io, specs, feeds)
     if "chunk" in job.upstream:
         # What ships is the chain of parts: check it, and that it equals the whole package.
         whole = _package_outputs(shipped_dir / PACKAGE, function, feeds, "fp32")
@@ -96,19 +109,87 @@ def _verify_function(job: Job, trace_dir: Path, function: str | None) -> dict:
     return summary
 
 
-def _reference_outputs(trace_dir: Path, names: list, specs: list, feeds: list) -> list[dict]:
-    """The traced float32 module's outputs for every sample (name -> float32 array); the module is freed after."""
+def _reference_outputs(job: Job, trace_dir: Path, io: dict, specs: list, feeds: list) -> list[dict]:
+    """The float32 reference's outputs for every sample (name -> float32 array); the module is freed after."""
     import numpy as np
     import torch
 
-    reference = torch.jit.load(str(trace_dir / "module.pt")).eval()
+    from sdbuild.models.chunked_attention import chunked_scores
+
+    module, weights = _reference_module(job, trace_dir, io)
     outputs = []
-    for feed in feeds:
-        with torch.no_grad():
-            result = reference(*[torch.from_numpy(feed[s.name].astype(np.float32)) for s in specs])
-        result = result if isinstance(result, (tuple, list)) else (result,)
-        outputs.append({name: t.numpy().astype(np.float32) for name, t in zip(names, result)})
+    with contextlib.ExitStack() as stack:
+        if weights is not None:
+            stack.enter_context(weights.bound())
+            stack.enter_context(chunked_scores())
+        for feed in feeds:
+            with torch.no_grad():
+                result = module(*[torch.from_numpy(feed[s.name].astype(np.float32)) for s in specs])
+            result = result if isinstance(result, (tuple, list)) else (result,)
+            outputs.append({name: t.numpy().astype(np.float32) for name, t in zip(io["outputs"], result)})
     return outputs
+
+
+def _reference_module(job: Job, trace_dir: Path, io: dict):
+    """(module, LazyWeights) built from the checkpoint where it maps onto the traced module; else the traced
+    module itself (module.pt, every weight loaded) and None, with one log line saying why."""
+    import torch
+
+    from sdbuild.models.lazy_weights import NotLazy
+
+    try:
+        return _lazy_reference(job, io)
+    except NotLazy as e:
+        print(f"verify {job.component}: the traced module is the reference: {e}", file=sys.stderr, flush=True)
+    return torch.jit.load(str(trace_dir / "module.pt")).eval(), None
+
+
+def _lazy_reference(job: Job, io: dict):
+    """The component's module with its weights bound a layer at a time, for the trace's inputs (``io``)."""
+    from sdbuild.models import vae_scale_factor
+    from sdbuild.models.lazy_weights import NotLazy, lazy_component
+    from sdbuild.stages import component_kind
+    from sdbuild.stages.download import checkpoint_dir, vae_dir
+    from sdbuild.stages.trace import PROJECTION
+
+    if job.component == PROJECTION:
+        raise NotLazy("the recipe's own TorchScript projection has no checkpoint to map")
+    download = job.upstream.get("download")
+    if download is None:
+        raise NotLazy("no download entry at hand")
+    kind = component_kind(job.component)
+    vae = vae_dir(download)
+    factor = vae_scale_factor(json.loads((vae / "config.json").read_text())) if (vae / "config.json").is_file() else 8
+    options = _options_of(kind, {i["name"]: i["shape"] for i in io["inputs"]}, factor)
+    model, weights = lazy_component(kind, checkpoint_dir(download), options, vae=vae)
+    built = [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in model.inputs]
+    traced = [{"name": i["name"], "shape": list(i["shape"]), "dtype": i.get("dtype")} for i in io["inputs"]]
+    if built != traced or model.outputs != io["outputs"]:
+        raise NotLazy(f"the checkpoint's module takes {built} -> {model.outputs}, the trace {traced} -> {io['outputs']}")
+    return model.module, weights
+
+
+def _options_of(kind: str, shapes: dict, factor: int):
+    """The module options the trace's input shapes were made with (``BuildOptions``; attention left as it
+    is: the reference's is chunked whatever the recipe's). ``factor``: the VAE's pixels per latent pixel."""
+    from dataclasses import replace
+
+    from sdbuild.models import BuildOptions
+
+    options = BuildOptions()
+    if "sample" in shapes:  # the unets and the ControlNet
+        batch, _, height, width = shapes["sample"]
+        options = replace(options, height=height * factor, width=width * factor, unet_batch_one=batch == 1,
+                          sequence_length=shapes["encoder_hidden_states"][-1])  # fmt: skip
+    if "controlnet_cond" in shapes:  # at pixel size
+        options = replace(options, height=shapes["controlnet_cond"][2], width=shapes["controlnet_cond"][3])
+    if "z" in shapes:
+        options = replace(options, height=shapes["z"][2] * factor, width=shapes["z"][3] * factor)
+    if "x" in shapes:
+        options = replace(options, height=shapes["x"][2], width=shapes["x"][3])
+    if "images" in shapes:  # the safety checker's, either variant
+        options = replace(options, checker_images=tuple(shapes["images"][1:3]))
+    return options
 
 
 def _package_outputs(package: Path, function: str | None, feeds: list, precision: str) -> list[dict]:
