@@ -21,14 +21,15 @@ from sdbuild.models import attention as _attention
 SCORE_ELEMENTS = 1 << 22  # 16 MiB of float32 scores per block, as the reference executor's fused attention
 
 
-def chunked_attention(q, k, v, heads: int, mask=None, elements: int = SCORE_ELEMENTS):
-    """``original_attention``'s arithmetic, a block of query rows at a time. q (B, C, 1, Sq) already scaled,
-    k and v (B, C, 1, Sk), mask (1, 1, Sq, Sk) or None → (B, C, 1, Sq)."""
+def chunked_attention(q, k, v, heads: int, mask=None, elements: int | None = None):
+    """``original_attention``'s arithmetic, a block of query rows at a time, each block's scores at most
+    ``elements`` values (``SCORE_ELEMENTS``). q (B, C, 1, Sq) already scaled, k and v (B, C, 1, Sk),
+    mask (1, 1, Sq, Sk) or None → (B, C, 1, Sq)."""
     q = q.squeeze(2).unflatten(1, (heads, -1))  # (B, h, d, Sq)
     k = k.squeeze(2).unflatten(1, (heads, -1))  # (B, h, d, Sk)
     v = v.squeeze(2).unflatten(1, (heads, -1))  # (B, h, d, Sk)
     batch, _, _, length = q.shape
-    rows = max(1, elements // (batch * heads * k.shape[3]))
+    rows = max(1, (elements or SCORE_ELEMENTS) // (batch * heads * k.shape[3]))
     out = []
     for start in range(0, length, rows):
         span = slice(start, start + rows)

@@ -402,6 +402,41 @@ def test_range_observer_sees_inputs_intermediates_and_outputs_over_runs(resnet_p
     assert observer.ranges[hidden][0] < first.ranges[hidden][0] < first.ranges[hidden][1] < observer.ranges[hidden][1]
 
 
+def _reads(step) -> set[str]:
+    """The run-time values a plan step reads."""
+    names = set()
+    for _param, how, ref in step[2]:
+        if how in (0, 1):
+            names.add(ref)
+        elif how == 2:
+            names.update(r for is_var, r in ref if is_var)
+    return names
+
+
+def test_each_value_is_freed_after_its_last_use(resnet_packages, monkeypatch):
+    """After every op, the executor holds only values an op still to run reads, and the outputs: each
+    intermediate (and each program input) is dropped by the op that reads it last."""
+    prog = load_program(resnet_packages["fp16_io"])
+    steps = prog._plan("fp16").steps
+    outputs = set(prog._output_vars)
+    alive_after = []
+    execute = executor_module.Program._execute
+
+    def step_by_step(steps, env):
+        for i, step in enumerate(steps):
+            execute((step,), env)
+            later = set().union(*map(_reads, steps[i + 1 :]))
+            assert set(env) <= later | outputs, (step[6], set(env) - later - outputs)
+            alive_after.append(len(env))
+
+    monkeypatch.setattr(executor_module.Program, "_execute", staticmethod(step_by_step))
+    out = prog.run(resnet_packages["inputs"])["noise_pred"]
+    assert len(alive_after) == len(steps) and alive_after[-1] == 1  # the output alone at the end
+    assert max(alive_after) < len(steps) / 2  # a few values alive at once, not every op's
+    monkeypatch.undo()
+    np.testing.assert_array_equal(out, prog.run(resnet_packages["inputs"])["noise_pred"])
+
+
 def test_exec_files_round_trip(resnet_packages, tmp_path):
     inputs = tmp_path / "in.npz"
     np.savez(inputs, **resnet_packages["inputs"])
