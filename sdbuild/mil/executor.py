@@ -240,6 +240,12 @@ class _Plan:
     input_kinds: dict = field(default_factory=dict)
 
 
+# The einsums of SPLIT_EINSUM's attention, in either operand order: equation -> where (q, k) are for the
+# scores, where (probabilities, v) are for the values (kernels.fused_einsum_attention's canonical forms).
+_SCORES_ORDER = {_kernels.EINSUM_SCORES: (0, 1), "bkhc,bchq->bkhq": (1, 0)}
+_VALUES_ORDER = {_kernels.EINSUM_VALUES: (0, 1), "bchk,bkhq->bchq": (1, 0)}
+
+
 class Program:
     """A loaded ML program, ready to run.
 
@@ -422,6 +428,43 @@ class Program:
             chains[final.name] = (producer, scale_op, op)
         return chains
 
+    def _einsum_attention_chains(self) -> dict:
+        """Find SPLIT_EINSUM's per-head einsum(q, k) -> softmax(axis 1) -> einsum(probabilities, v) chains
+        (``_SCORES_ORDER``, ``_VALUES_ORDER``: either operand order, as coremltools may swap them) whose
+        intermediates nothing else reads: {final einsum op name: (first einsum, softmax)}.
+
+        Run with kernels.fused_einsum_attention, a block of queries at a time: each head's (B, Sk, 1, Sq)
+        scores (128 MiB in SD 1.5's first transformer) and their softmax never exist whole.
+        """
+        outputs = set(self._output_vars)
+
+        def sole_consumer(var):
+            children = list(var.child_ops)
+            return children[0] if len(children) == 1 and var.name not in outputs else None
+
+        def equation(op):
+            eq = op.inputs.get("equation")
+            return str(eq.val) if eq is not None and eq.val is not None else None
+
+        chains = {}
+        for op in self._function.operations:
+            if op.op_type != "softmax":
+                continue
+            x = op.inputs["x"]
+            axis = int(op.inputs["axis"].val) if "axis" in op.inputs else -1
+            first = x.op
+            if x.rank != 4 or axis not in (1, -3) or first is None or sole_consumer(x) is not op:
+                continue
+            if first.op_type != "einsum" or equation(first) not in _SCORES_ORDER:
+                continue
+            final = sole_consumer(op.outputs[0])
+            if final is None or final.op_type != "einsum" or equation(final) not in _VALUES_ORDER:
+                continue
+            if list(final.inputs["values"])[_VALUES_ORDER[equation(final)][0]] is not op.outputs[0]:
+                continue
+            chains[final.name] = (first, op)
+        return chains
+
     def _build_plan(self, precision: str) -> _Plan:
         """Bind constants and fold everything computable before the inputs are known."""
         plan = _Plan()
@@ -468,6 +511,8 @@ class Program:
 
         chains = self._attention_chains()
         in_chain = {o.name for first, scale, soft in chains.values() for o in (first, scale, soft) if o is not None}
+        einsum_chains = self._einsum_attention_chains()
+        in_chain |= {o.name for pair in einsum_chains.values() for o in pair}
 
         def rounding(op):
             fin = _finisher(_kind(op.outputs[0].dtype), precision, False)
@@ -475,6 +520,17 @@ class Program:
 
         for op in self._function.operations:
             if op.op_type == "const" or op.name in in_chain:
+                continue
+            if op.name in einsum_chains:
+                first, soft = einsum_chains[op.name]
+                scores_in, values_in = list(first.inputs["values"]), list(op.inputs["values"])
+                q_at, k_at = _SCORES_ORDER[str(first.inputs["equation"].val)]
+                v_at = _VALUES_ORDER[str(op.inputs["equation"].val)][1]
+                static, dyn = bind({"q": scores_in[q_at], "k": scores_in[k_at], "v": values_in[v_at]}, attrs=())
+                static.update(finish_scores=rounding(first), finish_probs=rounding(soft))
+                fin = _finisher(_kind(op.outputs[0].dtype), precision, False)
+                steps.append([_kernels.fused_einsum_attention, static, dyn, [op.outputs[0].name], [fin], [], "einsum attention (fused)"])
+                dynamic.add(op.outputs[0].name)
                 continue
             if op.name in chains:
                 first, scale_op, soft = chains[op.name]

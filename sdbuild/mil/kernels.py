@@ -595,6 +595,32 @@ def fused_attention(q, k, v, transpose_k, scale, scale_by_division, finish_score
     return torch.cat(outs, dim=-2)
 
 
+# SPLIT_EINSUM's per-head attention (sdbuild.models.attention): scores (B, Sk, 1, Sq), then the values.
+EINSUM_SCORES, EINSUM_VALUES = "bchq,bkhc->bkhq", "bkhq,bchk->bchq"
+EINSUM_CHUNK_ELEMENTS = 1 << 22  # scores per block of queries: 16 MiB in float32
+
+
+def fused_einsum_attention(q, k, v, finish_scores, finish_probs, chunk_elements=None):
+    """einsum(EINSUM_VALUES, softmax(einsum(EINSUM_SCORES, q, k), dim=1), v) for the executor's fused einsum
+    chains: q (B, d, 1, Sq), k (B, Sk, 1, d), v (B, d, 1, Sk) -> (B, d, 1, Sq).
+
+    One block of queries at a time, so the (B, Sk, 1, Sq) scores never exist whole; each block's scores and
+    probabilities rounded by the same ``finish_*`` functions as the separate ops would round them.
+    """
+    rows = max(1, (chunk_elements or EINSUM_CHUNK_ELEMENTS) // max(1, q.shape[0] * k.shape[1]))
+    outs = []
+    for start in range(0, q.shape[3], rows):
+        scores = torch.einsum(EINSUM_SCORES, q[..., start : start + rows], k)
+        if finish_scores is not None:
+            scores = finish_scores(scores)
+        probs = torch.softmax(scores, dim=1)
+        del scores
+        if finish_probs is not None:
+            probs = finish_probs(probs)
+        outs.append(torch.einsum(EINSUM_VALUES, probs, v))
+    return torch.cat(outs, dim=3)
+
+
 @kernel("einsum", attrs=("equation",))
 def einsum(values, equation):
     return torch.einsum(equation, *values)

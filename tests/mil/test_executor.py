@@ -164,6 +164,54 @@ def test_fused_attention_rounds_like_the_separate_ops():
     torch.testing.assert_close(exact, ((q @ k.transpose(-1, -2)) / 2.0).softmax(-1) @ v, rtol=1e-5, atol=1e-6)
 
 
+class SdbuildSplitEinsum(nn.Module):
+    """sdbuild's own SPLIT_EINSUM attention (sdbuild.models.attention) between 1x1 convolutions: x (B, C, 1, S)."""
+
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.out = (nn.Conv2d(dim, dim, 1) for _ in range(4))
+
+    def forward(self, x):
+        from sdbuild.models.attention import attention
+
+        return self.out(attention(self.q(x), self.k(x), self.v(x), self.heads, "SPLIT_EINSUM"))
+
+
+def test_fused_einsum_attention_rounds_like_the_separate_ops():
+    def round16(t):
+        return t.half().float()
+
+    g = torch.Generator().manual_seed(4)
+    q, k, v = torch.randn(2, 8, 1, 37, generator=g), torch.randn(2, 11, 1, 8, generator=g), torch.randn(2, 8, 1, 11, generator=g)
+    probs = round16(round16(torch.einsum(kernels.EINSUM_SCORES, q, k)).softmax(dim=1))
+    expected = round16(torch.einsum(kernels.EINSUM_VALUES, probs, v))
+    got = kernels.fused_einsum_attention(q, k, v, round16, round16, chunk_elements=2 * 11 * 5)  # 5 queries a block
+    torch.testing.assert_close(round16(got), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_split_einsum_attention_runs_fused_a_block_of_queries_at_a_time(precision, model_dir, monkeypatch):
+    """SPLIT_EINSUM's einsum -> softmax -> einsum per head runs as one step, a few queries at a time, without
+    a head's whole scores: in fp16 mode the separate ops' outputs bit for bit (every value is rounded to
+    float16 as they round it); in fp32 mode within float32 rounding (the blocks' sums are added in another order)."""
+    torch.manual_seed(6)
+    x = torch.randn(2, 32, 1, 40)
+    package = convert_torch(SdbuildSplitEinsum().eval(), {"x": x}, model_dir, "iOS17", "fp16")
+    monkeypatch.setattr(kernels, "EINSUM_CHUNK_ELEMENTS", 2 * 40 * 7)  # 7 queries of 40 keys a block
+    prog = load_program(package)
+    fused = [step[6] for step in prog._plan(precision).steps].count("einsum attention (fused)")
+    got = prog.run({"x": x.numpy()}, precision=precision)
+    monkeypatch.setattr(executor_module.Program, "_einsum_attention_chains", lambda self: {})
+    separate = load_program(package)
+    assert fused == 4 and "einsum attention (fused)" not in [step[6] for step in separate._plan(precision).steps]
+    for name, value in separate.run({"x": x.numpy()}, precision=precision).items():
+        if precision == "fp16":
+            np.testing.assert_array_equal(got[name], value)
+        else:
+            np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-6)
+
+
 def test_attention_block_ios18_uses_sdpa(model_dir):
     torch.manual_seed(1)
     inputs = {"x": torch.randn(2, 16, 32), "context": torch.randn(2, 7, 24)}
@@ -400,6 +448,31 @@ def test_range_observer_sees_inputs_intermediates_and_outputs_over_runs(resnet_p
     prog.run(feeds[0], observer=first)
     # A freed intermediate, seen on both runs: the tripled input widens its range at both ends.
     assert observer.ranges[hidden][0] < first.ranges[hidden][0] < first.ranges[hidden][1] < observer.ranges[hidden][1]
+
+
+def test_weights_read_directly_are_coremltools_own_values(resnet_packages):
+    """The loader's one-read-per-weight path gives the values coremltools' blob reader gives, bit for bit."""
+    from coremltools.converters.mil.frontend.milproto import load as milproto
+
+    from sdbuild.mil.executor import _read_manifest, _read_spec, _weights_read_one_at_a_time
+
+    pkg = resnet_packages["fp16"]
+    spec_file, weights_dir = _read_manifest(pkg)
+    spec = _read_spec(pkg, spec_file)
+
+    def consts():
+        program = milproto.load(spec, spec.specificationVersion, file_weights_dir=str(weights_dir))
+        return {op.name: op.outputs[0].val for op in program.functions["main"].operations if op.op_type == "const"}
+
+    theirs = consts()
+    with _weights_read_one_at_a_time(milproto):
+        ours = consts()
+    assert milproto._load_file_value.__name__ == "_load_file_value"  # restored
+    big = [name for name, value in theirs.items() if np.size(value) > 100]
+    assert big and ours.keys() == theirs.keys()
+    for name in theirs:
+        assert np.asarray(ours[name]).dtype == np.asarray(theirs[name]).dtype
+        np.testing.assert_array_equal(ours[name], theirs[name])
 
 
 def _reads(step) -> set[str]:
