@@ -4,6 +4,8 @@ from the checkpoint a layer at a time, within a stated tolerance of the traced m
 
 from __future__ import annotations
 
+import json
+import shutil
 import weakref
 
 import pytest
@@ -115,3 +117,30 @@ def test_verify_reads_the_download_behind_its_trace_without_keying_it(artifacts)
     assert read_through(node) == {}  # nothing built yet in this plan: no entry to hand over
     download.entry = type("Entry", (), {"path": artifacts / "some-download"})()
     assert read_through(node) == {"download": artifacts / "some-download"}
+
+
+def test_a_checkpoint_that_does_not_map_leaves_the_traced_module_as_the_reference(unet_entries, tmp_path, capsys):
+    """A checkpoint lacking a key of the module: the traced module is the reference, and the log says why."""
+    from safetensors.torch import load_file, save_file
+
+    from sdbuild.stages.download import checkpoint_dir
+    from sdbuild.stages.trace import read_io
+
+    source = checkpoint_dir(unet_entries["download"])
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(source, folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    tensors.pop("conv_out.bias")
+    save_file(tensors, weights)
+    download = tmp_path / "download"
+    download.mkdir()
+    (download / "source.json").write_text(json.dumps({"kind": "local", "path": str(folder)}))
+    job = Job("verify", "unet", {}, {"download": download, "trace": unet_entries["trace"]})
+
+    module, weights_bound = verify._reference_module(job, unet_entries["trace"], read_io(unet_entries["trace"]))
+    assert weights_bound is None and isinstance(module, torch.jit.ScriptModule)
+    assert "verify unet: the traced module is the reference:" in capsys.readouterr().err
+    (download / "source.json").write_text(json.dumps({"kind": "local", "path": str(source)}))
+    module, weights_bound = verify._reference_module(job, unet_entries["trace"], read_io(unet_entries["trace"]))
+    assert weights_bound is not None and not isinstance(module, torch.jit.ScriptModule)

@@ -267,6 +267,7 @@ class LazyWeights:
         self.bound_bytes = self.peak_bytes = 0
         self._hooks: list = []
         checkpoints: dict[int, _Checkpoint] = {}
+        names = {m: n for n, m in module.named_modules()}
         for owner in module.modules():
             for is_parameter, table in ((True, owner._parameters), (False, owner._buffers)):
                 for name, tensor in table.items():
@@ -275,13 +276,13 @@ class LazyWeights:
                     source = sources.get(id(tensor))
                     if source is None:
                         if tensor.is_meta:
-                            raise NotLazy(f"{_path_of(module, owner, name)} is not a checkpoint tensor as loaded (changed after loading)")
+                            raise NotLazy(f"{_path(names[owner], name)} is not a checkpoint tensor as loaded (changed after loading)")
                         continue  # a value of our own (a causal mask, frequencies): not the checkpoint's
                     ref = source.reference
                     if id(ref) not in checkpoints:
                         checkpoints[id(ref)] = _Checkpoint(ref)
                     checkpoint = checkpoints[id(ref)]
-                    self._check_fits(checkpoint, source, tensor, _path_of(module, owner, name))
+                    self._check_fits(checkpoint, source, tensor, _path(names[owner], name))
                     placeholder = tensor if tensor.is_meta else tensor.to("meta")
                     binding = _Binding(owner, name, is_parameter, checkpoint, source.key, placeholder)
                     binding.release()
@@ -367,6 +368,6 @@ class LazyWeights:
         return self.module
 
 
-def _path_of(root: nn.Module, owner: nn.Module, name: str) -> str:
-    prefix = next((n for n, m in root.named_modules() if m is owner), "")
+def _path(prefix: str, name: str) -> str:
+    """A tensor's state-dict key: its module's path in the root module, then its name."""
     return f"{prefix}.{name}" if prefix else name
