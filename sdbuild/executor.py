@@ -498,31 +498,6 @@ STAGE_SERVER_PRELOAD = (
     "sdbuild.cli",
     "sdbuild.stages.server_ready",  # last: removes the folder torch made in TMPDIR at import
 )
-# What the torch server imports: a stage whose declared libraries hold no coremltools (download,
-# trace) forks from it. Started beside the stage server, it is ready seconds earlier (coremltools,
-# the last to load, is most of the difference), so the model is made and traced while the
-# stage server still imports.
-TORCH_SERVER_PRELOAD = (
-    "sdbuild.stages.server",
-    "numpy",
-    "torch",
-    "transformers",
-    "diffusers",
-    "diffusers.models.unets.unet_2d_condition",
-    "diffusers.models.autoencoders.autoencoder_kl",
-    "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion",
-    "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl",
-    "transformers.models.clip.modeling_clip",
-    "sdbuild.models.unet",
-    "sdbuild.models.text_encoder",
-    "sdbuild.models.vae",
-    "sdbuild.convert",
-    "sdbuild.synthetic",
-    "sdbuild.stages.download",
-    "sdbuild.stages.trace",
-    "sdbuild.executor",
-    "sdbuild.stages.server_ready",
-)
 WORKERS_ENV = "SDBUILD_WORKERS"  # forkserver (default) | spawn: a fresh interpreter per stage, the old path
 
 
@@ -552,30 +527,8 @@ def start_stage_server() -> None:
         return
     from multiprocessing import forkserver
 
-    global _torch_server
-    if _torch_server is None:
-        _torch_server = forkserver.ForkServer()
-        _torch_server.set_forkserver_preload(list(TORCH_SERVER_PRELOAD))
-        # multiprocessing asks its one forkserver for every process it starts: ask the one this thread names.
-        forkserver.connect_to_new_process = _connect_to_new_process
-    _torch_server.ensure_running()  # first: its stages come first
     multiprocessing.get_context("forkserver").set_forkserver_preload(list(STAGE_SERVER_PRELOAD))
     forkserver.ensure_running()
-
-
-_torch_server = None  # a second multiprocessing.forkserver.ForkServer, with TORCH_SERVER_PRELOAD
-_asking = threading.local()  # .server: the forkserver this thread's next process starts from
-
-
-def _connect_to_new_process(fds):
-    from multiprocessing import forkserver
-
-    return (getattr(_asking, "server", None) or forkserver._forkserver).connect_to_new_process(fds)
-
-
-def uses_coremltools(stage: Stage) -> bool:
-    """Whether the stage's declared libraries hold coremltools; those that do not start from the torch server."""
-    return "coremltools" in stage.libraries
 
 
 def start_stage_server_if_cold(artifacts: Path, remote: RemoteCache | None = None) -> None:
@@ -723,11 +676,10 @@ class _TreeMemory(threading.Thread):
         return self.peak
 
 
-def run_in_child(run: str, job: Job, out: Path, log: Path, env: dict[str, str] | None = None, torch_only: bool = False) -> dict:
+def run_in_child(run: str, job: Job, out: Path, log: Path, env: dict[str, str] | None = None) -> dict:
     """Run a stage function in a process of its own; its memory goes back when it ends.
 
-    The process forks from the stage server (libraries already imported), from
-    the torch server with ``torch_only`` (a stage that uses no coremltools), or
+    The process forks from the stage server (libraries already imported), or
     is a fresh interpreter with ``SDBUILD_WORKERS=spawn``. Its output goes to
     ``log``; ``env`` is set in its environment before the stage runs. Returns the stage's facts plus ``peak_rss_bytes`` of the child's
     process tree (its RSS counts the library pages it shares with the server,
@@ -737,11 +689,7 @@ def run_in_child(run: str, job: Job, out: Path, log: Path, env: dict[str, str] |
     ctx = multiprocessing.get_context(stage_start_method())
     receive, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child_main, args=(run, job, str(out), str(log), send, env, os.getpid()), daemon=False)
-    _asking.server = _torch_server if torch_only else None
-    try:
-        proc.start()
-    finally:
-        _asking.server = None
+    proc.start()
     send.close()
     memory = _TreeMemory(proc.pid)
     memory.start()
@@ -1225,7 +1173,7 @@ def build_stages(build: Build, todo: list[Node], force: tuple[str, ...], log: Pa
             # A log of its own while stages run side by side; appended to the build's log after.
             part = log.with_name(f"{log.stem}.{node.stage.name}-{node.key}.log")
             try:
-                facts = run_in_child(node.stage.run, job, tmp, part, torch_only=not uses_coremltools(node.stage))
+                facts = run_in_child(node.stage.run, job, tmp, part)
             except BaseException:
                 _append_log(log, node, part, keep=True)  # the error names this file
                 raise

@@ -131,7 +131,7 @@ def main():
     for run, fields in calls:
         try:
             env = {"TMPDIR": str(out)} if fields.get("tmpdir") else None
-            results.append(run_in_child(run, Job("fake", None, fields, {}), out, log, env, torch_only=bool(fields.get("torch_only"))))
+            results.append(run_in_child(run, Job("fake", None, fields, {}), out, log, env))
         except Exception as e:
             results.append({"error": str(e)})
     print(json.dumps(results))
@@ -154,16 +154,13 @@ def run_probe(tmp_path: Path, calls: list, env: dict | None = None, **popen) -> 
 
 def test_stages_fork_from_a_server_that_imported_the_libraries(tmp_path):
     calls = [("stage_fakes:report", {}), ("stage_fakes:allocate", {"mib": 256}), ("stage_fakes:report", {}), ("stage_fakes:crash", {}),
-             ("stage_fakes:report", {"tmpdir": True}), ("stage_fakes:pool", {}), ("stage_fakes:report", {"torch_only": True})]
+             ("stage_fakes:report", {"tmpdir": True}), ("stage_fakes:pool", {})]
     proc = run_probe(tmp_path, calls)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
-    first, big, after, crashed, survivor, pooled, torch_only = json.loads(out)
+    first, big, after, crashed, survivor, pooled = json.loads(out)
     assert first["preloaded"] == ["coremltools", "diffusers", "torch", "transformers"]
     assert first["ppid"] != proc.pid and first["ppid"] == after["ppid"] == survivor["ppid"]  # one server, every stage its own process
-    # A stage that uses no coremltools forks from the second server, which never imported it.
-    assert torch_only["preloaded"] == ["diffusers", "torch", "transformers"]
-    assert torch_only["ppid"] not in (proc.pid, first["ppid"])
     assert len({first["pid"], after["pid"], survivor["pid"]}) == 3
     # Peaks are each stage's own: 256 MiB more where it was allocated, not carried into the next stage.
     assert big["peak_rss_bytes"] >= big["rss_bytes"] + 250 * 2**20
@@ -223,22 +220,10 @@ def test_every_module_the_stage_server_preloads_exists():
     # diffusers module would only make every stage slower again.
     import importlib.util
 
-    from sdbuild.executor import STAGE_SERVER_PRELOAD, TORCH_SERVER_PRELOAD
+    from sdbuild.executor import STAGE_SERVER_PRELOAD
 
-    missing = [name for name in STAGE_SERVER_PRELOAD + TORCH_SERVER_PRELOAD if importlib.util.find_spec(name) is None]
+    missing = [name for name in STAGE_SERVER_PRELOAD if importlib.util.find_spec(name) is None]
     assert missing == []
-
-
-def test_the_torch_server_serves_the_stages_that_use_no_coremltools_and_imports_none():
-    from sdbuild.executor import TORCH_SERVER_PRELOAD, uses_coremltools
-
-    light = sorted(name for name, stage in STAGES.items() if not uses_coremltools(stage))
-    assert light == ["analyze", "download", "trace"]
-    code = "import importlib, sys\n" + "".join(f"importlib.import_module({m!r})\n" for m in TORCH_SERVER_PRELOAD[1:-1])  # not the server's own: they silence it
-    code += "print(sorted(m for m in ('torch', 'coremltools') if m in sys.modules))"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split("\n")[-2] == "['torch']"
 
 
 def test_bundle_and_sample_wait_for_the_packages_not_for_verify():
