@@ -10,8 +10,9 @@ stages run side by side (``--jobs`` = the cores), and a warm run imports
 nothing heavy. ``SDBUILD_WORKERS=spawn --jobs 1`` gives this tree's own
 sequential, spawned path (``--also-spawn`` adds it). Each case runs in a fresh
 artifacts folder, before and after in turn, so both see the same machine
-load; the load average is recorded beside each figure. Writes
-``bench/results/build.json``.
+load; the load average is recorded beside each figure, and each cold build's
+stage timeline (build.json's ``ran_s``) beside its time. Writes
+``bench/results/build.json`` (``--out`` names another file there).
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def main() -> None:
     ap.add_argument("--repeat-warm", type=int, default=3)
     ap.add_argument("--also-spawn", action="store_true", help="also this tree with SDBUILD_WORKERS=spawn --jobs 1")
     ap.add_argument("--no-matrix", action="store_true")
+    ap.add_argument("--out", default="build.json", help="file name under bench/results/")
     opts = ap.parse_args()
     load = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
@@ -89,10 +91,11 @@ def main() -> None:
         # A 4-bit random-weight unet scores below the tiny recipe's 35 dB gate: lower it for all three.
         matrix.write_text(f"extends: {TINY}\nname: tiny-matrix\nverify: {{psnr_min_db: 20}}\nmatrix:\n  compression.nbits: [4, 6, 8]\n")
         results = {side["name"]: {} for side in sides}
-        out = ROOT / "bench" / "results" / "build.json"
+        out = ROOT / "bench" / "results" / opts.out
         save = lambda: out.write_text(json.dumps(document(results, load), indent=2) + "\n")  # after each figure
         for i, side in enumerate(sides):
             results[side["name"]]["tiny_cold"] = timed(side, "run", TINY, "--artifacts", tmp / f"art{i}")
+            results[side["name"]]["tiny_cold_timeline"] = timeline(tmp / f"art{i}" / "builds" / "tiny" / "build.json")
             print(side["name"], "tiny cold", results[side["name"]]["tiny_cold"], flush=True)
             save()
         for i, side in enumerate(sides):
@@ -106,6 +109,13 @@ def main() -> None:
             print(side["name"], "matrix", results[side["name"]]["matrix3_cold"], flush=True)
             save()
     print(out.read_text())
+
+
+def timeline(build_json: Path) -> dict[str, list[float]]:
+    """Each stage's [start, end] in seconds from the build's start (build.json's ``ran_s``), by start."""
+    stages = json.loads(build_json.read_text())["stages"]
+    rows = sorted((s["ran_s"], f"{s['stage']} {s['component'] or ''}".strip()) for s in stages if s.get("ran_s"))
+    return {label: ran for ran, label in rows}
 
 
 def document(results: dict, load_at_start: tuple) -> dict:

@@ -49,7 +49,7 @@ class RichReporter:
 def cmd_run(args) -> int:
     from rich.table import Table
 
-    from sdbuild.executor import prepare, run_build, variants_of
+    from sdbuild.executor import prepare, run_build, start_stage_server_if_cold, variants_of
     from sdbuild.recipe import check_variants
 
     console = _console()
@@ -58,6 +58,7 @@ def cmd_run(args) -> int:
     results = []
     for recipe in args.recipe:
         check_variants(recipe)  # every recipe and variant is valid before any work starts
+    start_stage_server_if_cold(Path(args.artifacts), remote)
     todo = [(recipe, overrides) for recipe in args.recipe for _, overrides in variants_of(recipe, args.variant)]
     for recipe, overrides in todo:
         build = prepare(recipe, Path(args.artifacts), overrides, remote=remote)

@@ -531,6 +531,17 @@ def start_stage_server() -> None:
     forkserver.ensure_running()
 
 
+def start_stage_server_if_cold(artifacts: Path, remote: RemoteCache | None = None) -> None:
+    """Start the stage server before planning where every stage will be built: an artifacts folder
+    with no cache yet and no remote cache to take entries from (``make demo`` on a fresh clone).
+
+    Its imports (seconds) then overlap the command's own start and the planning; elsewhere
+    it starts once planning finds a stage to build (a warm run starts none).
+    """
+    if remote is None and not (Path(artifacts) / "cache").exists():
+        start_stage_server()
+
+
 def stage_server_running() -> bool:
     """Whether this process has started the stage server (and it has not been stopped)."""
     from multiprocessing import forkserver
@@ -826,8 +837,9 @@ def schedule(
     estimate: Callable[[Node], int],
     started: Callable[[Node], None] = lambda node: None,
     finished: Callable[[Node, BaseException | None], None] = lambda node, error: None,
+    waits_for: Callable[[Node], list[Node]] = lambda node: node.deps,
 ) -> None:
-    """Run ``run_node(node)`` for every node once its dependencies are done.
+    """Run ``run_node(node)`` for every node once its dependencies (``waits_for(node)``) are done.
 
     Up to ``jobs`` at a time, in the nodes' order, each started only while
     ``gate`` admits ``estimate(node)`` beside those running. Dependencies not
@@ -846,7 +858,7 @@ def schedule(
             for node in list(pending) if failure is None else []:
                 if len(running) >= jobs:
                     break
-                if any(d in waiting_for for d in node.deps):
+                if any(d in waiting_for for d in waits_for(node)):
                     continue
                 need = estimate(node)
                 if not gate.admits(need, len(running)):
@@ -1096,18 +1108,24 @@ def run_build(
             node.status = "skipped"
         elif not at_publish(node.stage):
             todo.append(node)
-    build_stages(build, todo, force, log, reporter, jobs)
+    bundle = next((n for n in build.nodes if n.stage.publishes and n.status != "skipped"), None)
+    if bundle is None:
+        build_stages(build, todo, force, log, reporter, jobs)
+        notes, psnr = _checked_psnr(build, limit, log, reporter)
+        report = build_report(build, started, notes, psnr)
+        report["seconds"] = round(time.time() - started, 3)
+        return BuildResult(build.build_dir, report)
+    report = publish_bundle(build, bundle, todo, limit, log, reporter, started, force=force, jobs=jobs)
+    return BuildResult(build.build_dir, report)
+
+
+def _checked_psnr(build: Build, limit: int, log: Path, reporter: Reporter) -> tuple[list[str], dict[str, dict]]:
+    """The report's notes and each verified component's figures; SdbuildError where a PSNR is below the recipe's gate."""
     notes: list[str] = []
     psnr = {n.component: _psnr(n) for n in build.nodes if n.stage.name == "verify" and n.entry}
     _note_skipped_device_work(psnr, limit, notes, reporter)
     check_psnr(build, psnr, log)
-    bundle = next((n for n in build.nodes if n.stage.publishes and n.status != "skipped"), None)
-    if bundle is None:
-        report = build_report(build, started, notes, psnr)
-        report["seconds"] = round(time.time() - started, 3)
-        return BuildResult(build.build_dir, report)
-    report = publish_bundle(build, bundle, notes, psnr, log, reporter, started, force=force, jobs=jobs)
-    return BuildResult(build.build_dir, report)
+    return notes, psnr
 
 
 def _last_stage_index(force: tuple[str, ...], until: str | None) -> int:
@@ -1134,12 +1152,16 @@ def _psnr(node: Node) -> dict:
     return read_psnr(node.entry.path)
 
 
-def build_stages(build: Build, todo: list[Node], force: tuple[str, ...], log: Path, reporter: Reporter, jobs: int | None) -> None:
-    """Take each of ``todo`` from the cache or build it, side by side where inputs and memory allow."""
+def build_stages(build: Build, todo: list[Node], force: tuple[str, ...], log: Path, reporter: Reporter, jobs: int | None,
+                 lay_out: Callable[[Node], None] | None = None) -> None:
+    """Take each of ``todo`` from the cache or build it, side by side where inputs and memory allow.
+
+    A node that ``publishes`` (the bundle) is not a cache entry: ``lay_out(node)`` makes it.
+    """
     import psutil
 
     cache = build.cache
-    to_build = [n for n in todo if n.stage.name in force or cache.get(n.stage.name, n.key) is None]
+    to_build = [n for n in todo if not n.stage.publishes and (n.stage.name in force or cache.get(n.stage.name, n.key) is None)]
     if to_build:
         start_stage_server()  # it imports the libraries while the cache is checked
     estimates, estimated = PeakEstimates(cache), {}
@@ -1151,6 +1173,9 @@ def build_stages(build: Build, todo: list[Node], force: tuple[str, ...], log: Pa
 
     def run_node(node: Node) -> None:
         begun = time.time()
+        if node.stage.publishes:
+            lay_out(node)
+            return
         # A whole-build stage's deps may include skipped ones (--until): it reads none of them.
         ready = [d for d in node.deps if d.entry is not None]
         upstream = {**node.files, **{d.stage.name: d.entry.path for d in ready}}
@@ -1182,13 +1207,30 @@ def build_stages(build: Build, todo: list[Node], force: tuple[str, ...], log: Pa
         node.peak_rss_bytes = entry.manifest.get("peak_rss_bytes", 0)
         node.window = (begun, time.time())
 
+    def started(node: Node) -> None:
+        if not node.stage.publishes:  # the bundle is shown as the build's last line, not as a stage
+            reporter.stage_started(node)
+
     def finished(node: Node, error: BaseException | None) -> None:
         if error is not None:
             node.status = "failed"
-        reporter.stage_finished(node)
+        if not node.stage.publishes:
+            reporter.stage_finished(node)
 
     gate = MemoryGate(psutil.virtual_memory().available)
-    schedule(todo, run_node, jobs=jobs or default_jobs(), gate=gate, estimate=estimate, started=reporter.stage_started, finished=finished)
+    schedule(todo, run_node, jobs=jobs or default_jobs(), gate=gate, estimate=estimate, started=started, finished=finished,
+             waits_for=lambda node: waits_for(node, todo))
+
+
+def waits_for(node: Node, nodes: list[Node]) -> list[Node]:
+    """The nodes ``node`` reads, so starts after: what it consumes that comes before it in build order,
+    and the nodes of ``nodes`` of the stages it comes ``after``.
+
+    Every stage consumes earlier stages only, but for the bundle and its sample, whose keys hold
+    every verify (a later stage) without reading its output: they start while verify runs.
+    """
+    consumed = [d for d in node.deps if ORDER.index(d.stage.name) < ORDER.index(node.stage.name)]
+    return consumed + [n for n in nodes if n.stage.name in node.stage.after]
 
 
 def shipped_package(build: Build, component: str) -> dict[str, Any]:
@@ -1302,30 +1344,40 @@ def check_psnr(build: Build, psnr: dict, log: Path) -> None:
             )
 
 
-def publish_bundle(build: Build, bundle: Node, notes: list[str], psnr: dict[str, dict], log: Path, reporter: Reporter,
+def publish_bundle(build: Build, bundle: Node, todo: list[Node], limit: int, log: Path, reporter: Reporter,
                    started: float, *, force: tuple[str, ...] = (), jobs: int | None = None) -> dict:
-    """Lay out the bundle (or take the previous one over, same key) in staging, run the stages that
-    come after it (the sample image), add the report and log, then publish it under the build's
-    name by a rename. Returns the report (``build_report`` plus the bundle's facts)."""
+    """Build ``todo`` and lay out the bundle (or take the previous one over, same key) in staging as soon
+    as the packages it holds are built, while verify runs; run the stages that come after it (the
+    sample image) from there; once every verify passed its PSNR gate, add the report and log and
+    publish the bundle under the build's name by a rename. Returns the report (``build_report`` plus the bundle's facts).
+
+    The bundle and what comes after it wait for the nodes they consume that come before them in
+    build order (``ORDER``) only: verify comes after, and enters their keys without being read.
+    """
     from sdbuild.report import write_report
 
     download = build.nodes[0]
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{build.recipe.name}-p{os.getpid()}-", dir=_mkdir(build.build_dir.parent)))
-    try:
+    laid_out: dict[str, Any] = {}
+
+    def lay_out(node: Node) -> None:
         packages = {comp: shipped_package(build, comp) for comp in final_nodes(build.nodes)}
         # --force bundle lays it out anew, as --force does any stage.
         reused = None if bundle.stage.name in force else _reuse_bundle(build.build_dir, bundle.key, staging)
         if reused is None:
             _write_bundle(build, bundle, packages, download.entry.path, staging, log)
         bundle.status = "built" if reused is None else "cached"
-        files = _bundle_files(staging, reused)
-        seconds, size = round(time.time() - started, 3), tree_bytes(staging)
+        laid_out["files"] = _bundle_files(staging, reused)
+
+    try:
         after = [n for n in build.nodes if bundle.stage.name in n.stage.after and n.status != "skipped"]
         for node in after:
             node.files = {**node.files, bundle.stage.name: staging}  # read, not keyed (``Stage.after``)
-        build_stages(build, after, force, log, reporter, jobs)
+        build_stages(build, [*todo, bundle, *after], force, log, reporter, jobs, lay_out=lay_out)
+        seconds, size = round(time.time() - started, 3), tree_bytes(staging)
+        notes, psnr = _checked_psnr(build, limit, log, reporter)
         report = build_report(build, started, notes, psnr)
-        report["bundle"] = {"key": bundle.key, "files": files}
+        report["bundle"] = {"key": bundle.key, "files": laid_out["files"]}
         report["seconds"] = seconds
         report["bundle_bytes"] = size
         sample = next((n for n in after if n.stage.name == "sample"), None)
@@ -1368,9 +1420,14 @@ def _write_bundle(build: Build, bundle: Node, packages: dict, download_entry: Pa
 
         run(job, staging)
         return
-    with open(log, "a") as f:
-        f.write(f"\n=== {bundle.stage.name}\n")
-    run_in_child(bundle.stage.run, job, staging, log)
+    # A log of its own, as every stage's: verify may still be running beside it.
+    part = log.with_name(f"{log.stem}.{bundle.stage.name}-{bundle.key}.log")
+    try:
+        run_in_child(bundle.stage.run, job, staging, part)
+    except BaseException:
+        _append_log(log, bundle, part, keep=True)  # the error names this file
+        raise
+    _append_log(log, bundle, part)
 
 
 BUNDLE_FILES_EXCLUDED = ("build.json", "build.log", "report.html", "report.md")  # rewritten by every run

@@ -100,3 +100,61 @@ def test_programs_are_printed_for_the_debug_log_only(monkeypatch, tmp_path, leve
     # Before and after each of ct.convert's three pipelines, at DEBUG.
     assert len(printed) >= 6 if level == "DEBUG" else not printed
     assert Program.__dict__["__str__"] is counted  # put back as it was
+
+
+def _program_with_compressed_weights():
+    """A program with what the propagation treats apart: constexpr (palettized) weights, a shape op,
+    a tuple input (concat), nested blocks (cond) reading outer vars."""
+    import numpy as np
+    import coremltools as ct
+    from coremltools.converters.mil import Builder as mb
+
+    rng = np.random.default_rng(0)
+
+    def weight(name):
+        # 16 two-bit indices packed in 4 bytes, a 4-entry palette.
+        return mb.constexpr_lut_to_dense(
+            indices=rng.integers(0, 256, 4).astype(np.uint8), lut=rng.standard_normal(4).astype(np.float16),
+            shape=np.array([4, 4], dtype=np.uint32), name=name,
+        )
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(4, 4), dtype=ct.converters.mil.mil.types.fp16)], opset_version=ct.target.iOS16)
+    def prog(x):
+        a, b = weight("wa"), weight("wb")
+        y = mb.matmul(x=x, y=a)
+        z = mb.add(x=y, y=b)
+        both = mb.concat(values=(y, z, x), axis=0)
+        size = mb.shape(x=both)
+        pred = mb.greater(x=mb.reduce_sum(x=z), y=np.float16(0))
+        picked = mb.cond(pred=pred, _true_fn=lambda: mb.mul(x=z, y=a), _false_fn=lambda: mb.sub(x=x, y=x))
+        return mb.add(x=picked, y=mb.cast(x=mb.reduce_sum(x=mb.cast(x=size, dtype="fp16")), dtype="fp16")), both
+
+    return prog
+
+
+def _all_vars(block):
+    for op in block.operations:
+        for inner in op.blocks:
+            yield from _all_vars(inner)
+        yield from op.outputs
+
+
+def test_nonreplaceable_vars_propagate_to_the_same_sets():
+    from coremltools.converters.mil.mil import Block
+
+    from sdbuild.mil.validation import propagate_nonreplaceable_vars
+
+    main = _program_with_compressed_weights().functions["main"]
+    Block.__dict__["_propagate_nonreplaceable_vars"](main)  # coremltools' own
+    theirs = {v.name: set(v.nonreplaceable_vars_upstream) for v in _all_vars(main)}
+    for v in _all_vars(main):
+        v._nonreplaceable_vars_upstream = {v}  # whatever was there before is replaced
+    propagate_nonreplaceable_vars(main)
+    ours = {v.name: v.nonreplaceable_vars_upstream for v in _all_vars(main)}
+    assert ours == theirs
+    names = {k: sorted(x.name for x in s) for k, s in ours.items()}
+    # What the case is made to hold: compressed weights reach the outputs, a shape op stops them,
+    # a nested block's op reads an outer weight.
+    assert names["wa"] == ["wa"] and set(names[main.outputs[0].name]) == {"wa", "wb"}
+    assert any(op.op_type == "shape" and not names[op.outputs[0].name] for op in main.operations)
+    assert any(names.get(v.name) for op in main.operations for inner in op.blocks for v in _all_vars(inner))

@@ -29,8 +29,8 @@ def fake_nodes(*specs: tuple[str, list[str]]) -> dict[str, Node]:
 class Recorder:
     """A run_node that holds each stage for a moment and records what ran beside what."""
 
-    def __init__(self, hold: float = 0.2, fail: str | None = None):
-        self.hold, self.fail = hold, fail
+    def __init__(self, hold: float = 0.2, fail: str | None = None, holds: dict[str, float] | None = None):
+        self.hold, self.fail, self.holds = hold, fail, holds or {}
         self.lock = threading.Lock()
         self.running: set[str] = set()
         self.together: set[frozenset[str]] = set()
@@ -44,7 +44,7 @@ class Recorder:
             self.max_running = max(self.max_running, len(self.running))
             for other in self.running - {node.component}:
                 self.together.add(frozenset((node.component, other)))
-        time.sleep(self.hold)
+        time.sleep(self.holds.get(node.component, self.hold))
         with self.lock:
             self.running.discard(node.component)
             self.order.append(("end", node.component))
@@ -224,3 +224,46 @@ def test_every_module_the_stage_server_preloads_exists():
 
     missing = [name for name in STAGE_SERVER_PRELOAD if importlib.util.find_spec(name) is None]
     assert missing == []
+
+
+def test_bundle_and_sample_wait_for_the_packages_not_for_verify():
+    """The bundle and its sample image consume every verify (their keys) but read none: they run while verify runs."""
+    from sdbuild.executor import prepare, waits_for
+
+    build = prepare(REPO / "recipes" / "tiny.yaml", Path("/nonexistent-artifacts"))
+    by = {n.label: n for n in build.nodes}
+    bundle, sample = by["bundle"], by["sample"]
+    verifies = [n for n in build.nodes if n.stage.name == "verify"]
+    assert verifies and all(v in bundle.deps and v in sample.deps for v in verifies)  # keyed by them
+    assert set(waits_for(bundle, build.nodes)) == {n for n in bundle.deps if n.stage.name != "verify"}
+    assert by["compress unet"] in waits_for(bundle, build.nodes)
+    assert waits_for(sample, build.nodes) == [bundle]
+    # Every other stage waits for all it consumes.
+    assert all(waits_for(n, build.nodes) == n.deps for n in build.nodes if n not in (bundle, sample))
+
+
+def test_sample_runs_beside_verify_and_the_bundle_after_the_packages():
+    from sdbuild.executor import waits_for
+
+    nodes = fake_nodes(("convert", []), ("verify", ["convert"]), ("bundle", ["convert", "verify"]), ("sample", ["verify"]))
+    stage_of = {"convert": "convert", "verify": "verify", "bundle": "bundle", "sample": "sample"}
+    for name, node in nodes.items():
+        node.stage = STAGES[stage_of[name]]
+    run = Recorder(holds={"verify": 1.0})
+    order = list(nodes.values())
+    schedule(order, run, jobs=4, gate=MemoryGate(10 * 2**30), estimate=lambda n: 1, waits_for=lambda n: waits_for(n, order))
+    assert frozenset(("verify", "sample")) in run.together
+    assert run.order.index(("start", "bundle")) > run.order.index(("end", "convert"))
+    assert run.order.index(("start", "sample")) > run.order.index(("end", "bundle"))
+
+
+@pytest.mark.parametrize("cache, remote, starts", [(False, False, True), (True, False, False), (False, True, False)])
+def test_stage_server_starts_before_planning_only_where_nothing_can_be_cached(tmp_path, monkeypatch, cache, remote, starts):
+    import sdbuild.executor as executor
+
+    started = []
+    monkeypatch.setattr(executor, "start_stage_server", lambda: started.append(1))
+    if cache:
+        (tmp_path / "cache").mkdir()
+    executor.start_stage_server_if_cold(tmp_path, object() if remote else None)
+    assert bool(started) == starts
