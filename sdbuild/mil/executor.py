@@ -431,7 +431,7 @@ class Program:
     def _einsum_attention_chains(self) -> dict:
         """Find SPLIT_EINSUM's per-head einsum(q, k) -> softmax(axis 1) -> einsum(probabilities, v) chains
         (``_SCORES_ORDER``, ``_VALUES_ORDER``: either operand order, as coremltools may swap them) whose
-        intermediates nothing else reads: {final einsum op name: (first einsum, softmax)}.
+        intermediates nothing else reads: {final einsum op name: (first einsum, softmax, {q, k, v: operand var})}.
 
         Run with kernels.fused_einsum_attention, a block of queries at a time: each head's (B, Sk, 1, Sq)
         scores (128 MiB in SD 1.5's first transformer) and their softmax never exist whole.
@@ -460,9 +460,12 @@ class Program:
             final = sole_consumer(op.outputs[0])
             if final is None or final.op_type != "einsum" or equation(final) not in _VALUES_ORDER:
                 continue
-            if list(final.inputs["values"])[_VALUES_ORDER[equation(final)][0]] is not op.outputs[0]:
+            scores_in, values_in = list(first.inputs["values"]), list(final.inputs["values"])
+            probs_at, v_at = _VALUES_ORDER[equation(final)]
+            if values_in[probs_at] is not op.outputs[0]:
                 continue
-            chains[final.name] = (first, op)
+            q_at, k_at = _SCORES_ORDER[equation(first)]
+            chains[final.name] = (first, op, {"q": scores_in[q_at], "k": scores_in[k_at], "v": values_in[v_at]})
         return chains
 
     def _build_plan(self, precision: str) -> _Plan:
@@ -512,7 +515,7 @@ class Program:
         chains = self._attention_chains()
         in_chain = {o.name for first, scale, soft in chains.values() for o in (first, scale, soft) if o is not None}
         einsum_chains = self._einsum_attention_chains()
-        in_chain |= {o.name for pair in einsum_chains.values() for o in pair}
+        in_chain |= {o.name for first, soft, _ in einsum_chains.values() for o in (first, soft)}
 
         def rounding(op):
             fin = _finisher(_kind(op.outputs[0].dtype), precision, False)
@@ -522,11 +525,8 @@ class Program:
             if op.op_type == "const" or op.name in in_chain:
                 continue
             if op.name in einsum_chains:
-                first, soft = einsum_chains[op.name]
-                scores_in, values_in = list(first.inputs["values"]), list(op.inputs["values"])
-                q_at, k_at = _SCORES_ORDER[str(first.inputs["equation"].val)]
-                v_at = _VALUES_ORDER[str(op.inputs["equation"].val)][1]
-                static, dyn = bind({"q": scores_in[q_at], "k": scores_in[k_at], "v": values_in[v_at]}, attrs=())
+                first, soft, operands = einsum_chains[op.name]
+                static, dyn = bind(operands, attrs=())
                 static.update(finish_scores=rounding(first), finish_probs=rounding(soft))
                 fin = _finisher(_kind(op.outputs[0].dtype), precision, False)
                 steps.append([_kernels.fused_einsum_attention, static, dyn, [op.outputs[0].name], [fin], [], "einsum attention (fused)"])
