@@ -36,6 +36,7 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Callable
 
 import numpy as np
@@ -51,6 +52,10 @@ ANALYSIS_VERSION = 1
 FLOAT16_BITS = 16
 CACHE_BYTES = 1 << 30  # palettized weights kept between curve points and recipes
 REPLAY_BYTES = 2 << 30  # baseline activations kept to replay (see _Replay)
+# Attention a block of query rows at a time, each block's scores at most this many float32 values
+# (256 MiB): SD 1.5's first self-attention at 512x512 would otherwise hold 1 GiB of scores and as
+# large a softmax. A block this size costs no time (bench/results/analysis-sd15.json).
+ATTENTION_BLOCK = 1 << 26
 
 
 def recipe_name(average_bits: float) -> str:
@@ -117,7 +122,7 @@ class _Model:
         with torch.no_grad():
             for p in self.module.parameters():  # the float16 package's weights
                 p.copy_(p.half().float())
-        self.weight16 = {l.name: l.module.weight.detach().numpy().astype(np.float16) for l in self.layers}
+        self.by_name = {l.name: l for l in self.layers}
         self.cache: dict[tuple[str, int], np.ndarray] = {}
         self.cache_bytes = 0
         if replay:
@@ -133,8 +138,10 @@ class _Model:
 
         if around is None and self.replay is not None:
             around = lambda i: self.replay.replaying(i, replaced)  # noqa: E731
+        from sdbuild.models.chunked_attention import chunked_scores
+
         outs = []
-        with self.torch.no_grad():
+        with self.torch.no_grad(), chunked_scores(ATTENTION_BLOCK):
             for i, x in enumerate(self.inputs):
                 with around(i) if around else contextlib.nullcontext():
                     outs.append(_first_tensor(self.module(**x)).numpy().copy())
@@ -153,8 +160,10 @@ class _Model:
             m.register_forward_pre_hook(lambda mod, args, name=name: order.append(name) if name not in order else None)
             for name, m in candidates.items()
         ]
+        from sdbuild.models.chunked_attention import chunked_scores
+
         try:
-            with self.torch.no_grad():
+            with self.torch.no_grad(), chunked_scores(ATTENTION_BLOCK):
                 self.module(**self.inputs[0])
         finally:
             for h in hooks:
@@ -171,32 +180,67 @@ class _Model:
             for i, name in enumerate(order)
         ]
 
-    def psnr_with(self, replaced: dict[str, np.ndarray]) -> float:
-        """Mean end-to-end PSNR over the inputs with ``replaced`` weights ({layer: float16 array}) swapped in."""
-        by_name = {l.name: l for l in self.layers}
-        with self.torch.no_grad():
-            for name, w in replaced.items():
-                by_name[name].module.weight.copy_(self.torch.from_numpy(w.astype(np.float32)))
-            try:
-                outs = self.outputs(tuple(replaced))
-            finally:
-                for name in replaced:
-                    by_name[name].module.weight.copy_(self.torch.from_numpy(self.weight16[name].astype(np.float32)))
+    def weight16(self, name: str) -> np.ndarray:
+        """A layer's float16 weight, as the package stores it (a fresh array: none is kept)."""
+        return self.by_name[name].module.weight.detach().numpy().astype(np.float16)
+
+    def psnr_with(self, replaced: Mapping[str, np.ndarray]) -> float:
+        """Mean end-to-end PSNR over the inputs with ``replaced`` weights ({layer: float16 array}) swapped in.
+
+        The weights are swapped in place one layer at a time (``replaced`` may
+        compute its values as they are asked for, see ``_Lazy``), each layer's
+        own kept in float16 meanwhile (exact: the module's weights are
+        float16-rounded) and put back after: a swap of every layer holds half
+        the model's float32 size, nothing more.
+        """
+        torch = self.torch
+        saved: dict[str, np.ndarray] = {}
+        try:
+            with torch.no_grad():
+                for name, w in replaced.items():
+                    saved[name] = self.weight16(name)
+                    self.by_name[name].module.weight.copy_(torch.from_numpy(np.asarray(w, dtype=np.float32)))
+            outs = self.outputs(tuple(saved))
+        finally:
+            with torch.no_grad():
+                for name, w in saved.items():
+                    self.by_name[name].module.weight.copy_(torch.from_numpy(w.astype(np.float32)))
         return float(np.mean([psnr(ref, out) for ref, out in zip(self.reference, outs)]))
 
     def palettized_layer(self, name: str, bits: int) -> np.ndarray:
         """``fake_palettize`` of one layer, kept while the cache stays under ``CACHE_BYTES``."""
         key = (name, bits)
         if key not in self.cache:
-            weight = fake_palettize(self.weight16[name], bits)
+            weight = fake_palettize(self.weight16(name), bits)
             if self.cache_bytes + weight.nbytes > CACHE_BYTES:
                 return weight
             self.cache[key] = weight
             self.cache_bytes += weight.nbytes
         return self.cache[key]
 
-    def palettized(self, recipe: dict[str, int]) -> dict[str, np.ndarray]:
-        return {name: self.palettized_layer(name, bits) for name, bits in recipe.items() if bits < FLOAT16_BITS}
+    def palettized(self, recipe: dict[str, int]) -> Mapping[str, np.ndarray]:
+        """The layers ``recipe`` palettizes → their palettized weights, each computed when asked for."""
+        names = [name for name, bits in recipe.items() if bits < FLOAT16_BITS]
+        return _Lazy(names, lambda name: self.palettized_layer(name, recipe[name]))
+
+
+class _Lazy(Mapping):
+    """{name: value(name)} for ``names``, each value computed when asked for and not kept:
+    a swap of every layer never holds every replacement weight at once."""
+
+    def __init__(self, names, value: Callable[[str], np.ndarray]):
+        self.names, self.value = list(names), value
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.names:
+            raise KeyError(name)
+        return self.value(name)
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 class _Replay:
@@ -540,7 +584,7 @@ def _pre_analyze(unet_factory, out_dir, inputs, model_version, progress, nbits, 
         original = measured("baseline/original", lambda: model.psnr_with({}), "float16 weights")
         linear8 = measured(
             "baseline/linear_8bit",
-            lambda: model.psnr_with({l.name: fake_linear8(model.weight16[l.name]) for l in layers}),
+            lambda: model.psnr_with(_Lazy([l.name for l in layers], lambda name: fake_linear8(model.weight16(name)))),
             "linear 8-bit",
         )
         isolated: dict[str, dict[int, float]] = {}
