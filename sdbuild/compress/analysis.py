@@ -26,6 +26,21 @@ float16 package scores.
 
 Every result is appended to ``analysis.partial.jsonl`` as it comes; a rerun
 after a kill reads it back and skips what is done.
+
+Memory: the float32 unet is the only copy of the weights. A measurement
+swaps its layers' weights in place, one layer at a time (each replacement
+made when it is swapped in), and keeps only the swapped layers' float16
+originals to put back; attention runs in blocks of at most
+``ATTENTION_BLOCK`` scores. Besides the unet, what is held is bounded:
+``REPLAY_BYTES`` of baseline activations, ``CACHE_BYTES`` of palettized
+weights (SD 1.5 at 512x512: bench/results/analysis-sd15.json).
+
+Every (layer, width) is measured; none is skipped by a bound. The recipes
+sweep thresholds between the lowest and the highest isolated PSNR of all
+layers and widths, and each width's cumulative curve orders *all* layers by
+their PSNR at that width, so every entry moves a result: a width left
+unmeasured would change the thresholds, a layer's width in a recipe, or a
+curve's order.
 """
 
 from __future__ import annotations
