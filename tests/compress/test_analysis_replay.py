@@ -150,3 +150,24 @@ def test_attention_in_blocks_measures_what_whole_attention_measures(models, monk
     blocked = plain.psnr_with(recipe)
     assert calls and set(calls) == {256}
     assert blocked == pytest.approx(whole, abs=1e-3) and np.isfinite(blocked)
+
+
+def test_a_swap_of_every_layer_makes_one_replacement_at_a_time_and_puts_the_weights_back(models):
+    plain, _ = models
+    before = {layer.name: layer.module.weight.detach().clone() for layer in plain.layers}
+    made, alive = [], []
+
+    def value(name):
+        import weakref
+
+        w = analysis.fake_linear8(plain.weight16(name))
+        alive.append(sum(ref() is not None for ref in made))  # replacements still held when this one is made
+        made.append(weakref.ref(w))
+        return w
+
+    lazy = analysis._Lazy([layer.name for layer in plain.layers], value)
+    assert plain.psnr_with(lazy) < plain.psnr_with({})
+    # The loop holds the previous replacement until it takes the next: never more (a dict would hold them all).
+    assert len(made) == len(plain.layers) and max(alive) <= 1
+    for layer in plain.layers:
+        assert torch.equal(layer.module.weight, before[layer.name]), layer.name
