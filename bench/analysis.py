@@ -50,7 +50,9 @@ def main() -> None:
     parser.add_argument("--sample", type=int, default=8, help="layers to time, spread over the execution order")
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--cache", type=Path, default=Path("/work/bench-cache"))
+    parser.add_argument("--out", type=Path, help="the JSON written (default bench/results/analysis-<model>.json)")
     args = parser.parse_args()
+    load_before = os.getloadavg()
 
     ckpt = checkpoint(args.model, args.cache)
     size = 64 if args.model == "tiny" else 512
@@ -60,9 +62,11 @@ def main() -> None:
     module = component.module
     del component
 
+    built_gib = _peak_gib()
     started = time.perf_counter()
     model = analysis._Model(module, inputs, replay=True)
     setup_s = time.perf_counter() - started
+    setup_gib = _peak_gib()
     layers = sorted(model.layers, key=lambda layer: layer.order)
     picks = [layers[i] for i in np.unique(np.linspace(0, len(layers) - 1, args.sample).round().astype(int))]
     rows = []
@@ -77,7 +81,8 @@ def main() -> None:
         replay_db = model.psnr_with(weight)
         replay_s = time.perf_counter() - t
         rows.append({"layer": layer.name, "order": layer.order, "plain_s": round(plain_s, 2),
-                     "replay_s": round(replay_s, 2), "same_psnr": plain_db == replay_db})  # fmt: skip
+                     "replay_s": round(replay_s, 2), "same_psnr": plain_db == replay_db,
+                     "load": round(os.getloadavg()[0], 1), "peak_rss_gib": _peak_gib()})  # fmt: skip
         print(f"{layer.order:4d} {layer.name:60s} plain {plain_s:7.2f} s  replay {replay_s:7.2f} s  same {plain_db == replay_db}", flush=True)
     plain = float(np.mean([r["plain_s"] for r in rows]))
     fast = float(np.mean([r["replay_s"] for r in rows]))
@@ -89,6 +94,7 @@ def main() -> None:
         "layers": len(layers),
         "measurement": f"one layer at {args.bits} bits, {SAMPLES} seeded inputs (batch 2 each), PSNR vs float32",
         "setup_s": round(setup_s, 1),
+        "peak_rss_gib_after": {"building the unet": built_gib, "setup (reference, baseline forwards, replay)": setup_gib},
         "replay_kept_gib": round(kept / 2**30, 2),
         "sampled": rows,
         "mean_measurement_s": {"plain": round(plain, 2), "replay": round(fast, 2)},
@@ -96,14 +102,18 @@ def main() -> None:
             "plain": round((n_isolated + n_rest) * plain / 60, 1),
             "replay": round((n_isolated * fast + n_rest * plain) / 60, 1),
         },
-        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "peak_rss_gib": _peak_gib(),
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-                    "load_before": os.getloadavg()},  # fmt: skip
+                    "load_before": load_before, "load_after": os.getloadavg()},  # fmt: skip
     }
-    out = ROOT / "bench" / "results" / f"analysis-{args.model}.json"
+    out = args.out or ROOT / "bench" / "results" / f"analysis-{args.model}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("mean_measurement_s", "projected_analysis_min", "peak_rss_gib", "replay_kept_gib")}))
     print(f"written {out}")
+
+
+def _peak_gib() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,21 @@ float16 package scores.
 
 Every result is appended to ``analysis.partial.jsonl`` as it comes; a rerun
 after a kill reads it back and skips what is done.
+
+Memory: the float32 unet is the only copy of the weights. A measurement
+swaps its layers' weights in place, one layer at a time (each replacement
+made when it is swapped in), and keeps only the swapped layers' float16
+originals to put back; attention runs in blocks of at most
+``ATTENTION_BLOCK`` scores. Besides the unet, what is held is bounded:
+``REPLAY_BYTES`` of baseline activations, ``CACHE_BYTES`` of palettized
+weights (SD 1.5 at 512x512: bench/results/analysis-sd15.json).
+
+Every (layer, width) is measured; none is skipped by a bound. The recipes
+sweep thresholds between the lowest and the highest isolated PSNR of all
+layers and widths, and each width's cumulative curve orders *all* layers by
+their PSNR at that width, so every entry moves a result: a width left
+unmeasured would change the thresholds, a layer's width in a recipe, or a
+curve's order.
 """
 
 from __future__ import annotations
@@ -34,6 +49,7 @@ import hashlib
 import json
 import os
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -51,6 +67,11 @@ ANALYSIS_VERSION = 1
 FLOAT16_BITS = 16
 CACHE_BYTES = 1 << 30  # palettized weights kept between curve points and recipes
 REPLAY_BYTES = 2 << 30  # baseline activations kept to replay (see _Replay)
+# Attention a block of query rows at a time, each block's scores at most this many float32 values
+# (256 MiB): SD 1.5's first self-attention at 512x512 would otherwise hold 1 GiB of scores and as
+# large a softmax. Blocks this large keep the matmuls large: SD 1.5's 4,096-token attention took
+# 3.8 s in blocks of 2**24 scores, 6.4 s in blocks of 2**22, 3.3 s whole (2 threads, load 7-8).
+ATTENTION_BLOCK = 1 << 26
 
 
 def recipe_name(average_bits: float) -> str:
@@ -117,7 +138,7 @@ class _Model:
         with torch.no_grad():
             for p in self.module.parameters():  # the float16 package's weights
                 p.copy_(p.half().float())
-        self.weight16 = {l.name: l.module.weight.detach().numpy().astype(np.float16) for l in self.layers}
+        self.by_name = {l.name: l for l in self.layers}
         self.cache: dict[tuple[str, int], np.ndarray] = {}
         self.cache_bytes = 0
         if replay:
@@ -133,8 +154,10 @@ class _Model:
 
         if around is None and self.replay is not None:
             around = lambda i: self.replay.replaying(i, replaced)  # noqa: E731
+        from sdbuild.models.chunked_attention import chunked_scores
+
         outs = []
-        with self.torch.no_grad():
+        with self.torch.no_grad(), chunked_scores(ATTENTION_BLOCK):
             for i, x in enumerate(self.inputs):
                 with around(i) if around else contextlib.nullcontext():
                     outs.append(_first_tensor(self.module(**x)).numpy().copy())
@@ -153,8 +176,10 @@ class _Model:
             m.register_forward_pre_hook(lambda mod, args, name=name: order.append(name) if name not in order else None)
             for name, m in candidates.items()
         ]
+        from sdbuild.models.chunked_attention import chunked_scores
+
         try:
-            with self.torch.no_grad():
+            with self.torch.no_grad(), chunked_scores(ATTENTION_BLOCK):
                 self.module(**self.inputs[0])
         finally:
             for h in hooks:
@@ -171,32 +196,67 @@ class _Model:
             for i, name in enumerate(order)
         ]
 
-    def psnr_with(self, replaced: dict[str, np.ndarray]) -> float:
-        """Mean end-to-end PSNR over the inputs with ``replaced`` weights ({layer: float16 array}) swapped in."""
-        by_name = {l.name: l for l in self.layers}
-        with self.torch.no_grad():
-            for name, w in replaced.items():
-                by_name[name].module.weight.copy_(self.torch.from_numpy(w.astype(np.float32)))
-            try:
-                outs = self.outputs(tuple(replaced))
-            finally:
-                for name in replaced:
-                    by_name[name].module.weight.copy_(self.torch.from_numpy(self.weight16[name].astype(np.float32)))
+    def weight16(self, name: str) -> np.ndarray:
+        """A layer's float16 weight, as the package stores it (a fresh array: none is kept)."""
+        return self.by_name[name].module.weight.detach().numpy().astype(np.float16)
+
+    def psnr_with(self, replaced: Mapping[str, np.ndarray]) -> float:
+        """Mean end-to-end PSNR over the inputs with ``replaced`` weights ({layer: float16 array}) swapped in.
+
+        The weights are swapped in place one layer at a time (``replaced`` may
+        compute its values as they are asked for, see ``_Lazy``), each layer's
+        own kept in float16 meanwhile (exact: the module's weights are
+        float16-rounded) and put back after: a swap of every layer holds half
+        the model's float32 size, nothing more.
+        """
+        torch = self.torch
+        saved: dict[str, np.ndarray] = {}
+        try:
+            with torch.no_grad():
+                for name, w in replaced.items():
+                    saved[name] = self.weight16(name)
+                    self.by_name[name].module.weight.copy_(torch.from_numpy(np.asarray(w, dtype=np.float32)))
+            outs = self.outputs(tuple(saved))
+        finally:
+            with torch.no_grad():
+                for name, w in saved.items():
+                    self.by_name[name].module.weight.copy_(torch.from_numpy(w.astype(np.float32)))
         return float(np.mean([psnr(ref, out) for ref, out in zip(self.reference, outs)]))
 
     def palettized_layer(self, name: str, bits: int) -> np.ndarray:
         """``fake_palettize`` of one layer, kept while the cache stays under ``CACHE_BYTES``."""
         key = (name, bits)
         if key not in self.cache:
-            weight = fake_palettize(self.weight16[name], bits)
+            weight = fake_palettize(self.weight16(name), bits)
             if self.cache_bytes + weight.nbytes > CACHE_BYTES:
                 return weight
             self.cache[key] = weight
             self.cache_bytes += weight.nbytes
         return self.cache[key]
 
-    def palettized(self, recipe: dict[str, int]) -> dict[str, np.ndarray]:
-        return {name: self.palettized_layer(name, bits) for name, bits in recipe.items() if bits < FLOAT16_BITS}
+    def palettized(self, recipe: dict[str, int]) -> Mapping[str, np.ndarray]:
+        """The layers ``recipe`` palettizes → their palettized weights, each computed when asked for."""
+        names = [name for name, bits in recipe.items() if bits < FLOAT16_BITS]
+        return _Lazy(names, lambda name: self.palettized_layer(name, recipe[name]))
+
+
+class _Lazy(Mapping):
+    """{name: value(name)} for ``names``, each value computed when asked for and not kept:
+    a swap of every layer never holds every replacement weight at once."""
+
+    def __init__(self, names, value: Callable[[str], np.ndarray]):
+        self.names, self.value = list(names), value
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.names:
+            raise KeyError(name)
+        return self.value(name)
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 class _Replay:
@@ -540,7 +600,7 @@ def _pre_analyze(unet_factory, out_dir, inputs, model_version, progress, nbits, 
         original = measured("baseline/original", lambda: model.psnr_with({}), "float16 weights")
         linear8 = measured(
             "baseline/linear_8bit",
-            lambda: model.psnr_with({l.name: fake_linear8(model.weight16[l.name]) for l in layers}),
+            lambda: model.psnr_with(_Lazy([l.name for l in layers], lambda name: fake_linear8(model.weight16(name)))),
             "linear 8-bit",
         )
         isolated: dict[str, dict[int, float]] = {}

@@ -41,18 +41,19 @@ def chunked_attention(q, k, v, heads: int, mask=None, elements: int | None = Non
     return torch.cat(out, dim=3).flatten(1, 2).unsqueeze(2)
 
 
-def _any_chunk(q, k, v, heads, mask=None, chunk=None):
-    return chunked_attention(q, k, v, heads, mask)
-
-
 @contextlib.contextmanager
-def chunked_scores():
-    """Within: ``attention.attention`` computes every implementation with ``chunked_attention``."""
+def chunked_scores(elements: int | None = None):
+    """Within: ``attention.attention`` computes every implementation with ``chunked_attention``,
+    blocks of at most ``elements`` scores (``SCORE_ELEMENTS``)."""
+
+    def any_chunk(q, k, v, heads, mask=None, chunk=None):
+        return chunked_attention(q, k, v, heads, mask, elements)
+
     names = ("original_attention", "split_einsum_attention", "split_einsum_v2_attention")
     saved = {name: getattr(_attention, name) for name in names}
     try:
         for name in names:
-            setattr(_attention, name, _any_chunk)
+            setattr(_attention, name, any_chunk)
         yield
     finally:
         for name, function in saved.items():

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sdbuild.compress import analysis
+from sdbuild.compress import analysis as analysis_module
 from tests.compress.conftest import tiny_unet
 
 
@@ -96,3 +97,77 @@ def test_a_forward_that_takes_another_path_stops_the_replay_and_stays_exact(tiny
         assert fast.psnr_with(fast.palettized({last: 4})) == plain.psnr_with(plain.palettized({last: 4}))
     finally:
         torch.set_num_threads(previous)
+
+
+def test_the_whole_analysis_equals_the_straightforward_one(analysis, tiny_sd_checkpoint, analysis_inputs, tmp_path, monkeypatch):
+    """Replay, attention in blocks and weights swapped one layer at a time against every forward run whole,
+    attention unblocked and the replacement weights made up front: the same recipes, PSNR within 0.1 dB."""
+    import contextlib
+    import functools
+    import json
+
+    from sdbuild.compress import pre_analyze
+    from sdbuild.models import chunked_attention
+    from tests.compress.conftest import tiny_unet
+
+    fast = json.loads(analysis.read_text())
+    monkeypatch.setattr(analysis_module, "_Model", functools.partial(analysis_module._Model, replay=False))
+    monkeypatch.setattr(chunked_attention, "chunked_scores", lambda elements=None: contextlib.nullcontext())
+    monkeypatch.setattr(analysis_module, "_Lazy", lambda names, value: {name: value(name) for name in names})
+    plain = json.loads(
+        pre_analyze(
+            lambda: tiny_unet(tiny_sd_checkpoint).module,
+            tmp_path,
+            inputs=analysis_inputs,
+            model_version="synthetic:tiny-sd",
+            progress=lambda done, total, what: None,
+            threads=1,
+        ).read_text()
+    )
+    assert fast["recipes"] == plain["recipes"] and len(fast["recipes"]) >= 5
+    assert fast["baselines"].keys() == plain["baselines"].keys()
+    for name, value in plain["baselines"].items():
+        assert fast["baselines"][name] == pytest.approx(value, abs=0.1), name
+    for mine, theirs in zip(fast["layers"], plain["layers"], strict=True):
+        assert mine["name"] == theirs["name"]
+        for bits, value in theirs["psnr"].items():
+            assert mine["psnr"][bits] == pytest.approx(value, abs=0.1), (mine["name"], bits)
+    for key, points in plain["curves"].items():
+        assert np.allclose(fast["curves"][key], points, atol=0.1), key
+
+
+def test_attention_in_blocks_measures_what_whole_attention_measures(models, monkeypatch):
+    """Blocks of a few query rows (the analysis's ATTENTION_BLOCK is far above the tiny unet's scores)."""
+    plain, _ = models
+    recipe = plain.palettized({plain.layers[0].name: 2})
+    whole = plain.psnr_with(recipe)
+    monkeypatch.setattr(analysis_module, "ATTENTION_BLOCK", 256)
+    calls = []
+    from sdbuild.models import chunked_attention
+
+    original = chunked_attention.chunked_attention
+    monkeypatch.setattr(chunked_attention, "chunked_attention", lambda *a: (calls.append(a[5]), original(*a))[1])
+    blocked = plain.psnr_with(recipe)
+    assert calls and set(calls) == {256}
+    assert blocked == pytest.approx(whole, abs=1e-3) and np.isfinite(blocked)
+
+
+def test_a_swap_of_every_layer_makes_one_replacement_at_a_time_and_puts_the_weights_back(models):
+    plain, _ = models
+    before = {layer.name: layer.module.weight.detach().clone() for layer in plain.layers}
+    made, alive = [], []
+
+    def value(name):
+        import weakref
+
+        w = analysis.fake_linear8(plain.weight16(name))
+        alive.append(sum(ref() is not None for ref in made))  # replacements still held when this one is made
+        made.append(weakref.ref(w))
+        return w
+
+    lazy = analysis._Lazy([layer.name for layer in plain.layers], value)
+    assert plain.psnr_with(lazy) < plain.psnr_with({})
+    # The loop holds the previous replacement until it takes the next: never more (a dict would hold them all).
+    assert len(made) == len(plain.layers) and max(alive) <= 1
+    for layer in plain.layers:
+        assert torch.equal(layer.module.weight, before[layer.name]), layer.name
