@@ -18,6 +18,12 @@ from sdbuild.cache import LocalCache
 # No test may reach a hub; a test that needs one is a bug.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Idle OpenMP threads sleep instead of spinning, as in the stage server (executor.start_stage_server):
+# `make test` runs a worker per core, each with torch's threads (one per core) and its stages'
+# processes besides, and a thread spinning at a barrier burns the core its siblings need
+# (tests/models/test_unet.py alone: 57-79 CPU-s spinning, 21 s passive). Read when torch loads,
+# so set here, before any test module imports it; a user's own setting stands.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Modules by what they cost (make test's --durations=0), heaviest first. `make test` hands whole
 # modules to its workers in this order (--dist loadfile --no-loadscope-reorder), so no long module
