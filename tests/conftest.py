@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from builds import copy_cache_entries
+from builds import copy_cache_entries, shared_folder
 from helpers import REPO, run_cli_watching_imports
 from sdbuild.cache import LocalCache
 
@@ -67,15 +67,6 @@ def pytest_collection_modifyitems(items):
             return len(rank)
 
     items.sort(key=module_rank)  # stable: collection order within a module and among the unnamed
-
-
-def shared_folder(tmp_path_factory, name: str) -> Path:
-    """A folder of this run's that every pytest-xdist worker sees (one per session without xdist)."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        folder = tmp_path_factory.getbasetemp().parent / name
-        folder.mkdir(exist_ok=True)
-        return folder
-    return tmp_path_factory.mktemp(name)
 
 
 @pytest.fixture(scope="session")
