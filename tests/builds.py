@@ -14,6 +14,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from filelock import FileLock
+
 from helpers import write_recipe
 
 
@@ -57,3 +59,29 @@ def copy_cache_entries(source: Path, artifacts: Path) -> None:
         dest = artifacts / "cache" / entry.parent.name / entry.name
         if not dest.exists():
             shutil.copytree(entry, dest)
+
+
+def shared_folder(tmp_path_factory, name: str) -> Path:
+    """A folder of this run's that every pytest-xdist worker sees (one per session without xdist)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        folder = tmp_path_factory.getbasetemp().parent / name
+        folder.mkdir(exist_ok=True)
+        return folder
+    return tmp_path_factory.mktemp(name)
+
+
+def made_once(tmp_path_factory, name: str, make) -> Path:
+    """Folder ``name`` of this run, filled by ``make(folder)`` once for every pytest-xdist worker.
+
+    For session fixtures whose output is files that tests only read (a converted package, an
+    analysis): the first worker to ask makes it, the other waits on the lock and reads the same.
+    """
+    folder = shared_folder(tmp_path_factory, name)
+    out = folder / "made"
+    with FileLock(str(folder / "make.lock")):
+        if not (folder / "done").exists():
+            shutil.rmtree(out, ignore_errors=True)  # a failed attempt's leftovers
+            out.mkdir()
+            make(out)
+            (folder / "done").touch()
+    return out

@@ -11,13 +11,19 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from builds import copy_cache_entries
+from builds import copy_cache_entries, shared_folder
 from helpers import REPO, run_cli_watching_imports
 from sdbuild.cache import LocalCache
 
 # No test may reach a hub; a test that needs one is a bug.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Idle OpenMP threads sleep instead of spinning, as in the stage server (executor.start_stage_server):
+# `make test` runs a worker per core, each with torch's threads (one per core) and its stages'
+# processes besides, and a thread spinning at a barrier burns the core its siblings need
+# (tests/models/test_unet.py alone: 57-79 CPU-s spinning, 21 s passive). Read when torch loads,
+# so set here, before any test module imports it; a user's own setting stands.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Modules by what they cost (make test's --durations=0), heaviest first. `make test` hands whole
 # modules to its workers in this order (--dist loadfile --no-loadscope-reorder), so no long module
@@ -61,15 +67,6 @@ def pytest_collection_modifyitems(items):
             return len(rank)
 
     items.sort(key=module_rank)  # stable: collection order within a module and among the unnamed
-
-
-def shared_folder(tmp_path_factory, name: str) -> Path:
-    """A folder of this run's that every pytest-xdist worker sees (one per session without xdist)."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        folder = tmp_path_factory.getbasetemp().parent / name
-        folder.mkdir(exist_ok=True)
-        return folder
-    return tmp_path_factory.mktemp(name)
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,34 @@ def run_cli(*args, cwd=None, timeout=900) -> subprocess.CompletedProcess:
     )
 
 
+def run_cli_here(*args) -> subprocess.CompletedProcess:
+    """``run_cli`` in this process: the same exit status, stdout and stderr, from ``sdbuild.cli.main``.
+
+    For commands whose test is not about the process itself (its imports, signals, environment,
+    a kill): a build here forks its stages from the stage server this test process already runs,
+    where each ``run_cli`` build starts an interpreter and a stage server of its own (~10 s of
+    imports). An exception the command line does not handle is a traceback on stderr and exit 1,
+    as it is in a child process.
+    """
+    import contextlib
+    import io
+    import traceback
+
+    from sdbuild.cli import main
+
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except Exception:
+            traceback.print_exc()
+            code = 1
+    return subprocess.CompletedProcess(["sdbuild", *argv], code, out.getvalue(), err.getvalue())
+
+
 def assert_one_line_error(done: subprocess.CompletedProcess, *fragments: str) -> None:
     """Non-zero exit and one "error:" line, the last, holding every fragment.
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, run_cli, run_cli_watching_imports, write_recipe
+from helpers import REPO, run_cli, run_cli_here, run_cli_watching_imports, write_recipe
 
 TINY = REPO / "recipes" / "tiny.yaml"
 
@@ -189,7 +189,7 @@ def test_one_stage_at_a_time_gives_the_same_outputs_as_side_by_side(artifacts, t
     # three trace and three convert stages, side by side in the cold build, are built one at a time here.
     download = next(n for n in nodes if n.stage.name == "download")
     shutil.copytree(artifacts / "cache" / "download" / download.key, sequential / "cache" / "download" / download.key)
-    done = run_cli("run", TINY, "--artifacts", sequential, "--jobs", "1", "--until", "convert")
+    done = run_cli_here("run", TINY, "--artifacts", sequential, "--jobs", "1", "--until", "convert")
     assert done.returncode == 0, done.stderr[-2000:]
     for node in nodes:
         one, side_by_side = (root / "cache" / node.stage.name / node.key for root in (sequential, artifacts))
@@ -201,7 +201,7 @@ def test_nbits_change_reuses_download_trace_convert(artifacts, tmp_path):
     recipe = write_recipe(
         tmp_path, "tiny-4bit", f"extends: {TINY}\nname: tiny-4bit\ncompression:\n  nbits: 4\nverify: {{psnr_min_db: 20}}\n"
     )
-    done = run_cli("run", recipe, "--artifacts", artifacts)
+    done = run_cli_here("run", recipe, "--artifacts", artifacts)
     assert done.returncode == 0, done.stderr[-2000:]
     got = statuses(build_json(artifacts, "tiny-4bit"))
     # What depends on the 4-bit unet is new; everything before compress comes from the cache.
@@ -236,7 +236,7 @@ def test_sigkill_during_convert_leaves_no_entry_and_next_run_succeeds(artifacts,
     proc.wait()
     assert not (cache / "convert" / victim).exists()
     assert victim in keys.values()
-    done = run_cli("run", recipe, "--artifacts", artifacts, *until)
+    done = run_cli_here("run", recipe, "--artifacts", artifacts, *until)
     assert done.returncode == 0, done.stderr[-2000:]
     for key in keys.values():
         assert (cache / "convert" / key / "manifest.json").is_file()
@@ -269,7 +269,7 @@ def test_verify_reports_psnr_per_component(artifacts):
 
 def test_layout_both_writes_swift_and_python_trees(artifacts, tmp_path):
     recipe = write_recipe(tmp_path, "tiny-both", f"extends: {TINY}\nname: tiny-both\nbundle: {{layout: both}}\n")
-    done = run_cli("run", recipe, "--artifacts", artifacts)
+    done = run_cli_here("run", recipe, "--artifacts", artifacts)
     assert done.returncode == 0, done.stderr[-2000:]
     build = artifacts / "builds" / "tiny-both"
     python = sorted(p.name for p in (build / "python").iterdir())
@@ -294,7 +294,7 @@ def test_layout_both_writes_swift_and_python_trees(artifacts, tmp_path):
 
 def test_layout_python_alone_has_no_swift_resources(artifacts, tmp_path):
     recipe = write_recipe(tmp_path, "tiny-py", f"extends: {TINY}\nname: tiny-py\nbundle: {{layout: python}}\n")
-    done = run_cli("run", recipe, "--artifacts", artifacts)
+    done = run_cli_here("run", recipe, "--artifacts", artifacts)
     assert done.returncode == 0, done.stderr[-2000:]
     build = artifacts / "builds" / "tiny-py"
     assert not (build / "Resources").exists()

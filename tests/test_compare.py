@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import assert_one_line_error, run_cli, write_recipe
+from helpers import assert_one_line_error, run_cli, run_cli_here, write_recipe
 from sdbuild.compare import pareto_front, write_compare
 from tests.test_report import _Tables, chromium, run_chromium  # noqa: F401  (chromium is a fixture)
 
@@ -121,7 +121,7 @@ matrix:
 
 def test_matrix_of_joint_variants_builds_verifies_and_writes_the_comparison(warm_artifacts, tmp_path):
     recipe = write_recipe(tmp_path, "jm", JOINT_MATRIX)
-    done = run_cli("run", recipe, "--artifacts", warm_artifacts, "--json")
+    done = run_cli_here("run", recipe, "--artifacts", warm_artifacts, "--json")
     assert done.returncode == 0, done.stderr[-2000:]
     reports = {r["name"]: r for r in json.loads(done.stdout)}
     assert set(reports) == {"jm-sparsity-None", "jm-sparsity-0.5"}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_cli, write_recipe
+from helpers import run_cli, run_cli_here, write_recipe
 
 BASE = """
 model: {version: synthetic:tiny-sd}
@@ -24,7 +24,7 @@ def art(warm_artifacts, tmp_path_factory):
     """Artifacts holding the tiny float16 unet (shared with other modules' builds)."""
     art = warm_artifacts
     recipe = write_recipe(tmp_path_factory.mktemp("r"), "cs16", "name: cs16\n" + BASE)
-    done = run_cli("run", recipe, "--artifacts", art)
+    done = run_cli_here("run", recipe, "--artifacts", art)
     assert done.returncode == 0, done.stderr[-2000:]
     return art
 
@@ -39,7 +39,7 @@ def stage_cache(art, name):
 
 def test_linear8_build_reports_size_and_both_psnrs(art, tmp_path):
     recipe = write_recipe(tmp_path, "cs8", "name: cs8\n" + BASE + "compression: {linear8: true, components: [unet]}\n")
-    done = run_cli("run", recipe, "--artifacts", art)
+    done = run_cli_here("run", recipe, "--artifacts", art)
     assert done.returncode == 0, done.stderr[-2000:]
     unet = components(art, "cs8")["unet"]
     assert unet["compressed"] and unet["package_bytes"] < 0.7 * unet["float16_bytes"]
@@ -49,7 +49,7 @@ def test_linear8_build_reports_size_and_both_psnrs(art, tmp_path):
 
 def test_analyze_then_mixed_bit_from_the_analysis_file(art, tmp_path):
     recipe = write_recipe(tmp_path, "mbp", "name: mbp\n" + BASE)
-    done = run_cli("analyze", recipe, "--artifacts", art, "--json")
+    done = run_cli_here("analyze", recipe, "--artifacts", art, "--json")
     assert done.returncode == 0, done.stderr[-2000:]
     facts = json.loads(done.stdout)
     assert Path(facts["plot"]).is_file()
@@ -61,7 +61,7 @@ def test_analyze_then_mixed_bit_from_the_analysis_file(art, tmp_path):
         tmp_path, "mbp",
         "name: mbp\n" + UNVERIFIED + f"compression: {{mixed_bit: {{recipe: {name}, pre_analysis: analysis.json}}}}\nverify: {{samples: 1, psnr_min_db: 20}}\n",
     )
-    done = run_cli("run", mixed, "--artifacts", art)
+    done = run_cli_here("run", mixed, "--artifacts", art)
     assert done.returncode == 0, done.stderr[-2000:]
     unet = components(art, "mbp")["unet"]
     assert unet["compressed"] and unet["package_bytes"] < unet["float16_bytes"]
@@ -88,10 +88,10 @@ def test_unknown_mixed_bit_recipe_lists_the_available_ones(art, tmp_path):
 
 def test_psnr_below_minimum_fails_and_keeps_the_previous_bundle(art, tmp_path):
     recipe = write_recipe(tmp_path, "gate", "name: gate\n" + UNVERIFIED + "compression: {nbits: 2, components: [unet]}\nverify: {samples: 1, psnr_min_db: 5}\n")
-    assert run_cli("run", recipe, "--artifacts", art).returncode == 0
+    assert run_cli_here("run", recipe, "--artifacts", art).returncode == 0
     before = (art / "builds" / "gate" / "build.json").read_text()
     strict = write_recipe(tmp_path, "gate", "name: gate\n" + UNVERIFIED + "compression: {nbits: 2, components: [unet]}\nverify: {samples: 1, psnr_min_db: 60}\n")
-    done = run_cli("run", strict, "--artifacts", art)
+    done = run_cli_here("run", strict, "--artifacts", art)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1].startswith("error: verify unet: PSNR ")
     assert "is below verify.psnr_min_db 60 dB; the bundle was not written" in done.stderr

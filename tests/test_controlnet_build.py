@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from helpers import run_cli, write_recipe
+from helpers import run_cli, run_cli_here, write_recipe
 
 RECIPE = """
 name: tiny-cn
@@ -24,7 +24,7 @@ verify: {samples: 1}
 def build(warm_artifacts, tmp_path_factory):
     art = warm_artifacts
     recipe = write_recipe(tmp_path_factory.mktemp("r"), "tiny-cn", RECIPE)
-    done = run_cli("run", recipe, "--artifacts", art)
+    done = run_cli_here("run", recipe, "--artifacts", art)
     assert done.returncode == 0, done.stderr[-3000:]
     return art / "builds" / "tiny-cn"
 

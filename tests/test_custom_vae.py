@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import run_cli, write_recipe
+from helpers import run_cli, run_cli_here, write_recipe
 
 from sdbuild.executor import prepare, run_build
 from sdbuild.metrics import psnr
@@ -70,7 +70,7 @@ def test_vae_decoder_converts_the_custom_vae(tiny_sd_checkpoint, custom_vae, tmp
 
 def test_bundle_records_the_custom_vae_scaling(tiny_sd_checkpoint, custom_vae, tmp_path):
     recipe = _recipe(tmp_path, tiny_sd_checkpoint, custom_vae)
-    proc = run_cli("run", recipe, "--artifacts", tmp_path / "artifacts")
+    proc = run_cli_here("run", recipe, "--artifacts", tmp_path / "artifacts")
     assert proc.returncode == 0, proc.stderr[-2000:]
     facts = json.loads((tmp_path / "artifacts" / "builds" / "custom-vae" / "pipeline.json").read_text())
     assert facts["vae_scaling_factor"] == 0.5  # tiny-sd's own is 0.18215

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import run_cli
+from helpers import run_cli_here
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_exec_writes_outputs_under_their_names(package, tmp_path):
     path, module = package
     x = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
     np.savez(tmp_path / "in.npz", sample=x)
-    done = run_cli("exec", path, "--inputs", tmp_path / "in.npz", "--output", tmp_path / "out.npz", "--precision", "fp32", "--profile")
+    done = run_cli_here("exec", path, "--inputs", tmp_path / "in.npz", "--output", tmp_path / "out.npz", "--precision", "fp32", "--profile")
     assert done.returncode == 0, done.stderr
     assert "time per op type" in done.stdout and "conv" in done.stdout
     out = np.load(tmp_path / "out.npz")
@@ -63,13 +63,13 @@ def test_exec_writes_outputs_under_their_names(package, tmp_path):
 
 def test_wrong_input_shape(package, tmp_path):
     np.savez(tmp_path / "in.npz", sample=np.zeros((1, 4, 8, 9), np.float32))
-    line = one_error_line(run_cli("exec", package[0], "--inputs", tmp_path / "in.npz", "--output", tmp_path / "o.npz"), 2)
+    line = one_error_line(run_cli_here("exec", package[0], "--inputs", tmp_path / "in.npz", "--output", tmp_path / "o.npz"), 2)
     assert "sample" in line and "(1, 4, 8, 8)" in line.replace("[", "(").replace("]", ")")
 
 
 def test_missing_and_extra_inputs(package, tmp_path):
     np.savez(tmp_path / "in.npz", other=np.zeros((1,), np.float32))
-    line = one_error_line(run_cli("exec", package[0], "--inputs", tmp_path / "in.npz", "--output", tmp_path / "o.npz"), 2)
+    line = one_error_line(run_cli_here("exec", package[0], "--inputs", tmp_path / "in.npz", "--output", tmp_path / "o.npz"), 2)
     assert "sample" in line
 
 
@@ -80,7 +80,7 @@ def test_truncated_package(package, tmp_path):
     shutil.copytree(package[0], broken)
     (broken / "Data" / "com.apple.CoreML" / "weights" / "weight.bin").unlink()
     np.savez(tmp_path / "in.npz", sample=np.zeros((1, 4, 8, 8), np.float32))
-    line = one_error_line(run_cli("exec", broken, "--inputs", tmp_path / "in.npz", "--output", tmp_path / "o.npz"), 1)
+    line = one_error_line(run_cli_here("exec", broken, "--inputs", tmp_path / "in.npz", "--output", tmp_path / "o.npz"), 1)
     assert "Broken.mlpackage" in line
 
 
@@ -92,7 +92,7 @@ def test_corrupted_weight_file(package, tmp_path):
     weights = broken / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     np.savez(tmp_path / "in.npz", sample=np.zeros((1, 4, 8, 8), np.float32))
-    line = one_error_line(run_cli("exec", broken, "--inputs", tmp_path / "in.npz", "--output", tmp_path / "o.npz"), 1)
+    line = one_error_line(run_cli_here("exec", broken, "--inputs", tmp_path / "in.npz", "--output", tmp_path / "o.npz"), 1)
     assert "weight" in line
 
 
@@ -110,5 +110,5 @@ def test_op_without_kernel(tmp_path):
     model.save(str(path))
     name = model.get_spec().description.input[0].name
     np.savez(tmp_path / "in.npz", **{name: np.zeros((2, 3), np.float32)})
-    line = one_error_line(run_cli("exec", path, "--inputs", tmp_path / "in.npz", "--output", tmp_path / "o.npz"), 1)
+    line = one_error_line(run_cli_here("exec", path, "--inputs", tmp_path / "in.npz", "--output", tmp_path / "o.npz"), 1)
     assert "random_normal" in line and "iOS16" in line

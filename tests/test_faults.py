@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import write_recipe
+from helpers import run_cli_here, write_recipe
 from sdbuild.cache import LocalCache
 
 RECIPE = "model: {version: 'synthetic:tiny-sd'}\ncompression: {nbits: 6, components: [unet]}\nresolution: {height: 64, width: 64}\nverify: {samples: 1}\n"
@@ -125,7 +125,7 @@ def test_sigkill_at_every_point_leaves_no_half_entry_and_the_next_run_resumes(go
         assert not (art / "builds" / NAME).exists(), point  # nothing published under the build's name
     leftovers = list((art / "cache" / ".tmp").iterdir()) + [p for p in (art / "builds").iterdir() if p.name.startswith(".")]
     assert leftovers  # the kills left work and staging folders behind…
-    done = sdbuild("run", recipe, "--artifacts", art, "--json")
+    done = run_cli_here("run", recipe, "--artifacts", art, "--json")  # the stage server of this process: no kill armed here
     assert done.returncode == 0, done.stderr[-2000:]
     assert_correct(art, golden, "sigkill")  # …which the next run swept, then resumed to the right bundle
     hows = {(r["stage"], r["component"]): r["cache"] for r in json.loads(done.stdout)[0]["stages"]}
@@ -270,7 +270,7 @@ def test_a_full_disk_while_a_stage_writes_its_entry_is_one_line_and_publishes_no
     assert not entry_path(art, golden, "trace", "text_encoder").exists()
     assert not (art / "cache" / ".tmp").exists() or list((art / "cache" / ".tmp").iterdir()) == []
     assert not (art / "builds" / NAME).exists()
-    done = sdbuild("run", recipe, "--artifacts", art)  # space again: the run completes
+    done = run_cli_here("run", recipe, "--artifacts", art)  # space again (and no limit in this process): the run completes
     assert done.returncode == 0, done.stderr[-2000:]
     assert_correct(art, golden, "full disk")
 

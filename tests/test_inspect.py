@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import run_cli
+from helpers import run_cli_here
 from sdbuild.errors import SdbuildError
 from sdbuild.inspect import inspect_path, render_inspection
 
@@ -179,10 +179,10 @@ def test_refuses_what_is_not_a_bundle(tmp_path):
 
 
 def test_cli_inspect(packages, tmp_path):
-    done = run_cli("inspect", packages["linear8-iOS17"], "--json", timeout=300)
+    done = run_cli_here("inspect", packages["linear8-iOS17"], "--json")
     assert done.returncode == 0, done.stderr[-2000:]
     facts = json.loads(done.stdout)
     assert facts["packages"][0]["compression"] == "linear 8-bit"
-    done = run_cli("inspect", tmp_path / "nothing-here", timeout=300)
+    done = run_cli_here("inspect", tmp_path / "nothing-here")
     assert done.returncode != 0
     assert "no such file or folder" in done.stderr

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from helpers import run_cli, write_recipe
+from helpers import run_cli, run_cli_here, write_recipe
 
 MATRIX = """
 name: mx
@@ -39,7 +39,7 @@ def test_unknown_variant_is_one_line(tmp_path):
 def test_three_value_matrix_builds_trace_and_convert_once_and_compress_three_times(tmp_path):
     recipe = write_recipe(tmp_path, "mx", MATRIX)
     art = tmp_path / "art"
-    done = run_cli("run", recipe, "--artifacts", art)
+    done = run_cli_here("run", recipe, "--artifacts", art)
     assert done.returncode == 0, done.stderr[-2000:]
     misses: dict[str, int] = {}
     keys: dict[str, set] = {}

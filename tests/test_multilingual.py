@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import assert_one_line_error, run_cli, write_recipe
+from helpers import assert_one_line_error, run_cli, run_cli_here, write_recipe
 from swift_loader import walk_sd
 from tiny_projection import save_projection
 
@@ -148,7 +148,7 @@ def _bad_files(folder: Path) -> dict[str, tuple[Path, tuple[str, ...]]]:
 def test_bad_projection_file_is_one_line(case, artifacts, tmp_path):
     path, fragments = _bad_files(tmp_path)[case]
     recipe = write_recipe(tmp_path, "bad", RECIPE.format(name="bad").replace("projection.pt", path.name))
-    done = run_cli("run", recipe, "--artifacts", artifacts, "--until", "trace")
+    done = run_cli_here("run", recipe, "--artifacts", artifacts, "--until", "trace")
     assert done.returncode == 2, done.stderr[-2000:]
     assert_one_line_error(done, *fragments)
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from builds import build_once
-from helpers import assert_one_line_error, run_cli, write_recipe
+from helpers import assert_one_line_error, run_cli, run_cli_here, write_recipe
 from sdbuild.errors import RecipeError
 from sdbuild.generate import GenerationError, Pipeline, make_scheduler
 from sdbuild.metrics import psnr
@@ -93,7 +93,7 @@ def test_weights_are_stored_once(artifacts, mr3):
 
 
 def test_inspect_lists_functions_and_shapes(mr3):
-    done = run_cli("inspect", mr3[0] / "Resources" / "Unet.mlpackage", "--json")
+    done = run_cli_here("inspect", mr3[0] / "Resources" / "Unet.mlpackage", "--json")
     assert done.returncode == 0, done.stderr[-2000:]
     facts = json.loads(done.stdout)
     functions = facts["packages"][0]["functions"]
@@ -133,7 +133,7 @@ def test_generate_at_each_size_matches_diffusers(mr3, reference, height, width):
 def test_a_size_the_bundle_lacks_is_one_line_listing_its_sizes(mr3, tmp_path):
     with pytest.raises(GenerationError, match=r"has no 72x64 .*it has: 64x64 \(default\), 64x96, 96x64"):
         Pipeline.from_bundle(mr3[0], backend="executor", height=72, width=64)
-    done = run_cli("generate", "--bundle", mr3[0], "--prompt", "x", "--steps", "1", "--height", "80", "--width", "80", "-o", tmp_path)
+    done = run_cli_here("generate", "--bundle", mr3[0], "--prompt", "x", "--steps", "1", "--height", "80", "--width", "80", "-o", tmp_path)
     assert done.returncode == 2
     assert_one_line_error(done, "--height/--width", "80x80", "64x64 (default), 64x96, 96x64")
 
@@ -181,7 +181,7 @@ def test_enumerated_shapes_one_program_every_size(mre):
 
     unet = mre[0] / "Resources" / "Unet.mlpackage"
     assert function_names(unet) == []
-    done = run_cli("inspect", unet, "--json")
+    done = run_cli_here("inspect", unet, "--json")
     assert done.returncode == 0, done.stderr[-2000:]
     sample = next(i for i in json.loads(done.stdout)["packages"][0]["inputs"] if i["name"] == "sample")
     assert sample["shape"] == [2, 4, 8, 8]  # the default: the first resolution

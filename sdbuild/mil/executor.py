@@ -765,6 +765,24 @@ def _weights_read_one_at_a_time(milproto):
         milproto._load_file_value = original
 
 
+def _only_function(spec, name: str):
+    """``spec`` with function ``name`` alone, where its program has others besides.
+
+    Each function of a multifunction package (one per resolution) is a whole
+    program: building every one of them to run one took 3x the time for three
+    resolutions. Weights stay in weight.bin, so the copy is of the ops only.
+    Without ``name`` among them, ``spec`` itself (load_program names what it has).
+    """
+    functions = spec.mlProgram.functions
+    if name not in functions or len(functions) == 1:
+        return spec
+    only = type(spec)()
+    only.CopyFrom(spec)
+    for other in [f for f in only.mlProgram.functions if f != name]:
+        del only.mlProgram.functions[other]
+    return only
+
+
 def load_program(path, kernels: dict | None = None, function: str | None = None) -> Program:
     """Load the ML program of the ``.mlpackage`` at ``path`` for running on the CPU.
 
@@ -784,13 +802,13 @@ def load_program(path, kernels: dict | None = None, function: str | None = None)
     _check_weights(pkg, spec, weights_dir)
     from coremltools.converters.mil.frontend.milproto import load as milproto
 
+    name = function or spec.description.defaultFunctionName or "main"
     try:
         with _weights_read_one_at_a_time(milproto):
-            program = milproto.load(spec, spec.specificationVersion, file_weights_dir=str(weights_dir))
+            program = milproto.load(_only_function(spec, name), spec.specificationVersion, file_weights_dir=str(weights_dir))
     except Exception as e:
         message = str(e).splitlines()[0] if str(e) else ""
         raise PackageError(f"{pkg}: cannot read the ML program ({type(e).__name__}: {message})") from None
-    name = function or spec.description.defaultFunctionName or "main"
     if name not in program.functions:
         have = ", ".join(sorted(program.functions))
         raise PackageError(f"{pkg}: the program has no function '{name}' (it has: {have})")

@@ -1,5 +1,6 @@
-"""Fixtures for compression tests: the tiny unet, converted once per run (iOS17 and iOS18 targets),
-and its pre-analysis, run once."""
+"""Fixtures for compression tests: the tiny unet, converted once per run (macOS14 and iOS18 targets),
+and its pre-analysis, run once: files made by the first pytest-xdist worker that asks (conftest's
+``made_once``), read by every module on either worker."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from builds import made_once
 
 OPTIONS = dict(height=64, width=64)
 ANALYSIS_SEEDS = (1, 2)
@@ -47,13 +50,15 @@ def unet_component(tiny_sd_checkpoint):
 
 
 @pytest.fixture(scope="session")
-def unet_package(unet_component, tmp_path_factory) -> Path:
-    return convert(unet_component, tmp_path_factory.mktemp("pkg") / "unet.mlpackage", "macOS14")
+def unet_package(tiny_sd_checkpoint, tmp_path_factory) -> Path:
+    made = made_once(tmp_path_factory, "compress-unet-macOS14", lambda out: convert(tiny_unet(tiny_sd_checkpoint), out / "unet.mlpackage", "macOS14"))
+    return made / "unet.mlpackage"
 
 
 @pytest.fixture(scope="session")
-def unet_package_ios18(unet_component, tmp_path_factory) -> Path:
-    return convert(unet_component, tmp_path_factory.mktemp("pkg18") / "unet.mlpackage", "iOS18")
+def unet_package_ios18(tiny_sd_checkpoint, tmp_path_factory) -> Path:
+    made = made_once(tmp_path_factory, "compress-unet-iOS18", lambda out: convert(tiny_unet(tiny_sd_checkpoint), out / "unet.mlpackage", "iOS18"))
+    return made / "unet.mlpackage"
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """Unet chunking: chained parts equal the whole program, weights move byte for byte.
 
-The tiny SD unet (SPLIT_EINSUM, as the demo builds it), the tiny SDXL unet
-(ORIGINAL) and the tiny SD unet palettized to 6 bits are cut into 2 and 3
+The tiny SD unet (SPLIT_EINSUM, the demo build's), the tiny SDXL unet
+(ORIGINAL) and the tiny SD unet palettized to 6 bits (the demo build's) are cut into 2 and 3
 parts; the parts run in sequence by the reference executor must match the
 whole package (PSNR >= 60 dB in fp32; in practice they are bit-identical).
 """
@@ -53,14 +53,16 @@ def _convert_unet(checkpoint: Path, attention: str, dst: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def unets(tiny_sd_checkpoint, tiny_sdxl_checkpoint, tmp_path_factory) -> dict[str, Path]:
-    from sdbuild.compress import palettize_package
-
+def unets(tiny_cold_build, tiny_sdxl_checkpoint, tmp_path_factory) -> dict[str, Path]:
+    """The SD unet and its 6-bit palettization are the demo build's own (conftest's ``tiny_cold_build``,
+    made once per run by the convert and compress stages; read only); the SDXL unet is converted here."""
     folder = tmp_path_factory.mktemp("unets")
-    sd = _convert_unet(tiny_sd_checkpoint, "SPLIT_EINSUM", folder / "sd.mlpackage")
+    report = json.loads((tiny_cold_build / "builds" / "tiny" / "build.json").read_text())
+    keys = {(r["stage"], r["component"]): r["key"] for r in report["stages"]}
+    entry = lambda stage: tiny_cold_build / "cache" / stage / keys[(stage, "unet")] / "model.mlpackage"
+    assert report["recipe"]["attention"] == "SPLIT_EINSUM" and report["recipe"]["compression"]["nbits"] == 6
     sdxl = _convert_unet(tiny_sdxl_checkpoint, "ORIGINAL", folder / "sdxl.mlpackage")
-    palettize_package(sd, folder / "sd-6bit.mlpackage", nbits=6)
-    return {"sd": sd, "sdxl": sdxl, "sd-6bit": folder / "sd-6bit.mlpackage"}
+    return {"sd": entry("convert"), "sdxl": sdxl, "sd-6bit": entry("compress")}
 
 
 def _feeds(program, seed: int = 0) -> dict[str, np.ndarray]:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import run_cli, write_recipe
+from helpers import run_cli_here, write_recipe
 from sdbuild.errors import WeightMismatchError
 from sdbuild.metrics import psnr
 from sdbuild.models import BuildOptions, build_component
@@ -255,7 +255,7 @@ def test_build_bundles_and_generate_runs_the_checker(warm_artifacts, reference, 
         "model: {version: 'synthetic:tiny-sd'}\ncomponents: [text_encoder, unet, vae_decoder, safety_checker]\n"
         "chunk: {unet: 2}\nbundle: {layout: both}\nresolution: {height: 64, width: 64}\nverify: {samples: 1}\n",
     )
-    done = run_cli("run", recipe, "--artifacts", warm_artifacts)
+    done = run_cli_here("run", recipe, "--artifacts", warm_artifacts)
     assert done.returncode == 0, done.stderr[-3000:]
     build = warm_artifacts / "builds" / "sd-checked"
     # Each layout's own checker: the Swift package feeds a 512x512 placeholder, Apple's Python pipeline the image.
