@@ -24,6 +24,7 @@ from sdbuild.stages import trace as trace_stage
 WEIGHTS = Path("Data/com.apple.CoreML/weights/weight.bin")
 CASES = [
     ("sd", "unet", "SPLIT_EINSUM"),
+    ("sd", "unet", "ORIGINAL"),
     ("sd", "text_encoder", "ORIGINAL"),
     ("sd", "vae_decoder", "ORIGINAL"),
     ("sdxl", "unet", "ORIGINAL"),
@@ -61,18 +62,56 @@ def checkpoints(tiny_sd_checkpoint, tiny_sdxl_checkpoint, tmp_path_factory) -> d
     return entries
 
 
+# Where the placeholders are refused and the module converts with its weights (a large causal-mask constant).
+FALLBACK = {("sdxl", "text_encoder_2", "SPLIT_EINSUM")}
+
+
+def trace_in_child(function: str, component: str, fields: dict, download: Path, out: Path) -> dict:
+    """``trace.<function>`` in a fresh process, as the stage runs: TorchScript's value names depend on
+    what was traced before in the same process, and the packages carry them."""
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys; from pathlib import Path; from sdbuild.stages import Job; from sdbuild.stages import trace; "
+        f"print(json.dumps(trace.{function}(Job('trace', sys.argv[1], json.loads(sys.argv[2]), {{'download': Path(sys.argv[3])}}), Path(sys.argv[4]))))"
+    )
+    done = subprocess.run([sys.executable, "-c", code, component, json.dumps(fields), str(download), str(out)],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _package_files(package: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(package)): p.read_bytes() for p in sorted(package.rglob("*")) if p.is_file()}
+
+
 @pytest.mark.parametrize("family,component,attention", CASES)
 def test_default_path_equals_straightforward(checkpoints, family, component, attention, tmp_path):
+    """The trace with placeholders, converted and bound, is the package of the trace with its weights, byte for byte."""
     from sdbuild.mil.executor import load_program
 
     fields = {"attention": attention, "resolution": {"height": 128, "width": 128}, "unet_batch_one": False}
-    trace_dir, new_dir, old = tmp_path / "trace", tmp_path / "convert", tmp_path / "straightforward.mlpackage"
-    trace_dir.mkdir()
-    new_dir.mkdir()
-    trace_stage.run(Job("trace", component, fields, {"download": checkpoints[family]}), trace_dir)
-    facts = convert_stage.run(Job("convert", component, {"target": "macOS14"}, {"trace": trace_dir}), new_dir)
-    straightforward_convert(trace_dir, "macOS14", old)
+    download = checkpoints[family]
+    dirs = {name: tmp_path / name for name in ("trace", "convert", "trace-weights", "convert-weights")}
+    for folder in dirs.values():
+        folder.mkdir()
+    trace_dir, new_dir, old = dirs["trace"], dirs["convert"], tmp_path / "straightforward.mlpackage"
+    trace_facts = trace_in_child("run", component, fields, download, trace_dir)
+    assert trace_facts["weights"] == "placeholders" and (trace_dir / "placeholders.json").is_file()
+    facts = convert_stage.run(Job("convert", component, {"target": "macOS14"}, {"trace": trace_dir, "download": download}), new_dir)
+    assert facts["weights"] == ("bound" if (family, component, attention) not in FALLBACK else facts["weights"])
+    if (family, component, attention) in FALLBACK:
+        assert facts["weights"].startswith("converted with weights: ")
+    # Today's path: the module traced with its weights, converted as it is.
+    trace_in_child("run_with_weights", component, fields, download, dirs["trace-weights"])
+    assert not (dirs["trace-weights"] / "placeholders.json").exists()
+    old_facts = convert_stage.run(Job("convert", component, {"target": "macOS14"}, {"trace": dirs["trace-weights"]}), dirs["convert-weights"])
+    assert old_facts["weights"] == "converted with weights"
     new = new_dir / convert_stage.PACKAGE
+    assert _package_files(new) == _package_files(dirs["convert-weights"] / convert_stage.PACKAGE)
+    assert (trace_dir / "module.pt").stat().st_size < (dirs["trace-weights"] / "module.pt").stat().st_size
+    trace_dir = dirs["trace-weights"]
+    straightforward_convert(trace_dir, "macOS14", old)
 
     io = trace_stage.read_io(trace_dir)
     specs = [TensorSpec(i["name"], tuple(i["shape"]), i["kind"], i["high"]) for i in io["inputs"]]
