@@ -330,3 +330,26 @@ def test_trace_process_gives_freed_activations_back():
 
     assert given_back_mib("trace") > 90
     assert given_back_mib("default") < 20  # what the stage setting is for
+
+
+def test_trace_entry_does_not_depend_on_where_the_download_is(tiny_sd_checkpoint, tmp_path):
+    """Two artifacts folders, the same checkpoint: the traces (placeholders.json included) are the same bytes,
+    and the record names no absolute path; each converts to its own download's weights."""
+    import shutil
+
+    fields = {"attention": "ORIGINAL"}
+    entries = {}
+    for name in ("one", "two"):
+        download = tmp_path / name / "artifacts" / "download"
+        shutil.copytree(tiny_sd_checkpoint, download / "model")
+        out = tmp_path / name / "trace"
+        out.mkdir()
+        assert trace_in_child("run", "text_encoder", fields, download, out)["weights"] == "placeholders"
+        entries[name] = (download, out)
+    (one_download, one), (two_download, two) = entries["one"], entries["two"]
+    assert _package_files(one) == _package_files(two)
+    record = (one / "placeholders.json").read_text()
+    assert str(tmp_path) not in record and '"file": "text_encoder/' in record
+    facts = convert_stage.run(Job("convert", "text_encoder", {"target": "macOS14"}, {"trace": two, "download": two_download}),
+                              tmp_path / "two")  # fmt: skip
+    assert facts["weights"] == "bound"

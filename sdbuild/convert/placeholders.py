@@ -104,7 +104,24 @@ def place(weights, precision: str, roots: dict[str, Path]) -> dict:
             table[binding.name] = nn.Parameter(tensor, requires_grad=False) if binding.is_parameter else tensor
     if not entries:
         raise NotLazy("no tensor is large enough for a placeholder")
-    return {"version": 1, "min_elements": MIN_ELEMENTS, "precision": precision, "refuse": refuse, "placeholders": entries}
+    return {"version": 1, "min_elements": MIN_ELEMENTS, "precision": precision, "refuse": refuse, "placeholders": entries,
+            "own": _own_tensors(weights.module)}  # fmt: skip
+
+
+def _own_tensors(module) -> list[dict]:
+    """The module's large tensors that are not the checkpoint's (a causal mask): shape and digests as float32
+    and float16, so that a constant with those bytes is known to stand for no placeholder."""
+    import hashlib
+
+    own = []
+    for _, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if tensor.numel() < MIN_ELEMENTS or not any(tensor.stride()) or not tensor.is_floating_point():
+            continue
+        value = tensor.detach().to(dtype=tensor.dtype).float().numpy()
+        digests = {str(np.dtype(d)): hashlib.sha256(np.ascontiguousarray(value.astype(d)).tobytes()).hexdigest()
+                   for d in (np.float32, np.float16)}  # fmt: skip
+        own.append({"shape": list(value.shape), **digests})
+    return own
 
 
 def _compare(a: tuple, b: tuple, final) -> str:
@@ -147,6 +164,7 @@ class Record:
     placeholders: dict[float, dict]
     precision: str
     refuse: str | None
+    own: list[dict] = field(default_factory=list)
     _headers: dict = field(default_factory=dict)
 
     def real(self, value: float):
@@ -186,7 +204,7 @@ def read_record(trace_dir: Path, download: Path | None) -> Record | None:
     placeholders = {}
     for entry in record["placeholders"]:
         placeholders[float(entry["value"])] = dict(entry, path=roots[entry["root"]] / entry["file"], shape=tuple(entry["shape"]))
-    return Record(placeholders, record["precision"], record.get("refuse"))
+    return Record(placeholders, record["precision"], record.get("refuse"), record.get("own", []))
 
 
 def bind_module(module, record: Record) -> None:
@@ -312,6 +330,8 @@ class Conversion:
                 if not isinstance(val, np.ndarray) or val.dtype.kind != "f" or val.size < MIN_ELEMENTS:
                     continue
                 value = self.known(val, materialized=True)
+                if value is None and self._own(val):
+                    continue
                 if value is None:
                     raise Refused(f"{op.name}: a large {val.dtype} constant {val.shape} that is no placeholder")
                 if tuple(val.shape) != tuple(self.shape(value)):
@@ -322,6 +342,16 @@ class Conversion:
         if missing:
             raise Refused(f"{len(missing)} placeholders are not in the program (e.g. {self.record.placeholders[min(missing)]['key']})")
         return found
+
+    def _own(self, val: np.ndarray) -> bool:
+        """Whether ``val`` is one of the module's own large tensors (``_own_tensors``), byte for byte."""
+        import hashlib
+
+        shaped = [o for o in self.record.own if tuple(o["shape"]) == tuple(val.shape) and str(val.dtype) in o]
+        if not shaped:
+            return False
+        digest = hashlib.sha256(np.ascontiguousarray(val).tobytes()).hexdigest()
+        return any(o[str(val.dtype)] == digest for o in shaped)
 
     def bind_package(self, package: Path, found: dict[str, float]) -> int:
         """Write the real tensors over their placeholders' blobs in ``package``'s weight file; the blobs written."""
