@@ -107,6 +107,16 @@ def test_default_path_equals_straightforward(checkpoints, family, component, att
     assert not (dirs["trace-weights"] / "placeholders.json").exists()
     old_facts = convert_stage.run(Job("convert", component, {"target": "macOS14"}, {"trace": dirs["trace-weights"]}), dirs["convert-weights"])
     assert old_facts["weights"] == "converted with weights"
+    # Every other reader of module.pt binds the real weights into it: the module traced with them.
+    import torch
+
+    from sdbuild.convert.placeholders import bind_module, read_record
+
+    bound, plain = torch.jit.load(str(trace_dir / "module.pt")), torch.jit.load(str(dirs["trace-weights"] / "module.pt"))
+    bind_module(bound, read_record(trace_dir, download))
+    state, plain_state = bound.state_dict(), plain.state_dict()
+    assert list(state) == list(plain_state)
+    assert all(torch.equal(state[k], plain_state[k]) for k in state)
     new = new_dir / convert_stage.PACKAGE
     assert _package_files(new) == _package_files(dirs["convert-weights"] / convert_stage.PACKAGE)
     assert (trace_dir / "module.pt").stat().st_size < (dirs["trace-weights"] / "module.pt").stat().st_size
@@ -178,6 +188,25 @@ def test_folding_pass_drops_float32_weights_as_it_goes():
         np.testing.assert_array_equal(got_consts[name], value)
     # The shared weight became one float16 const, read by both convolutions.
     assert sum(1 for name in got_consts if name.startswith("weight")) == 1
+
+
+def test_folding_pass_keeps_broadcast_constants_broadcast():
+    """A placeholder (one value, zero strides) comes out of the float16 pass as a float16 placeholder, never whole."""
+    from coremltools.converters.mil.mil import Builder as mb
+    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
+
+    from sdbuild.convert.precision import PASS_NAME
+
+    placeholder = np.broadcast_to(np.float32(1.5009765625), (64, 8, 3, 3))
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1, 8, 4, 4))])
+    def prog(x):
+        return mb.conv(x=x, weight=mb.const(val=placeholder, name="weight"), name="conv")
+
+    PASS_REGISTRY[PASS_NAME](prog)
+    (folded,) = [v for v in _consts(prog).values() if v.size == placeholder.size]
+    assert folded.dtype == np.float16 and folded.shape == placeholder.shape
+    assert not any(folded.strides) and float(folded.flat[0]) == 1.5009765625
 
 
 def test_skip_weight_init_leaves_parameters_unfilled_and_restores_init():

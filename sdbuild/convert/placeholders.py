@@ -115,7 +115,8 @@ def _own_tensors(module) -> list[dict]:
 
     own = []
     for _, tensor in [*module.named_parameters(), *module.named_buffers()]:
-        if tensor.numel() < MIN_ELEMENTS or not any(tensor.stride()) or not tensor.is_floating_point():
+        shape = tuple(tensor.shape)
+        if _broadcast_value(shape, tensor.stride(), lambda: 0.0) is not None or tensor.numel() < MIN_ELEMENTS or not tensor.is_floating_point():
             continue
         value = tensor.detach().to(dtype=tensor.dtype).float().numpy()
         digests = {str(np.dtype(d)): hashlib.sha256(np.ascontiguousarray(value.astype(d)).tobytes()).hexdigest()
@@ -214,7 +215,7 @@ def bind_module(module, record: Record) -> None:
     tensors = [*module.named_parameters(), *module.named_buffers()]
     with torch.no_grad():
         for name, tensor in tensors:
-            value = _broadcast_value(tensor.stride(), tensor.numel(), lambda: tensor.reshape(-1)[0].item())
+            value = _broadcast_value(tuple(tensor.shape), tensor.stride(), lambda: tensor.reshape(-1)[0].item())
             if value is None:
                 continue
             if value not in record.placeholders:
@@ -222,8 +223,9 @@ def bind_module(module, record: Record) -> None:
             tensor.set_(record.real(value).reshape(tensor.shape).contiguous())
 
 
-def _broadcast_value(strides, size: int, first) -> float | None:
-    if size < MIN_ELEMENTS or any(strides):
+def _broadcast_value(shape, strides, first) -> float | None:
+    """The one value of a large tensor broadcast from one element (every stride 0 but a size-1 dimension's), or None."""
+    if int(np.prod(shape)) < MIN_ELEMENTS or any(stride and size != 1 for size, stride in zip(shape, strides)):
         return None
     return float(first())
 
@@ -253,7 +255,7 @@ class Conversion:
         holds one value throughout too (a pass made the whole array of a placeholder)."""
         if not isinstance(val, np.ndarray) or val.dtype.kind != "f":
             return None
-        value = _broadcast_value(val.strides, val.size, lambda: val.flat[0])
+        value = _broadcast_value(val.shape, val.strides, lambda: val.flat[0])
         if value is None and materialized and val.size >= MIN_ELEMENTS:
             first = val.flat[0]
             value = float(first) if np.all(val == first) else None

@@ -108,7 +108,7 @@ def _broadcast_casts():
 
     def cast_value(cls, input_var, dtype_val):
         val = input_var.val
-        if isinstance(val, np.ndarray) and val.size > 1 and not any(val.strides):
+        if isinstance(val, np.ndarray) and val.size > 1 and not any(s and n != 1 for n, s in zip(val.shape, val.strides)):
             one = np.array(val.flat[0]).astype(string_to_nptype(dtype_val))
             return np.broadcast_to(one, val.shape)
         return get_cast_value(cls, input_var, dtype_val)

@@ -93,6 +93,8 @@ def _convert_one(trace_dir: Path, target: str, package: Path, shapes: dict | Non
             return dict(facts, weights="bound", bound_blobs=bound)
         except Refused as e:
             why = str(e)
+        except Exception as e:  # a pass that does not take a placeholder: the weights then
+            why = f"{type(e).__name__}: {e}"
     print(f"convert {trace_dir.name}: converting with the weights: {why}", file=sys.stderr, flush=True)
     shutil.rmtree(package, ignore_errors=True)
     with_weights = package.parent / f".{package.stem}-with-weights.pt"
