@@ -109,8 +109,10 @@ def package_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def measure(args) -> dict:
-    """Run the stages for one target in child processes; figures as JSON-ready dict."""
+def measure(args, trace_run: str | None = None, keep: bool = False) -> dict:
+    """Run the stages for one target in child processes; figures as JSON-ready dict. ``trace_run``: the trace
+    stage's function instead of its own (``sdbuild.stages.trace:run_with_weights``: today's path before
+    placeholders); ``keep``: keep the stage outputs whatever ``--keep`` says."""
     from sdbuild.executor import _TreeMemory, run_in_child
     from sdbuild.stages import STAGES, Job
 
@@ -157,12 +159,15 @@ def measure(args) -> dict:
             out.mkdir()
             job = Job(name, args.component, fields[name], dict(upstream), build_name="bench")
             started = time.perf_counter()
-            facts = run_in_child(STAGES[name].run, job, out, work / f"{name}.log")
+            run = trace_run if name == "trace" and trace_run else STAGES[name].run
+            facts = run_in_child(run, job, out, work / f"{name}.log")
             result["stages"][name] = {
                 "seconds": round(time.perf_counter() - started, 1),
                 "peak_rss_gib": round(facts["peak_rss_bytes"] / 2**30, 2),
                 "phases_s": facts.get("phases_s"),
             }
+            if "weights" in facts:
+                result["stages"][name]["weights"] = facts["weights"]
             upstream[name] = out
             if name == "verify":
                 result["psnr"] = {k: v for k, v in json.loads((out / "psnr.json").read_text()).items() if k.endswith("psnr_db")}
@@ -176,7 +181,7 @@ def measure(args) -> dict:
                 result["executor"] = executor_seconds(parts[0], args.executor_functions, args.executor_deadline)
     finally:
         peak = tree.stop()
-        if not args.keep:
+        if not (args.keep or keep):
             shutil.rmtree(work, ignore_errors=True)
         else:
             result["kept"] = str(work)
@@ -192,6 +197,38 @@ def measure(args) -> dict:
         result["verify_s"] = s["verify"]["seconds"]
     result["load_after"] = [round(x, 2) for x in os.getloadavg()]
     return result
+
+
+def side_by_side(args) -> dict:
+    """Today's path (trace with the weights, convert them) then the placeholder path (trace with placeholders,
+    bind the weights into the saved package), one after the other on the same checkpoint; whether their
+    packages are the same bytes."""
+    from sdbuild.mlpackage import WEIGHT_FILE
+
+    old = measure(args, trace_run="sdbuild.stages.trace:run_with_weights", keep=True)
+    new = measure(args, keep=True)
+    try:
+        packages = [sorted((Path(r["kept"]) / "convert").glob("*.mlpackage")) for r in (old, new)]
+        files = [{str(f.relative_to(p)): f for p in ps for f in sorted(p.rglob("*")) if f.is_file()} for ps in packages]
+        equal = list(files[0]) == list(files[1]) and all(_same_file(files[0][k], files[1][k]) for k in files[0])
+        weights_equal = all(_same_file(a / WEIGHT_FILE, b / WEIGHT_FILE) for a, b in zip(*packages))
+    finally:
+        if not args.keep:
+            for r in (old, new):
+                shutil.rmtree(r.pop("kept"), ignore_errors=True)
+    return {"old": old, "new": new, "packages_equal": equal, "weight_bin_equal": weights_equal,
+            "wall_s": {"old": old["wall_s"], "new": new["wall_s"]},
+            "peak_rss_gib": {"old": old["peak_rss_gib"], "new": new["peak_rss_gib"]}}  # fmt: skip
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.stat().st_size != b.stat().st_size:
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while block := fa.read(1 << 24):
+            if block != fb.read(1 << 24):
+                return False
+    return True
 
 
 def executor_seconds(package: Path, limit: int | None = None, deadline: float | None = None) -> dict:
@@ -294,6 +331,8 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("/tmp/sdbuild-bench"))
     parser.add_argument("--verify", action="store_true", help="also run the verify stage (one sample) and measure it")
     parser.add_argument("--keep", action="store_true", help="keep the stage outputs (path in the JSON)")
+    parser.add_argument("--side-by-side", action="store_true",
+                        help="today's path (trace with the weights) then the placeholder path, same checkpoint; packages compared")
     parser.add_argument("--json", action="store_true", help="one target: print its figures as one JSON object")
     parser.add_argument("--executor-functions", type=int, help="with --sizes: run the executor on the first N functions (0: none; default all)")
     parser.add_argument("--executor-deadline", type=float, help="unix time: stop the executor runs there (the figures so far are kept)")
@@ -310,6 +349,14 @@ def main() -> None:
         return
     if args.model is None:
         run_all(args)
+        return
+    if args.side_by_side:
+        result = side_by_side(args)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        name = result_name(args.model, args.component, args.attention, args.nbits, args.chunk, args.sizes)
+        path = RESULTS / name.replace("convert-", "convert-side-by-side-")
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
         return
     result = measure(args)
     if args.json:

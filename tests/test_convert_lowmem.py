@@ -24,6 +24,7 @@ from sdbuild.stages import trace as trace_stage
 WEIGHTS = Path("Data/com.apple.CoreML/weights/weight.bin")
 CASES = [
     ("sd", "unet", "SPLIT_EINSUM"),
+    ("sd", "unet", "ORIGINAL"),
     ("sd", "text_encoder", "ORIGINAL"),
     ("sd", "vae_decoder", "ORIGINAL"),
     ("sdxl", "unet", "ORIGINAL"),
@@ -61,18 +62,66 @@ def checkpoints(tiny_sd_checkpoint, tiny_sdxl_checkpoint, tmp_path_factory) -> d
     return entries
 
 
+# Where the placeholders are refused and the module converts with its weights (a large causal-mask constant).
+FALLBACK = {("sdxl", "text_encoder_2", "SPLIT_EINSUM")}
+
+
+def trace_in_child(function: str, component: str, fields: dict, download: Path, out: Path) -> dict:
+    """``trace.<function>`` in a fresh process, as the stage runs: TorchScript's value names depend on
+    what was traced before in the same process, and the packages carry them."""
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys; from pathlib import Path; from sdbuild.stages import Job; from sdbuild.stages import trace; "
+        f"print(json.dumps(trace.{function}(Job('trace', sys.argv[1], json.loads(sys.argv[2]), {{'download': Path(sys.argv[3])}}), Path(sys.argv[4]))))"
+    )
+    done = subprocess.run([sys.executable, "-c", code, component, json.dumps(fields), str(download), str(out)],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _package_files(package: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(package)): p.read_bytes() for p in sorted(package.rglob("*")) if p.is_file()}
+
+
 @pytest.mark.parametrize("family,component,attention", CASES)
 def test_default_path_equals_straightforward(checkpoints, family, component, attention, tmp_path):
+    """The trace with placeholders, converted and bound, is the package of the trace with its weights, byte for byte."""
     from sdbuild.mil.executor import load_program
 
     fields = {"attention": attention, "resolution": {"height": 128, "width": 128}, "unet_batch_one": False}
-    trace_dir, new_dir, old = tmp_path / "trace", tmp_path / "convert", tmp_path / "straightforward.mlpackage"
-    trace_dir.mkdir()
-    new_dir.mkdir()
-    trace_stage.run(Job("trace", component, fields, {"download": checkpoints[family]}), trace_dir)
-    facts = convert_stage.run(Job("convert", component, {"target": "macOS14"}, {"trace": trace_dir}), new_dir)
-    straightforward_convert(trace_dir, "macOS14", old)
+    download = checkpoints[family]
+    dirs = {name: tmp_path / name for name in ("trace", "convert", "trace-weights", "convert-weights")}
+    for folder in dirs.values():
+        folder.mkdir()
+    trace_dir, new_dir, old = dirs["trace"], dirs["convert"], tmp_path / "straightforward.mlpackage"
+    trace_facts = trace_in_child("run", component, fields, download, trace_dir)
+    assert trace_facts["weights"] == "placeholders" and (trace_dir / "placeholders.json").is_file()
+    facts = convert_stage.run(Job("convert", component, {"target": "macOS14"}, {"trace": trace_dir, "download": download}), new_dir)
+    assert facts["weights"] == ("bound" if (family, component, attention) not in FALLBACK else facts["weights"])
+    if (family, component, attention) in FALLBACK:
+        assert facts["weights"].startswith("converted with weights: ")
+    # Today's path: the module traced with its weights, converted as it is.
+    trace_in_child("run_with_weights", component, fields, download, dirs["trace-weights"])
+    assert not (dirs["trace-weights"] / "placeholders.json").exists()
+    old_facts = convert_stage.run(Job("convert", component, {"target": "macOS14"}, {"trace": dirs["trace-weights"]}), dirs["convert-weights"])
+    assert old_facts["weights"] == "converted with weights"
+    # Every other reader of module.pt binds the real weights into it: the module traced with them.
+    import torch
+
+    from sdbuild.convert.placeholders import bind_module, read_record
+
+    bound, plain = torch.jit.load(str(trace_dir / "module.pt")), torch.jit.load(str(dirs["trace-weights"] / "module.pt"))
+    bind_module(bound, read_record(trace_dir, download))
+    state, plain_state = bound.state_dict(), plain.state_dict()
+    assert list(state) == list(plain_state)
+    assert all(torch.equal(state[k], plain_state[k]) for k in state)
     new = new_dir / convert_stage.PACKAGE
+    assert _package_files(new) == _package_files(dirs["convert-weights"] / convert_stage.PACKAGE)
+    assert (trace_dir / "module.pt").stat().st_size < (dirs["trace-weights"] / "module.pt").stat().st_size
+    trace_dir = dirs["trace-weights"]
+    straightforward_convert(trace_dir, "macOS14", old)
 
     io = trace_stage.read_io(trace_dir)
     specs = [TensorSpec(i["name"], tuple(i["shape"]), i["kind"], i["high"]) for i in io["inputs"]]
@@ -139,6 +188,25 @@ def test_folding_pass_drops_float32_weights_as_it_goes():
         np.testing.assert_array_equal(got_consts[name], value)
     # The shared weight became one float16 const, read by both convolutions.
     assert sum(1 for name in got_consts if name.startswith("weight")) == 1
+
+
+def test_folding_pass_keeps_broadcast_constants_broadcast():
+    """A placeholder (one value, zero strides) comes out of the float16 pass as a float16 placeholder, never whole."""
+    from coremltools.converters.mil.mil import Builder as mb
+    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
+
+    from sdbuild.convert.precision import PASS_NAME
+
+    placeholder = np.broadcast_to(np.float32(1.5009765625), (64, 8, 3, 3))
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1, 8, 4, 4))])
+    def prog(x):
+        return mb.conv(x=x, weight=mb.const(val=placeholder, name="weight"), name="conv")
+
+    PASS_REGISTRY[PASS_NAME](prog)
+    (folded,) = [v for v in _consts(prog).values() if v.size == placeholder.size]
+    assert folded.dtype == np.float16 and folded.shape == placeholder.shape
+    assert not any(folded.strides) and float(folded.flat[0]) == 1.5009765625
 
 
 def test_skip_weight_init_leaves_parameters_unfilled_and_restores_init():
@@ -291,3 +359,26 @@ def test_trace_process_gives_freed_activations_back():
 
     assert given_back_mib("trace") > 90
     assert given_back_mib("default") < 20  # what the stage setting is for
+
+
+def test_trace_entry_does_not_depend_on_where_the_download_is(tiny_sd_checkpoint, tmp_path):
+    """Two artifacts folders, the same checkpoint: the traces (placeholders.json included) are the same bytes,
+    and the record names no absolute path; each converts to its own download's weights."""
+    import shutil
+
+    fields = {"attention": "ORIGINAL"}
+    entries = {}
+    for name in ("one", "two"):
+        download = tmp_path / name / "artifacts" / "download"
+        shutil.copytree(tiny_sd_checkpoint, download / "model")
+        out = tmp_path / name / "trace"
+        out.mkdir()
+        assert trace_in_child("run", "text_encoder", fields, download, out)["weights"] == "placeholders"
+        entries[name] = (download, out)
+    (one_download, one), (two_download, two) = entries["one"], entries["two"]
+    assert _package_files(one) == _package_files(two)
+    record = (one / "placeholders.json").read_text()
+    assert str(tmp_path) not in record and '"file": "text_encoder/' in record
+    facts = convert_stage.run(Job("convert", "text_encoder", {"target": "macOS14"}, {"trace": two, "download": two_download}),
+                              tmp_path / "two")  # fmt: skip
+    assert facts["weights"] == "bound"

@@ -14,12 +14,14 @@ goes back.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 
 import numpy as np
 
 from coremltools.converters.mil.mil import Builder as mb
 from coremltools.converters.mil.mil import types
+from coremltools.converters.mil.mil.types.type_mapping import string_to_nptype
 from coremltools.converters.mil.mil.passes.defs.quantization import add_fp16_cast
 from coremltools.converters.mil.mil.passes.pass_registry import register_pass
 
@@ -35,7 +37,8 @@ class add_fp16_cast_folding(add_fp16_cast):
         # The TorchScript module the frontend loaded may sit in a reference cycle; until it
         # is collected, its tensors keep the float32 weights alive whatever the program drops.
         gc.collect()
-        super().apply(prog)
+        with _broadcast_casts():
+            super().apply(prog)
 
     @staticmethod
     def fp16_overflow(op) -> bool:
@@ -84,6 +87,7 @@ def _fold_casts_of(var) -> None:
         folded = mb.const(val=out.val, before_op=cast, name=out.name)
         block.replace_uses_of_var_after_op(anchor_op=cast, old_var=out, new_var=folded)
         block.remove_ops([cast])
+        out._sym_val = None  # the folded const holds the value now; the removed cast stays listed until the pass ends
     const = var.op
     const.enclosing_block.remove_ops([const])
     # The base pass walks a list of the block's ops taken before it started, removed ops
@@ -91,6 +95,29 @@ def _fold_casts_of(var) -> None:
     # value (held by its output and by its ``val`` input) now.
     var._sym_val = None
     const.val._sym_val = None
+
+
+@contextlib.contextmanager
+def _broadcast_casts():
+    """Within: casting a broadcast constant (one value, zero strides: a placeholder, ``convert.placeholders``)
+    casts its one value and broadcasts the result, instead of making the whole array."""
+    from coremltools.converters.mil.mil.ops.defs.iOS15.elementwise_unary import cast
+
+    original = cast.__dict__["get_cast_value"]
+    get_cast_value = original.__func__
+
+    def cast_value(cls, input_var, dtype_val):
+        val = input_var.val
+        if isinstance(val, np.ndarray) and val.size > 1 and not any(s and n != 1 for n, s in zip(val.shape, val.strides)):
+            one = np.array(val.flat[0]).astype(string_to_nptype(dtype_val))
+            return np.broadcast_to(one, val.shape)
+        return get_cast_value(cls, input_var, dtype_val)
+
+    cast.get_cast_value = classmethod(cast_value)
+    try:
+        yield
+    finally:
+        cast.get_cast_value = original
 
 
 # --- upcast attention ----------------------------------------------------------

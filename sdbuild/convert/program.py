@@ -47,7 +47,8 @@ def convert_traced(
     target: str,
     package: Path,
     upcast_attention: bool = False,
-) -> None:
+    placeholders=None,
+) -> int:
     """Convert the TorchScript file ``module_path`` and save it as the package ``package``.
 
     ``inputs``: [{name, shape, dtype}] in the module's argument order, each
@@ -61,15 +62,24 @@ def convert_traced(
     config asks for attention scores in float32 (SD 2.1's unet). The saved
     package carries no conversion date and is the same bytes for the same
     module (``sdbuild.mlpackage``).
+
+    ``placeholders`` (a ``placeholders.Record``): the module holds placeholders for these weights;
+    they stay placeholders through the conversion and the real ones are written into the saved
+    package, blob by blob. ``placeholders.Refused`` where that cannot be shown to give the package
+    the module with its weights gives (the caller converts that one). Returns the blobs bound.
     """
+    import contextlib
+
     import coremltools as ct
     import numpy as np
 
+    from sdbuild.convert.placeholders import Conversion
     from sdbuild.convert import precision as _registers_pass  # noqa: F401
     from sdbuild.mil.validation import validate_once_per_pipeline
     from sdbuild.mlpackage import CONVERSION_DATE, make_reproducible
 
-    with validate_once_per_pipeline():
+    conversion = Conversion(placeholders) if placeholders is not None else None
+    with validate_once_per_pipeline(), conversion.passes() if conversion else contextlib.nullcontext():
         mlmodel = ct.convert(
             # A path, not a module: the converter loads it and lets go of it once its
             # weights are in the program, so the float32 weights are not held twice.
@@ -86,5 +96,9 @@ def convert_traced(
         )
     # A date would make every conversion of the same module a different package.
     mlmodel.user_defined_metadata.pop(CONVERSION_DATE, None)
+    found = conversion.check_program(mlmodel._mil_program) if conversion else {}
     mlmodel.save(str(package))
+    del mlmodel
+    bound = conversion.bind_package(package, found) if conversion else 0
     make_reproducible(package)
+    return bound

@@ -184,16 +184,17 @@ class _Checkpoint:
     little-endian header size, a JSON header (dtype, shape, data_offsets per key), then the data.
     """
 
-    def __init__(self, reference: _Reference):
+    def __init__(self, reference: _Reference | None, files: list[Path] | None = None):
+        """The files ``from_pretrained`` read for ``reference``; or, with no reference, ``files`` (keys as stored)."""
         self.where: dict[str, tuple[Path, dict, int]] = {}  # key -> (file, its header entry, data start)
-        for path in _weight_files(reference):
+        for path in _weight_files(reference) if reference is not None else files:
             with open(path, "rb") as f:
                 size = int.from_bytes(f.read(8), "little")
                 header = json.loads(f.read(size))
             for key, entry in header.items():
                 if key != "__metadata__":
                     self.where[key] = (path, entry, 8 + size)
-        self.prefix = self._prefix(reference)
+        self.prefix = self._prefix(reference) if reference is not None else ""
 
     def _prefix(self, reference: _Reference) -> str:
         """What the checkpoint puts before the model's keys: nothing, or one prefix for all of them
@@ -214,16 +215,23 @@ class _Checkpoint:
     def dtype(self, key: str) -> str:
         return self.where[self.prefix + key][1]["dtype"]
 
-    def tensor(self, key: str) -> torch.Tensor:
-        """The stored tensor, as stored (dtype and shape)."""
+    def file(self, key: str) -> tuple[Path, str]:
+        """The file holding ``key``, and its key there (the prefix put back)."""
+        return self.where[self.prefix + key][0], self.prefix + key
+
+    def tensor(self, key: str, count: int | None = None) -> torch.Tensor:
+        """The stored tensor, as stored (dtype and shape); with ``count``, its first ``count`` elements only (flat)."""
         path, entry, data = self.where[self.prefix + key]
         begin, end = entry["data_offsets"]
+        dtype = _DTYPES[entry["dtype"]]
+        if count is not None:
+            end = min(end, begin + count * dtype.itemsize)
         raw = torch.empty(end - begin, dtype=torch.uint8)
         with open(path, "rb") as f:
             f.seek(data + begin)
             if f.readinto(memoryview(raw.numpy())) != end - begin:
                 raise NotLazy(f"{path}: {key} is cut short")
-        return raw.view(_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+        return raw.view(dtype) if count is not None else raw.view(dtype).reshape(entry["shape"])
 
 
 @dataclass

@@ -200,6 +200,7 @@ STAGES: dict[str, Stage] = {
             component_fields={k: ("resolution", "multires") for k in ("unet", "controlled_unet", "controlnet", "vae_decoder", "vae_encoder")},
             libraries=(*TORCH_LIBS, *COREML_LIBS),
             consumes=("trace",),
+            reads=("download",),  # the checkpoint's weights, bound into the package (the trace holds placeholders)
         ),
         Stage(
             "analyze",

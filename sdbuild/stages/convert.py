@@ -10,6 +10,7 @@ stored once.
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -23,7 +24,9 @@ PARTS = ".functions"  # per-resolution packages before the merge; removed before
 def run(job: Job, out: Path) -> dict:
     """Write ``model.mlpackage`` with the contract's input and output names (float32 I/O).
 
-    The conversion holds one copy of the weights at a time (``sdbuild.convert``).
+    The conversion holds one copy of the weights at a time (``sdbuild.convert``); where the trace
+    holds placeholders, none: the weights are bound into the saved package from the checkpoint
+    (the download, read through the trace), else the module is converted with its weights.
     """
     from sdbuild.convert.multifunction import merge_functions
 
@@ -32,7 +35,7 @@ def run(job: Job, out: Path) -> dict:
     started = time.perf_counter()
     if len(functions) == 1 or job.fields.get("multires") == "enumerated":
         shapes = enumerated_shapes(functions) if len(functions) > 1 else None
-        facts = _convert_one(trace_dir, job.fields["target"], out / PACKAGE, shapes)
+        facts = _convert_one(trace_dir, job.fields["target"], out / PACKAGE, shapes, job.upstream.get("download"))
         facts["phases_s"] = {"convert_s": round(time.perf_counter() - started, 1)}
         return facts
     parts = {}
@@ -40,7 +43,7 @@ def run(job: Job, out: Path) -> dict:
     for function in functions:
         begun = time.perf_counter()
         parts[function["name"]] = out / PARTS / f"{function['name']}.mlpackage"
-        facts = _convert_one(function["dir"], job.fields["target"], parts[function["name"]])
+        facts = _convert_one(function["dir"], job.fields["target"], parts[function["name"]], download=job.upstream.get("download"))
         seconds[function["name"]] = round(time.perf_counter() - begun, 1)
     begun = time.perf_counter()
     merge_functions(parts, out / PACKAGE)
@@ -62,23 +65,53 @@ def enumerated_shapes(functions: list[dict]) -> dict[str, list[list[int]]]:
     return out
 
 
-def _convert_one(trace_dir: Path, target: str, package: Path, shapes: dict | None = None) -> dict:
+def _convert_one(trace_dir: Path, target: str, package: Path, shapes: dict | None = None, download: Path | None = None) -> dict:
     """Convert the traced module in ``trace_dir`` (module.pt, io.json) to ``package``;
-    ``shapes``: inputs that take several shapes (``enumerated_shapes``)."""
+    ``shapes``: inputs that take several shapes (``enumerated_shapes``); ``download``: where the
+    checkpoint of a trace with placeholders is. Facts: ``weights``: ``bound`` (into the saved
+    package) or ``converted with weights`` (with why, where the trace had placeholders)."""
     from sdbuild.convert import convert_traced
+    from sdbuild.convert.placeholders import Refused, read_record
 
     io = read_io(trace_dir)
     if shapes:
         io["inputs"] = [dict(i, shapes=shapes[i["name"]]) if i["name"] in shapes else i for i in io["inputs"]]
     upcast_attention = bool(io.get("info", {}).get("upcast_attention"))
     package.parent.mkdir(parents=True, exist_ok=True)
-    convert_traced(
-        trace_dir / "module.pt",
-        io["inputs"],
-        io["outputs"],
-        io["precision"],
-        target,
-        package,
-        upcast_attention=upcast_attention,
+    record = read_record(trace_dir, download)
+    facts = {"precision": io["precision"], "upcast_attention": upcast_attention}
+    convert = lambda module, record=None: convert_traced(  # noqa: E731
+        module, io["inputs"], io["outputs"], io["precision"], target, package, upcast_attention=upcast_attention, placeholders=record
     )
-    return {"precision": io["precision"], "upcast_attention": upcast_attention}
+    if record is None:
+        convert(trace_dir / "module.pt")
+        return dict(facts, weights="converted with weights")
+    why = record.refuse
+    if why is None:
+        try:
+            bound = convert(trace_dir / "module.pt", record)
+            return dict(facts, weights="bound", bound_blobs=bound)
+        except Refused as e:
+            why = str(e)
+        except Exception as e:  # a pass that does not take a placeholder: the weights then
+            why = f"{type(e).__name__}: {e}"
+    print(f"convert {trace_dir.name}: converting with the weights: {why}", file=sys.stderr, flush=True)
+    shutil.rmtree(package, ignore_errors=True)
+    with_weights = package.parent / f".{package.stem}-with-weights.pt"
+    _bound_module_file(trace_dir / "module.pt", record, with_weights)
+    try:
+        convert(with_weights)
+    finally:
+        with_weights.unlink(missing_ok=True)
+    return dict(facts, weights=f"converted with weights: {why}")
+
+
+def _bound_module_file(module_path: Path, record, target: Path) -> None:
+    """Save the traced module with its placeholders bound to the real weights as ``target``."""
+    import torch
+
+    from sdbuild.convert.placeholders import bind_module
+
+    module = torch.jit.load(str(module_path))
+    bind_module(module, record)
+    torch.jit.save(module, str(target))

@@ -14,6 +14,7 @@ PROJECTION = "multilingual_projection"  # the component, and the name of its inp
 PROJECTION_DIGEST = "multilingual_projection_sha256"
 # Components whose inputs are sized by the image: with several resolutions, one function (or shape) each.
 RESOLUTION_KINDS = ("unet", "controlled_unet", "controlnet", "vae_decoder", "vae_encoder")
+PLACEHOLDERS = "placeholders.json"  # sdbuild.convert.placeholders.RECORD, beside module.pt
 FUNCTIONS_DIR = "functions"  # trace/functions/<h_w>/{module.pt, io.json}: the resolutions after the first
 
 
@@ -50,8 +51,18 @@ def build_options(fields: dict, component: str | None = None, resolution: dict |
     return options
 
 
-def run(job: Job, out: Path) -> dict:
-    """Write ``module.pt`` (TorchScript, float32 weights) and ``io.json`` (inputs with their declared dtypes, outputs, precision).
+def run_with_weights(job: Job, out: Path) -> dict:
+    """``run`` with every weight in ``module.pt`` (no placeholders): what the trace stage wrote before them."""
+    return run(job, out, placeholders=False)
+
+
+def run(job: Job, out: Path, placeholders: bool = True) -> dict:
+    """Write ``module.pt`` (TorchScript), ``io.json`` (inputs with their declared dtypes, outputs, precision)
+    and, where the weights are placeholders, ``placeholders.json`` (``sdbuild.convert.placeholders``).
+
+    Each checkpoint tensor from ``placeholders.MIN_ELEMENTS`` elements up is a placeholder in
+    ``module.pt`` wherever the module's tensors can be traced back to the checkpoint's
+    (``lazy_weights``); elsewhere, and with ``placeholders`` false, the module holds every weight.
 
     With several resolutions traced (``traced_resolutions``), the first is at
     the top and each other one under ``functions/<name>/``; the top ``io.json``
@@ -68,7 +79,7 @@ def run(job: Job, out: Path) -> dict:
         name = function_name(res["height"], res["width"])
         folder = out if i == 0 else out / FUNCTIONS_DIR / name
         folder.mkdir(parents=True, exist_ok=True)
-        facts[name] = _trace_one(job, folder, res)
+        facts[name] = _trace_one(job, folder, res, placeholders)
         functions.append({"name": name, "height": res["height"], "width": res["width"], "dir": str(folder.relative_to(out))})
     if len(functions) > 1:
         io = read_io(out)
@@ -78,8 +89,8 @@ def run(job: Job, out: Path) -> dict:
     return facts[functions[0]["name"]]
 
 
-def _trace_one(job: Job, out: Path, resolution: dict) -> dict:
-    """Trace the component at one ``resolution`` into ``out`` (module.pt, io.json)."""
+def _trace_one(job: Job, out: Path, resolution: dict, placeholders: bool = True) -> dict:
+    """Trace the component at one ``resolution`` into ``out`` (module.pt, io.json, placeholders.json where it has them)."""
     import torch
 
     from sdbuild.convert import skip_weight_init, trace_module
@@ -93,9 +104,12 @@ def _trace_one(job: Job, out: Path, resolution: dict) -> dict:
         # The user's own TorchScript file, not a module of ours: its weights are in it.
         model = build_multilingual_projection(projection_file(job), checkpoint_dir(download))
     else:
-        with skip_weight_init():
-            options = build_options(job.fields, job.component, resolution)
-            model = build_component(component_kind(job.component), checkpoint_dir(download), options, vae=vae_dir(download))
+        options = build_options(job.fields, job.component, resolution)
+        model = _with_placeholders(job, options, out) if placeholders else None
+        if model is None:
+            with skip_weight_init():
+                model = build_component(component_kind(job.component), checkpoint_dir(download), options, vae=vae_dir(download))
+    weights = "placeholders" if (out / PLACEHOLDERS).is_file() else "with weights"
     phases["build_s"] = round(time.perf_counter() - started, 1)
     example = sample_inputs(model.inputs, seed=0)
     args = [torch.from_numpy(example[s.name]) for s in model.inputs]
@@ -114,7 +128,27 @@ def _trace_one(job: Job, out: Path, resolution: dict) -> dict:
         "info": model.info,
     }
     (out / "io.json").write_text(json.dumps(io, indent=2))
-    return {"inputs": {s.name: list(s.shape) for s in model.inputs}, "outputs": model.outputs, "phases_s": phases}
+    return {"inputs": {s.name: list(s.shape) for s in model.inputs}, "outputs": model.outputs, "weights": weights,
+            "phases_s": phases}  # fmt: skip
+
+
+def _with_placeholders(job: Job, options, out: Path):
+    """The component's module with placeholders for its large weights, its record written beside the trace;
+    None (one log line: why) where its tensors cannot be traced back to the checkpoint's."""
+    import sys
+
+    from sdbuild.convert.placeholders import place, roots_of
+    from sdbuild.models.lazy_weights import NotLazy, lazy_component
+
+    download = job.upstream["download"]
+    try:
+        model, weights = lazy_component(component_kind(job.component), checkpoint_dir(download), options, vae=vae_dir(download))
+        record = place(weights, model.precision, roots_of(download))
+    except NotLazy as e:
+        print(f"trace {job.component}: traced with its weights: {e}", file=sys.stderr, flush=True)
+        return None
+    (out / PLACEHOLDERS).write_text(json.dumps(record, indent=2))
+    return model
 
 
 def projection_file(job: Job) -> Path:

@@ -135,13 +135,17 @@ def _reference_module(job: Job, trace_dir: Path, io: dict):
     module itself (module.pt, every weight loaded) and None, with one log line saying why."""
     import torch
 
+    from sdbuild.convert.placeholders import bind_module, read_record
     from sdbuild.models.lazy_weights import NotLazy
 
     try:
         return _lazy_reference(job, io)
     except NotLazy as e:
         print(f"verify {job.component}: the traced module is the reference: {e}", file=sys.stderr, flush=True)
-    return torch.jit.load(str(trace_dir / "module.pt")).eval(), None
+    module = torch.jit.load(str(trace_dir / "module.pt")).eval()
+    if record := read_record(trace_dir, job.upstream.get("download")):
+        bind_module(module, record)
+    return module, None
 
 
 def _lazy_reference(job: Job, io: dict):
