@@ -382,3 +382,25 @@ def test_trace_entry_does_not_depend_on_where_the_download_is(tiny_sd_checkpoint
     facts = convert_stage.run(Job("convert", "text_encoder", {"target": "macOS14"}, {"trace": two, "download": two_download}),
                               tmp_path / "two")  # fmt: skip
     assert facts["weights"] == "bound"
+
+
+def test_a_record_naming_a_file_outside_the_download_is_refused(tmp_path):
+    """A trace entry's placeholders.json (a remote cache may hand one over) cannot make convert read
+    a file outside the download's folders."""
+    import json as _json
+
+    from sdbuild.convert.placeholders import RECORD, read_record
+    from sdbuild.errors import SdbuildError
+
+    download = tmp_path / "download"
+    (download / "model").mkdir(parents=True)
+    (tmp_path / "secret.safetensors").write_bytes(b"x")
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    entry = {"value": 1.5, "shape": [64, 64], "root": "checkpoint", "file": "../../secret.safetensors", "key": "w"}
+    (trace / RECORD).write_text(_json.dumps({"placeholders": [entry], "precision": "float32"}))
+    with pytest.raises(SdbuildError, match="outside the download"):
+        read_record(trace, download)
+    entry["file"] = "unet/diffusion_pytorch_model.safetensors"
+    (trace / RECORD).write_text(_json.dumps({"placeholders": [entry], "precision": "float32"}))
+    assert read_record(trace, download).placeholders[1.5]["path"] == download / "model" / entry["file"]

@@ -204,7 +204,13 @@ def read_record(trace_dir: Path, download: Path | None) -> Record | None:
     roots = roots_of(download)
     placeholders = {}
     for entry in record["placeholders"]:
-        placeholders[float(entry["value"])] = dict(entry, path=roots[entry["root"]] / entry["file"], shape=tuple(entry["shape"]))
+        root = roots[entry["root"]]
+        file = root / entry["file"]
+        if not file.resolve().is_relative_to(root.resolve()):
+            from sdbuild.errors import SdbuildError
+
+            raise SdbuildError(f"{path}: placeholder file {entry['file']!r} is outside the download; delete the trace entry and build again")
+        placeholders[float(entry["value"])] = dict(entry, path=file, shape=tuple(entry["shape"]))
     return Record(placeholders, record["precision"], record.get("refuse"), record.get("own", []))
 
 
