@@ -96,7 +96,7 @@ def sd_encoder_bundle(sd16, tmp_path_factory) -> Path:
     (work / "trace").mkdir()
     (work / "convert").mkdir()
     trace.run(Job("trace", "vae_encoder", {"resolution": {"height": 64, "width": 64}}, {"download": download}), work / "trace")
-    convert.run(Job("convert", "vae_encoder", {"target": "macOS14"}, {"trace": work / "trace"}), work / "convert")
+    convert.run(Job("convert", "vae_encoder", {"target": "macOS14"}, {"trace": work / "trace", "download": download}), work / "convert")
     bundle = work / "bundle"
     shutil.copytree(build_dir / "Resources", bundle / "Resources")
     shutil.copytree(work / "convert" / convert.PACKAGE, bundle / "Resources" / "VAEEncoder.mlpackage")

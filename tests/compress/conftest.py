@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from builds import made_once
+# ``builds`` (made_once) is imported in the fixtures: test_mixed_bit's killed analysis imports
+# tiny_unet from here in a plain interpreter, where tests/ is not on the path.
 
 OPTIONS = dict(height=64, width=64)
 ANALYSIS_SEEDS = (1, 2)
@@ -51,12 +52,16 @@ def unet_component(tiny_sd_checkpoint):
 
 @pytest.fixture(scope="session")
 def unet_package(tiny_sd_checkpoint, tmp_path_factory) -> Path:
+    from builds import made_once
+
     made = made_once(tmp_path_factory, "compress-unet-macOS14", lambda out: convert(tiny_unet(tiny_sd_checkpoint), out / "unet.mlpackage", "macOS14"))
     return made / "unet.mlpackage"
 
 
 @pytest.fixture(scope="session")
 def unet_package_ios18(tiny_sd_checkpoint, tmp_path_factory) -> Path:
+    from builds import made_once
+
     made = made_once(tmp_path_factory, "compress-unet-iOS18", lambda out: convert(tiny_unet(tiny_sd_checkpoint), out / "unet.mlpackage", "iOS18"))
     return made / "unet.mlpackage"
 

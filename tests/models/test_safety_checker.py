@@ -160,7 +160,7 @@ def test_package_keeps_contract_io_and_decides_as_diffusers(tiny_sd_checkpoint, 
     (tmp_path / "download" / "source.json").write_text(json.dumps({"path": str(tiny_sd_checkpoint)}))
     fields = {"attention": "SPLIT_EINSUM"}
     trace.run(Job("trace", "safety_checker", fields, {"download": tmp_path / "download"}), tmp_path / "trace")
-    convert.run(Job("convert", "safety_checker", {"target": "macOS14"}, {"trace": tmp_path / "trace"}), tmp_path / "convert")
+    convert.run(Job("convert", "safety_checker", {"target": "macOS14"}, {"trace": tmp_path / "trace", "download": tmp_path / "download"}), tmp_path / "convert")
     path = tmp_path / "convert" / convert.PACKAGE
 
     spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
