@@ -172,13 +172,7 @@ class Record:
         """The checkpoint tensor a placeholder value stands for, as the module holds it: float32, its shape (torch)."""
         import torch
 
-        from sdbuild.models.lazy_weights import _Checkpoint
-
-        entry = self.placeholders[value]
-        path = entry["path"]
-        if path not in self._headers:
-            self._headers[path] = _Checkpoint(None, [path])
-        return self._headers[path].tensor(entry["key"]).to(torch.float32).reshape(entry["shape"])
+        return self.stored(value).to(torch.float32)
 
     def stored(self, value: float):
         """The tensor as stored (its checkpoint dtype), in the module's shape (torch)."""
@@ -329,22 +323,23 @@ class Conversion:
     def check_program(self, prog) -> dict[str, float]:
         """Every large floating-point constant of ``prog`` (name -> placeholder value); Refused unless each is an
         intact placeholder and every placeholder of the trace is there."""
+        from sdbuild.compress.package import iter_ops
+
         found: dict[str, float] = {}
-        for function in prog.functions.values():
-            for op in _walk(function):
-                if op.op_type != "const":
-                    continue
-                val = op.outputs[0].val
-                if not isinstance(val, np.ndarray) or val.dtype.kind != "f" or val.size < MIN_ELEMENTS:
-                    continue
-                value = self.known(val, materialized=True)
-                if value is None and self._own(val):
-                    continue
-                if value is None:
-                    raise Refused(f"{op.name}: a large {val.dtype} constant {val.shape} that is no placeholder")
-                if tuple(val.shape) != tuple(self.shape(value)):
-                    raise Refused(f"{op.name}: placeholder of shape {tuple(self.shape(value))} as {val.shape}")
-                found[op.outputs[0].name] = value
+        for op in iter_ops(prog):
+            if op.op_type != "const":
+                continue
+            val = op.outputs[0].val
+            if not isinstance(val, np.ndarray) or val.dtype.kind != "f" or val.size < MIN_ELEMENTS:
+                continue
+            value = self.known(val, materialized=True)
+            if value is None and self._own(val):
+                continue
+            if value is None:
+                raise Refused(f"{op.name}: a large {val.dtype} constant {val.shape} that is no placeholder")
+            if tuple(val.shape) != tuple(self.shape(value)):
+                raise Refused(f"{op.name}: placeholder of shape {tuple(self.shape(value))} as {val.shape}")
+            found[op.outputs[0].name] = value
         used = {self.derived[v].source if v in self.derived else v for v in found.values()}
         missing = set(self.record.placeholders) - used
         if missing:
@@ -419,13 +414,6 @@ def _scalar_scale(scale_op):
     if scale_op.op_type == "real_div":
         scale = 1.0 / scale
     return scale
-
-
-def _walk(block):
-    for op in list(block.operations):
-        yield op
-        for inner in op.blocks:
-            yield from _walk(inner)
 
 
 def _walk_spec(block):
