@@ -223,9 +223,14 @@ def bind_module(module, record: Record) -> None:
             tensor.set_(record.real(value).reshape(tensor.shape).contiguous())
 
 
+def is_broadcast(shape, strides) -> bool:
+    """Whether an array of ``shape`` and ``strides`` is one element broadcast: every stride 0 but a size-1 dimension's."""
+    return not any(stride and size != 1 for size, stride in zip(shape, strides))
+
+
 def _broadcast_value(shape, strides, first) -> float | None:
-    """The one value of a large tensor broadcast from one element (every stride 0 but a size-1 dimension's), or None."""
-    if int(np.prod(shape)) < MIN_ELEMENTS or any(stride and size != 1 for size, stride in zip(shape, strides)):
+    """The one value of a large tensor broadcast from one element (``is_broadcast``), or None."""
+    if int(np.prod(shape)) < MIN_ELEMENTS or not is_broadcast(shape, strides):
         return None
     return float(first())
 

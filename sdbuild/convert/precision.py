@@ -103,12 +103,14 @@ def _broadcast_casts():
     casts its one value and broadcasts the result, instead of making the whole array."""
     from coremltools.converters.mil.mil.ops.defs.iOS15.elementwise_unary import cast
 
+    from sdbuild.convert.placeholders import is_broadcast
+
     original = cast.__dict__["get_cast_value"]
     get_cast_value = original.__func__
 
     def cast_value(cls, input_var, dtype_val):
         val = input_var.val
-        if isinstance(val, np.ndarray) and val.size > 1 and not any(s and n != 1 for n, s in zip(val.shape, val.strides)):
+        if isinstance(val, np.ndarray) and val.size > 1 and is_broadcast(val.shape, val.strides):
             one = np.array(val.flat[0]).astype(string_to_nptype(dtype_val))
             return np.broadcast_to(one, val.shape)
         return get_cast_value(cls, input_var, dtype_val)
