@@ -228,3 +228,17 @@ def read_blob_record(f, offset: int) -> tuple[int, int, int, int] | None:
     if len(record) < BLOB_METADATA:
         return None
     return struct.unpack_from("<IIQQ", record)
+
+
+def iter_ops_of(block):
+    """Every op of ``block``, nested blocks included, in program order."""
+    for op in list(block.operations):
+        for inner in op.blocks:
+            yield from iter_ops_of(inner)
+        yield op
+
+
+def iter_ops(prog):
+    """Every op of every function of ``prog``, nested blocks included, in program order."""
+    for function in prog.functions.values():
+        yield from iter_ops_of(function)

@@ -16,7 +16,7 @@ import numpy as np
 
 from sdbuild.errors import PackageError
 from sdbuild.mil.validation import validate_once_per_pipeline
-from sdbuild.mlpackage import WEIGHT_FILE, open_readonly, read_manifest
+from sdbuild.mlpackage import WEIGHT_FILE, iter_ops, iter_ops_of, open_readonly, read_manifest  # noqa: F401 (iter_ops: re-exported)
 
 # coremltools compresses a const only above this many elements (its default);
 # the pre-analysis uses the same line so both sides see the same layers.
@@ -99,20 +99,6 @@ def load_pymil(package_or_mlmodel):
         mlmodel = load_mlmodel(Path(mlmodel))
     with validate_once_per_pipeline():
         return _apply_graph_pass(mlmodel, [], skip_model_load=True, return_pymil_prog=True)
-
-
-def iter_ops_of(block):
-    """Every op of ``block``, nested blocks included, in program order."""
-    for op in list(block.operations):
-        for inner in op.blocks:
-            yield from iter_ops_of(inner)
-        yield op
-
-
-def iter_ops(prog):
-    """Every op of every function of ``prog``, nested blocks included, in program order."""
-    for function in prog.functions.values():
-        yield from iter_ops_of(function)
 
 
 def source_name(var_name: str) -> str:

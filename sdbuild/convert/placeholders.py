@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sdbuild.mlpackage import iter_ops
+
 MIN_ELEMENTS = 4096  # tensors from this size up are placeholders
 RECORD = "placeholders.json"
 _PREFIX = 100  # elements const_deduplication hashes before comparing whole values (its LENGTH_OF_HASHKEY)
@@ -328,8 +330,6 @@ class Conversion:
     def check_program(self, prog) -> dict[str, float]:
         """Every large floating-point constant of ``prog`` (name -> placeholder value); Refused unless each is an
         intact placeholder and every placeholder of the trace is there."""
-        from sdbuild.compress.package import iter_ops
-
         found: dict[str, float] = {}
         for op in iter_ops(prog):
             if op.op_type != "const":
