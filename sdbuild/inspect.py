@@ -18,7 +18,7 @@ import math
 from pathlib import Path
 
 from sdbuild.errors import SdbuildError, UsageError
-from sdbuild.mlpackage import MANIFEST, array_dtype, read_manifest
+from sdbuild.mlpackage import MANIFEST, array_dtype, iter_spec_ops, read_manifest
 from sdbuild.report import human_bytes
 
 # Bits of MIL storage dtypes that hold compressed weight data.
@@ -156,15 +156,6 @@ def _weight_storage(ops: list) -> dict:
     return {"kinds": dict(sorted(kinds.items(), key=lambda kv: -kv[1]["elements"])), "average_bits": round(average, 3), "weight_elements": total}
 
 
-def _all_ops(block) -> list:
-    ops = []
-    for op in block.operations:
-        ops.append(op)
-        for inner in op.blocks:
-            ops.extend(_all_ops(inner))
-    return ops
-
-
 def _compression_label(storage: dict) -> str:
     """The storage kinds, most weight values first, e.g. ``palettized 6-bit + float16``."""
     kinds = storage["kinds"]
@@ -209,7 +200,7 @@ def inspect_package(package: Path) -> dict:
         check_package_weights(package, spec)  # a package missing its weights is not "normal"
         name = spec.description.defaultFunctionName or "main"
         function = spec.mlProgram.functions[name]
-        ops = _all_ops(function.block_specializations[function.opset])
+        ops = list(iter_spec_ops(function.block_specializations[function.opset]))
         counts: dict[str, int] = {}
         for op in ops:
             counts[op.type] = counts.get(op.type, 0) + 1

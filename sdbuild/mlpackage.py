@@ -242,3 +242,12 @@ def iter_ops(prog):
     """Every op of every function of ``prog``, nested blocks included, in program order."""
     for function in prog.functions.values():
         yield from iter_ops_of(function)
+
+
+def iter_spec_ops(block):
+    """Every op of a saved program's ``block`` (the protobuf spec, not a pymil program), each before the ops of
+    its nested blocks."""
+    for op in block.operations:
+        yield op
+        for inner in op.blocks:
+            yield from iter_spec_ops(inner)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sdbuild.mlpackage import iter_ops
+from sdbuild.mlpackage import iter_ops, iter_spec_ops
 
 MIN_ELEMENTS = 4096  # tensors from this size up are placeholders
 RECORD = "placeholders.json"
@@ -120,7 +120,7 @@ def _own_tensors(module) -> list[dict]:
         shape = tuple(tensor.shape)
         if _broadcast_value(shape, tensor.stride(), lambda: 0.0) is not None or tensor.numel() < MIN_ELEMENTS or not tensor.is_floating_point():
             continue
-        value = tensor.detach().to(dtype=tensor.dtype).float().numpy()
+        value = tensor.detach().float().numpy()
         digests = {str(np.dtype(d)): hashlib.sha256(np.ascontiguousarray(value.astype(d)).tobytes()).hexdigest()
                    for d in (np.float32, np.float16)}  # fmt: skip
         own.append({"shape": list(value.shape), **digests})
@@ -368,7 +368,7 @@ class Conversion:
         blobs = {}
         for function in load_spec(package).mlProgram.functions.values():
             for block in function.block_specializations.values():
-                for op in _walk_spec(block):
+                for op in iter_spec_ops(block):
                     if op.type != "const" or not op.outputs or op.outputs[0].name not in found:
                         continue
                     value = op.attributes["val"]
@@ -419,10 +419,3 @@ def _scalar_scale(scale_op):
     if scale_op.op_type == "real_div":
         scale = 1.0 / scale
     return scale
-
-
-def _walk_spec(block):
-    for op in block.operations:
-        yield op
-        for inner in op.blocks:
-            yield from _walk_spec(inner)
