@@ -18,6 +18,7 @@ def report(job, out: Path) -> dict:
         "ppid": os.getppid(),
         "rss_bytes": _rss(),
         "tmpdir": tempfile.gettempdir(),
+        "inductor_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
     }
 
 

@@ -190,6 +190,29 @@ def test_a_tmpdir_too_long_for_a_socket_path_still_gets_the_stage_server(tmp_pat
     assert list(long_tmp.iterdir()) == []
 
 
+def test_servers_starting_together_leave_the_shared_inductor_folder_alone(tmp_path):
+    """``import diffusers`` makes torch's ``torchinductor_<user>`` folder in TMPDIR; two servers starting at
+    once each removed it or kept it by what the other had done. A server now never touches that folder."""
+    import getpass
+
+    shared = tmp_path / "tmp"
+    shared.mkdir()
+    # Where that folder would go, a file: a server that made or used it would fail to import diffusers.
+    obstacle = shared / ("torchinductor_" + getpass.getuser())
+    obstacle.write_text("someone else's")
+    probes = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        probes.append(run_probe(tmp_path / name, [("stage_fakes:report", {})], env={"TMPDIR": str(shared)}))
+    for proc in probes:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+        (result,) = json.loads(out)
+        assert result["preloaded"] == ["coremltools", "diffusers", "torch", "transformers"], result  # forked
+        assert result["inductor_dir"] is None  # the server's own folder is not handed on to stages
+    assert sorted(p.name for p in shared.iterdir()) == [obstacle.name] and obstacle.read_text() == "someone else's"
+
+
 def test_spawn_workers_start_fresh_interpreters(tmp_path):
     proc = run_probe(tmp_path, [("stage_fakes:report", {})], env={"SDBUILD_WORKERS": "spawn"})
     out, err = proc.communicate(timeout=600)

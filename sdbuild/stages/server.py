@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import warnings
 
 
@@ -22,28 +24,20 @@ def _end_with_the_build() -> None:
     _set_parent_death_signal()
 
 
-def _leftovers() -> set[str]:
-    import tempfile
-
-    try:
-        return {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("torchinductor_")}
-    except OSError:
-        return set()
-
-
-# ``import diffusers`` makes torch's ``torchinductor_<user>`` folder in TMPDIR, which for the
-# server is the system's; ``tidy`` (run by the last preloaded module) removes it if this server made it, empty.
-_BEFORE = _leftovers()
+# ``import diffusers`` makes torch's inductor cache folder (``torchinductor_<user>`` in TMPDIR, which for the
+# server is the system's, shared with every other process of the user). The server points torch at a folder
+# of its own for its imports, and ``tidy`` (run by the last preloaded module) removes it: another server
+# starting at the same time can neither keep the shared folder alive nor have it removed under it.
+_INDUCTOR = "TORCHINDUCTOR_CACHE_DIR"
+_OWN_INDUCTOR_DIR = None if _INDUCTOR in os.environ else tempfile.mkdtemp(prefix="sdbuild-server-")
+if _OWN_INDUCTOR_DIR is not None:
+    os.environ[_INDUCTOR] = _OWN_INDUCTOR_DIR
 
 
 def tidy() -> None:
-    import tempfile
-
-    for name in _leftovers() - _BEFORE:
-        try:
-            os.rmdir(os.path.join(tempfile.gettempdir(), name))
-        except OSError:
-            pass
+    if _OWN_INDUCTOR_DIR is not None:
+        os.environ.pop(_INDUCTOR, None)
+        shutil.rmtree(_OWN_INDUCTOR_DIR, ignore_errors=True)
 
 
 def _quiet() -> None:
