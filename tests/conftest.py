@@ -31,27 +31,29 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 HEAVIEST_FIRST = [
     "test_build.py",  # the first asks for the run's cold tiny build (tiny_cold_build)
     "test_convert_lowmem.py",  # needs no build: keeps the other worker busy meanwhile
+    "test_multires.py",
     "test_faults.py",
     "test_remote_cache.py",
-    "test_generate.py",
+    "test_single_file.py",
+    "compress/test_mixed_bit.py",
     "test_matrix.py",
-    "test_multires.py",
+    "test_refiner.py",
+    "test_generate.py",
+    "compress/test_analysis_replay.py",
+    "models/test_convert.py",
     "test_reproducible.py",
     "test_compress_stage.py",
-    "test_single_file.py",
+    "test_inpaint.py",
     "test_generate_controlnet.py",
-    "compress/test_joint.py",
     "compress/test_palettize.py",
-    "test_lora.py",
-    "test_refiner.py",
+    "compress/test_joint.py",
     "test_interface.py",
-    "compress/test_mixed_bit.py",
-    "models/test_convert.py",
+    "test_swift_bundle.py",
+    "test_lora.py",
     "mil/test_chunk.py",
     "test_multilingual.py",
     "test_compare.py",
     "models/test_controlnet.py",
-    "test_inpaint.py",
 ]
 
 

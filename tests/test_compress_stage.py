@@ -79,7 +79,7 @@ def test_analyze_then_mixed_bit_from_the_analysis_file(art, tmp_path):
 
 def test_unknown_mixed_bit_recipe_lists_the_available_ones(art, tmp_path):
     recipe = write_recipe(tmp_path, "bad", "name: bad\n" + BASE + "compression: {mixed_bit: {recipe: recipe_9.99_bit_mixedpalette}}\n")
-    done = run_cli("run", recipe, "--artifacts", art)
+    done = run_cli_here("run", recipe, "--artifacts", art)
     assert done.returncode == 2
     line = done.stderr.strip().splitlines()[-1]
     assert line.startswith("error: compression.mixed_bit.recipe: unknown recipe 'recipe_9.99_bit_mixedpalette'")

@@ -34,20 +34,25 @@ CASES = [
 
 
 def straightforward_convert(trace_dir: Path, target: str, package: Path) -> None:
+    """``ct.convert`` with its defaults. Its program check runs once per pass pipeline instead of after
+    every pass: the same package (``tests/test_convert_validation.py``), in half the time."""
     import coremltools as ct
     import torch
 
+    from sdbuild.mil.validation import validate_once_per_pipeline
+
     io = trace_stage.read_io(trace_dir)
     traced = torch.jit.load(str(trace_dir / "module.pt"))
-    mlmodel = ct.convert(
-        traced,
-        inputs=[ct.TensorType(name=i["name"], shape=tuple(i["shape"]), dtype=np.dtype(i["dtype"])) for i in io["inputs"]],
-        outputs=[ct.TensorType(name=n, dtype=np.float32) for n in io["outputs"]],
-        convert_to="mlprogram",
-        minimum_deployment_target=getattr(ct.target, target),
-        compute_precision=ct.precision.FLOAT16 if io["precision"] == "float16" else ct.precision.FLOAT32,
-        skip_model_load=True,
-    )
+    with validate_once_per_pipeline():
+        mlmodel = ct.convert(
+            traced,
+            inputs=[ct.TensorType(name=i["name"], shape=tuple(i["shape"]), dtype=np.dtype(i["dtype"])) for i in io["inputs"]],
+            outputs=[ct.TensorType(name=n, dtype=np.float32) for n in io["outputs"]],
+            convert_to="mlprogram",
+            minimum_deployment_target=getattr(ct.target, target),
+            compute_precision=ct.precision.FLOAT16 if io["precision"] == "float16" else ct.precision.FLOAT32,
+            skip_model_load=True,
+        )
     mlmodel.save(str(package))
 
 
@@ -67,18 +72,14 @@ FALLBACK = {("sdxl", "text_encoder_2", "SPLIT_EINSUM")}
 
 
 def trace_in_child(function: str, component: str, fields: dict, download: Path, out: Path) -> dict:
-    """``trace.<function>`` in a fresh process, as the stage runs: TorchScript's value names depend on
-    what was traced before in the same process, and the packages carry them."""
-    import subprocess
-    import sys
+    """``trace.<function>`` in a process of its own, forked from the stage server as the stage runs:
+    TorchScript's value names depend on what was traced before in the same process, and the
+    packages carry them. (A fork starts with the libraries imported and nothing traced, as each
+    stage process does; a fresh interpreter would import them again, ~10 s a trace.)"""
+    from sdbuild.executor import run_in_child
 
-    code = (
-        "import json, sys; from pathlib import Path; from sdbuild.stages import Job; from sdbuild.stages import trace; "
-        f"print(json.dumps(trace.{function}(Job('trace', sys.argv[1], json.loads(sys.argv[2]), {{'download': Path(sys.argv[3])}}), Path(sys.argv[4]))))"
-    )
-    done = subprocess.run([sys.executable, "-c", code, component, json.dumps(fields), str(download), str(out)],
-                          capture_output=True, text=True, check=True)  # fmt: skip
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    job = Job("trace", component, fields, {"download": download})
+    return run_in_child(f"sdbuild.stages.trace:{function}", job, out, out.parent / f"{out.name}.log")
 
 
 def _package_files(package: Path) -> dict[str, bytes]:

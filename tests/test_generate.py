@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from builds import build_once
-from helpers import assert_one_line_error, run_cli
+from helpers import assert_one_line_error, run_cli_here
 from sdbuild.generate import (
     SCHEDULERS,
     ChainedRunner,
@@ -357,7 +357,7 @@ def test_cli_writes_named_png_with_settings(sd_encoder_bundle, tmp_path):
 
     start = tmp_path / "start.png"
     Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(start)
-    done = run_cli(
+    done = run_cli_here(
         "generate", "--bundle", sd_encoder_bundle, "--prompt", PROMPT, "--seed", 12, "--steps", 2,
         "--scheduler", "Euler", "--guidance-scale", 2, "--image", start, "--strength", 0.6, "-o", tmp_path / "out", "--json",
     )  # fmt: skip
@@ -376,21 +376,21 @@ def test_cli_errors_are_one_line(sd16, sd_encoder_bundle, tmp_path):
     from PIL import Image
 
     bundle = sd16[0]
-    assert_one_line_error(run_cli("generate", "--bundle", bundle, "--prompt", "x", "--scheduler", "Heun"), "unknown scheduler 'Heun'", "DDIM")
+    assert_one_line_error(run_cli_here("generate", "--bundle", bundle, "--prompt", "x", "--scheduler", "Heun"), "unknown scheduler 'Heun'", "DDIM")
 
     broken = tmp_path / "broken"
     shutil.copytree(bundle / "Resources", broken)
     shutil.rmtree(broken / "UnetChunk2.mlpackage")
-    assert_one_line_error(run_cli("generate", "--bundle", broken, "--prompt", "x"), "UnetChunk2.mlpackage is missing")
+    assert_one_line_error(run_cli_here("generate", "--bundle", broken, "--prompt", "x"), "UnetChunk2.mlpackage is missing")
     no_decoder = tmp_path / "no-decoder"
     shutil.copytree(bundle / "Resources", no_decoder)
     shutil.rmtree(no_decoder / "VAEDecoder.mlpackage")
-    assert_one_line_error(run_cli("generate", "--bundle", no_decoder, "--prompt", "x"), "VAEDecoder.mlpackage is missing")
+    assert_one_line_error(run_cli_here("generate", "--bundle", no_decoder, "--prompt", "x"), "VAEDecoder.mlpackage is missing")
 
     small = tmp_path / "small.png"
     Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(small)
-    assert_one_line_error(run_cli("generate", "--bundle", bundle, "--prompt", "x", "--image", small), "VAEEncoder")
+    assert_one_line_error(run_cli_here("generate", "--bundle", bundle, "--prompt", "x", "--image", small), "VAEEncoder")
     assert_one_line_error(
-        run_cli("generate", "--bundle", sd_encoder_bundle, "--prompt", "x", "--image", small, "--steps", 1),
+        run_cli_here("generate", "--bundle", sd_encoder_bundle, "--prompt", "x", "--image", small, "--steps", 1),
         "48x32 pixels", "64x64",
     )

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from builds import build_once
-from helpers import assert_one_line_error, run_cli
+from helpers import assert_one_line_error, run_cli_here
 from sdbuild.generate import GenerationError, Pipeline, find_bundle, find_controlnet, load_image, make_scheduler
 from sdbuild.metrics import psnr
 
@@ -142,7 +142,7 @@ def test_cli_generates_with_two_controlnets(built, tmp_path):
     from PIL import Image
 
     build_dir, _, folders, images = built
-    done = run_cli(
+    done = run_cli_here(
         "generate", "--bundle", build_dir, "--prompt", PROMPT, "--seed", 3, "--steps", 1, "--guidance-scale", 2,
         "--controlnet", *folders, "--controlnet-inputs", *images, "--controlnet-scale", 0.5, "-o", tmp_path,
     )  # fmt: skip
@@ -156,14 +156,14 @@ def test_cli_controlnet_errors_are_one_line(built, tmp_path):
 
     build_dir, _, _, images = built
     base = ("generate", "--bundle", build_dir, "--prompt", "x", "--steps", 1, "-o", tmp_path / "out")
-    assert_one_line_error(run_cli(*base, "--controlnet", CN1, "--controlnet-inputs", *images), "2 control images for 1 ControlNet")
+    assert_one_line_error(run_cli_here(*base, "--controlnet", CN1, "--controlnet-inputs", *images), "2 control images for 1 ControlNet")
     small = tmp_path / "small.png"
     Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(small)
-    assert_one_line_error(run_cli(*base, "--controlnet", CN1, "--controlnet-inputs", small), "48x32 pixels", "64x64")
-    assert_one_line_error(run_cli(*base, "--controlnet", "lllyasviel/sd-controlnet-mlsd", "--controlnet-inputs", images[0]), "not in this bundle")
+    assert_one_line_error(run_cli_here(*base, "--controlnet", CN1, "--controlnet-inputs", small), "48x32 pixels", "64x64")
+    assert_one_line_error(run_cli_here(*base, "--controlnet", "lllyasviel/sd-controlnet-mlsd", "--controlnet-inputs", images[0]), "not in this bundle")
     no_controlled = tmp_path / "no-controlled"
     shutil.copytree(build_dir / "Resources", no_controlled)
     for part in no_controlled.glob("ControlledUnet*"):
         shutil.rmtree(part)
-    assert_one_line_error(run_cli("generate", "--bundle", no_controlled, "--prompt", "x", "--controlnet", CN1, "--controlnet-inputs", images[0]), "ControlledUnet")
+    assert_one_line_error(run_cli_here("generate", "--bundle", no_controlled, "--prompt", "x", "--controlnet", CN1, "--controlnet-inputs", images[0]), "ControlledUnet")
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())

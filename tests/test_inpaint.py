@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import assert_one_line_error, run_cli, write_recipe
+from helpers import assert_one_line_error, run_cli_here, write_recipe
 from models.single_file import make_family
 from sdbuild.generate import GenerationError, Pipeline, make_scheduler
 from sdbuild.metrics import psnr
@@ -82,11 +82,11 @@ def test_inpainting_matches_diffusers(inpaint_bundle, inpaint_checkpoint, pictur
 
 def test_inpainting_cli_and_its_refusals(inpaint_bundle, pictures, tmp_path):
     image, mask = pictures
-    done = run_cli("generate", "--bundle", inpaint_bundle, "--prompt", PROMPT, "--steps", "2", "--guidance-scale", "2",
+    done = run_cli_here("generate", "--bundle", inpaint_bundle, "--prompt", PROMPT, "--steps", "2", "--guidance-scale", "2",
                    "--image", image, "--mask", mask, "-o", tmp_path, "--json")
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(list(tmp_path.glob("*.png"))) == 1
-    no_mask = run_cli("generate", "--bundle", inpaint_bundle, "--prompt", PROMPT, "--steps", "1", "-o", tmp_path)
+    no_mask = run_cli_here("generate", "--bundle", inpaint_bundle, "--prompt", PROMPT, "--steps", "1", "-o", tmp_path)
     assert no_mask.returncode == 2
     assert_one_line_error(no_mask, "inpainting unet", "--image and --mask")
     with pytest.raises(GenerationError, match="--mask goes with --image"):

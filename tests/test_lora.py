@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import assert_one_line_error, run_cli, write_recipe
+from helpers import assert_one_line_error, run_cli, run_cli_here, write_recipe
 
 from sdbuild.executor import prepare, run_build
 from sdbuild.metrics import psnr
@@ -163,14 +163,14 @@ def test_lora_that_does_not_fit_is_one_line(loras, tmp_path):
     missing = {k.replace("down_blocks_0", "down_blocks_5"): v for k, v in state.items() if "down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" in k}
     bad = tmp_path / "missing.safetensors"
     save_file(missing, str(bad))
-    done = run_cli("run", _recipe(tmp_path, "missing", [(bad, 1.0)], components=["unet"]), "--artifacts", tmp_path / "a")
+    done = run_cli_here("run", _recipe(tmp_path, "missing", [(bad, 1.0)], components=["unet"]), "--artifacts", tmp_path / "a")
     assert_one_line_error(done, "model.loras[0]", "missing.safetensors", "down_blocks")
     assert done.returncode == 2
 
     wide = {k: (torch.zeros(4, 48) if k.endswith("lora_down.weight") else v) for k, v in state.items() if "attn1_to_q" in k}
     bad = tmp_path / "wide.safetensors"
     save_file(wide, str(bad))
-    done = run_cli("run", _recipe(tmp_path, "wide", [(bad, 1.0)], components=["unet"]), "--artifacts", tmp_path / "a")
+    done = run_cli_here("run", _recipe(tmp_path, "wide", [(bad, 1.0)], components=["unet"]), "--artifacts", tmp_path / "a")
     assert_one_line_error(done, "model.loras[0]", "attn1.to_q", "width 48")
 
 
@@ -202,7 +202,7 @@ def test_embedding_joins_tokenizer_and_encoder(tiny_sd_checkpoint, tmp_path):
 def test_embedding_errors_are_one_line(tiny_sd_checkpoint, tmp_path):
     path = tmp_path / "style.safetensors"
     save_file({"emb_params": torch.zeros(1, 7)}, str(path))
-    done = run_cli("run", _recipe(tmp_path, "e1", embeddings=[(path, "zorblax")], components=["text_encoder"]), "--artifacts", tmp_path / "a")
+    done = run_cli_here("run", _recipe(tmp_path, "e1", embeddings=[(path, "zorblax")], components=["text_encoder"]), "--artifacts", tmp_path / "a")
     assert_one_line_error(done, "model.embeddings[0]", "7 wide")
     done = run_cli("plan", _recipe(tmp_path, "e2", embeddings=[(path, "<my-style>")], components=["text_encoder"]))
     assert_one_line_error(done, "model.embeddings[0].token", "letters")

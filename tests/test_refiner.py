@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from builds import build_once
-from helpers import assert_one_line_error, run_cli, write_recipe
+from helpers import assert_one_line_error, run_cli, run_cli_here, write_recipe
 from sdbuild.generate import REFINER_START, Pipeline, make_scheduler
 from sdbuild.metrics import psnr
 from sdbuild.stages.bundle import python_package_name, swift_name
@@ -168,7 +168,7 @@ def test_refiner_alone_image_to_image_matches_diffusers(artifacts, record_proper
 
 
 def test_refiner_start_out_of_range_is_one_line(refined, tmp_path):
-    done = run_cli("generate", "--bundle", refined[0], "--prompt", "x", "--refiner-start", "1.5", "-o", tmp_path)
+    done = run_cli_here("generate", "--bundle", refined[0], "--prompt", "x", "--refiner-start", "1.5", "-o", tmp_path)
     assert_one_line_error(done, "--refiner-start 1.5", "[0, 1]")
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from sdbuild.cache import LocalCache, RemoteCache, redact_url
 
-from helpers import write_recipe
+from helpers import run_cli_here, write_recipe
 
 RECIPE = """
 name: tiny-te
@@ -94,6 +94,16 @@ def run(recipe, art, env, *extra):
     )
 
 
+def run_here(recipe, art, s3: S3Server, monkeypatch):
+    """``run`` in this process (``run_cli_here``), with the server's environment: the remote cache is
+    the build process's own (its stages never reach it), and the stages fork from this process's
+    stage server instead of each run starting one. One server per module: the S3 filesystem
+    fsspec makes (and keeps) for the first run stays right for every later one."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"):
+        monkeypatch.setenv(name, s3.env[name])
+    return run_cli_here("run", recipe, "--artifacts", art, "--cache-url", "s3://cache/sd")
+
+
 def cache_column(art: Path, name="tiny-te") -> dict:
     report = json.loads((art / "builds" / name / "build.json").read_text())
     return {(r["stage"], r["component"]): r["cache"] for r in report["stages"]}
@@ -127,12 +137,12 @@ def test_file_remote_round_trip_and_corruption(tmp_path):
     assert how == "remote"
 
 
-def test_second_machine_downloads_every_stage_and_builds_none(s3, tmp_path):
+def test_second_machine_downloads_every_stage_and_builds_none(s3, tmp_path, monkeypatch):
     recipe = write_recipe(tmp_path, "tiny-te", RECIPE)
-    first = run(recipe, tmp_path / "a", s3.env)
+    first = run(recipe, tmp_path / "a", s3.env)  # a process of its own: its stages too have the credentials in their environment
     assert first.returncode == 0, first.stderr[-2000:]
     assert set(cache_column(tmp_path / "a").values()) == {"miss"}
-    second = run(recipe, tmp_path / "b", s3.env)
+    second = run_here(recipe, tmp_path / "b", s3, monkeypatch)
     assert second.returncode == 0, second.stderr[-2000:]
     assert set(cache_column(tmp_path / "b").values()) == {"remote"}
     # Credentials never reach logs, manifests or reports.
@@ -143,20 +153,20 @@ def test_second_machine_downloads_every_stage_and_builds_none(s3, tmp_path):
     assert "testing-secret-do-not-log" not in first.stdout + first.stderr + second.stdout + second.stderr
 
 
-def test_corrupted_remote_file_is_rebuilt_and_reuploaded(s3, tmp_path):
+def test_corrupted_remote_file_is_rebuilt_and_reuploaded(s3, tmp_path, monkeypatch):
     recipe = write_recipe(tmp_path, "tiny-te", RECIPE.replace("samples: 1", "samples: 1, seed: 5"))
-    assert run(recipe, tmp_path / "a", s3.env).returncode == 0
+    assert run_here(recipe, tmp_path / "a", s3, monkeypatch).returncode == 0
     verify_key = next(r["key"] for r in json.loads((tmp_path / "a/builds/tiny-te/build.json").read_text())["stages"] if r["stage"] == "verify")
     manifest = json.loads(s3.s3().get_object(Bucket="cache", Key=f"sd/verify/{verify_key}/manifest.json")["Body"].read())
     sha = manifest["files"]["psnr.json"]
     s3.s3().put_object(Bucket="cache", Key=f"sd/blobs/{sha[:2]}/{sha}", Body=b"{}")
-    done = run(recipe, tmp_path / "b", s3.env)
+    done = run_here(recipe, tmp_path / "b", s3, monkeypatch)
     assert done.returncode == 0, done.stderr[-2000:]
     column = cache_column(tmp_path / "b")
     assert column[("verify", "text_encoder")] == "miss"
     assert column[("convert", "text_encoder")] == "remote"
     assert "psnr.json does not match its sha256" in done.stderr
-    again = run(recipe, tmp_path / "c", s3.env)
+    again = run_here(recipe, tmp_path / "c", s3, monkeypatch)
     assert set(cache_column(tmp_path / "c").values()) == {"remote"}, again.stderr[-2000:]
 
 

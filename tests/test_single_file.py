@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import assert_one_line_error, run_cli, write_recipe
+from helpers import assert_one_line_error, run_cli, run_cli_here, write_recipe
 from models.families import unet_inputs
 from models.single_file import make_single_file, write_single_file
 
@@ -177,7 +177,7 @@ def test_foreign_files_are_one_line(tmp_path):
 
     pickled = tmp_path / "model.ckpt"
     torch.save({"state_dict": {}}, pickled)
-    done = run_cli("run", _recipe(tmp_path, "ckpt", pickled, ["unet"]), "--artifacts", tmp_path / "a")
+    done = run_cli_here("run", _recipe(tmp_path, "ckpt", pickled, ["unet"]), "--artifacts", tmp_path / "a")
     assert_one_line_error(done, "model.ckpt", "allow_pickle")
 
 

@@ -23,24 +23,27 @@ def tiny_unet(checkpoint: Path):
 
 
 def convert(component, dst: Path, target: str) -> Path:
-    """The float16 package of ``component`` for ``target`` (a ct.target name), as the convert stage makes it."""
+    """The float16 package of ``component`` for ``target`` (a ct.target name), as the convert stage makes it
+    (its program checked once per pass pipeline, as there: ``sdbuild.mil.validation``)."""
     import coremltools as ct
     import torch
 
+    from sdbuild.mil.validation import validate_once_per_pipeline
     from sdbuild.models import sample_inputs
 
     x = sample_inputs(component.inputs, 0)
     with torch.no_grad():
         traced = torch.jit.trace(component.module, [torch.from_numpy(x[s.name]) for s in component.inputs])
-    mlmodel = ct.convert(
-        traced,
-        inputs=[ct.TensorType(name=s.name, shape=s.shape) for s in component.inputs],
-        outputs=[ct.TensorType(name=n) for n in component.outputs],
-        convert_to="mlprogram",
-        minimum_deployment_target=getattr(ct.target, target),
-        compute_precision=ct.precision.FLOAT16,
-        skip_model_load=True,
-    )
+    with validate_once_per_pipeline():
+        mlmodel = ct.convert(
+            traced,
+            inputs=[ct.TensorType(name=s.name, shape=s.shape) for s in component.inputs],
+            outputs=[ct.TensorType(name=n) for n in component.outputs],
+            convert_to="mlprogram",
+            minimum_deployment_target=getattr(ct.target, target),
+            compute_precision=ct.precision.FLOAT16,
+            skip_model_load=True,
+        )
     mlmodel.save(str(dst))
     return dst
 

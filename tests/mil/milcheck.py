@@ -23,6 +23,7 @@ import coremltools as ct  # noqa: E402
 
 from sdbuild.metrics import psnr  # noqa: E402
 from sdbuild.mil.executor import load_program  # noqa: E402
+from sdbuild.mil.validation import validate_once_per_pipeline  # noqa: E402
 
 FP32_MIN_DB = 60.0
 FP16_MIN_DB = 35.0
@@ -50,25 +51,27 @@ def convert_torch(module, inputs: dict, folder: Path, target="iOS16", precision=
     module = module.eval()
     with torch.no_grad():
         traced = torch.jit.trace(module, tuple(inputs.values()))
-    mlmodel = ct.convert(
-        traced,
-        inputs=[ct.TensorType(name=n, shape=t.shape) for n, t in inputs.items()],
-        convert_to="mlprogram",
-        minimum_deployment_target=TARGETS[target],
-        compute_precision=ct.precision.FLOAT32 if precision == "fp32" else ct.precision.FLOAT16,
-        **kwargs,
-    )
+    with validate_once_per_pipeline():  # as the convert stage: the program checked once per pass pipeline
+        mlmodel = ct.convert(
+            traced,
+            inputs=[ct.TensorType(name=n, shape=t.shape) for n, t in inputs.items()],
+            convert_to="mlprogram",
+            minimum_deployment_target=TARGETS[target],
+            compute_precision=ct.precision.FLOAT32 if precision == "fp32" else ct.precision.FLOAT16,
+            **kwargs,
+        )
     return _save(mlmodel, folder, type(module).__name__)
 
 
 def convert_mil(program, folder: Path, target="iOS16", precision="fp32", stem="mil"):
     """Convert a MIL builder program (built at ``target``'s opset) and save it."""
-    mlmodel = ct.convert(
-        program,
-        convert_to="mlprogram",
-        minimum_deployment_target=TARGETS[target],
-        compute_precision=ct.precision.FLOAT32 if precision == "fp32" else ct.precision.FLOAT16,
-    )
+    with validate_once_per_pipeline():
+        mlmodel = ct.convert(
+            program,
+            convert_to="mlprogram",
+            minimum_deployment_target=TARGETS[target],
+            compute_precision=ct.precision.FLOAT32 if precision == "fp32" else ct.precision.FLOAT16,
+        )
     return _save(mlmodel, folder, stem)
 
 

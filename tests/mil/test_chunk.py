@@ -30,6 +30,7 @@ def _convert_unet(checkpoint: Path, attention: str, dst: Path) -> Path:
     import coremltools as ct
     import torch
 
+    from sdbuild.mil.validation import validate_once_per_pipeline
     from sdbuild.models import BuildOptions, build_component, sample_inputs
 
     model = build_component("unet", checkpoint, BuildOptions(attention=attention, height=64, width=64))
@@ -38,16 +39,17 @@ def _convert_unet(checkpoint: Path, attention: str, dst: Path) -> Path:
         traced = torch.jit.trace(
             model.module, [torch.from_numpy(example[s.name]) for s in model.inputs], strict=False, check_trace=False
         )
-    mlmodel = ct.convert(
-        traced,
-        # Inputs in their declared dtypes (float16) as the convert stage writes them, float32 output.
-        inputs=[ct.TensorType(name=s.name, shape=s.shape, dtype=np.dtype(s.dtype)) for s in model.inputs],
-        outputs=[ct.TensorType(name="noise_pred", dtype=np.float32)],
-        convert_to="mlprogram",
-        minimum_deployment_target=ct.target.macOS14,
-        compute_precision=ct.precision.FLOAT16,
-        skip_model_load=True,
-    )
+    with validate_once_per_pipeline():  # as the convert stage checks its program: once per pass pipeline
+        mlmodel = ct.convert(
+            traced,
+            # Inputs in their declared dtypes (float16) as the convert stage writes them, float32 output.
+            inputs=[ct.TensorType(name=s.name, shape=s.shape, dtype=np.dtype(s.dtype)) for s in model.inputs],
+            outputs=[ct.TensorType(name="noise_pred", dtype=np.float32)],
+            convert_to="mlprogram",
+            minimum_deployment_target=ct.target.macOS14,
+            compute_precision=ct.precision.FLOAT16,
+            skip_model_load=True,
+        )
     mlmodel.save(str(dst))
     return dst
 

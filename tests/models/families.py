@@ -169,23 +169,29 @@ def token_ids(vocab, seed=0, length=12, pad=None) -> torch.Tensor:
 
 
 def convert(module, inputs: dict, outputs: list[str], path: Path, precision: str = "float16"):
-    """torch.jit.trace then ct.convert as the convert stage does; saves ``path`` and returns the MLModel."""
+    """torch.jit.trace then ct.convert as the convert stage does; saves ``path`` and returns the MLModel.
+
+    As in the stage, the program is checked once per pass pipeline, not after every pass
+    (``sdbuild.mil.validation``: the same program, half the time)."""
     import coremltools as ct
+
+    from sdbuild.mil.validation import validate_once_per_pipeline
 
     args = [torch.as_tensor(v) for v in inputs.values()]
     with torch.no_grad():
         traced = torch.jit.trace(module, args, strict=False, check_trace=False)
-    mlmodel = ct.convert(
-        traced,
-        # float32 inputs, as the contract says: left unset, a float16 program gets float16 inputs,
-        # and token ids above 2048 would be rounded before the graph could cast them to integers.
-        inputs=[ct.TensorType(name=k, shape=tuple(v.shape), dtype=np.float32) for k, v in inputs.items()],
-        outputs=[ct.TensorType(name=n) for n in outputs],
-        convert_to="mlprogram",
-        minimum_deployment_target=ct.target.macOS14,
-        compute_precision=ct.precision.FLOAT16 if precision == "float16" else ct.precision.FLOAT32,
-        skip_model_load=True,
-    )
+    with validate_once_per_pipeline():
+        mlmodel = ct.convert(
+            traced,
+            # float32 inputs, as the contract says: left unset, a float16 program gets float16 inputs,
+            # and token ids above 2048 would be rounded before the graph could cast them to integers.
+            inputs=[ct.TensorType(name=k, shape=tuple(v.shape), dtype=np.float32) for k, v in inputs.items()],
+            outputs=[ct.TensorType(name=n) for n in outputs],
+            convert_to="mlprogram",
+            minimum_deployment_target=ct.target.macOS14,
+            compute_precision=ct.precision.FLOAT16 if precision == "float16" else ct.precision.FLOAT32,
+            skip_model_load=True,
+        )
     mlmodel.save(str(path))
     return mlmodel
 
