@@ -455,10 +455,12 @@ class Program:
     def _attention_chains(self) -> dict:
         """Find matmul -> [mul/real_div by a constant] -> softmax(last axis) -> matmul chains.
 
-        Returns {final matmul op name: (first matmul, scale op or None, softmax)}
-        for chains whose intermediates nothing else reads. The executor runs each
-        with kernels.fused_attention, which rounds exactly as the separate ops
-        would but never holds the whole score tensor.
+        Returns {final matmul op name: (first matmul, scale op or None, softmax, v, values first)}
+        for chains whose intermediates nothing else reads. The first matmul may take q
+        transposed; the last is probabilities @ v, or v @ probabilities^T (values first:
+        Apple's ORIGINAL attention, channels first). The executor runs each with
+        kernels.fused_attention, which rounds exactly as the separate ops would but
+        never holds the whole score tensor.
         """
         outputs = set(self._output_vars)
 
@@ -487,15 +489,15 @@ class Program:
                 if sole_consumer(producer.inputs["x"]) is not producer:
                     continue
                 producer = producer.inputs["x"].op
-            if producer is None or producer.op_type != "matmul" or flag(producer, "transpose_x"):
+            if producer is None or producer.op_type != "matmul":
                 continue
             final = sole_consumer(op.outputs[0])
-            if (
-                final is None or final.op_type != "matmul" or final.inputs["x"] is not op.outputs[0]
-                or flag(final, "transpose_x") or flag(final, "transpose_y")
-            ):
+            if final is None or final.op_type != "matmul" or flag(final, "transpose_x"):
                 continue
-            chains[final.name] = (producer, scale_op, op)
+            if final.inputs["x"] is op.outputs[0] and not flag(final, "transpose_y"):
+                chains[final.name] = (producer, scale_op, op, final.inputs["y"], False)
+            elif final.inputs["y"] is op.outputs[0] and flag(final, "transpose_y"):
+                chains[final.name] = (producer, scale_op, op, final.inputs["x"], True)
         return chains
 
     def _einsum_attention_chains(self) -> dict:
@@ -585,7 +587,7 @@ class Program:
             return static, dyn
 
         chains = self._attention_chains()
-        in_chain = {o.name for first, scale, soft in chains.values() for o in (first, scale, soft) if o is not None}
+        in_chain = {o.name for first, scale, soft, _, _ in chains.values() for o in (first, scale, soft) if o is not None}
         einsum_chains = self._einsum_attention_chains()
         in_chain |= {o.name for first, soft, _ in einsum_chains.values() for o in (first, soft)}
 
@@ -605,12 +607,12 @@ class Program:
                 dynamic.add(op.outputs[0].name)
                 continue
             if op.name in chains:
-                first, scale_op, soft = chains[op.name]
-                static, dyn = bind(
-                    {"q": first.inputs["x"], "k": first.inputs["y"], "v": op.inputs["y"]}, attrs=()
-                )
-                transpose_k = first.inputs.get("transpose_y")
+                first, scale_op, soft, v, values_first = chains[op.name]
+                static, dyn = bind({"q": first.inputs["x"], "k": first.inputs["y"], "v": v}, attrs=())
+                transpose_k, transpose_q = first.inputs.get("transpose_y"), first.inputs.get("transpose_x")
                 static.update(
+                    transpose_q=bool(transpose_q.val) if transpose_q is not None else False,
+                    values_first=values_first,
                     transpose_k=bool(transpose_k.val) if transpose_k is not None else False,
                     scale=None if scale_op is None else float(np.asarray(scale_op.inputs["y"].val).reshape(-1)[0]),
                     scale_by_division=scale_op is not None and scale_op.op_type == "real_div",

@@ -3,6 +3,7 @@ PyTorch, compressed weights, the program API, and the errors a user can meet."""
 
 from __future__ import annotations
 
+import functools
 import math
 import shutil
 
@@ -205,6 +206,38 @@ def test_split_einsum_attention_runs_fused_a_block_of_queries_at_a_time(precisio
     monkeypatch.setattr(executor_module.Program, "_einsum_attention_chains", lambda self: {})
     separate = load_program(package)
     assert fused == 4 and "einsum attention (fused)" not in [step[6] for step in separate._plan(precision).steps]
+    for name, value in separate.run({"x": x.numpy()}, precision=precision).items():
+        if precision == "fp16":
+            np.testing.assert_array_equal(got[name], value)
+        else:
+            np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-6)
+
+
+class SdbuildOriginal(SdbuildSplitEinsum):
+    """sdbuild's own ORIGINAL attention, channels first as Apple's: q^T k, softmax, v probabilities^T."""
+
+    def forward(self, x):
+        from sdbuild.models.attention import attention
+
+        return self.out(attention(self.q(x), self.k(x), self.v(x), self.heads, "ORIGINAL"))
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_channels_first_attention_runs_fused(precision, model_dir, monkeypatch):
+    """ORIGINAL's matmul(q, k, transpose_x) -> softmax -> matmul(v, probabilities, transpose_y) runs as one
+    step, a block of queries at a time (its whole scores were 1 GiB in SD 1.5's first transformer): the
+    separate ops' outputs bit for bit in fp16 mode, within float32 rounding in fp32 mode."""
+    torch.manual_seed(6)
+    x = torch.randn(2, 32, 1, 40)
+    package = convert_torch(SdbuildOriginal().eval(), {"x": x}, model_dir, "iOS17", "fp16")
+    prog = load_program(package)
+    fused = [step[6] for step in prog._plan(precision).steps].count("attention (fused)")
+    monkeypatch.setattr(kernels, "fused_attention", functools.partial(kernels.fused_attention, chunk_elements=2 * 4 * 40 * 7))
+    prog = load_program(package)
+    got = prog.run({"x": x.numpy()}, precision=precision)
+    monkeypatch.setattr(executor_module.Program, "_attention_chains", lambda self: {})
+    separate = load_program(package)
+    assert fused == 1 and "attention (fused)" not in [step[6] for step in separate._plan(precision).steps]
     for name, value in separate.run({"x": x.numpy()}, precision=precision).items():
         if precision == "fp16":
             np.testing.assert_array_equal(got[name], value)
