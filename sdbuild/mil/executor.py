@@ -869,8 +869,9 @@ def _weights_left_in_file(milproto, in_file: dict):
             files[path] = _WeightFile(Path(path))
         with open(path, "rb") as f:
             _sentinel, _kind, nbytes, data_offset = read_blob_record(f, blob.offset)
-        if nbytes != int(np.prod(shape)) * dtype.itemsize:
-            raise PackageError(f"{path}: the weight at {blob.offset} holds {nbytes} bytes; its {shape} {dtype} needs {int(np.prod(shape)) * dtype.itemsize}")
+        need = int(np.prod(shape)) * dtype.itemsize
+        if nbytes != need:
+            raise PackageError(f"{path}: the weight at {blob.offset} holds {nbytes} bytes; its {shape} {dtype} needs {need}")
         in_file[current[-1]] = _InFile(files[path], data_offset, dtype, shape)
         return np.broadcast_to(np.zeros((), dtype), shape)
 
