@@ -9,7 +9,10 @@ leaves, and the ``download`` they came from (the reference binds the
 checkpoint's weights from it; a tree that does not read it ignores it). Each tree runs the verify stage function on them (one sample, as
 ``bench/convert.py --verify``) in a fresh process, in turn, so both see the
 same machine; seconds, peak RSS of that process and the PSNR figures are
-recorded with the load average. Writes ``bench/results/verify-<name>.json``.
+recorded with the load average, and the peak RSS of each phase (sampled every
+20 ms from /proc): ``imports``, ``reference`` (the float32 PyTorch module's
+build and runs), ``package`` (loading and running the packages). Writes
+``bench/results/verify-<name>.json``.
 """
 
 from __future__ import annotations
@@ -36,11 +39,52 @@ def checkout(commit: str, into: Path) -> Path:
     return into
 
 
+class PhaseMemory:
+    """The peak RSS of this process per phase, sampled by a thread (Linux: /proc/self/statm)."""
+
+    def __init__(self, first: str):
+        import threading
+
+        self.phase, self.peaks = first, {}
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        while True:
+            with open("/proc/self/statm") as f:
+                rss = int(f.read().split()[1]) * self._page
+            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), rss)
+            time.sleep(0.02)
+
+    def enter(self, phase: str) -> None:
+        time.sleep(0.05)  # a last sample of the phase before
+        self.phase = phase
+
+    def wrap(self, module, name: str, phase: str) -> None:
+        """Count ``module.name``'s calls as ``phase``."""
+        original = getattr(module, name)
+
+        def wrapped(*args, **kwargs):
+            self.enter(phase)
+            return original(*args, **kwargs)
+
+        setattr(module, name, wrapped)
+
+    def gib(self) -> dict:
+        return {phase: round(peak / 2**30, 2) for phase, peak in self.peaks.items()}
+
+
 def run_verify(entries: Path) -> dict:
-    """In this process: the verify stage on ``entries``; seconds, peak RSS, PSNR."""
+    """In this process: the verify stage on ``entries``; seconds, peak RSS (whole and per phase), PSNR."""
+    phases = PhaseMemory("imports") if Path("/proc/self/statm").is_file() else None
     from sdbuild.stages import Job
     from sdbuild.stages import verify
 
+    if phases is not None:
+        # Both trees name them so: the reference's outputs, then each package's (loaded and run).
+        phases.wrap(verify, "_reference_outputs", "reference")
+        for name in ("_package_outputs", "_chain_outputs"):
+            phases.wrap(verify, name, "package")
     upstream = {name: entries / name for name in ("download", "trace", "convert", "compress", "chunk") if (entries / name).is_dir()}
     job = Job("verify", "unet", {"verify.samples": 1, "verify.seed": 0, "compute_unit": "CPU_AND_NE"}, upstream)
     out = Path(tempfile.mkdtemp(prefix="bench-verify-"))
@@ -50,11 +94,15 @@ def run_verify(entries: Path) -> dict:
     psnr = json.loads((out / "psnr.json").read_text())
     (out / "psnr.json").unlink()
     out.rmdir()
-    return {
+    result = {
         "seconds": round(seconds, 1),
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),  # Linux: KiB
         "psnr": {k: v for k, v in psnr.items() if k.endswith("psnr_db")},
     }
+    if phases is not None:
+        phases.enter("done")
+        result["phase_peak_rss_gib"] = phases.gib()
+    return result
 
 
 def measure(entries: Path, tree: Path | None) -> dict:
@@ -72,7 +120,7 @@ def measure(entries: Path, tree: Path | None) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--entries", type=Path)
-    parser.add_argument("--before", default="432bbae", help="the commit to compare with (default: before this change)")
+    parser.add_argument("--before", default="8ec6e5c", help="the commit to compare with (default: before this change)")
     parser.add_argument("--name", default="sd15-unet")
     parser.add_argument("--run", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()

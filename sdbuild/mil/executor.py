@@ -9,9 +9,13 @@ conversion, compression and chunking can be checked on Linux.
 
 Loading parses the program (coremltools' MIL proto reader), checks the weight
 file's structure, picks a kernel for every op (sdbuild.mil.kernels) and
-decompresses compressed weights once. ``run`` then walks a precomputed plan:
-per op a kernel, its constant arguments already bound, the names of its
-run-time arguments, and what to round or free after it.
+decompresses compressed weights once. The weights themselves (float
+constants of ``IN_FILE_MIN`` elements and more) stay in the package's weight
+file: each is read when an op that takes it runs and freed when the op is
+done, so a loaded program holds no copy of them. ``run`` then walks a
+precomputed plan: per op a kernel, its constant arguments already bound (or
+where in the weight file to read them), the names of its run-time arguments,
+and what to round or free after it: an activation lives until its last reader.
 
 Precision: ``fp32`` holds every value in float32 (the upper bound of what a
 device can reach); ``fp16`` (default) rounds every float16 tensor of the
@@ -27,6 +31,7 @@ import struct
 import tempfile
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -156,6 +161,59 @@ def _as_attr(value) -> Any:
     return value
 
 
+# Float constants of at least this many elements (the weights) are left in the package's weight file:
+# loading reads their shapes only, and each is read from the file while an op that takes it runs.
+# The values are the file's bytes either way: results are equal.
+IN_FILE_MIN = 1 << 14
+
+
+class _WeightFile:
+    """An open weight file (kept open, so a loaded program reads the file it was loaded from)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        weakref.finalize(self, os.close, self._fd)
+
+    def read_into(self, array: np.ndarray, offset: int) -> None:
+        view, done = memoryview(array).cast("B"), 0
+        while done < len(view):
+            if hasattr(os, "preadv"):  # straight into the array
+                got = os.preadv(self._fd, [view[done:]], offset + done)
+            else:
+                chunk = os.pread(self._fd, len(view) - done, offset + done)
+                got = len(chunk)
+                view[done : done + got] = chunk
+            if got <= 0:
+                raise PackageError(f"{self.path}: the weight file ends at {offset + done} (changed since it was loaded?)")
+            done += got
+
+
+@dataclass(frozen=True)
+class _InFile:
+    """A weight left in its package's weight file: where it is, its dtype and shape."""
+
+    file: _WeightFile
+    offset: int  # of its data
+    dtype: np.dtype
+    shape: tuple
+
+    def array(self) -> np.ndarray:
+        """Its values, read from the file into an array of their own."""
+        array = np.empty(self.shape, self.dtype)
+        self.file.read_into(array, self.offset)
+        return array
+
+    def tensor(self) -> torch.Tensor:
+        """As the kernels compute with: float32."""
+        return _as_fp32(torch.from_numpy(self.array()))
+
+
+def _materialized(value) -> Any:
+    """A constant's data as ``_as_data`` makes it, read from the weight file where it was left there."""
+    return _as_data(value.array()) if isinstance(value, _InFile) else value
+
+
 # --------------------------------------------------------------------------- package reading
 
 
@@ -254,7 +312,7 @@ class Program:
     ``opset``: the main function's opset, e.g. "iOS17".
     """
 
-    def __init__(self, path: Path, spec, function, kernel_table=None, function_name: str | None = None):
+    def __init__(self, path: Path, spec, function, kernel_table=None, function_name: str | None = None, in_file=None):
         self.path = path
         self.spec = spec
         self.function_name = function_name  # of a multifunction package; None for a single-function one
@@ -278,6 +336,8 @@ class Program:
         if len(self._output_vars) != len(self.outputs):
             raise PackageError(f"{path}: the program returns {len(self._output_vars)} values but declares {len(self.outputs)} outputs")
         self._const_data: dict[str, Any] = {}  # const var name -> tensor (shared by both precisions)
+        # const var name -> where its value is in the weight file (its var holds a stand-in of its shape)
+        self._in_file: dict[str, _InFile] = dict(in_file or {})
         self._raw_results: dict[str, Any] = {}  # constexpr outputs (tensors), decompressed once
         self._raw_is_fp16: set[str] = set()  # constexpr outputs whose values are float16 already
         self._plans: dict[str, _Plan] = {}
@@ -286,8 +346,13 @@ class Program:
 
     @property
     def function(self):
-        """The pymil Function this program runs (ops, vars and their names)."""
+        """The pymil Function this program runs (ops, vars and their names). A const op's var left in the
+        weight file holds a stand-in of its shape (``IN_FILE_MIN``): its values are ``constant(var)``."""
         return self._function
+
+    def constant(self, var) -> np.ndarray:
+        """The values of a const op's ``var`` (read from the weight file where they were left there)."""
+        return self._in_file[var.name].array() if var.name in self._in_file else np.asarray(var.val)
 
     def _kernel(self, op):
         k = _kernels.find_kernel(op.op_type, self._opset_number, self._table)
@@ -319,7 +384,7 @@ class Program:
             kw = {}
             for param, v in op.inputs.items():
                 if v.op is not None and v.op.op_type == "const":
-                    value = v.val
+                    value = self.constant(v) if v.name in self._in_file else v.val
                 elif v.name in raw:
                     value = raw[v.name]
                 else:
@@ -378,6 +443,11 @@ class Program:
     # ---- planning
 
     def _const_tensor(self, var) -> Any:
+        """A const op's value as the kernels take it, or where to read it (``_InFile``) when it is left in the weight file."""
+        if var.name in self._in_file:
+            return self._in_file[var.name]
+        if isinstance(var.val, np.ndarray) and var.val.size >= IN_FILE_MIN and not any(var.val.strides):
+            raise PackageError(f"{self.path}: constant '{var.name}' is a stand-in whose place in the weight file is unknown")
         if var.name not in self._const_data:
             self._const_data[var.name] = _as_data(var.val)
         return self._const_data[var.name]
@@ -385,10 +455,12 @@ class Program:
     def _attention_chains(self) -> dict:
         """Find matmul -> [mul/real_div by a constant] -> softmax(last axis) -> matmul chains.
 
-        Returns {final matmul op name: (first matmul, scale op or None, softmax)}
-        for chains whose intermediates nothing else reads. The executor runs each
-        with kernels.fused_attention, which rounds exactly as the separate ops
-        would but never holds the whole score tensor.
+        Returns {final matmul op name: (first matmul, scale op or None, softmax, v, values first)}
+        for chains whose intermediates nothing else reads. The first matmul may take q
+        transposed; the last is probabilities @ v, or v @ probabilities^T (values first:
+        Apple's ORIGINAL attention, channels first). The executor runs each with
+        kernels.fused_attention, which rounds exactly as the separate ops would but
+        never holds the whole score tensor.
         """
         outputs = set(self._output_vars)
 
@@ -417,15 +489,15 @@ class Program:
                 if sole_consumer(producer.inputs["x"]) is not producer:
                     continue
                 producer = producer.inputs["x"].op
-            if producer is None or producer.op_type != "matmul" or flag(producer, "transpose_x"):
+            if producer is None or producer.op_type != "matmul":
                 continue
             final = sole_consumer(op.outputs[0])
-            if (
-                final is None or final.op_type != "matmul" or final.inputs["x"] is not op.outputs[0]
-                or flag(final, "transpose_x") or flag(final, "transpose_y")
-            ):
+            if final is None or final.op_type != "matmul" or flag(final, "transpose_x"):
                 continue
-            chains[final.name] = (producer, scale_op, op)
+            if final.inputs["x"] is op.outputs[0] and not flag(final, "transpose_y"):
+                chains[final.name] = (producer, scale_op, op, final.inputs["y"], False)
+            elif final.inputs["y"] is op.outputs[0] and flag(final, "transpose_y"):
+                chains[final.name] = (producer, scale_op, op, final.inputs["x"], True)
         return chains
 
     def _einsum_attention_chains(self) -> dict:
@@ -494,7 +566,7 @@ class Program:
                     refs = []
                     for e in v:
                         if is_const(e):
-                            refs.append((False, _wide(const_value(e))))
+                            refs.append((False, _wide(_materialized(const_value(e)))))
                         else:
                             refs.append((True, e.name))
                             used_at[e.name] = len(steps)
@@ -502,7 +574,9 @@ class Program:
                 elif is_const(v):
                     value = const_value(v)
                     if param in attrs:
-                        static[param] = _as_attr(value)
+                        static[param] = _as_attr(_materialized(value))
+                    elif isinstance(value, _InFile):
+                        dyn.append((param, 4, value))  # read when the step runs, freed after it
                     elif _is_narrow(value):
                         dyn.append((param, 3, value))  # widened when the step runs
                     else:
@@ -513,7 +587,7 @@ class Program:
             return static, dyn
 
         chains = self._attention_chains()
-        in_chain = {o.name for first, scale, soft in chains.values() for o in (first, scale, soft) if o is not None}
+        in_chain = {o.name for first, scale, soft, _, _ in chains.values() for o in (first, scale, soft) if o is not None}
         einsum_chains = self._einsum_attention_chains()
         in_chain |= {o.name for first, soft, _ in einsum_chains.values() for o in (first, soft)}
 
@@ -533,12 +607,12 @@ class Program:
                 dynamic.add(op.outputs[0].name)
                 continue
             if op.name in chains:
-                first, scale_op, soft = chains[op.name]
-                static, dyn = bind(
-                    {"q": first.inputs["x"], "k": first.inputs["y"], "v": op.inputs["y"]}, attrs=()
-                )
-                transpose_k = first.inputs.get("transpose_y")
+                first, scale_op, soft, v, values_first = chains[op.name]
+                static, dyn = bind({"q": first.inputs["x"], "k": first.inputs["y"], "v": v}, attrs=())
+                transpose_k, transpose_q = first.inputs.get("transpose_y"), first.inputs.get("transpose_x")
                 static.update(
+                    transpose_q=bool(transpose_q.val) if transpose_q is not None else False,
+                    values_first=values_first,
                     transpose_k=bool(transpose_k.val) if transpose_k is not None else False,
                     scale=None if scale_op is None else float(np.asarray(scale_op.inputs["y"].val).reshape(-1)[0]),
                     scale_by_division=scale_op is not None and scale_op.op_type == "real_div",
@@ -569,9 +643,10 @@ class Program:
                 kw = {}
                 for p, v in op.inputs.items():
                     if isinstance(v, (list, tuple)):
-                        kw[p] = [_wide(const_value(e)) for e in v]
+                        kw[p] = [_wide(_materialized(const_value(e))) for e in v]
                     else:
-                        kw[p] = _as_attr(const_value(v)) if p in k.attrs else _wide(const_value(v))
+                        value = _materialized(const_value(v))
+                        kw[p] = _as_attr(value) if p in k.attrs else _wide(value)
                 with torch.inference_mode():
                     result = k.fn(**kw)
                 results = result if isinstance(result, (tuple, list)) else (result,)
@@ -666,6 +741,8 @@ class Program:
                     kw[param] = _as_attr(env[ref])
                 elif how == 3:
                     kw[param] = ref.to(torch.float32)
+                elif how == 4:
+                    kw[param] = ref.tensor()
                 else:
                     kw[param] = [env[r] if is_var else r for is_var, r in ref]
             result = fn(**kw)
@@ -765,6 +842,56 @@ def _weights_read_one_at_a_time(milproto):
         milproto._load_file_value = original
 
 
+@contextlib.contextmanager
+def _weights_left_in_file(milproto, in_file: dict):
+    """Within: coremltools' program loader gives each const op whose value is a float tensor of at least
+    ``IN_FILE_MIN`` elements in a weight file a stand-in of its shape and dtype (one zero, broadcast: no
+    memory) instead of reading it, and ``in_file`` gets its var's name -> where the value is (``_InFile``).
+    Only const ops' values: a constexpr op's own inputs are read as before (decompressed at load time)."""
+    from coremltools.converters.mil.mil import types
+
+    load_const, load_value = milproto._load_const_op, milproto._load_value
+    floats = {types.fp16: np.dtype(np.float16), types.fp32: np.dtype(np.float32)}
+    files: dict[str, _WeightFile] = {}
+    current: list = []  # the const op being loaded
+
+    def leave_in_file(context, value_spec):
+        if not current or value_spec.WhichOneof("value") != "blobFileValue" or value_spec.type.WhichOneof("type") != "tensorType":
+            return load_value(context, value_spec)
+        valuetype = milproto.proto_to_types(value_spec.type)
+        dtype = floats.get(valuetype.get_primitive())
+        shape = tuple(int(d) for d in valuetype.get_shape())
+        if dtype is None or int(np.prod(shape)) < IN_FILE_MIN:
+            return load_value(context, value_spec)
+        blob = value_spec.blobFileValue
+        path = os.path.join(context.weights_dir, blob.fileName.split("/")[-1])
+        if path not in files:
+            files[path] = _WeightFile(Path(path))
+        with open(path, "rb") as f:
+            _sentinel, _kind, nbytes, data_offset = read_blob_record(f, blob.offset)
+        need = int(np.prod(shape)) * dtype.itemsize
+        if nbytes != need:
+            raise PackageError(f"{path}: the weight at {blob.offset} holds {nbytes} bytes; its {shape} {dtype} needs {need}")
+        in_file[current[-1]] = _InFile(files[path], data_offset, dtype, shape)
+        return np.broadcast_to(np.zeros((), dtype), shape)
+
+    def load_const_op(context, op_spec):
+        named = op_spec.type == "const" and len(op_spec.outputs) == 1
+        if named:
+            current.append(op_spec.outputs[0].name)
+        try:
+            return load_const(context, op_spec)
+        finally:
+            if named:
+                current.pop()
+
+    milproto._load_const_op, milproto._load_value = load_const_op, leave_in_file
+    try:
+        yield
+    finally:
+        milproto._load_const_op, milproto._load_value = load_const, load_value
+
+
 def _only_function(spec, name: str):
     """``spec`` with function ``name`` alone, where its program has others besides.
 
@@ -803,8 +930,9 @@ def load_program(path, kernels: dict | None = None, function: str | None = None)
     from coremltools.converters.mil.frontend.milproto import load as milproto
 
     name = function or spec.description.defaultFunctionName or "main"
+    in_file: dict = {}
     try:
-        with _weights_read_one_at_a_time(milproto):
+        with _weights_read_one_at_a_time(milproto), _weights_left_in_file(milproto, in_file):
             program = milproto.load(_only_function(spec, name), spec.specificationVersion, file_weights_dir=str(weights_dir))
     except Exception as e:
         message = str(e).splitlines()[0] if str(e) else ""
@@ -813,7 +941,7 @@ def load_program(path, kernels: dict | None = None, function: str | None = None)
         have = ", ".join(sorted(program.functions))
         raise PackageError(f"{pkg}: the program has no function '{name}' (it has: {have})")
     declared = {f.name for f in spec.description.functions}
-    return Program(pkg, spec, program.functions[name], kernels, function_name=name if name in declared else None)
+    return Program(pkg, spec, program.functions[name], kernels, function_name=name if name in declared else None, in_file=in_file)
 
 
 def check_exec_paths(model: Path, inputs_npz: Path, output_npz: Path) -> None:

@@ -562,16 +562,25 @@ def matmul(x, y, transpose_x=False, transpose_y=False):
     return torch.matmul(x, y)
 
 
-def fused_attention(q, k, v, transpose_k, scale, scale_by_division, finish_scores, finish_scaled, finish_probs, chunk_elements=1 << 22):
+def fused_attention(q, k, v, transpose_k, scale, scale_by_division, finish_scores, finish_scaled, finish_probs,
+                    chunk_elements=1 << 22, transpose_q=False, values_first=False):  # fmt: skip
     """softmax(scale(q @ k^T)) @ v for the executor's fused matmul -> [mul] -> softmax -> matmul chains.
 
-    q: [*B, L, E]; k: [*B, S, E] (``transpose_k``) or [*B, E, S]; v: [*B, S, EV] -> [*B, L, EV].
+    q: [*B, L, E] or, ``transpose_q``, [*B, E, L]; k: [*B, S, E] (``transpose_k``) or [*B, E, S];
+    v: [*B, S, EV] -> [*B, L, EV], or, ``values_first`` (the chain's last matmul is v @ probabilities^T,
+    channels first as Apple's ORIGINAL attention has it), v: [*B, EV, S] -> [*B, EV, L].
     Not an op of its own: the executor runs such a chain with this when nothing
     else reads the intermediates. The intermediates are rounded by the same
     ``finish_*`` functions as the separate ops would be, one block of query rows
     at a time so the [*B, L, S] scores never exist whole; with no rounding to do
     (fp32 mode) torch's fused attention runs instead.
     """
+    if transpose_q:
+        q = q.transpose(-1, -2)
+    if values_first:
+        out = fused_attention(q, k, v.transpose(-1, -2), transpose_k, scale, scale_by_division, finish_scores,
+                              finish_scaled, finish_probs, chunk_elements=chunk_elements)  # fmt: skip
+        return out.transpose(-1, -2).contiguous()
     key = k.transpose(-1, -2) if not transpose_k else k
     factor = 1.0 if scale is None else (1.0 / scale if scale_by_division else scale)
     exact = all(f is None for f in (finish_scores, finish_scaled, finish_probs))

@@ -3,6 +3,7 @@ PyTorch, compressed weights, the program API, and the errors a user can meet."""
 
 from __future__ import annotations
 
+import functools
 import math
 import shutil
 
@@ -212,6 +213,38 @@ def test_split_einsum_attention_runs_fused_a_block_of_queries_at_a_time(precisio
             np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-6)
 
 
+class SdbuildOriginal(SdbuildSplitEinsum):
+    """sdbuild's own ORIGINAL attention, channels first as Apple's: q^T k, softmax, v probabilities^T."""
+
+    def forward(self, x):
+        from sdbuild.models.attention import attention
+
+        return self.out(attention(self.q(x), self.k(x), self.v(x), self.heads, "ORIGINAL"))
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_channels_first_attention_runs_fused(precision, model_dir, monkeypatch):
+    """ORIGINAL's matmul(q, k, transpose_x) -> softmax -> matmul(v, probabilities, transpose_y) runs as one
+    step, a block of queries at a time (its whole scores were 1 GiB in SD 1.5's first transformer): the
+    separate ops' outputs bit for bit in fp16 mode, within float32 rounding in fp32 mode."""
+    torch.manual_seed(6)
+    x = torch.randn(2, 32, 1, 40)
+    package = convert_torch(SdbuildOriginal().eval(), {"x": x}, model_dir, "iOS17", "fp16")
+    prog = load_program(package)
+    fused = [step[6] for step in prog._plan(precision).steps].count("attention (fused)")
+    monkeypatch.setattr(kernels, "fused_attention", functools.partial(kernels.fused_attention, chunk_elements=2 * 4 * 40 * 7))
+    prog = load_program(package)
+    got = prog.run({"x": x.numpy()}, precision=precision)
+    monkeypatch.setattr(executor_module.Program, "_attention_chains", lambda self: {})
+    separate = load_program(package)
+    assert fused == 1 and "attention (fused)" not in [step[6] for step in separate._plan(precision).steps]
+    for name, value in separate.run({"x": x.numpy()}, precision=precision).items():
+        if precision == "fp16":
+            np.testing.assert_array_equal(got[name], value)
+        else:
+            np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-6)
+
+
 def test_attention_block_ios18_uses_sdpa(model_dir):
     torch.manual_seed(1)
     inputs = {"x": torch.randn(2, 16, 32), "context": torch.randn(2, 7, 24)}
@@ -266,7 +299,7 @@ def _dense_weights(pkg):
     path = pkg.with_name(pkg.stem + "_dense.mlpackage")
     dense.save(str(path))
     prog = load_program(path)
-    return {op.outputs[0].val.shape: op.outputs[0].val for op in prog._function.operations
+    return {op.outputs[0].val.shape: prog.constant(op.outputs[0]) for op in prog._function.operations
             if op.op_type == "const" and np.ndim(op.outputs[0].val) >= 2}
 
 
@@ -379,6 +412,96 @@ def test_float16_weights_are_held_float16_and_give_the_same_results(precision, m
         held = [ref for step in prog._plan(precision).steps for _param, how, ref in step[2] if how == 3]
         convs = prog.op_counts()["conv"]
         assert len(held) >= convs and all(t.dtype == torch.float16 for t in held), (path.name, len(held), convs)
+
+
+class Deep(nn.Module):
+    """A chain of convolutions whose weights (64 * 64 * 3 * 3 elements) are over ``IN_FILE_MIN``."""
+
+    def __init__(self, depth=5, width=64):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1) for _ in range(depth))
+
+    def forward(self, x):
+        for conv in self.convs:
+            x = F.silu(conv(x))
+        return x
+
+
+@pytest.fixture(scope="module")
+def deep_packages(model_dir):
+    torch.manual_seed(10)
+    module = Deep().eval()
+    x = torch.randn(1, 64, 8, 8)
+    return {p: convert_torch(module, {"x": x}, model_dir, "iOS17", p) for p in ("fp16", "fp32")}, {"x": x.numpy()}
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_weights_are_read_from_the_weight_file_one_op_at_a_time(precision, deep_packages, monkeypatch):
+    """A loaded program holds no weight: each is read from weight.bin as its op runs and freed after it,
+    and the results are those of the program with every weight loaded, bit for bit."""
+    import gc
+    import weakref
+
+    packages, feeds = deep_packages
+    path = packages[precision]
+    monkeypatch.setattr(executor_module, "IN_FILE_MIN", 1 << 62)
+    loaded = load_program(path)
+    expected = loaded.run(feeds, precision=precision)
+    monkeypatch.undo()
+
+    prog = load_program(path)
+    weights = [op.inputs["weight"] for op in prog.function.operations if op.op_type == "conv"]
+    assert len(weights) == 5
+    by_name = {op.outputs[0].name: op.outputs[0] for op in loaded.function.operations if op.op_type == "const"}
+    for var in weights:
+        assert var.val.shape == (64, 64, 3, 3) and not any(var.val.strides)  # a stand-in, no memory
+        np.testing.assert_array_equal(prog.constant(var), by_name[var.name].val)
+    assert not [t for t in prog._const_data.values() if isinstance(t, torch.Tensor) and t.numel() >= 64 * 64 * 9]
+
+    reads, alive_at_read = [], []
+    original = executor_module._InFile.array
+
+    def array(self):
+        gc.collect()
+        alive_at_read.append(sum(r() is not None for r in reads))
+        result = original(self)
+        reads.append(weakref.ref(result))
+        return result
+
+    monkeypatch.setattr(executor_module._InFile, "array", array)
+    for _ in range(2):
+        out = prog.run(feeds, precision=precision)
+        for name in expected:
+            np.testing.assert_array_equal(out[name], expected[name])
+    gc.collect()
+    assert len(reads) == 2 * len(weights)
+    assert max(alive_at_read) == 0 and not [r for r in reads if r() is not None]
+
+
+def test_an_activation_lives_until_its_last_reader(deep_packages, monkeypatch):
+    """The run frees each value after the last op that reads it: a chain holds two at a time, whatever its length."""
+    packages, feeds = deep_packages
+    prog = load_program(packages["fp16"])
+
+    class Env(dict):
+        stored, most = 0, 0
+
+        def __setitem__(self, key, value):
+            super().__setitem__(key, value)
+            Env.stored += 1
+            Env.most = max(Env.most, len(self))
+
+    original = executor_module.Program._execute
+
+    def execute(steps, env):
+        counted = Env(env)
+        original(steps, counted)
+        env.update(counted)
+
+    monkeypatch.setattr(executor_module.Program, "_execute", staticmethod(execute))
+    out = prog.run(feeds)
+    assert next(iter(out.values())).shape == (1, 64, 8, 8)
+    assert Env.stored >= 10 and Env.most <= 2, (Env.stored, Env.most)
 
 
 # --------------------------------------------------------------------------- the program API
