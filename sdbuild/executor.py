@@ -304,6 +304,7 @@ def plan_of(recipe: Recipe, source: dict, family: str, with_analysis: bool, cont
         "recipe": recipe.model_dump(mode="json"),
         "family": family,
         "calibration": comp.calibration_settings if comp else None,  # its defaults filled in
+        "analysis": recipe.analysis_settings,  # the pre-analysis's inputs, defaults filled in
     }
     analysis = with_analysis or (mixed_bit and comp.mixed_bit.pre_analysis == "auto")
     return Plan(recipe, components + list(sources), sources, compressed, mixed_bit, analysis, calibrating, compiler, facts)
