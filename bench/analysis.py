@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--latent", type=int, default=default.latent, help="latent height and width")
     parser.add_argument("--attention", default="ORIGINAL", help="the unet's attention implementation (recipe's attention)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
+    parser.add_argument("--no-plain", action="store_true", help="replay only (for --against: the PSNR is the same)")
     parser.add_argument("--against", type=Path, help="a result of this bench on other inputs: rank correlation")
     parser.add_argument("--cache", type=Path, default=Path("/work/bench-cache"))
     parser.add_argument("--out", type=Path, help="the JSON written (default bench/results/analysis-<model>.json)")
@@ -100,7 +101,7 @@ def main() -> None:
             replay_db = model.psnr_with(weight)
             row["replay_s"][str(b)] = round(time.perf_counter() - t, 2)
             row["psnr"][str(b)] = replay_db
-            if b == widths[0]:
+            if b == widths[0] and not args.no_plain:
                 replay, model.replay = model.replay, None
                 t = time.perf_counter()
                 plain_db = model.psnr_with(weight)
@@ -109,9 +110,9 @@ def main() -> None:
                 row["same_psnr"] = plain_db == replay_db
         row.update(load=round(os.getloadavg()[0], 1), peak_rss_gib=_peak_gib())
         rows.append(row)
-        print(f"{layer.order:4d} {layer.name:60s} palettes {palettes_s:6.2f} s  plain {row['plain_s']:7.2f} s  "
-              f"replay {np.mean(list(row['replay_s'].values())):7.2f} s  same {row['same_psnr']}", flush=True)  # fmt: skip
-    plain = float(np.mean([r["plain_s"] for r in rows]))
+        print(f"{layer.order:4d} {layer.name:60s} palettes {palettes_s:6.2f} s  plain {row.get('plain_s', float('nan')):7.2f} s  "
+              f"replay {np.mean(list(row['replay_s'].values())):7.2f} s  same {row.get('same_psnr')}", flush=True)  # fmt: skip
+    plain = float(np.mean([r["plain_s"] for r in rows if "plain_s" in r] or [np.nan]))
     fast = float(np.mean([s for r in rows for s in r["replay_s"].values()]))
     palettes = float(np.mean([r["palettes_s"] for r in rows]))
     n_isolated = len(layers) * len(SUPPORTED_NBITS)
