@@ -140,10 +140,10 @@ def cmd_analyze(args) -> int:
     build = prepare(args.recipe, Path(args.artifacts), with_analysis=True)
     console = _console()
     if args.json:
-        run_build(build, until="analyze")
+        run_build(build, only="analyze")
     else:
         with RichReporter(console) as reporter:
-            run_build(build, until="analyze", reporter=reporter)
+            run_build(build, only="analyze", reporter=reporter)
     node = next(n for n in build.nodes if n.stage.name == "analyze")
     analysis = node.entry.path / "analysis.json"
     doc = json.loads(analysis.read_text())

@@ -304,6 +304,7 @@ def plan_of(recipe: Recipe, source: dict, family: str, with_analysis: bool, cont
         "recipe": recipe.model_dump(mode="json"),
         "family": family,
         "calibration": comp.calibration_settings if comp else None,  # its defaults filled in
+        "analysis": recipe.analysis_settings,  # the pre-analysis's inputs, defaults filled in
     }
     analysis = with_analysis or (mixed_bit and comp.mixed_bit.pre_analysis == "auto")
     return Plan(recipe, components + list(sources), sources, compressed, mixed_bit, analysis, calibrating, compiler, facts)
@@ -1087,6 +1088,7 @@ def run_build(
     *,
     force: tuple[str, ...] = (),
     until: str | None = None,
+    only: str | None = None,
     reporter: Reporter | None = None,
     jobs: int | None = None,
 ) -> BuildResult:
@@ -1094,17 +1096,19 @@ def run_build(
 
     Stages whose inputs are ready run side by side, up to ``jobs`` at once
     (default: the number of cores) while their estimated peaks fit in the
-    available memory.
+    available memory. ``only``: the nodes of that stage and what they consume,
+    nothing else (``sdbuild analyze``: no trace or convert).
     """
     reporter = reporter or Reporter()
-    limit = _last_stage_index(force, until)
+    limit = _last_stage_index(force, only or until)
+    wanted = _upstream_of([n for n in build.nodes if n.stage.name == only]) if only else None
     started = time.time()
     log = _new_build_log(build)
     build.cache.sweep()  # temporary folders of killed runs; never a live run's
     sweep_build_temps(build.artifacts / "builds")
     todo = []
     for node in build.nodes:
-        if ORDER.index(node.stage.name) > limit:
+        if ORDER.index(node.stage.name) > limit or (wanted is not None and id(node) not in wanted):
             node.status = "skipped"
         elif not at_publish(node.stage):
             todo.append(node)
@@ -1117,6 +1121,17 @@ def run_build(
         return BuildResult(build.build_dir, report)
     report = publish_bundle(build, bundle, todo, limit, log, reporter, started, force=force, jobs=jobs)
     return BuildResult(build.build_dir, report)
+
+
+def _upstream_of(nodes: list[Node]) -> set[int]:
+    """The ids of ``nodes`` and of every node they consume, directly or not."""
+    seen: set[int] = set()
+    while nodes:
+        node = nodes.pop()
+        if id(node) not in seen:
+            seen.add(id(node))
+            nodes.extend(node.deps)
+    return seen
 
 
 def _checked_psnr(build: Build, limit: int, log: Path, reporter: Reporter) -> tuple[list[str], dict[str, dict]]:

@@ -86,9 +86,38 @@ class Resolution(_Strict):
     width: int = Field(512, gt=0, multiple_of=8)
 
 
+class AnalysisInputs(_Strict):
+    """What every measurement of the mixed-bit pre-analysis runs the unet on: seeded random inputs.
+
+    Smaller than a generation's (one 16x16 latent, not a guidance pair of
+    64x64 for SD 1.5 at 512x512): the analysis runs the unet about 1,500
+    times, and at this size SD 1.5's takes well under an hour on two cores
+    (README: the mixed-bit pre-analysis at full size). The unet's weights do
+    not depend on the latent size: the recipe it makes fits every resolution.
+    """
+
+    samples: int = Field(1, ge=1, description="seeded inputs, each one forward per measurement; PSNR is their mean")
+    batch: Literal[1, 2] = Field(1, description="rows per input: 1, or 2 as a guidance pair runs")
+    latent: int = Field(16, gt=0, multiple_of=8, description="latent height and width (image pixels / 8 for SD 1.x/2.x/XL)")
+
+
 class MixedBit(_Strict):
     recipe: str = Field(description="e.g. recipe_4.50_bit_mixedpalette")
     pre_analysis: str = Field("auto", description="path to a pre-analysis JSON, or auto")
+    analysis: AnalysisInputs | None = Field(None, description="what the pre-analysis (auto) measures on; default: AnalysisInputs()")
+
+    @model_validator(mode="after")
+    def _analysis_of_auto(self):
+        if self.analysis is not None and self.pre_analysis != "auto":
+            raise ValueError("analysis goes with pre_analysis: auto (it says what the pre-analysis built here measures on)")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        data = handler(self)
+        if data.get("analysis") is None:  # added later: a recipe without it keeps its compress key
+            data.pop("analysis", None)
+        return data
 
 
 # The default calibration set for int8 activations: varied subjects, styles and lighting, as
@@ -264,6 +293,12 @@ class Recipe(_Strict):
                 "or enumerated one; remove chunk, or build one recipe per resolution"
             )
         return self
+
+    @property
+    def analysis_settings(self) -> dict:
+        """The inputs the unet's pre-analysis measures on: the recipe's, or ``AnalysisInputs()``'s defaults."""
+        mixed = self.compression.mixed_bit if self.compression else None
+        return ((mixed.analysis if mixed else None) or AnalysisInputs()).model_dump(mode="json")
 
     @property
     def multires_kind(self) -> str | None:

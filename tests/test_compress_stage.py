@@ -77,6 +77,18 @@ def test_analyze_then_mixed_bit_from_the_analysis_file(art, tmp_path):
     assert status["convert"] == "cached" and status["compress"] == "to build"
 
 
+def test_analyze_builds_the_analysis_alone_and_shares_it_across_resolutions(art, tmp_path):
+    """Another resolution: the same analysis (its inputs are its own), and no trace or convert built for it."""
+    first = json.loads(run_cli_here("analyze", write_recipe(tmp_path, "a1", "name: a1\n" + BASE), "--artifacts", art, "--json").stdout)
+    wide = write_recipe(tmp_path, "a2", "name: a2\n" + BASE.replace("{height: 64, width: 64}", "{height: 64, width: 96}"))
+    done = run_cli_here("analyze", wide, "--artifacts", art, "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["analysis"] == first["analysis"]
+    plan = json.loads(run_cli("plan", wide, "--artifacts", art, "--json").stdout)
+    status = {r["stage"]: r["status"] for r in plan if r["component"] == "unet"}
+    assert status["trace"] == "to build" and status["convert"] == "to build"
+
+
 def test_unknown_mixed_bit_recipe_lists_the_available_ones(art, tmp_path):
     recipe = write_recipe(tmp_path, "bad", "name: bad\n" + BASE + "compression: {mixed_bit: {recipe: recipe_9.99_bit_mixedpalette}}\n")
     done = run_cli_here("run", recipe, "--artifacts", art)

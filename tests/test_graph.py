@@ -12,7 +12,9 @@ from helpers import REPO, write_recipe
 from sdbuild.executor import prepare
 
 TINY = REPO / "recipes" / "tiny.yaml"
-# Planned at 1083e68 and 432bbae (W8A8), before the graph was derived.
+# Planned at 1083e68 and 432bbae (W8A8), before the graph was derived. The mixed-bit case's analyze
+# node and what follows it re-recorded since: analyze keys the inputs it measures on (``analysis``),
+# not the resolution (test_analyze_keys_its_own_inputs_not_the_resolution).
 BASE = Path(__file__).parent / "data" / "graph_base.json"
 COMPILER = "coremlcompiler 3400.1"
 # The bundle follows every key of its build, the sample image every verify key.
@@ -338,3 +340,17 @@ def test_the_sample_stage_runs_no_import_back_up_the_layers():
         if name.startswith("sdbuild.stages"):
             assert not any(m.startswith("sdbuild.generate") for m in executor.imported_modules(name)), name
     assert "sdbuild.stages.sample" in executor.stage_modules((STAGES["sample"].run.split(":")[0],))
+
+
+def test_analyze_keys_its_own_inputs_not_the_resolution(tmp_path):
+    """The analysis measures on inputs of its own: they move its key (and what reads it), the resolution does not."""
+    mixed = f"extends: {TINY}\nname: m\ncompression: {{nbits: null, mixed_bit: {{recipe: recipe_4.50_bit_mixedpalette%s}}, components: [unet]}}\n"
+    base = keys(prepare(write_recipe(tmp_path, "m", mixed % ""), tmp_path))
+    default = keys(prepare(write_recipe(tmp_path, "m", mixed % ", analysis: {samples: 1, batch: 1, latent: 16}"), tmp_path))
+    assert default[("analyze", "unet")] == base[("analyze", "unet")]  # the defaults written out are the defaults
+    bigger = keys(prepare(write_recipe(tmp_path, "m", mixed % ", analysis: {latent: 32}"), tmp_path))
+    assert {k for k in base if base[k] != bigger[k]} == {("analyze", "unet"), ("compress", "unet"), ("verify", "unet"), *WHOLE_BUILD}
+    two = keys(prepare(write_recipe(tmp_path, "m", mixed % ", analysis: {samples: 2}"), tmp_path))
+    assert two[("analyze", "unet")] not in (base[("analyze", "unet")], bigger[("analyze", "unet")])
+    wider = keys(prepare(write_recipe(tmp_path, "m", mixed % "" + "resolution: {height: 64, width: 96}\n"), tmp_path))
+    assert wider[("analyze", "unet")] == base[("analyze", "unet")] and wider[("trace", "unet")] != base[("trace", "unet")]

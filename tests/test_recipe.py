@@ -246,3 +246,19 @@ def test_real_recipes_say_what_the_published_tables_say():
     assert (sd21.attention, sd21.compute_unit, sd21.compression.nbits, sd21.chunk.unet) == ("SPLIT_EINSUM_V2", "CPU_AND_NE", 6, 2)
     sdxl = load_recipe(REPO / "recipes" / "sdxl-6bit.yaml")
     assert (sdxl.attention, sdxl.compute_unit, sdxl.compression.nbits, sdxl.resolution.height) == ("ORIGINAL", "CPU_AND_GPU", 6, 1024)
+
+
+def test_analysis_inputs_default_and_bad_values_are_one_line_errors(tmp_path):
+    mixed = "compression: {mixed_bit: {recipe: recipe_4.50_bit_mixedpalette%s}}\n"
+    assert load_recipe(write_recipe(tmp_path, "d", BASE + mixed % "")).analysis_settings == {"samples": 1, "batch": 1, "latent": 16}
+    assert load_recipe(write_recipe(tmp_path, "f", BASE)).analysis_settings == {"samples": 1, "batch": 1, "latent": 16}
+    set_ = load_recipe(write_recipe(tmp_path, "s", BASE + mixed % ", analysis: {samples: 2, batch: 2, latent: 64}"))
+    assert set_.analysis_settings == {"samples": 2, "batch": 2, "latent": 64}
+    p = write_recipe(tmp_path, "r", BASE + mixed % ", analysis: {latent: 12}")
+    assert error_of(p) == f"{p}:4: compression.mixed_bit.analysis.latent: Input should be a multiple of 8 (got 12)"
+    p = write_recipe(tmp_path, "r", BASE + mixed % ", analysis: {batch: 3}")
+    assert error_of(p) == f"{p}:4: compression.mixed_bit.analysis.batch: Input should be 1 or 2 (got 3)"
+    p = write_recipe(tmp_path, "r", BASE + mixed % ", pre_analysis: a.json, analysis: {latent: 16}")
+    assert error_of(p) == (
+        f"{p}:4: compression.mixed_bit: analysis goes with pre_analysis: auto (it says what the pre-analysis built here measures on)"
+    )

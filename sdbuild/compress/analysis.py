@@ -32,8 +32,10 @@ swaps its layers' weights in place, one layer at a time (each replacement
 made when it is swapped in), and keeps only the swapped layers' float16
 originals to put back; attention runs in blocks of at most
 ``ATTENTION_BLOCK`` scores. Besides the unet, what is held is bounded:
-``REPLAY_BYTES`` of baseline activations, ``CACHE_BYTES`` of palettized
-weights (SD 1.5 at 512x512: bench/results/analysis-sd15.json).
+``REPLAY_BYTES`` of baseline activations, and each layer's k-means palette
+per width (2**bits values: the k-means runs once per layer and width, and a
+palettized weight is made from its palette each time it is swapped in; SD
+1.5: bench/results/analysis-sd15*.json).
 
 Every (layer, width) is measured; none is skipped by a bound. The recipes
 sweep thresholds between the lowest and the highest isolated PSNR of all
@@ -56,7 +58,7 @@ from typing import Callable
 
 import numpy as np
 
-from sdbuild.compress.kmeans import SUPPORTED_NBITS, kmeans_lut, lut_indices
+from sdbuild.compress.kmeans import SUPPORTED_NBITS, kmeans_lut, kmeans_luts, lut_indices, lut_values
 from sdbuild.compress.package import WEIGHT_THRESHOLD, weight_fingerprint
 from sdbuild.metrics import psnr
 
@@ -65,13 +67,16 @@ PARTIAL_FILE = "analysis.partial.jsonl"
 PLOT_FILE = "analysis.png"
 ANALYSIS_VERSION = 1
 FLOAT16_BITS = 16
-CACHE_BYTES = 1 << 30  # palettized weights kept between curve points and recipes
 REPLAY_BYTES = 2 << 30  # baseline activations kept to replay (see _Replay)
 # Attention a block of query rows at a time, each block's scores at most this many float32 values
 # (256 MiB): SD 1.5's first self-attention at 512x512 would otherwise hold 1 GiB of scores and as
 # large a softmax. Blocks this large keep the matmuls large: SD 1.5's 4,096-token attention took
 # 3.8 s in blocks of 2**24 scores, 6.4 s in blocks of 2**22, 3.3 s whole (2 threads, load 7-8).
 ATTENTION_BLOCK = 1 << 26
+# The isolated layers' palettes are computed this many layers ahead in a worker process, for models
+# whose weights hold at least WORKER_ELEMENTS (below, starting the worker costs more than it saves).
+PALETTES_AHEAD = 3
+WORKER_ELEMENTS = 50_000_000
 
 
 def recipe_name(average_bits: float) -> str:
@@ -139,8 +144,7 @@ class _Model:
             for p in self.module.parameters():  # the float16 package's weights
                 p.copy_(p.half().float())
         self.by_name = {l.name: l for l in self.layers}
-        self.cache: dict[tuple[str, int], np.ndarray] = {}
-        self.cache_bytes = 0
+        self.luts: dict[tuple[str, int], np.ndarray] = {}  # (layer, bits) → its k-means palette
         if replay:
             recording = _Replay(self.module, {l.name for l in self.layers}, len(self.inputs))
             self.outputs(around=recording.recording)  # the baseline forwards (float16-rounded weights)
@@ -224,20 +228,61 @@ class _Model:
         return float(np.mean([psnr(ref, out) for ref, out in zip(self.reference, outs)]))
 
     def palettized_layer(self, name: str, bits: int) -> np.ndarray:
-        """``fake_palettize`` of one layer, kept while the cache stays under ``CACHE_BYTES``."""
+        """``fake_palettize`` of one layer: its palette computed the first time and kept, the weight made from
+        it each time (the curves and recipes swap in every layer again: SD 1.5's weights at one width are
+        1.7 GB, and the k-means costs more than the forward of a small input)."""
+        weight = self.weight16(name)
         key = (name, bits)
-        if key not in self.cache:
-            weight = fake_palettize(self.weight16(name), bits)
-            if self.cache_bytes + weight.nbytes > CACHE_BYTES:
-                return weight
-            self.cache[key] = weight
-            self.cache_bytes += weight.nbytes
-        return self.cache[key]
+        if key not in self.luts:
+            self.luts[key] = kmeans_lut(weight, bits)
+        return lut_values(weight, self.luts[key])
 
     def palettized(self, recipe: dict[str, int]) -> Mapping[str, np.ndarray]:
         """The layers ``recipe`` palettizes → their palettized weights, each computed when asked for."""
         names = [name for name, bits in recipe.items() if bits < FLOAT16_BITS]
         return _Lazy(names, lambda name: self.palettized_layer(name, recipe[name]))
+
+
+class _Palettes:
+    """The isolated layers' k-means palettes, made ``PALETTES_AHEAD`` layers ahead in a worker process.
+
+    The k-means of a layer's five widths costs about what its five
+    measurements' forwards cost on a small input (SD 1.5: 2.3 s against 1.9 s
+    each, bench/results/analysis-sd15-*.json), and it does not depend on
+    them: a worker makes the next layers' palettes while this process runs
+    the forwards. The same palettes (``kmeans_lut`` is deterministic), so
+    the same analysis. Each job carries one layer's float16 weight; at most
+    ``PALETTES_AHEAD`` are in flight.
+    """
+
+    def __init__(self, model: _Model, names: list[str], nbits: tuple[int, ...]):
+        self.model, self.nbits, self.waiting = model, nbits, list(names)
+        self.running: dict[str, object] = {}
+        self.pool = None
+        if names and sum(model.by_name[n].numel for n in names) >= WORKER_ELEMENTS:
+            from multiprocessing import get_context
+
+            from sdbuild.workers import forkserver_or_spawn
+
+            self.pool = get_context(forkserver_or_spawn()).Pool(1)
+        self._start()
+
+    def _start(self) -> None:
+        while self.pool is not None and self.waiting and len(self.running) < PALETTES_AHEAD:
+            name = self.waiting.pop(0)  # its weight is the float16 original: no measurement is swapped in now
+            self.running[name] = self.pool.apply_async(kmeans_luts, (self.model.weight16(name), self.nbits))
+
+    def take(self, name: str) -> None:
+        """Before ``name`` is measured: its palettes into the model's (waiting for the worker), the next started."""
+        job = self.running.pop(name, None)
+        if job is not None:
+            self.model.luts.update(((name, b), lut) for b, lut in job.get().items())
+        self._start()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
 
 
 class _Lazy(Mapping):
@@ -604,13 +649,18 @@ def _pre_analyze(unet_factory, out_dir, inputs, model_version, progress, nbits, 
             "linear 8-bit",
         )
         isolated: dict[str, dict[int, float]] = {}
-        for layer in layers:
-            per = measured(
-                f"layer/{layer.name}",
-                lambda layer=layer: {str(b): model.psnr_with(model.palettized({layer.name: b})) for b in nbits},
-                layer.name,
-            )
-            isolated[layer.name] = {int(b): p for b, p in per.items()}
+        palettes = _Palettes(model, [l.name for l in layers if journal.get(f"layer/{l.name}") is None], nbits)
+        try:
+            for layer in layers:
+                palettes.take(layer.name)
+                per = measured(
+                    f"layer/{layer.name}",
+                    lambda layer=layer: {str(b): model.psnr_with(model.palettized({layer.name: b})) for b in nbits},
+                    layer.name,
+                )
+                isolated[layer.name] = {int(b): p for b, p in per.items()}
+        finally:
+            palettes.close()
 
         curves: dict[str, list[list[float]]] = {}
         for b in nbits:
@@ -657,6 +707,7 @@ def _pre_analyze(unet_factory, out_dir, inputs, model_version, progress, nbits, 
         "curves": curves,
         "nbits": list(nbits),
         "inputs": len(inputs),
+        "input_shapes": {k: list(np.shape(v)) for k, v in inputs[0].items()},  # each input's, seeded apart
         "signature": signature,
         "version": ANALYSIS_VERSION,
         "runs": sorted({r["run"] for r in journal.done.values()}),

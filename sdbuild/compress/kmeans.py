@@ -186,6 +186,23 @@ def lut_indices(weight: np.ndarray, lut: np.ndarray) -> np.ndarray:
     return np.searchsorted(boundaries, weight.astype(np.float64), side="left").astype(np.uint8)
 
 
+def kmeans_luts(weight: np.ndarray, nbits: tuple[int, ...]) -> dict[int, np.ndarray]:
+    """``kmeans_lut`` of ``weight`` at each width of ``nbits``: {bits: palette} (a worker's job)."""
+    return {b: kmeans_lut(weight, b) for b in nbits}
+
+
+def lut_values(weight: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    """``lut[lut_indices(weight, lut)]``: each element's nearest ``lut`` entry (same dtype and shape).
+
+    Float16 goes through a table of all 65,536 bit patterns' entries, one
+    lookup per element: no float64 copy of the weight, no binary search.
+    """
+    if weight.dtype != np.float16:
+        return lut[lut_indices(weight, lut)]
+    table = lut[lut_indices(np.arange(1 << 16, dtype=np.uint16).view(np.float16), lut)]
+    return table[np.ascontiguousarray(weight).view(np.uint16)]
+
+
 def palettize_array(weight: np.ndarray, nbits: int) -> np.ndarray:
     """``weight`` with every element replaced by its nearest k-means palette entry (same dtype and shape)."""
     lut = kmeans_lut(weight, nbits)

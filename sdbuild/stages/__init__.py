@@ -119,7 +119,7 @@ class Plan:
     sources: the components with a checkpoint of their own (refiner, ControlNets) → it;
     compressed: the kinds ``compression.components`` names (the unet only for mixed-bit);
     facts: values a stage may declare as fields besides the recipe's (``source``,
-    ``coremlcompiler``, ``multires`` resolved, ``recipe``, ``family``, ``calibration`` with its defaults).
+    ``coremlcompiler``, ``multires`` resolved, ``recipe``, ``family``, ``calibration`` and ``analysis`` with their defaults).
     """
 
     recipe: Any
@@ -206,7 +206,9 @@ STAGES: dict[str, Stage] = {
             "analyze",
             "1",
             "sdbuild.stages.analyze:run",
-            fields=("model.version", "attention", "resolution", "unet_batch_one"),
+            # The inputs it measures on are its own (``analysis``, defaults filled in), not the
+            # resolution's: one analysis serves every resolution of the model.
+            fields=("model.version", "attention", "analysis"),
             libraries=TORCH_LIBS + ("numpy", "scikit-learn"),
             resumable=True,
             consumes=("download",),

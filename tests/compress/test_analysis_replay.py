@@ -100,8 +100,9 @@ def test_a_forward_that_takes_another_path_stops_the_replay_and_stays_exact(tiny
 
 
 def test_the_whole_analysis_equals_the_straightforward_one(analysis, tiny_sd_checkpoint, analysis_inputs, tmp_path, monkeypatch):
-    """Replay, attention in blocks and weights swapped one layer at a time against every forward run whole,
-    attention unblocked and the replacement weights made up front: the same recipes, PSNR within 0.1 dB."""
+    """Replay, attention in blocks, weights swapped one layer at a time and palettized from kept palettes,
+    against every forward run whole, attention unblocked, the replacement weights made up front and
+    each one's k-means run afresh: the same recipes, PSNR within 0.1 dB."""
     import contextlib
     import functools
     import json
@@ -111,6 +112,7 @@ def test_the_whole_analysis_equals_the_straightforward_one(analysis, tiny_sd_che
     from tests.compress.conftest import tiny_unet
 
     fast = json.loads(analysis.read_text())
+    monkeypatch.setattr(analysis_module._Model, "palettized_layer", lambda self, name, bits: analysis_module.fake_palettize(self.weight16(name), bits))
     monkeypatch.setattr(analysis_module, "_Model", functools.partial(analysis_module._Model, replay=False))
     monkeypatch.setattr(chunked_attention, "chunked_scores", lambda elements=None: contextlib.nullcontext())
     monkeypatch.setattr(analysis_module, "_Lazy", lambda names, value: {name: value(name) for name in names})
@@ -171,3 +173,26 @@ def test_a_swap_of_every_layer_makes_one_replacement_at_a_time_and_puts_the_weig
     assert len(made) == len(plain.layers) and max(alive) <= 1
     for layer in plain.layers:
         assert torch.equal(layer.module.weight, before[layer.name]), layer.name
+
+
+def test_palettes_made_ahead_in_a_worker_are_the_ones_made_here(models, monkeypatch):
+    from sdbuild.compress.kmeans import kmeans_lut
+
+    plain, _ = models
+    monkeypatch.setattr(analysis_module, "WORKER_ELEMENTS", 0)  # the tiny unet would not start one
+    names = [layer.name for layer in plain.layers[:5]]
+    saved = dict(plain.luts)
+    plain.luts.clear()
+    palettes = analysis._Palettes(plain, names, (1, 4, 8))
+    try:
+        assert palettes.pool is not None and len(palettes.running) == analysis.PALETTES_AHEAD
+        for name in names:
+            palettes.take(name)
+        ahead = dict(plain.luts)
+    finally:
+        palettes.close()
+        plain.luts.clear()
+        plain.luts.update(saved)
+    assert set(ahead) == {(name, b) for name in names for b in (1, 4, 8)}
+    for (name, b), lut in ahead.items():
+        assert np.array_equal(lut.view(np.uint16), kmeans_lut(plain.weight16(name), b).view(np.uint16)), (name, b)

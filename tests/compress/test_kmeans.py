@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sdbuild.compress.kmeans import kmeans_lut, lut_indices, palettize_array, value_histogram
+from sdbuild.compress.kmeans import kmeans_lut, lut_indices, lut_values, palettize_array, value_histogram
 
 
 def _weights(kind: str) -> np.ndarray:
@@ -36,6 +36,24 @@ def test_palette_has_2_pow_nbits_sorted_entries_and_nearest_indices(nbits):
     # Every element sits on its nearest entry.
     nearest = np.abs(w.reshape(-1, 1).astype(np.float64) - lut.astype(np.float64)).min(axis=1)
     assert np.allclose(np.abs(q.astype(np.float64) - w.astype(np.float64)).reshape(-1), nearest)
+
+
+@pytest.mark.parametrize("nbits", [1, 4, 8])
+def test_lut_values_by_table_are_the_nearest_entries_bit_for_bit(nbits):
+    """The float16 table lookup against the binary search, with signed zeros, subnormals, infinities, NaN
+    and values on a boundary; other dtypes take the search itself."""
+    w = _weights("heavy")
+    lut = kmeans_lut(w, nbits)
+    middle = ((lut[:-1].astype(np.float64) + lut[1:]) / 2).astype(np.float16)
+    odd = np.array([0.0, -0.0, 6e-8, -6e-8, 1e-5, np.inf, -np.inf, np.nan, 65504, -65504], dtype=np.float16)
+    w = np.concatenate([odd, middle, w.reshape(-1)])
+    w = w[: w.size // 2 * 2].reshape(-1, 2)[:, ::-1]  # not contiguous, either
+    expected = lut[lut_indices(w, lut)]
+    got = lut_values(w, lut)
+    assert got.dtype == np.float16 and got.shape == w.shape
+    assert np.array_equal(got.view(np.uint16), expected.view(np.uint16))
+    w32 = w.astype(np.float32)
+    assert np.array_equal(lut_values(w32, lut), lut[lut_indices(w32, lut)])
 
 
 def test_few_distinct_values_are_kept_exactly():
