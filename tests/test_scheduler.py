@@ -190,11 +190,13 @@ def test_a_tmpdir_too_long_for_a_socket_path_still_gets_the_stage_server(tmp_pat
     assert list(long_tmp.iterdir()) == []
 
 
-def test_servers_starting_together_leave_the_shared_inductor_folder_alone(tmp_path):
+def test_servers_starting_together_leave_the_shared_inductor_folder_alone(tmp_path, monkeypatch):
     """``import diffusers`` makes torch's ``torchinductor_<user>`` folder in TMPDIR; two servers starting at
     once each removed it or kept it by what the other had done. A server now never touches that folder."""
     import getpass
 
+    # torch writes the folder it uses into the environment: a test process that imported diffusers has it set.
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     shared = tmp_path / "tmp"
     shared.mkdir()
     # Where that folder would go, a file: a server that made or used it would fail to import diffusers.
