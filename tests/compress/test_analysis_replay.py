@@ -112,7 +112,14 @@ def test_the_whole_analysis_equals_the_straightforward_one(analysis, tiny_sd_che
     from tests.compress.conftest import tiny_unet
 
     fast = json.loads(analysis.read_text())
-    monkeypatch.setattr(analysis_module._Model, "palettized_layer", lambda self, name, bits: analysis_module.fake_palettize(self.weight16(name), bits))
+    afresh: dict = {}  # each (layer, width)'s k-means run once here, apart from the palettes the analysis kept
+
+    def palettized_afresh(self, name, bits):
+        if (name, bits) not in afresh:
+            afresh[name, bits] = analysis_module.fake_palettize(self.weight16(name), bits)
+        return afresh[name, bits]
+
+    monkeypatch.setattr(analysis_module._Model, "palettized_layer", palettized_afresh)
     monkeypatch.setattr(analysis_module, "_Model", functools.partial(analysis_module._Model, replay=False))
     monkeypatch.setattr(chunked_attention, "chunked_scores", lambda elements=None: contextlib.nullcontext())
     monkeypatch.setattr(analysis_module, "_Lazy", lambda names, value: {name: value(name) for name in names})
