@@ -191,6 +191,16 @@ def test_fused_einsum_attention_rounds_like_the_separate_ops():
     torch.testing.assert_close(round16(got), expected, rtol=0, atol=0)
 
 
+def _assert_fused_matches_separate(got: dict, separate: dict, precision: str) -> None:
+    """fp16 mode: the separate ops' outputs bit for bit (every value rounded to float16 as they round it);
+    fp32 mode: within float32 rounding (the blocks' sums are added in another order)."""
+    for name, value in separate.items():
+        if precision == "fp16":
+            np.testing.assert_array_equal(got[name], value)
+        else:
+            np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("precision", ["fp16", "fp32"])
 def test_split_einsum_attention_runs_fused_a_block_of_queries_at_a_time(precision, model_dir, monkeypatch):
     """SPLIT_EINSUM's einsum -> softmax -> einsum per head runs as one step, a few queries at a time, without
@@ -206,11 +216,7 @@ def test_split_einsum_attention_runs_fused_a_block_of_queries_at_a_time(precisio
     monkeypatch.setattr(executor_module.Program, "_einsum_attention_chains", lambda self: {})
     separate = load_program(package)
     assert fused == 4 and "einsum attention (fused)" not in [step[6] for step in separate._plan(precision).steps]
-    for name, value in separate.run({"x": x.numpy()}, precision=precision).items():
-        if precision == "fp16":
-            np.testing.assert_array_equal(got[name], value)
-        else:
-            np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-6)
+    _assert_fused_matches_separate(got, separate.run({"x": x.numpy()}, precision=precision), precision)
 
 
 class SdbuildOriginal(SdbuildSplitEinsum):
@@ -230,19 +236,14 @@ def test_channels_first_attention_runs_fused(precision, model_dir, monkeypatch):
     torch.manual_seed(6)
     x = torch.randn(2, 32, 1, 40)
     package = convert_torch(SdbuildOriginal().eval(), {"x": x}, model_dir, "iOS17", "fp16")
-    prog = load_program(package)
-    fused = [step[6] for step in prog._plan(precision).steps].count("attention (fused)")
     monkeypatch.setattr(kernels, "fused_attention", functools.partial(kernels.fused_attention, chunk_elements=2 * 4 * 40 * 7))
     prog = load_program(package)
+    fused = [step[6] for step in prog._plan(precision).steps].count("attention (fused)")
     got = prog.run({"x": x.numpy()}, precision=precision)
     monkeypatch.setattr(executor_module.Program, "_attention_chains", lambda self: {})
     separate = load_program(package)
     assert fused == 1 and "attention (fused)" not in [step[6] for step in separate._plan(precision).steps]
-    for name, value in separate.run({"x": x.numpy()}, precision=precision).items():
-        if precision == "fp16":
-            np.testing.assert_array_equal(got[name], value)
-        else:
-            np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-6)
+    _assert_fused_matches_separate(got, separate.run({"x": x.numpy()}, precision=precision), precision)
 
 
 def test_attention_block_ios18_uses_sdpa(model_dir):
