@@ -91,8 +91,17 @@ def make_checkpoint(model: str, path: Path) -> None:
         torch.manual_seed(0)
         AutoencoderKL(**cfg["vae_decoder"]).save_pretrained(tmp / "vae", safe_serialization=True)
         index["vae"] = ["diffusers", "AutoencoderKL"]
+    add_tokenizer(tmp)
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
     tmp.rename(path)
+
+
+def add_tokenizer(folder: Path) -> None:
+    """CLIP's tokenizer (shipped vocabulary), which a build's bundle copies; folders made before it lacked one."""
+    from sdbuild.clip_vocab import write_clip_vocabulary
+
+    if not (folder / "tokenizer" / "merges.txt").is_file():
+        write_clip_vocabulary(folder / "tokenizer")
 
 
 def checkpoint(model: str, cache: Path) -> Path:
@@ -102,6 +111,7 @@ def checkpoint(model: str, cache: Path) -> Path:
         cache.mkdir(parents=True, exist_ok=True)
         print(f"making the {model} checkpoint (random weights) in {path} ...", file=sys.stderr, flush=True)
         subprocess.run([sys.executable, __file__, "--make-checkpoint", model, "--cache", str(cache)], check=True)
+    add_tokenizer(path)
     return path
 
 

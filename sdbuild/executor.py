@@ -1113,6 +1113,8 @@ def run_build(
         elif not at_publish(node.stage):
             todo.append(node)
     bundle = next((n for n in build.nodes if n.stage.publishes and n.status != "skipped"), None)
+    if bundle is not None:
+        check_tokenizer(build)
     if bundle is None:
         build_stages(build, todo, force, log, reporter, jobs)
         notes, psnr = _checked_psnr(build, limit, log, reporter)
@@ -1121,6 +1123,19 @@ def run_build(
         return BuildResult(build.build_dir, report)
     report = publish_bundle(build, bundle, todo, limit, log, reporter, started, force=force, jobs=jobs)
     return BuildResult(build.build_dir, report)
+
+
+def check_tokenizer(build: Build) -> None:
+    """Refuse, before any stage runs, a checkpoint folder without the tokenizer the bundle ships (one line)."""
+    from sdbuild.stages.bundle import tokenizer_dir
+    from sdbuild.stages.download import DownloadError
+
+    source = build.nodes[0].fields.get("source") or {}
+    if source.get("kind") in ("folder", "hub"):
+        try:
+            tokenizer_dir(Path(source["path"]))
+        except DownloadError as e:
+            raise DownloadError(f"model.version: {e}") from None
 
 
 def _upstream_of(nodes: list[Node]) -> set[int]:

@@ -256,6 +256,26 @@ def test_hub_id_without_network_is_one_clear_line(tmp_path):
     )
 
 
+def test_a_checkpoint_folder_without_its_tokenizer_stops_before_any_stage(tiny_sd_checkpoint, tmp_path):
+    """The bundle ships the checkpoint's tokenizer: a folder without one is one line before any work, not a
+    FileNotFoundError at the bundle stage after the conversions."""
+    from helpers import assert_one_line_error
+
+    checkpoint = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny_sd_checkpoint, checkpoint)
+    shutil.rmtree(checkpoint / "tokenizer")
+    (checkpoint / "tokenizer_2").mkdir()
+    (checkpoint / "tokenizer_2" / "vocab.json").write_text("{}")  # half a tokenizer is none
+    recipe = write_recipe(tmp_path, "untokenized", f"model: {{version: {checkpoint}}}\n")
+    artifacts = tmp_path / "art"
+    done = run_cli_here("run", recipe, "--artifacts", artifacts)
+    assert_one_line_error(done, "model.version", str(checkpoint), "tokenizer/", "vocab.json and merges.txt")
+    assert not [p for p in (artifacts / "cache").glob("*/*/manifest.json")]  # nothing was built
+    # A run that ships no bundle does not need it.
+    done = run_cli_here("run", recipe, "--artifacts", artifacts, "--until", "download")
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_verify_reports_psnr_per_component(artifacts):
     components = build_json(artifacts, "tiny")["components"]
     for name in ("text_encoder", "vae_decoder"):

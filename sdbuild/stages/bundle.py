@@ -39,7 +39,7 @@ from sdbuild.bundle_names import (  # noqa: F401
 from sdbuild.cache import clone_file
 from sdbuild.models import SAFETY_CHECKER_IMAGE_SIZED, SAFETY_CHECKER_IMAGES
 from sdbuild.stages import component_kind, weights_kind
-from sdbuild.stages.download import checkpoint_dir, vae_dir
+from sdbuild.stages.download import DownloadError, checkpoint_dir, vae_dir
 
 SPEC_PATH = Path("Data/com.apple.CoreML/model.mlmodel")
 
@@ -195,8 +195,13 @@ def tokenizer_dir(checkpoint: Path) -> Path:
 
     SDXL's two tokenizers share vocabulary and merges (Apple's Swift package reads one pair for both).
     """
-    first = checkpoint / "tokenizer"
-    return first if (first / TOKENIZER_FILES[0]).is_file() else checkpoint / "tokenizer_2"
+    for folder in (checkpoint / "tokenizer", checkpoint / "tokenizer_2"):
+        if all((folder / name).is_file() for name in TOKENIZER_FILES):
+            return folder
+    raise DownloadError(
+        f"{checkpoint}: no CLIP tokenizer (tokenizer/ or tokenizer_2/ with {' and '.join(TOKENIZER_FILES)}), which the "
+        "bundle ships; copy the tokenizer folder from the model's repository into the checkpoint folder"
+    )
 
 
 def write_bundle(recipe, family: str, packages: dict[str, dict], download_entry: Path, dest: Path) -> list[Path]:
