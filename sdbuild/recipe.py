@@ -115,7 +115,8 @@ class MixedBit(_Strict):
     @model_serializer(mode="wrap")
     def _dump(self, handler):
         data = handler(self)
-        if data.get("analysis") is None:  # added later: a recipe without it keeps its compress key
+        # Added later: a recipe without it, or with its defaults written out, keeps its compress key.
+        if data.get("analysis") in (None, AnalysisInputs().model_dump(mode="json")):
             data.pop("analysis", None)
         return data
 
