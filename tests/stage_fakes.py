@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import tempfile
@@ -19,6 +20,7 @@ def report(job, out: Path) -> dict:
         "rss_bytes": _rss(),
         "tmpdir": tempfile.gettempdir(),
         "inductor_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
+        "frozen_objects": gc.get_freeze_count(),
     }
 
 
