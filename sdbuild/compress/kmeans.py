@@ -141,17 +141,16 @@ def _segment_sse(starts, cum_w, cum_wx, cum_wxx):
 def _strictly_increasing(starts: np.ndarray, n: int) -> np.ndarray:
     """Force every cluster to hold at least one point (an empty cluster wastes a LUT entry).
 
-    Needs n >= number of clusters; moves boundaries forward, then back from the end.
+    Needs n >= number of clusters; moves boundaries forward, then back from the end. With
+    ``t[c] = starts[c] - c``, "at least one past the one before" is a running maximum of ``t``
+    and "at least one before the one after" a running minimum from the end: two array passes.
     """
-    starts = starts.copy()
     k = starts.size - 1
-    for c in range(1, k):
-        if starts[c] <= starts[c - 1]:
-            starts[c] = starts[c - 1] + 1
-    for c in range(k - 1, 0, -1):
-        if starts[c] >= starts[c + 1]:
-            starts[c] = starts[c + 1] - 1
-    return starts
+    steps = np.arange(k + 1)
+    t = starts - steps
+    t[1:k] = np.maximum.accumulate(t[: k])[1:]  # starts[0] and starts[k] stay
+    t[1:k] = np.minimum.accumulate(t[k:0:-1])[:0:-1]
+    return t + steps
 
 
 def _segment_means(starts, cum_w, cum_wx):
