@@ -1193,7 +1193,8 @@ def dequantize(input, scale, zero_point=None, axis=None):
 # --------------------------------------------------------------------------- weight decompression (constexpr)
 #
 # Raw kernels: they receive the stored numpy arrays (packed bytes stay bytes) and
-# run once at load time; their results are cached as constants.
+# run once at load time (results cached as constants) or, for a result of IN_FILE_MIN elements or
+# more, each time a step that takes it runs (executor._Compressed).
 
 
 def _unpack_bits(packed: np.ndarray, nbits: int, count: int) -> np.ndarray:

@@ -349,8 +349,25 @@ COMPRESSIONS = {
 }
 
 
+def _assert_decompressed_per_step(path, feeds, expected: dict, precision: str, monkeypatch) -> None:
+    """With every weight over ``IN_FILE_MIN`` (2048 here), the program decompresses each as a step takes it
+    (none held after loading or after a run), and gives ``expected`` (every weight decompressed at load) bit for bit."""
+    monkeypatch.setattr(executor_module, "IN_FILE_MIN", 2048)
+    prog = load_program(path)
+    monkeypatch.undo()
+    assert prog._compressed and not [t for t in prog._raw_results.values() if t.numel() >= 2048]
+    out = prog.run(feeds, precision=precision)
+    for name in expected:
+        np.testing.assert_array_equal(out[name], expected[name])
+    held = [v for step in prog._plan(precision).steps for v in step[1].values() if isinstance(v, torch.Tensor)]
+    held += [ref for step in prog._plan(precision).steps for _param, how, ref in step[2] if how == 3]
+    assert not [t for t in held if t.numel() >= 2048]
+    taken = [ref for step in prog._plan(precision).steps for _param, how, ref in step[2] if how == 4]
+    assert len(taken) == 2 and all(isinstance(ref, executor_module._Compressed) for ref in taken)
+
+
 @pytest.mark.parametrize("name", list(COMPRESSIONS))
-def test_compressed_weights(name, model_dir):
+def test_compressed_weights(name, model_dir, monkeypatch):
     target, compressor, op_config, op_type = COMPRESSIONS[name]
     torch.manual_seed(6)
     module = Compressible().eval()
@@ -368,9 +385,12 @@ def test_compressed_weights(name, model_dir):
         out = prog.run({"x": x.numpy()}, precision=precision)
         db = psnr(reference, list(out.values())[0])
         assert db >= floor, f"{name} {precision}: {db:.1f} dB"
+        for run_precision in ("fp16", "fp32"):
+            expected = prog.run({"x": x.numpy()}, precision=run_precision)
+            _assert_decompressed_per_step(path, {"x": x.numpy()}, expected, run_precision, monkeypatch)
 
 
-def test_joint_sparse_and_palettized_ios18(model_dir):
+def test_joint_sparse_and_palettized_ios18(model_dir, monkeypatch):
     torch.manual_seed(7)
     module = Compressible().eval()
     x = torch.randn(1, 16, 6, 6)
@@ -387,6 +407,9 @@ def test_joint_sparse_and_palettized_ios18(model_dir):
     reference = _reference_with(module, _dense_weights(path), x)
     out = prog.run({"x": x.numpy()})
     assert psnr(reference, list(out.values())[0]) >= FP16_MIN_DB
+    for precision in ("fp16", "fp32"):
+        expected = prog.run({"x": x.numpy()}, precision=precision)
+        _assert_decompressed_per_step(path, {"x": x.numpy()}, expected, precision, monkeypatch)
 
 
 def _outputs_with_narrow_min(monkeypatch, path, feeds, precision, narrow_min):
@@ -477,6 +500,61 @@ def test_weights_are_read_from_the_weight_file_one_op_at_a_time(precision, deep_
     gc.collect()
     assert len(reads) == 2 * len(weights)
     assert max(alive_at_read) == 0 and not [r for r in reads if r() is not None]
+
+
+@pytest.fixture(scope="module")
+def deep_palettized(model_dir):
+    """Deep (iOS18, float16) palettized per grouped channel with a per-channel scale: each weight is a chain,
+    constexpr_lut_to_dense into constexpr_blockwise_shift_scale, both results over ``IN_FILE_MIN``."""
+    torch.manual_seed(11)
+    module = Deep().eval()
+    x = torch.randn(1, 64, 8, 8)
+    dense = convert_torch(module, {"x": x}, model_dir, "iOS18", "fp16")
+    config = cto.OpPalettizerConfig(mode="uniform", nbits=4, granularity="per_grouped_channel", group_size=16, enable_per_channel_scale=True)
+    path = dense.with_name(dense.stem + "_lut4_scaled.mlpackage")
+    cto.palettize_weights(ct.models.MLModel(str(dense), skip_model_load=True), cto.OptimizationConfig(global_config=config)).save(str(path))
+    return path, {"x": x.numpy()}
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_compressed_weights_are_decompressed_one_op_at_a_time(precision, deep_palettized, monkeypatch):
+    """A loaded compressed program holds no decompressed weight: each step that takes one runs its constexpr
+    chain as it runs, and frees the result after it; the results are those of decompressing at load, bit for bit."""
+    import gc
+    import weakref
+
+    path, feeds = deep_palettized
+    monkeypatch.setattr(executor_module, "IN_FILE_MIN", 1 << 62)
+    eager = load_program(path)
+    expected = eager.run(feeds, precision=precision)
+    assert len([t for t in eager._raw_results.values() if t.numel() >= 64 * 64 * 9]) == 2 * 5  # the chains' two ops
+    monkeypatch.undo()
+
+    prog = load_program(path)
+    counts = prog.op_counts()
+    assert counts["constexpr_lut_to_dense"] == counts["constexpr_blockwise_shift_scale"] == 5
+    assert len(prog._compressed) == 2 * 5 and all(len(c.ops) in (1, 2) for c in prog._compressed.values())
+    assert not [t for t in prog._raw_results.values() if t.numel() >= executor_module.IN_FILE_MIN]
+
+    made, alive_at_make = [], []
+    original = executor_module._Compressed.tensor
+
+    def tensor(self):
+        gc.collect()
+        alive_at_make.append(sum(r() is not None for r in made))
+        result = original(self)
+        made.append(weakref.ref(result))
+        return result
+
+    monkeypatch.setattr(executor_module._Compressed, "tensor", tensor)
+    for _ in range(2):
+        out = prog.run(feeds, precision=precision)
+        for name in expected:
+            np.testing.assert_array_equal(out[name], expected[name])
+    gc.collect()
+    assert len(made) == 2 * 5
+    assert max(alive_at_make) == 0 and not [r for r in made if r() is not None]
+    assert not [t for t in prog._raw_results.values() if t.numel() >= executor_module.IN_FILE_MIN]
 
 
 def test_an_activation_lives_until_its_last_reader(deep_packages, monkeypatch):
