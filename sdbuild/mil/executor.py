@@ -227,21 +227,26 @@ class _Compressed:
 
     def array(self) -> np.ndarray:
         """Its values as the kernel makes them (numpy), decompressed into an array of their own."""
-        made: dict[str, Any] = {}
-        for fn, attrs, args, outs in self.ops:
-            kw = {}
-            for param, how, ref in args:
-                value = ref if how == 0 else ref.array() if how == 1 else made[ref]
-                kw[param] = _as_attr(value) if param in attrs else value
-            result = fn(**kw)
-            made.update(zip(outs, result if isinstance(result, tuple) else (result,)))
-        return made[self.name]
+        return _run_constexprs(self.ops)[self.name]
 
     def tensor(self) -> torch.Tensor:
         """As the kernels compute with: float32, or through ``finish`` (the values a load-time result holds)."""
         array = np.asarray(self.array())
         data = _wide(_as_data(array))
         return data if array.dtype == np.float16 or self.finish is None else self.finish(data)
+
+
+def _run_constexprs(ops) -> dict:
+    """name -> result (numpy) of every output of ``ops`` (as ``_Compressed.ops``), run in order."""
+    made: dict[str, Any] = {}
+    for fn, attrs, args, outs in ops:
+        kw = {}
+        for param, how, ref in args:
+            value = ref if how == 0 else ref.array() if how == 1 else made[ref]
+            kw[param] = _as_attr(value) if param in attrs else value
+        result = fn(**kw)
+        made.update(zip(outs, result if isinstance(result, tuple) else (result,)))
+    return made
 
 
 def _materialized(value) -> Any:
@@ -448,10 +453,9 @@ class Program:
                     left[name] = chain
                     self._compressed[name] = _Compressed(tuple(chain[i] for i in sorted(chain)), name)
                 continue
-            ops = tuple(chain[i] for i in sorted(chain))
+            made = _run_constexprs(tuple(chain[i] for i in sorted(chain)))
             for name in outs:
-                value = _Compressed(ops, name).array()
-                raw[name] = value
+                value = raw[name] = made[name]
                 if np.asarray(value).dtype == np.float16:
                     self._raw_is_fp16.add(name)
                 self._raw_results[name] = _as_data(value)
