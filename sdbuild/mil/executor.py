@@ -907,28 +907,39 @@ def _weights_read_one_at_a_time(milproto):
         milproto._load_file_value = original
 
 
+# The inline input of an iOS16 constexpr op that coremltools' type inference reads the shape of only (the
+# packed keys, the quantized values, the kept values): left in the weight file like a const op's weight.
+_LEFT_INLINE = {"constexpr_lut_to_dense": "indices", "constexpr_affine_dequantize": "quantized_data",
+                "constexpr_sparse_to_dense": "nonzero_data"}  # fmt: skip
+
+
 @contextlib.contextmanager
 def _weights_left_in_file(milproto, in_file: dict):
     """Within: coremltools' program loader gives each const op whose value is a float tensor of at least
     ``IN_FILE_MIN`` elements in a weight file a stand-in of its shape and dtype (one zero, broadcast: no
     memory) instead of reading it, and ``in_file`` gets its var's name -> where the value is (``_InFile``).
-    Only const ops' values: a constexpr op's inline inputs are read as before."""
+    The same for an iOS16 constexpr op's inline input named in ``_LEFT_INLINE`` of that many elements (of
+    any whole-byte dtype: a compressed weight's packed keys); its other inline inputs are read as before."""
     from coremltools.converters.mil.mil import types
 
     load_const, load_value = milproto._load_const_op, milproto._load_value
     floats = {types.fp16: np.dtype(np.float16), types.fp32: np.dtype(np.float32)}
+    whole = {getattr(types, name): np.dtype(name.replace("fp", "float")) for name in _READ_DIRECTLY}
     files: dict[str, _WeightFile] = {}
-    current: list = []  # the const op being loaded
+    current: list = []  # the const op being loaded (its var's name), or the constexpr op ([its input's blob, left])
 
     def leave_in_file(context, value_spec):
         if not current or value_spec.WhichOneof("value") != "blobFileValue" or value_spec.type.WhichOneof("type") != "tensorType":
             return load_value(context, value_spec)
         valuetype = milproto.proto_to_types(value_spec.type)
-        dtype = floats.get(valuetype.get_primitive())
+        blob = value_spec.blobFileValue
+        if isinstance(current[-1], str):
+            dtype = floats.get(valuetype.get_primitive())
+        else:
+            dtype = whole.get(valuetype.get_primitive()) if current[-1][0] == (blob.fileName, blob.offset) else None
         shape = tuple(int(d) for d in valuetype.get_shape())
         if dtype is None or int(np.prod(shape)) < IN_FILE_MIN:
             return load_value(context, value_spec)
-        blob = value_spec.blobFileValue
         path = os.path.join(context.weights_dir, blob.fileName.split("/")[-1])
         if path not in files:
             files[path] = _WeightFile(Path(path))
@@ -937,18 +948,28 @@ def _weights_left_in_file(milproto, in_file: dict):
         need = int(np.prod(shape)) * dtype.itemsize
         if nbytes != need:
             raise PackageError(f"{path}: the weight at {blob.offset} holds {nbytes} bytes; its {shape} {dtype} needs {need}")
-        in_file[current[-1]] = _InFile(files[path], data_offset, dtype, shape)
+        left = _InFile(files[path], data_offset, dtype, shape)
+        if isinstance(current[-1], str):
+            in_file[current[-1]] = left
+        else:
+            current[-1][1] = left
         return np.broadcast_to(np.zeros((), dtype), shape)
 
     def load_const_op(context, op_spec):
-        named = op_spec.type == "const" and len(op_spec.outputs) == 1
-        if named:
+        inline = op_spec.attributes.get(_LEFT_INLINE.get(op_spec.type, ""))
+        if op_spec.type == "const" and len(op_spec.outputs) == 1:
             current.append(op_spec.outputs[0].name)
-        try:
+        elif inline is not None and inline.WhichOneof("value") == "blobFileValue":
+            current.append([(inline.blobFileValue.fileName, inline.blobFileValue.offset), None])
+        else:
             return load_const(context, op_spec)
+        try:
+            load_const(context, op_spec)
+            if not isinstance(current[-1], str) and current[-1][1] is not None:
+                op = context.get_var_from_name(op_spec.outputs[0].name).op
+                in_file[op.inputs[_LEFT_INLINE[op_spec.type]].name] = current[-1][1]
         finally:
-            if named:
-                current.pop()
+            current.pop()
 
     milproto._load_const_op, milproto._load_value = load_const_op, leave_in_file
     try:

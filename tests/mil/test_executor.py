@@ -504,37 +504,53 @@ def test_weights_are_read_from_the_weight_file_one_op_at_a_time(precision, deep_
 
 @pytest.fixture(scope="module")
 def deep_palettized(model_dir):
-    """Deep (iOS18, float16) palettized per grouped channel with a per-channel scale: each weight is a chain,
-    constexpr_lut_to_dense into constexpr_blockwise_shift_scale, both results over ``IN_FILE_MIN``."""
+    """Deep palettized two ways, each weight's constexpr results over ``IN_FILE_MIN``: iOS18 per grouped
+    channel with a per-channel scale (a chain: constexpr_lut_to_dense into constexpr_blockwise_shift_scale),
+    and 6 bits per tensor at iOS17 (constexpr_lut_to_dense's iOS16 form, its packed keys an inline input)."""
     torch.manual_seed(11)
     module = Deep().eval()
     x = torch.randn(1, 64, 8, 8)
-    dense = convert_torch(module, {"x": x}, model_dir, "iOS18", "fp16")
-    config = cto.OpPalettizerConfig(mode="uniform", nbits=4, granularity="per_grouped_channel", group_size=16, enable_per_channel_scale=True)
-    path = dense.with_name(dense.stem + "_lut4_scaled.mlpackage")
-    cto.palettize_weights(ct.models.MLModel(str(dense), skip_model_load=True), cto.OptimizationConfig(global_config=config)).save(str(path))
-    return path, {"x": x.numpy()}
+    configs = {
+        "iOS18": cto.OpPalettizerConfig(mode="uniform", nbits=4, granularity="per_grouped_channel", group_size=16, enable_per_channel_scale=True),
+        "iOS17": cto.OpPalettizerConfig(mode="kmeans", nbits=6),
+    }
+    paths = {}
+    for target, config in configs.items():
+        dense = convert_torch(module, {"x": x}, model_dir, target, "fp16")
+        paths[target] = dense.with_name(f"{dense.stem}_{target}_palettized.mlpackage")
+        model = cto.palettize_weights(ct.models.MLModel(str(dense), skip_model_load=True), cto.OptimizationConfig(global_config=config))
+        model.save(str(paths[target]))
+    return paths, {"x": x.numpy()}
 
 
+@pytest.mark.parametrize("target", ["iOS18", "iOS17"])
 @pytest.mark.parametrize("precision", ["fp16", "fp32"])
-def test_compressed_weights_are_decompressed_one_op_at_a_time(precision, deep_palettized, monkeypatch):
+def test_compressed_weights_are_decompressed_one_op_at_a_time(precision, target, deep_palettized, monkeypatch):
     """A loaded compressed program holds no decompressed weight: each step that takes one runs its constexpr
-    chain as it runs, and frees the result after it; the results are those of decompressing at load, bit for bit."""
+    chain as it runs, and frees the result after it; the results are those of decompressing at load, bit for bit.
+    The iOS16 form's packed keys stay in the weight file too, read as the step runs."""
     import gc
     import weakref
 
-    path, feeds = deep_palettized
+    paths, feeds = deep_palettized
+    path = paths[target]
     monkeypatch.setattr(executor_module, "IN_FILE_MIN", 1 << 62)
     eager = load_program(path)
     expected = eager.run(feeds, precision=precision)
-    assert len([t for t in eager._raw_results.values() if t.numel() >= 64 * 64 * 9]) == 2 * 5  # the chains' two ops
     monkeypatch.undo()
 
     prog = load_program(path)
     counts = prog.op_counts()
-    assert counts["constexpr_lut_to_dense"] == counts["constexpr_blockwise_shift_scale"] == 5
-    assert len(prog._compressed) == 2 * 5 and all(len(c.ops) in (1, 2) for c in prog._compressed.values())
+    chain = ["constexpr_lut_to_dense", "constexpr_blockwise_shift_scale"] if target == "iOS18" else ["constexpr_lut_to_dense"]
+    assert [counts.get(t) for t in chain] == [5] * len(chain) and sum(counts.get(t, 0) for t in counts if t.startswith("constexpr_")) == 5 * len(chain)
+    assert len([t for t in eager._raw_results.values() if t.numel() >= 64 * 64 * 9]) == 5 * len(chain)
+    assert len(prog._compressed) == 5 * len(chain) and {len(c.ops) for c in prog._compressed.values()} == set(range(1, len(chain) + 1))
     assert not [t for t in prog._raw_results.values() if t.numel() >= executor_module.IN_FILE_MIN]
+    if target == "iOS17":
+        packed = [prog._in_file[op.inputs["indices"].name] for op in prog.function.operations if op.op_type == "constexpr_lut_to_dense"]
+        assert len(packed) == 5 and all(p.dtype == np.uint8 and p.shape == (64 * 64 * 9 * 6 // 8,) for p in packed)
+        assert not [v for op in prog.function.operations for v in op.inputs.values()
+                    if isinstance(v.val, np.ndarray) and v.val.size >= executor_module.IN_FILE_MIN and any(v.val.strides)]
 
     made, alive_at_make = [], []
     original = executor_module._Compressed.tensor
