@@ -8,11 +8,12 @@ conversion, compression and chunking can be checked on Linux.
     out = prog.run({"sample": x, "timestep": t, "encoder_hidden_states": c})
 
 Loading parses the program (coremltools' MIL proto reader), checks the weight
-file's structure, picks a kernel for every op (sdbuild.mil.kernels) and
-decompresses compressed weights once. The weights themselves (float
-constants of ``IN_FILE_MIN`` elements and more) stay in the package's weight
-file: each is read when an op that takes it runs and freed when the op is
-done, so a loaded program holds no copy of them. ``run`` then walks a
+file's structure and picks a kernel for every op (sdbuild.mil.kernels). The
+weights themselves (float constants of ``IN_FILE_MIN`` elements and more)
+stay in the package's weight file, and compressed ones (constexpr results of
+``IN_FILE_MIN`` elements and more) stay compressed: each is read, or
+decompressed, when an op that takes it runs and freed when the op is done, so
+a loaded program holds no float copy of them. ``run`` then walks a
 precomputed plan: per op a kernel, its constant arguments already bound (or
 where in the weight file to read them), the names of its run-time arguments,
 and what to round or free after it: an activation lives until its last reader.
@@ -26,13 +27,14 @@ arithmetic itself runs in float32.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import struct
 import tempfile
 import time
 import warnings
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -209,9 +211,55 @@ class _InFile:
         return _as_fp32(torch.from_numpy(self.array()))
 
 
+@dataclass(frozen=True, eq=False)
+class _Compressed:
+    """A constexpr op's result left compressed: the constexpr ops that make it (a chain, in program order),
+    each as its kernel and its constant inputs as loaded, run whenever a step takes the result.
+
+    ``ops``: per op (kernel function, attribute params, ((param, how, ref), ...), output names), where
+    ``how`` 0: ``ref`` is the value; 1: an ``_InFile`` to read; 2: the name of an earlier op's result.
+    ``finish``: what the plan applies to a result that is not float16 (the op's finisher), as at load time.
+    """
+
+    ops: tuple
+    name: str
+    finish: Callable | None = None
+
+    def array(self) -> np.ndarray:
+        """Its values as the kernel makes them (numpy), decompressed into an array of their own."""
+        return _run_constexprs(self.ops)[self.name]
+
+    def tensor(self) -> torch.Tensor:
+        """As the kernels compute with: float32, or through ``finish`` (the values a load-time result holds)."""
+        array = np.asarray(self.array())
+        data = _wide(_as_data(array))
+        return data if array.dtype == np.float16 or self.finish is None else self.finish(data)
+
+
+def _run_constexprs(ops) -> dict:
+    """name -> result (numpy) of every output of ``ops`` (as ``_Compressed.ops``), run in order."""
+    made: dict[str, Any] = {}
+    for fn, attrs, args, outs in ops:
+        kw = {}
+        for param, how, ref in args:
+            value = ref if how == 0 else ref.array() if how == 1 else made[ref]
+            kw[param] = _as_attr(value) if param in attrs else value
+        result = fn(**kw)
+        made.update(zip(outs, result if isinstance(result, tuple) else (result,)))
+    return made
+
+
 def _materialized(value) -> Any:
-    """A constant's data as ``_as_data`` makes it, read from the weight file where it was left there."""
-    return _as_data(value.array()) if isinstance(value, _InFile) else value
+    """A constant's data as ``_as_data`` makes it, read from the weight file or decompressed where it was left so."""
+    if isinstance(value, _InFile):
+        return _as_data(value.array())
+    return value.tensor() if isinstance(value, _Compressed) else value
+
+
+def _elements(var) -> int:
+    """The number of elements of ``var`` (0 where its shape is not known)."""
+    shape = var.shape
+    return math.prod(shape) if all(isinstance(d, (int, np.integer)) for d in shape) else 0
 
 
 # --------------------------------------------------------------------------- package reading
@@ -338,8 +386,10 @@ class Program:
         self._const_data: dict[str, Any] = {}  # const var name -> tensor (shared by both precisions)
         # const var name -> where its value is in the weight file (its var holds a stand-in of its shape)
         self._in_file: dict[str, _InFile] = dict(in_file or {})
-        self._raw_results: dict[str, Any] = {}  # constexpr outputs (tensors), decompressed once
+        self._raw_results: dict[str, Any] = {}  # small constexpr outputs (tensors), decompressed once
         self._raw_is_fp16: set[str] = set()  # constexpr outputs whose values are float16 already
+        # constexpr outputs of IN_FILE_MIN elements or more (and the others of their ops): decompressed per step
+        self._compressed: dict[str, _Compressed] = {}
         self._plans: dict[str, _Plan] = {}
         self._check_kernels()
         self._decompress_weights()
@@ -373,30 +423,42 @@ class Program:
                 self._kernel(op)
 
     def _decompress_weights(self) -> None:
-        """Run the compile-time (constexpr) weight decompression ops once, at load time."""
-        raw: dict[str, Any] = {}  # numpy results, for constexpr ops that feed each other
-        for op in self._function.operations:
+        """Check the compile-time (constexpr) weight decompression ops; run those whose results are all
+        small once, now. One with a result of ``IN_FILE_MIN`` elements or more is left compressed
+        (``_Compressed``): each step that takes its result runs it (with the constexpr ops it reads from)
+        as the step runs, so a loaded program holds no decompressed weight."""
+        raw: dict[str, Any] = {}  # numpy results of the ops run now, for constexpr ops that feed each other
+        left: dict[str, dict] = {}  # result of an op left compressed -> the ops making it: program index -> op
+        for index, op in enumerate(self._function.operations):
             if op.op_type == "const":
                 continue
             k = self._kernel(op)
             if not k.raw:
                 continue
-            kw = {}
+            args, chain = [], {}
             for param, v in op.inputs.items():
                 if v.op is not None and v.op.op_type == "const":
-                    value = self.constant(v) if v.name in self._in_file else v.val
+                    args.append((param, 1, self._in_file[v.name]) if v.name in self._in_file else (param, 0, v.val))
                 elif v.name in raw:
-                    value = raw[v.name]
+                    args.append((param, 0, raw[v.name]))
+                elif v.name in left:
+                    args.append((param, 2, v.name))
+                    chain.update(left[v.name])
                 else:
                     raise PackageError(f"{self.path}: '{op.op_type}' op {op.name} has a non-constant input '{param}'")
-                kw[param] = _as_attr(value) if param in k.attrs else value
-            result = k.fn(**kw)
-            results = result if isinstance(result, tuple) else (result,)
-            for out, value in zip(op.outputs, results):
-                raw[out.name] = value
+            outs = [o.name for o in op.outputs]
+            chain[index] = (k.fn, k.attrs, tuple(args), tuple(outs))
+            if any(_elements(o) >= IN_FILE_MIN for o in op.outputs):
+                for name in outs:
+                    left[name] = chain
+                    self._compressed[name] = _Compressed(tuple(chain[i] for i in sorted(chain)), name)
+                continue
+            made = _run_constexprs(tuple(chain[i] for i in sorted(chain)))
+            for name in outs:
+                value = raw[name] = made[name]
                 if np.asarray(value).dtype == np.float16:
-                    self._raw_is_fp16.add(out.name)
-                self._raw_results[out.name] = _as_data(value)
+                    self._raw_is_fp16.add(name)
+                self._raw_results[name] = _as_data(value)
 
     # ---- inputs
 
@@ -575,8 +637,8 @@ class Program:
                     value = const_value(v)
                     if param in attrs:
                         static[param] = _as_attr(_materialized(value))
-                    elif isinstance(value, _InFile):
-                        dyn.append((param, 4, value))  # read when the step runs, freed after it
+                    elif isinstance(value, (_InFile, _Compressed)):
+                        dyn.append((param, 4, value))  # read (or decompressed) when the step runs, freed after it
                     elif _is_narrow(value):
                         dyn.append((param, 3, value))  # widened when the step runs
                     else:
@@ -629,6 +691,9 @@ class Program:
             out_names = [o.name for o in op.outputs]
             if k.raw:
                 for name, fin in zip(out_names, finishers):
+                    if name in self._compressed:
+                        known[name] = replace(self._compressed[name], finish=fin)
+                        continue
                     value = self._raw_results[name]
                     if name in self._raw_is_fp16:
                         known[name] = value if _is_narrow(value) else _as_fp32(value)
@@ -670,7 +735,7 @@ class Program:
         plan.steps = [tuple(s) for s in steps]
         for name in self._output_vars:
             if name in known:
-                plan.consts[name] = known[name]
+                plan.consts[name] = _materialized(known[name])
             elif name not in dynamic:
                 raise PackageError(f"{self.path}: output '{name}' is not computed by the program")
         return plan
@@ -842,28 +907,39 @@ def _weights_read_one_at_a_time(milproto):
         milproto._load_file_value = original
 
 
+# The inline input of an iOS16 constexpr op that coremltools' type inference reads the shape of only (the
+# packed keys, the quantized values, the kept values): left in the weight file like a const op's weight.
+_LEFT_INLINE = {"constexpr_lut_to_dense": "indices", "constexpr_affine_dequantize": "quantized_data",
+                "constexpr_sparse_to_dense": "nonzero_data"}  # fmt: skip
+
+
 @contextlib.contextmanager
 def _weights_left_in_file(milproto, in_file: dict):
     """Within: coremltools' program loader gives each const op whose value is a float tensor of at least
     ``IN_FILE_MIN`` elements in a weight file a stand-in of its shape and dtype (one zero, broadcast: no
     memory) instead of reading it, and ``in_file`` gets its var's name -> where the value is (``_InFile``).
-    Only const ops' values: a constexpr op's own inputs are read as before (decompressed at load time)."""
+    The same for an iOS16 constexpr op's inline input named in ``_LEFT_INLINE`` of that many elements (of
+    any whole-byte dtype: a compressed weight's packed keys); its other inline inputs are read as before."""
     from coremltools.converters.mil.mil import types
 
     load_const, load_value = milproto._load_const_op, milproto._load_value
     floats = {types.fp16: np.dtype(np.float16), types.fp32: np.dtype(np.float32)}
+    whole = {getattr(types, name): np.dtype(name.replace("fp", "float")) for name in _READ_DIRECTLY}
     files: dict[str, _WeightFile] = {}
-    current: list = []  # the const op being loaded
+    current: list = []  # the const op being loaded (its var's name), or the constexpr op ([its input's blob, left])
 
     def leave_in_file(context, value_spec):
         if not current or value_spec.WhichOneof("value") != "blobFileValue" or value_spec.type.WhichOneof("type") != "tensorType":
             return load_value(context, value_spec)
         valuetype = milproto.proto_to_types(value_spec.type)
-        dtype = floats.get(valuetype.get_primitive())
+        blob = value_spec.blobFileValue
+        if isinstance(current[-1], str):
+            dtype = floats.get(valuetype.get_primitive())
+        else:
+            dtype = whole.get(valuetype.get_primitive()) if current[-1][0] == (blob.fileName, blob.offset) else None
         shape = tuple(int(d) for d in valuetype.get_shape())
         if dtype is None or int(np.prod(shape)) < IN_FILE_MIN:
             return load_value(context, value_spec)
-        blob = value_spec.blobFileValue
         path = os.path.join(context.weights_dir, blob.fileName.split("/")[-1])
         if path not in files:
             files[path] = _WeightFile(Path(path))
@@ -872,18 +948,28 @@ def _weights_left_in_file(milproto, in_file: dict):
         need = int(np.prod(shape)) * dtype.itemsize
         if nbytes != need:
             raise PackageError(f"{path}: the weight at {blob.offset} holds {nbytes} bytes; its {shape} {dtype} needs {need}")
-        in_file[current[-1]] = _InFile(files[path], data_offset, dtype, shape)
+        left = _InFile(files[path], data_offset, dtype, shape)
+        if isinstance(current[-1], str):
+            in_file[current[-1]] = left
+        else:
+            current[-1][1] = left
         return np.broadcast_to(np.zeros((), dtype), shape)
 
     def load_const_op(context, op_spec):
-        named = op_spec.type == "const" and len(op_spec.outputs) == 1
-        if named:
+        inline = op_spec.attributes.get(_LEFT_INLINE.get(op_spec.type, ""))
+        if op_spec.type == "const" and len(op_spec.outputs) == 1:
             current.append(op_spec.outputs[0].name)
-        try:
+        elif inline is not None and inline.WhichOneof("value") == "blobFileValue":
+            current.append([(inline.blobFileValue.fileName, inline.blobFileValue.offset), None])
+        else:
             return load_const(context, op_spec)
+        try:
+            load_const(context, op_spec)
+            if not isinstance(current[-1], str) and current[-1][1] is not None:
+                op = context.get_var_from_name(op_spec.outputs[0].name).op
+                in_file[op.inputs[_LEFT_INLINE[op_spec.type]].name] = current[-1][1]
         finally:
-            if named:
-                current.pop()
+            current.pop()
 
     milproto._load_const_op, milproto._load_value = load_const_op, leave_in_file
     try:

@@ -1193,14 +1193,32 @@ def dequantize(input, scale, zero_point=None, axis=None):
 # --------------------------------------------------------------------------- weight decompression (constexpr)
 #
 # Raw kernels: they receive the stored numpy arrays (packed bytes stay bytes) and
-# run once at load time; their results are cached as constants.
+# run once at load time (results cached as constants) or, for a result of IN_FILE_MIN elements or
+# more, each time a step that takes it runs (executor._Compressed).
 
 
 def _unpack_bits(packed: np.ndarray, nbits: int, count: int) -> np.ndarray:
-    """Element i of a little-endian bit stream of ``nbits``-bit fields (LSB of byte 0 first)."""
-    bits = np.unpackbits(packed.astype(np.uint8).reshape(-1), bitorder="little")[: count * nbits]
-    weights = (1 << np.arange(nbits, dtype=np.uint16)).astype(np.uint16)
-    return (bits.reshape(count, nbits).astype(np.uint16) * weights).sum(axis=1)
+    """Element i of a little-endian bit stream of ``nbits``-bit fields (LSB of byte 0 first).
+
+    Up to 8 bits a field (a palette's keys), 8 fields at a time: each ``nbits`` bytes are one 64-bit word
+    and field j is its bits from ``nbits * j`` on, so a weight of n keys takes a few n-byte arrays to
+    unpack (a step decompresses it each time it runs), not one byte per bit."""
+    packed = packed.astype(np.uint8, copy=False).reshape(-1)
+    if nbits > 8:
+        bits = np.unpackbits(packed, bitorder="little")[: count * nbits]
+        weights = (1 << np.arange(nbits, dtype=np.uint64)).astype(np.uint64)
+        return (bits.reshape(count, nbits).astype(np.uint64) * weights).sum(axis=1)
+    groups = -(-count // 8)
+    stream = np.zeros(groups * nbits, np.uint8)
+    stream[: min(packed.size, stream.size)] = packed[: stream.size]
+    stream = stream.reshape(groups, nbits)
+    words = np.zeros(groups, np.uint64)
+    for j in range(nbits):
+        words |= stream[:, j].astype(np.uint64) << np.uint64(8 * j)
+    keys = np.empty((groups, 8), np.uint8)
+    for j in range(8):
+        keys[:, j] = (words >> np.uint64(nbits * j)) & np.uint64((1 << nbits) - 1)
+    return keys.reshape(-1)[:count]
 
 
 def _repeat_blocks(param: np.ndarray, shape) -> np.ndarray:
@@ -1254,7 +1272,7 @@ def constexpr_lut_to_dense_ios18(indices, lut, vector_axis=None):
     n_pal, vsize = lut.shape[-2], lut.shape[-1]
     # Flat palette number of every element, from its block position.
     block = [d // g for d, g in zip(indices.shape, groups)]
-    grids = np.meshgrid(*[np.arange(d) // b for d, b in zip(indices.shape, block)], indexing="ij")
+    grids = np.meshgrid(*[np.arange(d) // b for d, b in zip(indices.shape, block)], indexing="ij", sparse=True)  # broadcast
     palette = np.ravel_multi_index(grids, groups) if rank else np.zeros((), np.int64)
     flat_lut = lut.reshape(-1, n_pal, vsize)
     values = flat_lut[palette, indices]  # [*D, VECTOR_SIZE]

@@ -198,7 +198,7 @@ def _options_of(kind: str, shapes: dict, factor: int):
 
 def _package_outputs(package: Path, function: str | None, feeds: list, precision: str) -> list[dict]:
     """A package's outputs for every sample on the reference executor; the program is freed after. It holds
-    no weights: each is read from the package's weight file as its op runs (``executor.IN_FILE_MIN``)."""
+    no weights: each is read from the package's weight file, or decompressed, as its op runs (``executor.IN_FILE_MIN``)."""
     from sdbuild.mil.executor import load_program
 
     program = load_program(package, function=function)

@@ -349,8 +349,25 @@ COMPRESSIONS = {
 }
 
 
+def _assert_decompressed_per_step(path, feeds, expected: dict, precision: str, monkeypatch) -> None:
+    """With every weight over ``IN_FILE_MIN`` (2048 here), the program decompresses each as a step takes it
+    (none held after loading or after a run), and gives ``expected`` (every weight decompressed at load) bit for bit."""
+    monkeypatch.setattr(executor_module, "IN_FILE_MIN", 2048)
+    prog = load_program(path)
+    monkeypatch.undo()
+    assert prog._compressed and not [t for t in prog._raw_results.values() if t.numel() >= 2048]
+    out = prog.run(feeds, precision=precision)
+    for name in expected:
+        np.testing.assert_array_equal(out[name], expected[name])
+    held = [v for step in prog._plan(precision).steps for v in step[1].values() if isinstance(v, torch.Tensor)]
+    held += [ref for step in prog._plan(precision).steps for _param, how, ref in step[2] if how == 3]
+    assert not [t for t in held if t.numel() >= 2048]
+    taken = [ref for step in prog._plan(precision).steps for _param, how, ref in step[2] if how == 4]
+    assert len(taken) == 2 and all(isinstance(ref, executor_module._Compressed) for ref in taken)
+
+
 @pytest.mark.parametrize("name", list(COMPRESSIONS))
-def test_compressed_weights(name, model_dir):
+def test_compressed_weights(name, model_dir, monkeypatch):
     target, compressor, op_config, op_type = COMPRESSIONS[name]
     torch.manual_seed(6)
     module = Compressible().eval()
@@ -368,9 +385,12 @@ def test_compressed_weights(name, model_dir):
         out = prog.run({"x": x.numpy()}, precision=precision)
         db = psnr(reference, list(out.values())[0])
         assert db >= floor, f"{name} {precision}: {db:.1f} dB"
+        for run_precision in ("fp16", "fp32"):
+            expected = prog.run({"x": x.numpy()}, precision=run_precision)
+            _assert_decompressed_per_step(path, {"x": x.numpy()}, expected, run_precision, monkeypatch)
 
 
-def test_joint_sparse_and_palettized_ios18(model_dir):
+def test_joint_sparse_and_palettized_ios18(model_dir, monkeypatch):
     torch.manual_seed(7)
     module = Compressible().eval()
     x = torch.randn(1, 16, 6, 6)
@@ -387,6 +407,9 @@ def test_joint_sparse_and_palettized_ios18(model_dir):
     reference = _reference_with(module, _dense_weights(path), x)
     out = prog.run({"x": x.numpy()})
     assert psnr(reference, list(out.values())[0]) >= FP16_MIN_DB
+    for precision in ("fp16", "fp32"):
+        expected = prog.run({"x": x.numpy()}, precision=precision)
+        _assert_decompressed_per_step(path, {"x": x.numpy()}, expected, precision, monkeypatch)
 
 
 def _outputs_with_narrow_min(monkeypatch, path, feeds, precision, narrow_min):
@@ -477,6 +500,77 @@ def test_weights_are_read_from_the_weight_file_one_op_at_a_time(precision, deep_
     gc.collect()
     assert len(reads) == 2 * len(weights)
     assert max(alive_at_read) == 0 and not [r for r in reads if r() is not None]
+
+
+@pytest.fixture(scope="module")
+def deep_palettized(model_dir):
+    """Deep palettized two ways, each weight's constexpr results over ``IN_FILE_MIN``: iOS18 per grouped
+    channel with a per-channel scale (a chain: constexpr_lut_to_dense into constexpr_blockwise_shift_scale),
+    and 6 bits per tensor at iOS17 (constexpr_lut_to_dense's iOS16 form, its packed keys an inline input)."""
+    torch.manual_seed(11)
+    module = Deep().eval()
+    x = torch.randn(1, 64, 8, 8)
+    configs = {
+        "iOS18": cto.OpPalettizerConfig(mode="uniform", nbits=4, granularity="per_grouped_channel", group_size=16, enable_per_channel_scale=True),
+        "iOS17": cto.OpPalettizerConfig(mode="kmeans", nbits=6),
+    }
+    paths = {}
+    for target, config in configs.items():
+        dense = convert_torch(module, {"x": x}, model_dir, target, "fp16")
+        paths[target] = dense.with_name(f"{dense.stem}_{target}_palettized.mlpackage")
+        model = cto.palettize_weights(ct.models.MLModel(str(dense), skip_model_load=True), cto.OptimizationConfig(global_config=config))
+        model.save(str(paths[target]))
+    return paths, {"x": x.numpy()}
+
+
+@pytest.mark.parametrize("target", ["iOS18", "iOS17"])
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_compressed_weights_are_decompressed_one_op_at_a_time(precision, target, deep_palettized, monkeypatch):
+    """A loaded compressed program holds no decompressed weight: each step that takes one runs its constexpr
+    chain as it runs, and frees the result after it; the results are those of decompressing at load, bit for bit.
+    The iOS16 form's packed keys stay in the weight file too, read as the step runs."""
+    import gc
+    import weakref
+
+    paths, feeds = deep_palettized
+    path = paths[target]
+    monkeypatch.setattr(executor_module, "IN_FILE_MIN", 1 << 62)
+    eager = load_program(path)
+    expected = eager.run(feeds, precision=precision)
+    monkeypatch.undo()
+
+    prog = load_program(path)
+    counts = prog.op_counts()
+    chain = ["constexpr_lut_to_dense", "constexpr_blockwise_shift_scale"] if target == "iOS18" else ["constexpr_lut_to_dense"]
+    assert [counts.get(t) for t in chain] == [5] * len(chain) and sum(counts.get(t, 0) for t in counts if t.startswith("constexpr_")) == 5 * len(chain)
+    assert len([t for t in eager._raw_results.values() if t.numel() >= 64 * 64 * 9]) == 5 * len(chain)
+    assert len(prog._compressed) == 5 * len(chain) and {len(c.ops) for c in prog._compressed.values()} == set(range(1, len(chain) + 1))
+    assert not [t for t in prog._raw_results.values() if t.numel() >= executor_module.IN_FILE_MIN]
+    if target == "iOS17":
+        packed = [prog._in_file[op.inputs["indices"].name] for op in prog.function.operations if op.op_type == "constexpr_lut_to_dense"]
+        assert len(packed) == 5 and all(p.dtype == np.uint8 and p.shape == (64 * 64 * 9 * 6 // 8,) for p in packed)
+        assert not [v for op in prog.function.operations for v in op.inputs.values()
+                    if isinstance(v.val, np.ndarray) and v.val.size >= executor_module.IN_FILE_MIN and any(v.val.strides)]
+
+    made, alive_at_make = [], []
+    original = executor_module._Compressed.tensor
+
+    def tensor(self):
+        gc.collect()
+        alive_at_make.append(sum(r() is not None for r in made))
+        result = original(self)
+        made.append(weakref.ref(result))
+        return result
+
+    monkeypatch.setattr(executor_module._Compressed, "tensor", tensor)
+    for _ in range(2):
+        out = prog.run(feeds, precision=precision)
+        for name in expected:
+            np.testing.assert_array_equal(out[name], expected[name])
+    gc.collect()
+    assert len(made) == 2 * 5
+    assert max(alive_at_make) == 0 and not [r for r in made if r() is not None]
+    assert not [t for t in prog._raw_results.values() if t.numel() >= executor_module.IN_FILE_MIN]
 
 
 def test_an_activation_lives_until_its_last_reader(deep_packages, monkeypatch):

@@ -592,6 +592,18 @@ def test_lut_to_dense_ios16_unpacks_lsb_first():
     np.testing.assert_array_equal(out, [10.0, 13.0, 12.0, 11.0, 13.0])
 
 
+@pytest.mark.parametrize("nbits", [1, 2, 3, 4, 5, 6, 7, 8, 12])
+def test_unpack_bits_reads_each_field_of_the_bit_stream(nbits):
+    """Field i is bits i * nbits ... of the little-endian stream, whatever the count (a part group of 8 at
+    the end) and however many bytes the stream has past it, against a bit-by-bit reading."""
+    rng = np.random.default_rng(nbits)
+    for count in (1, 7, 8, 9, 100, 4099):
+        packed = rng.integers(0, 256, -(-count * nbits // 8) + count % 3, dtype=np.uint8)
+        stream = [(int(packed[b // 8]) >> (b % 8)) & 1 for b in range(count * nbits)]
+        want = [sum(stream[i * nbits + j] << j for j in range(nbits)) for i in range(count)]
+        np.testing.assert_array_equal(kernels._unpack_bits(packed, nbits, count), want, err_msg=f"{count} fields")
+
+
 def test_lut_to_dense_ios18_per_group_and_vector():
     k = kernels.find_kernel("constexpr_lut_to_dense", kernels.OPSETS["iOS18"])
     # Documented case 1: two 2-bit palettes over axis 0 of a [6, 2] tensor.
