@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import ast
 import functools
+import gc
 import hashlib
 import importlib.metadata
 import json
@@ -587,6 +588,7 @@ def _reset_peak_rss() -> None:
 
 def _child_main(run: str, job: Job, out: str, log: str, conn, env: dict[str, str] | None = None, run_pid: int | None = None) -> None:
     faults.run_pid = run_pid
+    gc.enable()  # off in the stage server (sdbuild.stages.server)
     _set_parent_death_signal()
     _leave_stage_server()
     _reset_peak_rss()

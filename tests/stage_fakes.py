@@ -21,6 +21,7 @@ def report(job, out: Path) -> dict:
         "tmpdir": tempfile.gettempdir(),
         "inductor_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
         "frozen_objects": gc.get_freeze_count(),
+        "gc_enabled": gc.isenabled(),
     }
 
 

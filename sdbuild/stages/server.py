@@ -11,6 +11,7 @@ output to the log again.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
@@ -53,3 +54,7 @@ def _quiet() -> None:
 
 _end_with_the_build()
 _quiet()
+# No collections while the libraries import (their objects live as long as the server); server_ready freezes
+# them and each stage turns the collector back on (executor._child_main), as Python's gc.freeze documents for
+# a process that forks without exec: collections in the stages then never write to the server's pages.
+gc.disable()

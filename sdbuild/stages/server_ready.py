@@ -6,7 +6,8 @@ coremltools, diffusers and transformers) to a generation the collector never sca
 Each stage forks with it: its collections walk what the stage made, not the libraries
 again (a tiny unet's conversion spent 1.2 CPU-s in the collector, 0.3 with them set aside),
 and they no longer write to the library pages a stage shares with the server.
-Nothing frozen is garbage: the modules live as long as the process.
+The collector was off while the libraries imported (``server``): the cycles
+they left (9 MiB) are frozen with them, kept for the server's life.
 """
 
 import gc
