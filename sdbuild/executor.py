@@ -1115,14 +1115,13 @@ def run_build(
         elif not at_publish(node.stage):
             todo.append(node)
     bundle = next((n for n in build.nodes if n.stage.publishes and n.status != "skipped"), None)
-    if bundle is not None:
-        check_tokenizer(build)
     if bundle is None:
         build_stages(build, todo, force, log, reporter, jobs)
         notes, psnr = _checked_psnr(build, limit, log, reporter)
         report = build_report(build, started, notes, psnr)
         report["seconds"] = round(time.time() - started, 3)
         return BuildResult(build.build_dir, report)
+    check_tokenizer(build)
     report = publish_bundle(build, bundle, todo, limit, log, reporter, started, force=force, jobs=jobs)
     return BuildResult(build.build_dir, report)
 

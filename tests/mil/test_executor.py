@@ -4,8 +4,10 @@ PyTorch, compressed weights, the program API, and the errors a user can meet."""
 from __future__ import annotations
 
 import functools
+import gc
 import math
 import shutil
+import weakref
 
 import numpy as np
 import pytest
@@ -463,9 +465,6 @@ def deep_packages(model_dir):
 def test_weights_are_read_from_the_weight_file_one_op_at_a_time(precision, deep_packages, monkeypatch):
     """A loaded program holds no weight: each is read from weight.bin as its op runs and freed after it,
     and the results are those of the program with every weight loaded, bit for bit."""
-    import gc
-    import weakref
-
     packages, feeds = deep_packages
     path = packages[precision]
     monkeypatch.setattr(executor_module, "IN_FILE_MIN", 1 << 62)
@@ -482,24 +481,30 @@ def test_weights_are_read_from_the_weight_file_one_op_at_a_time(precision, deep_
         np.testing.assert_array_equal(prog.constant(var), by_name[var.name].val)
     assert not [t for t in prog._const_data.values() if isinstance(t, torch.Tensor) and t.numel() >= 64 * 64 * 9]
 
-    reads, alive_at_read = [], []
-    original = executor_module._InFile.array
+    assert _run_counting_alive(monkeypatch, executor_module._InFile, "array", prog, feeds, expected, precision) == (2 * len(weights), 0)
 
-    def array(self):
+
+def _run_counting_alive(monkeypatch, cls, method: str, prog, feeds, expected, precision) -> tuple[int, int]:
+    """Run ``prog`` twice, its outputs ``expected`` bit for bit, with ``cls.method`` watched: how many values it
+    made, and the most of them still alive (after a collection) when it made another. None outlives the runs."""
+    made, alive = [], []
+    original = getattr(cls, method)
+
+    def watched(self):
         gc.collect()
-        alive_at_read.append(sum(r() is not None for r in reads))
+        alive.append(sum(r() is not None for r in made))
         result = original(self)
-        reads.append(weakref.ref(result))
+        made.append(weakref.ref(result))
         return result
 
-    monkeypatch.setattr(executor_module._InFile, "array", array)
+    monkeypatch.setattr(cls, method, watched)
     for _ in range(2):
         out = prog.run(feeds, precision=precision)
         for name in expected:
             np.testing.assert_array_equal(out[name], expected[name])
     gc.collect()
-    assert len(reads) == 2 * len(weights)
-    assert max(alive_at_read) == 0 and not [r for r in reads if r() is not None]
+    assert not [r for r in made if r() is not None]
+    return len(made), max(alive)
 
 
 @pytest.fixture(scope="module")
@@ -529,9 +534,6 @@ def test_compressed_weights_are_decompressed_one_op_at_a_time(precision, target,
     """A loaded compressed program holds no decompressed weight: each step that takes one runs its constexpr
     chain as it runs, and frees the result after it; the results are those of decompressing at load, bit for bit.
     The iOS16 form's packed keys stay in the weight file too, read as the step runs."""
-    import gc
-    import weakref
-
     paths, feeds = deep_palettized
     path = paths[target]
     monkeypatch.setattr(executor_module, "IN_FILE_MIN", 1 << 62)
@@ -552,24 +554,7 @@ def test_compressed_weights_are_decompressed_one_op_at_a_time(precision, target,
         assert not [v for op in prog.function.operations for v in op.inputs.values()
                     if isinstance(v.val, np.ndarray) and v.val.size >= executor_module.IN_FILE_MIN and any(v.val.strides)]
 
-    made, alive_at_make = [], []
-    original = executor_module._Compressed.tensor
-
-    def tensor(self):
-        gc.collect()
-        alive_at_make.append(sum(r() is not None for r in made))
-        result = original(self)
-        made.append(weakref.ref(result))
-        return result
-
-    monkeypatch.setattr(executor_module._Compressed, "tensor", tensor)
-    for _ in range(2):
-        out = prog.run(feeds, precision=precision)
-        for name in expected:
-            np.testing.assert_array_equal(out[name], expected[name])
-    gc.collect()
-    assert len(made) == 2 * 5
-    assert max(alive_at_make) == 0 and not [r for r in made if r() is not None]
+    assert _run_counting_alive(monkeypatch, executor_module._Compressed, "tensor", prog, feeds, expected, precision) == (2 * 5, 0)
     assert not [t for t in prog._raw_results.values() if t.numel() >= executor_module.IN_FILE_MIN]
 
 
