@@ -1,10 +1,12 @@
-"""The CI workflow: linted by actionlint, and it runs only commands the tests run."""
+"""The CI workflow: linted by actionlint, and it runs only commands the tests run; a green test run leaves no temp folder."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 import yaml
@@ -45,3 +47,27 @@ def test_workflow_runs_only_plain_sdbuild_and_make_commands():
     # The flags it passes exist (the tests run these commands: test_matrix, test_remote_cache).
     assert any("--variant" in l and "--require-remote-cache" in l for l in lines)
     assert any("matrix" in l and "--json" in l for l in lines)
+
+
+def test_a_green_test_run_leaves_nothing_in_the_temp_folder_and_a_red_one_keeps_its_failure(tmp_path):
+    """pytest keeps its last three runs' tmp_path folders by default (1.9 GB each for `make test`); with the
+    project's settings (pyproject.toml: tmp_path_retention_policy) only a failing test's folder stays."""
+    tests, temp = tmp_path / "tests", tmp_path / "temp"
+    tests.mkdir()
+    temp.mkdir()
+    (tests / "test_one.py").write_text(
+        "import os\n\n"
+        "def test_passes(tmp_path):\n    (tmp_path / 'passed.txt').write_text('x')\n\n"
+        "def test_fails_when_asked(tmp_path):\n    (tmp_path / 'failed.txt').write_text('x')\n    assert not os.environ.get('FAIL')\n"
+    )
+
+    def run(fail: bool) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", str(REPO / "pyproject.toml"), "--rootdir", str(tests), str(tests)]
+        return subprocess.run(command, env={**os.environ, "TMPDIR": str(temp), "FAIL": "1" if fail else ""}, capture_output=True, text=True)
+
+    done = run(fail=False)
+    assert done.returncode == 0, done.stdout[-2000:]
+    assert [p for p in temp.rglob("*") if p.is_file()] == [] and not list(temp.rglob("pytest-[0-9]*"))
+    done = run(fail=True)
+    assert done.returncode == 1, done.stdout[-2000:]
+    assert [p.name for p in temp.rglob("*.txt")] == ["failed.txt"]
