@@ -164,13 +164,16 @@ def measure(args, trace_run: str | None = None, keep: bool = False) -> dict:
         download.mkdir()
         (download / "source.json").write_text(json.dumps({"kind": "local", "path": str(ckpt)}))
         upstream = {"download": download}
+        temp = work / "tmp"
+        temp.mkdir()
         for name in stages:
             out = work / name
             out.mkdir()
             job = Job(name, args.component, fields[name], dict(upstream), build_name="bench")
             started = time.perf_counter()
             run = trace_run if name == "trace" and trace_run else STAGES[name].run
-            facts = run_in_child(run, job, out, work / f"{name}.log")
+            # Outside a cache a stage's temporary files (coremltools' tmp*.mlpackage) go to TMPDIR: here, this run's own.
+            facts = run_in_child(run, job, out, work / f"{name}.log", env={"TMPDIR": str(temp)})
             result["stages"][name] = {
                 "seconds": round(time.perf_counter() - started, 1),
                 "peak_rss_gib": round(facts["peak_rss_bytes"] / 2**30, 2),
@@ -191,6 +194,7 @@ def measure(args, trace_run: str | None = None, keep: bool = False) -> dict:
                 result["executor"] = executor_seconds(parts[0], args.executor_functions, args.executor_deadline)
     finally:
         peak = tree.stop()
+        shutil.rmtree(work / "tmp", ignore_errors=True)
         if not (args.keep or keep):
             shutil.rmtree(work, ignore_errors=True)
         else:
