@@ -39,7 +39,9 @@ def generate_images(request: GenerateRequest) -> dict:
             _require_controlled_unet(files)
             for name in request.controlnet:
                 find_controlnet(files, name)
-    pipe = Pipeline.from_bundle(request.bundle, compute_unit=request.compute_unit, height=request.height, width=request.width)
+    # A generation runs the unet at every step: a compressed one's weights are decompressed once, not at each run.
+    pipe = Pipeline.from_bundle(request.bundle, compute_unit=request.compute_unit, height=request.height, width=request.width,
+                                decompress_at_load=True)
     # The request's settings under Pipeline.generate's own names; the images loaded above in place of their paths.
     settings = {name: getattr(request, name) for name in _GENERATE_SETTINGS}
     result = pipe.generate(

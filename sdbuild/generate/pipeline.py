@@ -7,6 +7,7 @@ residuals when ControlNets are asked for.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import time
@@ -120,14 +121,17 @@ class Pipeline:
 
     @classmethod
     def from_bundle(cls, path: Path, compute_unit: str | None = None, backend: str | None = None,
-                    height: int | None = None, width: int | None = None) -> "Pipeline":
+                    height: int | None = None, width: int | None = None, decompress_at_load: bool = False) -> "Pipeline":
         """Find and load the bundle at ``path``: every model, the tokenizer, the scheduler config.
 
         ``backend``: ``coreml`` (macOS) or ``executor``; default by platform.
         ``compute_unit``: a Core ML compute unit; default the bundle's hint, else ALL.
         ``height``, ``width``: the image size, one the bundle was built for
         (``pick_size``); default its first. A multifunction bundle's image
-        models then run that size's function.
+        models then run that size's function. ``decompress_at_load`` (the
+        reference executor): a compressed model's weights are decompressed
+        once and kept, not at every run (the unet runs at every step): memory
+        for time; the build's sample image keeps to the default, bounded memory.
         """
         started = time.perf_counter()
         backend = backend or default_backend()
@@ -148,7 +152,7 @@ class Pipeline:
             if compute_unit is not None:
                 notes.append(f"--compute-unit {compute_unit} ignored: Core ML needs macOS; the reference executor runs on the CPU")
             compute_unit = None
-            make = ExecutorRunner
+            make = functools.partial(ExecutorRunner, decompress_at_load=decompress_at_load)
 
         def make_sized(component: str, paths: list[Path]) -> ModelRunner:
             # The image models run the chosen size's function; the text encoder has one.

@@ -32,11 +32,12 @@ class ExecutorRunner(ModelRunner):
     """A ``.mlpackage`` on the reference executor, float16 as a device holds it; or the parts
     of a chunked one, run in sequence by ``sdbuild.mil.chunk.chain_run``."""
 
-    def __init__(self, paths: list[Path], function: str | None = None):
+    def __init__(self, paths: list[Path], function: str | None = None, decompress_at_load: bool = False):
         from sdbuild.mil.executor import load_program
 
         # ``function``: a multifunction package's function (one resolution); None: its default.
-        self.programs = [load_program(p, function=function) for p in paths]
+        # ``decompress_at_load``: compressed weights decompressed once and kept (``load_program``).
+        self.programs = [load_program(p, function=function, decompress_at_load=decompress_at_load) for p in paths]
         self.observer = None  # a RangeObserver shown every run of a one-package model (calibration)
         self.name = " + ".join(p.name for p in paths)
         self.inputs = _chain_inputs([(prog.inputs, prog.outputs) for prog in self.programs])

@@ -360,7 +360,8 @@ class Program:
     ``opset``: the main function's opset, e.g. "iOS17".
     """
 
-    def __init__(self, path: Path, spec, function, kernel_table=None, function_name: str | None = None, in_file=None):
+    def __init__(self, path: Path, spec, function, kernel_table=None, function_name: str | None = None, in_file=None,
+                 decompress_at_load: bool = False):
         self.path = path
         self.spec = spec
         self.function_name = function_name  # of a multifunction package; None for a single-function one
@@ -390,6 +391,7 @@ class Program:
         self._raw_is_fp16: set[str] = set()  # constexpr outputs whose values are float16 already
         # constexpr outputs of IN_FILE_MIN elements or more (and the others of their ops): decompressed per step
         self._compressed: dict[str, _Compressed] = {}
+        self._decompress_at_load = decompress_at_load
         self._plans: dict[str, _Plan] = {}
         self._check_kernels()
         self._decompress_weights()
@@ -424,7 +426,7 @@ class Program:
 
     def _decompress_weights(self) -> None:
         """Check the compile-time (constexpr) weight decompression ops; run those whose results are all
-        small once, now. One with a result of ``IN_FILE_MIN`` elements or more is left compressed
+        small (every one, with ``decompress_at_load``) once, now. One with a result of ``IN_FILE_MIN`` elements or more is left compressed
         (``_Compressed``): each step that takes its result runs it (with the constexpr ops it reads from)
         as the step runs, so a loaded program holds no decompressed weight."""
         raw: dict[str, Any] = {}  # numpy results of the ops run now, for constexpr ops that feed each other
@@ -448,7 +450,7 @@ class Program:
                     raise PackageError(f"{self.path}: '{op.op_type}' op {op.name} has a non-constant input '{param}'")
             outs = [o.name for o in op.outputs]
             chain[index] = (k.fn, k.attrs, tuple(args), tuple(outs))
-            if any(_elements(o) >= IN_FILE_MIN for o in op.outputs):
+            if not self._decompress_at_load and any(_elements(o) >= IN_FILE_MIN for o in op.outputs):
                 for name in outs:
                     left[name] = chain
                     self._compressed[name] = _Compressed(tuple(chain[i] for i in sorted(chain)), name)
@@ -996,12 +998,15 @@ def _only_function(spec, name: str):
     return only
 
 
-def load_program(path, kernels: dict | None = None, function: str | None = None) -> Program:
+def load_program(path, kernels: dict | None = None, function: str | None = None, *, decompress_at_load: bool = False) -> Program:
     """Load the ML program of the ``.mlpackage`` at ``path`` for running on the CPU.
 
     ``function``: which function of a multifunction package (one per
     resolution, e.g. ``h512_w768``); default: the package's default function.
     ``kernels`` replaces the kernel table (tests use it to drop a kernel).
+    ``decompress_at_load``: decompress compressed weights once, now, and keep them (a model run many
+    times, as generation runs the unet at every step: memory for time); by default each run decompresses
+    a weight as the op that takes it runs and frees it after (verify: one run, bounded memory).
     Raises PackageError for a missing, truncated or corrupted package and
     UnsupportedOpError for an op without a kernel, each with a one-line message.
     """
@@ -1027,7 +1032,8 @@ def load_program(path, kernels: dict | None = None, function: str | None = None)
         have = ", ".join(sorted(program.functions))
         raise PackageError(f"{pkg}: the program has no function '{name}' (it has: {have})")
     declared = {f.name for f in spec.description.functions}
-    return Program(pkg, spec, program.functions[name], kernels, function_name=name if name in declared else None, in_file=in_file)
+    return Program(pkg, spec, program.functions[name], kernels, function_name=name if name in declared else None, in_file=in_file,
+                   decompress_at_load=decompress_at_load)
 
 
 def check_exec_paths(model: Path, inputs_npz: Path, output_npz: Path) -> None:

@@ -557,6 +557,16 @@ def test_compressed_weights_are_decompressed_one_op_at_a_time(precision, target,
     assert _run_counting_alive(monkeypatch, executor_module._Compressed, "tensor", prog, feeds, expected, precision) == (2 * 5, 0)
     assert not [t for t in prog._raw_results.values() if t.numel() >= executor_module.IN_FILE_MIN]
 
+    # A model run many times (generation's unet, every step) may decompress once, at load, and keep them.
+    from sdbuild.generate.runners import ExecutorRunner
+
+    assert len(ExecutorRunner([path]).programs[0]._compressed) == 5 * len(chain)  # by default, as verify runs
+    kept = ExecutorRunner([path], decompress_at_load=True).programs[0]
+    assert not kept._compressed and len([t for t in kept._raw_results.values() if t.numel() >= 64 * 64 * 9]) == 5 * len(chain)
+    out = kept.run(feeds, precision=precision)
+    for name in expected:
+        np.testing.assert_array_equal(out[name], expected[name])
+
 
 def test_an_activation_lives_until_its_last_reader(deep_packages, monkeypatch):
     """The run frees each value after the last op that reads it: a chain holds two at a time, whatever its length."""
