@@ -193,14 +193,23 @@ def test_fused_einsum_attention_rounds_like_the_separate_ops():
     torch.testing.assert_close(round16(got), expected, rtol=0, atol=0)
 
 
-def _assert_fused_matches_separate(got: dict, separate: dict, precision: str) -> None:
-    """fp16 mode: the separate ops' outputs bit for bit (every value rounded to float16 as they round it);
-    fp32 mode: within float32 rounding (the blocks' sums are added in another order)."""
-    for name, value in separate.items():
+def _fused_steps_matching_separate(package, feeds: dict, precision: str, monkeypatch, label: str, finder: str) -> int:
+    """Run ``package`` with its attention chains fused (steps labelled ``label``), then with ``Program.finder``
+    finding none (the separate ops, no step so labelled); returns how many steps ran fused. The outputs:
+    fp16 mode, the separate ops' bit for bit (every value rounded to float16 as they round it); fp32 mode,
+    within float32 rounding (the blocks' sums are added in another order)."""
+    prog = load_program(package)
+    fused = [step[6] for step in prog._plan(precision).steps].count(label)
+    got = prog.run(feeds, precision=precision)
+    monkeypatch.setattr(executor_module.Program, finder, lambda self: {})
+    separate = load_program(package)
+    assert label not in [step[6] for step in separate._plan(precision).steps]
+    for name, value in separate.run(feeds, precision=precision).items():
         if precision == "fp16":
             np.testing.assert_array_equal(got[name], value)
         else:
             np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-6)
+    return fused
 
 
 @pytest.mark.parametrize("precision", ["fp16", "fp32"])
@@ -212,13 +221,7 @@ def test_split_einsum_attention_runs_fused_a_block_of_queries_at_a_time(precisio
     x = torch.randn(2, 32, 1, 40)
     package = convert_torch(SdbuildSplitEinsum().eval(), {"x": x}, model_dir, "iOS17", "fp16")
     monkeypatch.setattr(kernels, "EINSUM_CHUNK_ELEMENTS", 2 * 40 * 7)  # 7 queries of 40 keys a block
-    prog = load_program(package)
-    fused = [step[6] for step in prog._plan(precision).steps].count("einsum attention (fused)")
-    got = prog.run({"x": x.numpy()}, precision=precision)
-    monkeypatch.setattr(executor_module.Program, "_einsum_attention_chains", lambda self: {})
-    separate = load_program(package)
-    assert fused == 4 and "einsum attention (fused)" not in [step[6] for step in separate._plan(precision).steps]
-    _assert_fused_matches_separate(got, separate.run({"x": x.numpy()}, precision=precision), precision)
+    assert _fused_steps_matching_separate(package, {"x": x.numpy()}, precision, monkeypatch, "einsum attention (fused)", "_einsum_attention_chains") == 4
 
 
 class SdbuildOriginal(SdbuildSplitEinsum):
@@ -239,13 +242,7 @@ def test_channels_first_attention_runs_fused(precision, model_dir, monkeypatch):
     x = torch.randn(2, 32, 1, 40)
     package = convert_torch(SdbuildOriginal().eval(), {"x": x}, model_dir, "iOS17", "fp16")
     monkeypatch.setattr(kernels, "fused_attention", functools.partial(kernels.fused_attention, chunk_elements=2 * 4 * 40 * 7))
-    prog = load_program(package)
-    fused = [step[6] for step in prog._plan(precision).steps].count("attention (fused)")
-    got = prog.run({"x": x.numpy()}, precision=precision)
-    monkeypatch.setattr(executor_module.Program, "_attention_chains", lambda self: {})
-    separate = load_program(package)
-    assert fused == 1 and "attention (fused)" not in [step[6] for step in separate._plan(precision).steps]
-    _assert_fused_matches_separate(got, separate.run({"x": x.numpy()}, precision=precision), precision)
+    assert _fused_steps_matching_separate(package, {"x": x.numpy()}, precision, monkeypatch, "attention (fused)", "_attention_chains") == 1
 
 
 def test_attention_block_ios18_uses_sdpa(model_dir):
@@ -467,11 +464,7 @@ def test_weights_are_read_from_the_weight_file_one_op_at_a_time(precision, deep_
     and the results are those of the program with every weight loaded, bit for bit."""
     packages, feeds = deep_packages
     path = packages[precision]
-    monkeypatch.setattr(executor_module, "IN_FILE_MIN", 1 << 62)
-    loaded = load_program(path)
-    expected = loaded.run(feeds, precision=precision)
-    monkeypatch.undo()
-
+    loaded, expected = _run_with_everything_loaded(monkeypatch, path, feeds, precision)
     prog = load_program(path)
     weights = [op.inputs["weight"] for op in prog.function.operations if op.op_type == "conv"]
     assert len(weights) == 5
@@ -482,6 +475,17 @@ def test_weights_are_read_from_the_weight_file_one_op_at_a_time(precision, deep_
     assert not [t for t in prog._const_data.values() if isinstance(t, torch.Tensor) and t.numel() >= 64 * 64 * 9]
 
     assert _run_counting_alive(monkeypatch, executor_module._InFile, "array", prog, feeds, expected, precision) == (2 * len(weights), 0)
+
+
+def _run_with_everything_loaded(monkeypatch, path, feeds, precision):
+    """``path`` loaded and run as before weights stayed in the weight file and compressed ones compressed:
+    every weight and decompressed result held in memory. The program and its outputs."""
+    monkeypatch.setattr(executor_module, "IN_FILE_MIN", 1 << 62)
+    try:
+        program = load_program(path)
+        return program, program.run(feeds, precision=precision)
+    finally:
+        monkeypatch.undo()
 
 
 def _run_counting_alive(monkeypatch, cls, method: str, prog, feeds, expected, precision) -> tuple[int, int]:
@@ -536,11 +540,7 @@ def test_compressed_weights_are_decompressed_one_op_at_a_time(precision, target,
     The iOS16 form's packed keys stay in the weight file too, read as the step runs."""
     paths, feeds = deep_palettized
     path = paths[target]
-    monkeypatch.setattr(executor_module, "IN_FILE_MIN", 1 << 62)
-    eager = load_program(path)
-    expected = eager.run(feeds, precision=precision)
-    monkeypatch.undo()
-
+    eager, expected = _run_with_everything_loaded(monkeypatch, path, feeds, precision)
     prog = load_program(path)
     counts = prog.op_counts()
     chain = ["constexpr_lut_to_dense", "constexpr_blockwise_shift_scale"] if target == "iOS18" else ["constexpr_lut_to_dense"]
