@@ -79,3 +79,38 @@ def test_quality_matches_coremltools_kmeans(kind, nbits):
     lut, idx = _get_kmeans_lookup_table_and_weight(nbits, w)
     theirs = np.mean((lut.astype(np.float16).reshape(-1)[idx].astype(np.float64) - w.reshape(-1)) ** 2)
     assert ours <= 1.10 * theirs, (ours, theirs)
+
+
+def _greedy_seeds_over_every_point(values, counts, k, seed):
+    """k-means++ seeding scored the straightforward way: every trial's total error over all points."""
+    rng = np.random.default_rng(seed)
+    trials = 2 + int(np.log(k))
+    centers = [values[np.searchsorted(np.cumsum(counts), rng.uniform(0, counts.sum()))]]
+    dist = counts * (values - centers[0]) ** 2
+    for _ in range(1, k):
+        cum = np.cumsum(dist)
+        picks = np.minimum(np.searchsorted(cum, rng.uniform(0, cum[-1], trials)), values.size - 1)
+        trial_dist = np.minimum(dist[None, :], counts[None, :] * (values[None, :] - values[picks, None]) ** 2)
+        best = int(np.argmin(trial_dist.sum(axis=1)))
+        centers.append(values[picks[best]])
+        dist = trial_dist[best]
+    return np.unique(centers)
+
+
+@pytest.mark.parametrize("kind", ["normal", "heavy", "bimodal"])
+@pytest.mark.parametrize("nbits", [2, 6, 8])
+def test_seeding_scored_on_each_cell_picks_the_seeds_scored_on_every_point(kind, nbits):
+    """A new center changes the error only between the midpoints to its neighbours: scoring the trials
+    there picks the same seeds as summing over every point."""
+    from sdbuild.compress.kmeans import _kmeans_plus_plus_starts
+
+    values, counts = value_histogram(_weights(kind))
+    k = 1 << nbits
+    for seed in range(3):
+        centers = _greedy_seeds_over_every_point(values, counts, k, seed)
+        boundaries = (centers[:-1] + centers[1:]) / 2
+        expected = np.concatenate([[0], np.searchsorted(values, boundaries, side="right"), [values.size]])
+        got = _kmeans_plus_plus_starts(values, counts, k, seed)
+        if expected.size - 1 == k:  # (with duplicate seeds both go on to the same random split)
+            assert np.array_equal(got, expected), (kind, nbits, seed)
+        assert got.size - 1 == k
