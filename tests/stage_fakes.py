@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import importlib.util
 import os
 import sys
 import tempfile
@@ -22,6 +23,8 @@ def report(job, out: Path) -> dict:
         "inductor_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
         "frozen_objects": gc.get_freeze_count(),
         "gc_enabled": gc.isenabled(),
+        "sklearn_imported": "sklearn" in sys.modules,
+        "sklearn_importable": importlib.util.find_spec("sklearn") is not None,
     }
 
 

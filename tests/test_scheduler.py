@@ -163,6 +163,8 @@ def test_stages_fork_from_a_server_that_imported_the_libraries(tmp_path):
     assert first["ppid"] != proc.pid and first["ppid"] == after["ppid"] == survivor["ppid"]  # one server, every stage its own process
     # The libraries' objects were set aside from the collector before the stage forked (server_ready's gc.freeze).
     assert first["frozen_objects"] > 100_000 and first["gc_enabled"], first  # and the stage collects its own
+    # coremltools imported without scikit-learn (server._import_coremltools_without_sklearn), which a stage can still import.
+    assert not first["sklearn_imported"] and first["sklearn_importable"], first
     assert len({first["pid"], after["pid"], survivor["pid"]}) == 3
     # Peaks are each stage's own: 256 MiB more where it was allocated, not carried into the next stage.
     assert big["peak_rss_bytes"] >= big["rss_bytes"] + 250 * 2**20

@@ -1,4 +1,4 @@
-"""Imported first by the stage server (``executor.STAGE_SERVER_PRELOAD``), before the libraries.
+"""Imported first by the stage server (``executor.STAGE_SERVER_PRELOAD``), before the libraries; imports coremltools itself.
 
 The server ends with the build process that started it (parent-death signal,
 as every stage process has; the build starts it from its main thread, the
@@ -15,6 +15,7 @@ import gc
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 
@@ -52,9 +53,25 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+def _import_coremltools_without_sklearn() -> None:
+    """Import coremltools with scikit-learn out of its reach, then put it back in reach.
+
+    coremltools imports scikit-learn at import time only to decide whether its scikit-learn model
+    converters are usable (and turns them off for the version we pin); sdbuild converts no
+    scikit-learn model. That import, with the SciPy modules it pulls in, was a third of
+    coremltools' import (0.9 of 3.0 CPU-s idle), paid by every stage server.
+    """
+    sys.modules["sklearn"] = None  # `import sklearn` raises ImportError: coremltools notes it has none
+    try:
+        import coremltools  # noqa: F401
+    finally:
+        del sys.modules["sklearn"]  # a later `import sklearn` (coremltools' own k-means) works as usual
+
+
 _end_with_the_build()
 _quiet()
 # No collections while the libraries import (their objects live as long as the server); server_ready freezes
 # them and each stage turns the collector back on (executor._child_main), as Python's gc.freeze documents for
 # a process that forks without exec: collections in the stages then never write to the server's pages.
 gc.disable()
+_import_coremltools_without_sklearn()
