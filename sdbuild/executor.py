@@ -500,6 +500,7 @@ STAGE_SERVER_PRELOAD = (
     "sdbuild.cli",
     "sdbuild.stages.server_ready",  # last: removes the folder torch made in TMPDIR at import
 )
+SERVER_PARENT_ENV = "SDBUILD_STAGE_SERVER_PARENT"  # the pid of the process starting the stage server (server._end_with_the_build)
 WORKERS_ENV = "SDBUILD_WORKERS"  # forkserver (default) | spawn: a fresh interpreter per stage, the old path
 
 
@@ -530,6 +531,7 @@ def start_stage_server() -> None:
     from multiprocessing import forkserver
 
     multiprocessing.get_context("forkserver").set_forkserver_preload(list(STAGE_SERVER_PRELOAD))
+    os.environ[SERVER_PARENT_ENV] = str(os.getpid())
     forkserver.ensure_running()
 
 

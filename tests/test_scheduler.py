@@ -296,3 +296,32 @@ def test_stage_server_starts_before_planning_only_where_nothing_can_be_cached(tm
         (tmp_path / "cache").mkdir()
     executor.start_stage_server_if_cold(tmp_path, object() if remote else None)
     assert bool(started) == starts
+
+
+ORPHAN_PROBE = r"""
+import ctypes, json, os, subprocess, sys
+ctypes.CDLL("libc.so.6").prctl(36, 1)  # PR_SET_CHILD_SUBREAPER: the server, orphaned, is ours to wait for
+starter = subprocess.Popen([sys.executable, "-c", "import os; from sdbuild.executor import start_stage_server; start_stage_server(); os._exit(0)"])
+cpu = {}
+while True:
+    try:
+        pid, _, usage = os.wait4(-1, 0)
+    except ChildProcessError:
+        break
+    cpu["starter" if pid == starter.pid else "server"] = usage.ru_utime + usage.ru_stime
+print(json.dumps(cpu))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a child subreaper is Linux's")
+def test_a_stage_server_whose_build_ended_before_it_started_imports_nothing(tmp_path):
+    """A build that stops at once (an error found in planning) ends before its server is up: the server
+    must not go on importing the libraries (several CPU-seconds) for nobody."""
+    script = tmp_path / "orphan.py"
+    script.write_text(ORPHAN_PROBE)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    cpu = json.loads(done.stdout)
+    assert set(cpu) == {"starter", "server"}
+    assert cpu["server"] < 1.0, cpu  # importing torch and coremltools alone takes more than 2 CPU-s

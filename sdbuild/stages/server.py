@@ -21,9 +21,20 @@ import warnings
 
 
 def _end_with_the_build() -> None:
-    from sdbuild.executor import _set_parent_death_signal
+    """End with the build process, or now if it has ended already.
+
+    The parent-death signal comes only for a parent alive when it is asked for: a build that
+    stopped at once (a user's error found in planning) can end before the server gets here,
+    and the server would import every library for nobody (5-10 CPU-s) before it noticed."""
+    from sdbuild.executor import SERVER_PARENT_ENV, _set_parent_death_signal
 
     _set_parent_death_signal()
+    parent = os.environ.get(SERVER_PARENT_ENV)
+    if parent is not None and os.getppid() != int(parent):
+        os._exit(0)
+
+
+_end_with_the_build()
 
 
 # ``import diffusers`` makes torch's inductor cache folder (``torchinductor_<user>`` in TMPDIR, which for the
@@ -68,7 +79,6 @@ def _import_coremltools_without_sklearn() -> None:
         del sys.modules["sklearn"]  # a later `import sklearn` (coremltools' own k-means) works as usual
 
 
-_end_with_the_build()
 _quiet()
 # No collections while the libraries import (their objects live as long as the server); server_ready freezes
 # them and each stage turns the collector back on (executor._child_main), as Python's gc.freeze documents for
