@@ -158,3 +158,24 @@ def test_nonreplaceable_vars_propagate_to_the_same_sets():
     assert names["wa"] == ["wa"] and set(names[main.outputs[0].name]) == {"wa", "wb"}
     assert any(op.op_type == "shape" and not names[op.outputs[0].name] for op in main.operations)
     assert any(names.get(v.name) for op in main.operations for inner in op.blocks for v in _all_vars(inner))
+
+
+def test_the_walk_is_left_out_only_where_the_function_has_held_no_constexpr_op(tmp_path, monkeypatch):
+    """A conversion from torch makes no constexpr_ op: every set stays empty, and nothing is walked. A
+    function holding one is walked at each block's end, to the sets coremltools' own walk gives."""
+    from coremltools.converters.mil.mil import Block
+
+    import sdbuild.mil.validation as validation
+
+    walked = []
+    ours = validation.propagate_nonreplaceable_vars
+    monkeypatch.setattr(validation, "propagate_nonreplaceable_vars", lambda block: (walked.append(block.name), ours(block))[1])
+    with validate_once_per_pipeline():
+        _convert(_tiny_program(), tmp_path / "model.mlpackage")
+        assert walked == []
+        main = _program_with_compressed_weights().functions["main"]
+    assert walked  # the builder's blocks ended after the first constexpr_ op
+    got = {v.name: set(v.nonreplaceable_vars_upstream) for v in _all_vars(main)}
+    Block.__dict__["_propagate_nonreplaceable_vars"](main)  # coremltools' own
+    assert got == {v.name: set(v.nonreplaceable_vars_upstream) for v in _all_vars(main)}
+    assert any(got.values())

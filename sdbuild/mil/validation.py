@@ -20,7 +20,8 @@ ops (``_propagate_nonreplaceable_vars``) instead of three method calls, a
 property check and a dict per var: the same sets, half the time. coremltools
 walks the whole block again each time a ``with block:`` ends (about 110 times
 a conversion or compression, every pass opens one): 18 % of a tiny unet's
-conversion before, and as much of its compression.
+conversion before, and as much of its compression. Where the function has
+never held a ``constexpr_`` op every set is empty, and the walk is skipped.
 """
 
 from __future__ import annotations
@@ -66,15 +67,41 @@ def validate_once_per_pipeline():
 
 @contextmanager
 def _propagated_in_one_loop():
-    """``Block._propagate_nonreplaceable_vars`` as ``propagate_nonreplaceable_vars``."""
+    """``Block._propagate_nonreplaceable_vars`` as ``propagate_nonreplaceable_vars``, and not at all
+    in a function that has held no ``constexpr_`` op yet.
+
+    A var's set comes only from ``constexpr_`` ops upstream of it: in a function that has never
+    held one (a conversion from torch; a compression until its pass makes the first) every set is
+    empty, as each var was made, and the walk would leave them so. Looking for one such op is a
+    quarter of the walk. Once one is seen in a function, every later exit walks it, as coremltools does.
+    """
     from coremltools.converters.mil.mil import Block
 
     saved = Block.__dict__["_propagate_nonreplaceable_vars"]
-    Block._propagate_nonreplaceable_vars = propagate_nonreplaceable_vars
+    seen: set[int] = set()  # id() of each function that has held a constexpr_ op (a reused id only walks more)
+
+    def propagate(block) -> None:
+        function = block
+        while function.outer_op is not None:
+            function = function.outer_op.enclosing_block
+        if id(function) not in seen:
+            if not _holds_constexpr(function):
+                return
+            seen.add(id(function))
+        propagate_nonreplaceable_vars(block)
+
+    Block._propagate_nonreplaceable_vars = propagate
     try:
         yield
     finally:
         Block._propagate_nonreplaceable_vars = saved
+
+
+def _holds_constexpr(block) -> bool:
+    for op in block.operations:
+        if op.op_type.startswith("constexpr_") or (op.blocks and any(_holds_constexpr(inner) for inner in op.blocks)):
+            return True
+    return False
 
 
 def propagate_nonreplaceable_vars(block) -> None:
