@@ -269,7 +269,7 @@ def _build_tiny_sd(dest: Path, seed: int) -> None:
                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
                 cross_attention_dim=32,
-                attention_head_dim=8,
+                attention_head_dim=2,
                 norm_num_groups=8,
             ),
         )
@@ -489,7 +489,7 @@ def _build_tiny_controlnet(dest: Path, seed: int) -> None:
             block_out_channels=(32, 64),
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             cross_attention_dim=32,
-            attention_head_dim=8,
+            attention_head_dim=2,
             norm_num_groups=8,
             # Three stride-2 levels: the control image is at pixel size, 8× the latent.
             conditioning_embedding_out_channels=(8, 16, 16, 32),
