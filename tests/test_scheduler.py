@@ -92,7 +92,7 @@ def test_a_stage_larger_than_memory_still_runs_alone():
 
 def test_failure_stops_new_starts_and_lets_running_stages_finish():
     nodes = fake_nodes(("download", []), ("bad", ["download"]), ("slow", ["download"]), ("after_bad", ["bad"]), ("after_slow", ["slow"]))
-    run = Recorder(fail="bad")
+    run = Recorder(fail="bad", holds={"slow": 1.0})  # still running when "bad" fails, at 0.2 s, even on a busy machine
     with pytest.raises(RuntimeError, match="bad failed"):
         schedule(list(nodes.values()), run, jobs=2, gate=MemoryGate(100), estimate=lambda n: 1)
     assert ("end", "slow") in run.order  # ran beside the failing stage and was not abandoned
