@@ -349,6 +349,19 @@ print((before - process.memory_info().rss) / 2**20)
 """
 
 
+def test_giving_freed_memory_back_starts_no_process():
+    """A stage's peak adds its child processes' peaks (RUSAGE_CHILDREN): a helper forked with the
+    stage's pages (ctypes.util.find_library runs ldconfig) would count them a second time."""
+    import subprocess
+    import sys
+
+    code = ("import resource; from sdbuild.convert import give_freed_memory_back; give_freed_memory_back(); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "0"
+
+
 def test_trace_process_gives_freed_activations_back():
     """The trace stage's process frees memory for real; a default process keeps freed heap holes resident (glibc)."""
     import subprocess
