@@ -59,20 +59,24 @@ def weighted_kmeans_1d(values: np.ndarray, counts: np.ndarray, k: int) -> np.nda
     n = values.size
     if n <= k:
         return values.copy()
-    cum_w = np.concatenate([[0.0], np.cumsum(counts)])
-    cum_wx = np.concatenate([[0.0], np.cumsum(counts * values)])
-    cum_wxx = np.concatenate([[0.0], np.cumsum(counts * values * values)])
+    sums = _prefix_sums(values, counts)
+    cum_w, cum_wx, cum_wxx = sums
     best, best_sse = None, np.inf
     # Seeded k-means++ starts cost O(k n) each: a few of them where that is cheap.
     seeds = range(KMEANS_PP_SEEDS if n * k <= 1 << 22 else 1)
     starts_list = [_equal_weight_starts(cum_w, k), _cube_root_density_starts(values, counts, k)]
-    starts_list += [_kmeans_plus_plus_starts(values, counts, k, seed) for seed in seeds]
+    starts_list += [_kmeans_plus_plus_starts(values, counts, k, seed, sums) for seed in seeds]
     for starts in starts_list:
         starts = _lloyd(values, _strictly_increasing(starts, n), cum_w, cum_wx)
         sse = _segment_sse(starts, cum_w, cum_wx, cum_wxx)
         if sse < best_sse:
             best, best_sse = starts, sse
     return _segment_means(best, cum_w, cum_wx)
+
+
+def _prefix_sums(values, counts) -> np.ndarray:
+    """[3, n + 1]: prefix sums of the weights, weight * x and weight * x^2, each from 0."""
+    return np.stack([np.concatenate([[0.0], np.cumsum(part)]) for part in (counts, counts * values, counts * values * values)])
 
 
 def _equal_weight_starts(cum_w, k):
@@ -94,19 +98,18 @@ def _cube_root_density_starts(values, counts, k, bins=4096):
     return np.concatenate([[0], np.searchsorted(values, cuts, side="right"), [values.size]])
 
 
-def _kmeans_plus_plus_starts(values, counts, k, seed=0):
+def _kmeans_plus_plus_starts(values, counts, k, seed, sums):
     """Boundaries around greedy k-means++ seeds (as scikit-learn seeds): catches lone outliers,
     which deserve an entry of their own and which density-based starts miss.
 
     On sorted 1-D points a new center takes only the points between the midpoints to its
     neighbouring centers, so a trial's gain is a few prefix sums over that cell and the
-    chosen center rewrites only the cell: O(n) a step for the D^2 draw, not O(trials n)."""
+    chosen center rewrites only the cell: O(n) a step for the D^2 draw, not O(trials n).
+    ``sums``: ``_prefix_sums(values, counts)``; a cell's error about a center is three lookups there."""
     rng = np.random.default_rng(seed)
     trials = 2 + int(np.log(k))
     n = values.size
-    cum_w = np.concatenate([[0.0], np.cumsum(counts)])
-    # Prefix sums of weight, weight * x, weight * x^2: a cell's error about a center is three lookups.
-    sums = np.stack([cum_w, np.concatenate([[0.0], np.cumsum(counts * values)]), np.concatenate([[0.0], np.cumsum(counts * values * values)])])
+    cum_w = sums[0]
     first = values[np.searchsorted(cum_w[1:], rng.uniform(0, counts.sum()))]
     chosen = [first]
     # The centers so far in order, between sentinels: a trial's neighbours are at [at - 1] and [at].

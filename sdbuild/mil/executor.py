@@ -391,10 +391,9 @@ class Program:
         self._raw_is_fp16: set[str] = set()  # constexpr outputs whose values are float16 already
         # constexpr outputs of IN_FILE_MIN elements or more (and the others of their ops): decompressed per step
         self._compressed: dict[str, _Compressed] = {}
-        self._decompress_at_load = decompress_at_load
         self._plans: dict[str, _Plan] = {}
         self._check_kernels()
-        self._decompress_weights()
+        self._decompress_weights(decompress_at_load)
 
     @property
     def function(self):
@@ -424,9 +423,9 @@ class Program:
             if op.op_type != "const":
                 self._kernel(op)
 
-    def _decompress_weights(self) -> None:
+    def _decompress_weights(self, at_load: bool) -> None:
         """Check the compile-time (constexpr) weight decompression ops; run those whose results are all
-        small (every one, with ``decompress_at_load``) once, now. One with a result of ``IN_FILE_MIN`` elements or more is left compressed
+        small (every one, ``at_load``) once, now. One with a result of ``IN_FILE_MIN`` elements or more is left compressed
         (``_Compressed``): each step that takes its result runs it (with the constexpr ops it reads from)
         as the step runs, so a loaded program holds no decompressed weight."""
         raw: dict[str, Any] = {}  # numpy results of the ops run now, for constexpr ops that feed each other
@@ -450,7 +449,7 @@ class Program:
                     raise PackageError(f"{self.path}: '{op.op_type}' op {op.name} has a non-constant input '{param}'")
             outs = [o.name for o in op.outputs]
             chain[index] = (k.fn, k.attrs, tuple(args), tuple(outs))
-            if not self._decompress_at_load and any(_elements(o) >= IN_FILE_MIN for o in op.outputs):
+            if not at_load and any(_elements(o) >= IN_FILE_MIN for o in op.outputs):
                 for name in outs:
                     left[name] = chain
                     self._compressed[name] = _Compressed(tuple(chain[i] for i in sorted(chain)), name)

@@ -102,7 +102,7 @@ def _greedy_seeds_over_every_point(values, counts, k, seed):
 def test_seeding_scored_on_each_cell_picks_the_seeds_scored_on_every_point(kind, nbits):
     """A new center changes the error only between the midpoints to its neighbours: scoring the trials
     there picks the same seeds as summing over every point."""
-    from sdbuild.compress.kmeans import _kmeans_plus_plus_starts
+    from sdbuild.compress.kmeans import _kmeans_plus_plus_starts, _prefix_sums
 
     values, counts = value_histogram(_weights(kind))
     k = 1 << nbits
@@ -110,7 +110,7 @@ def test_seeding_scored_on_each_cell_picks_the_seeds_scored_on_every_point(kind,
         centers = _greedy_seeds_over_every_point(values, counts, k, seed)
         boundaries = (centers[:-1] + centers[1:]) / 2
         expected = np.concatenate([[0], np.searchsorted(values, boundaries, side="right"), [values.size]])
-        got = _kmeans_plus_plus_starts(values, counts, k, seed)
+        got = _kmeans_plus_plus_starts(values, counts, k, seed, _prefix_sums(values, counts))
         if expected.size - 1 == k:  # (with duplicate seeds both go on to the same random split)
             assert np.array_equal(got, expected), (kind, nbits, seed)
         assert got.size - 1 == k
