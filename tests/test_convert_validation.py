@@ -183,3 +183,49 @@ def test_the_walk_is_left_out_only_where_the_function_has_held_no_constexpr_op(t
     Block.__dict__["_propagate_nonreplaceable_vars"](main)  # coremltools' own
     assert got == {v.name: set(v.nonreplaceable_vars_upstream) for v in _all_vars(main)}
     assert any(got.values())
+
+
+def test_type_descriptions_are_made_once_per_class_inside_and_every_time_outside(monkeypatch):
+    import sys
+
+    from coremltools.converters.mil.mil import types
+
+    from sdbuild.mil.validation import memoized_type_info
+
+    where = sys.modules["coremltools.converters.mil.mil.types.get_type_info"]
+    original = where.get_type_info
+    t = types.tensor(types.fp32, (3, 5, 7, 11, 13))  # a class nothing else makes
+    made = []
+    describe = t.__dict__["__type_info__"].__func__
+    monkeypatch.setattr(t, "__type_info__", classmethod(lambda cls: (made.append(cls), describe(cls))[1]))
+    assert types.is_tensor(t) and not types.is_list(t)
+    assert len(made) == 2
+    made.clear()
+    with memoized_type_info():
+        with memoized_type_info():  # entered again further in: the same memo
+            first = types.type_mapping.get_type_info(t)
+        assert all(types.is_tensor(t) and not types.is_list(t) for _ in range(5))
+        assert types.type_mapping.get_type_info(t) is first and repr(first) == "tensor[3,5,7,11,13,fp32]"
+        assert types.is_tensor(types.tensor(types.fp16, (3, 5, 7, 11, 13)))  # another class: described on its own
+    assert len(made) == 1
+    # Left as it was: every module's name for it is coremltools' function again.
+    holders = [m for name, m in sys.modules.items() if name.startswith("coremltools.") and hasattr(m, "get_type_info")]
+    assert len(holders) >= 5 and all(m.get_type_info is original for m in holders if callable(m.get_type_info))
+    assert types.is_tensor(t) and len(made) == 2
+
+
+def test_a_package_loads_to_the_same_program_with_described_types_memoized(tmp_path, monkeypatch):
+    import contextlib
+
+    import sdbuild.mil.executor as executor
+
+    _convert(_tiny_program(), tmp_path / "model.mlpackage")
+
+    def described(program):
+        return [(op.op_type, op.name, [(o.name, repr(o.sym_type)) for o in op.outputs],
+                 sorted((k, getattr(v, "name", None)) for k, v in op.inputs.items())) for op in program.function.operations]
+
+    memoized = described(executor.load_program(tmp_path / "model.mlpackage"))
+    monkeypatch.setattr(executor, "memoized_type_info", contextlib.nullcontext)
+    assert described(executor.load_program(tmp_path / "model.mlpackage")) == memoized
+    assert len(memoized) > 5

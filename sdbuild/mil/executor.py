@@ -43,6 +43,7 @@ import torch
 
 from sdbuild.errors import ModelInputError, PackageError, UnsupportedOpError, UsageError
 from sdbuild.mil import kernels as _kernels
+from sdbuild.mil.validation import memoized_type_info
 from sdbuild.mlpackage import (
     BLOB_HEADER,
     BLOB_SENTINEL,
@@ -1022,7 +1023,7 @@ def load_program(path, kernels: dict | None = None, function: str | None = None,
     name = function or spec.description.defaultFunctionName or "main"
     in_file: dict = {}
     try:
-        with _weights_read_one_at_a_time(milproto), _weights_left_in_file(milproto, in_file):
+        with _weights_read_one_at_a_time(milproto), _weights_left_in_file(milproto, in_file), memoized_type_info():
             program = milproto.load(_only_function(spec, name), spec.specificationVersion, file_weights_dir=str(weights_dir))
     except Exception as e:
         message = str(e).splitlines()[0] if str(e) else ""

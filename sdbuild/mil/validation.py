@@ -22,11 +22,17 @@ walks the whole block again each time a ``with block:`` ends (about 110 times
 a conversion or compression, every pass opens one): 18 % of a tiny unet's
 conversion before, and as much of its compression. Where the function has
 never held a ``constexpr_`` op every set is empty, and the walk is skipped.
+
+``memoized_type_info`` (also inside a pipeline, and while a package loads)
+answers coremltools' type questions (``get_type_info``: is this a tensor, a
+list?) once per type class instead of building a new description each time.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
+import weakref
 from contextlib import contextmanager, nullcontext
 
 UNPRINTED = "<program: printed when coremltools' logger is at DEBUG>"
@@ -58,11 +64,52 @@ def validate_once_per_pipeline():
     Program.validate = quiet_validate
     PassPipelineManager.apply_pipeline = staticmethod(checked_once)
     try:
-        with _propagated_in_one_loop():
+        with _propagated_in_one_loop(), memoized_type_info():
             yield
     finally:
         Program.validate = validate
         PassPipelineManager.apply_pipeline = apply_pipeline
+
+
+@contextmanager
+def memoized_type_info():
+    """Within: coremltools' ``get_type_info`` gives each type class's description once and then
+    the same one again.
+
+    A description (``types.type_spec.Type``) is a function of its class alone (a tensor's
+    dtype and shape, a list's element type: fixed when the class is made) and nobody
+    changes one, yet ``is_tensor`` and ``is_list`` build a new one, with its element's,
+    for every question: 10-20 % of loading a package or converting a model. Anything
+    other than a class (a method's signature) is described afresh, as before.
+    """
+    import coremltools.converters.mil.mil.types.get_type_info  # noqa: F401 (the package's name is the function's)
+
+    describe = sys.modules["coremltools.converters.mil.mil.types.get_type_info"].get_type_info
+    if getattr(describe, "memoized", False):  # entered already, further out
+        yield
+        return
+    known: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def get_type_info(t):
+        if not isinstance(t, type):
+            return describe(t)
+        try:
+            return known[t]
+        except KeyError:
+            info = known[t] = describe(t)
+            return info
+
+    get_type_info.memoized = True
+    # Each types module imported the function by name: each one's name is pointed at the memo.
+    holders = [m for name, m in list(sys.modules.items())
+               if name.startswith("coremltools.") and getattr(m, "get_type_info", None) is describe]
+    for module in holders:
+        module.get_type_info = get_type_info
+    try:
+        yield
+    finally:
+        for module in holders:
+            module.get_type_info = describe
 
 
 @contextmanager
