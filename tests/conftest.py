@@ -75,6 +75,29 @@ def pytest_collection_modifyitems(items):
     items.sort(key=module_rank)  # stable: collection order within a module and among the unnamed
 
 
+def pytest_collection_finish(session):
+    """In a `make test` worker: import the libraries now and set their objects aside from the garbage collector.
+
+    Nearly every module imports torch, coremltools, diffusers or transformers as its tests run, and
+    from then on every full collection in the worker walks their half a million objects again: 34 of
+    the 307 s that test_convert_lowmem and compress/test_joint took in one process, 14 s with them
+    frozen (``gc.freeze``, as the stage server does: ``sdbuild.stages.server_ready``). A run of a few
+    tests without workers imports only what they need.
+    """
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    import gc
+    import importlib
+
+    from sdbuild.executor import STAGE_SERVER_PRELOAD
+
+    for name in STAGE_SERVER_PRELOAD:
+        if not name.startswith("sdbuild.stages.server"):  # the server's own: they quiet and end a server
+            importlib.import_module(name)
+    gc.collect()
+    gc.freeze()
+
+
 @pytest.fixture(scope="session")
 def tiny_cold_build(tmp_path_factory) -> Path:
     """`make demo`'s build, once per run: recipes/tiny.yaml by the command line into an empty artifacts folder.
