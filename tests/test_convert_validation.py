@@ -229,3 +229,40 @@ def test_a_package_loads_to_the_same_program_with_described_types_memoized(tmp_p
     monkeypatch.setattr(executor, "memoized_type_info", contextlib.nullcontext)
     assert described(executor.load_program(tmp_path / "model.mlpackage")) == memoized
     assert len(memoized) > 5
+
+
+def test_a_function_found_without_constexpr_is_looked_through_again_only_after_one_goes_in(monkeypatch):
+    """Found without a constexpr_ op, a function is not looked through again at each block's end; once
+    one goes into it, the next block end walks it to the sets coremltools' own walk gives."""
+    import numpy as np
+    import coremltools as ct
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import Block
+
+    import sdbuild.mil.validation as validation
+
+    looked = []
+    holds = validation._holds_constexpr
+    monkeypatch.setattr(validation, "_holds_constexpr", lambda block: (looked.append(block), holds(block))[1])
+    with validate_once_per_pipeline():
+        @mb.program(input_specs=[mb.TensorSpec(shape=(4, 4), dtype=ct.converters.mil.mil.types.fp16)], opset_version=ct.target.iOS16)
+        def prog(x):
+            return mb.relu(x=mb.add(x=x, y=x))
+
+        main = prog.functions["main"]
+        assert len(looked) == 1
+        for _ in range(5):
+            with main:
+                mb.mul(x=main.inputs["x"], y=np.float16(2), before_op=main.operations[-1])
+        assert len(looked) == 1  # no constexpr_ op went in: not looked through again
+        with main:
+            relu = main.operations[-1]
+            w = mb.constexpr_lut_to_dense(indices=np.arange(4, dtype=np.uint8), lut=np.arange(4, dtype=np.float16),
+                                          shape=np.array([4, 4], dtype=np.uint32), name="w", before_op=relu)
+            y = mb.add(x=relu.x, y=w, before_op=relu)
+            relu.enclosing_block.replace_uses_of_var_after_op(anchor_op=y.op, old_var=relu.x, new_var=y, end_op=relu)
+        assert len(looked) == 2
+    got = {v.name: {u.name for u in v.nonreplaceable_vars_upstream} for v in _all_vars(main)}
+    assert got[main.outputs[0].name] == {"w"}
+    Block.__dict__["_propagate_nonreplaceable_vars"](main)  # coremltools' own
+    assert got == {v.name: {u.name for u in v.nonreplaceable_vars_upstream} for v in _all_vars(main)}

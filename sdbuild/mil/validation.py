@@ -120,28 +120,44 @@ def _propagated_in_one_loop():
     A var's set comes only from ``constexpr_`` ops upstream of it: in a function that has never
     held one (a conversion from torch; a compression until its pass makes the first) every set is
     empty, as each var was made, and the walk would leave them so. Looking for one such op is a
-    quarter of the walk. Once one is seen in a function, every later exit walks it, as coremltools does.
+    quarter of the walk, so a function found without one is not looked through again until a
+    ``constexpr_`` op has gone into a block (``Block._insert_op_before``, where every new op goes in).
+    Once one is seen in a function, every later exit walks it, as coremltools does.
     """
-    from coremltools.converters.mil.mil import Block
+    from coremltools.converters.mil.mil import Block, Function
 
     saved = Block.__dict__["_propagate_nonreplaceable_vars"]
+    insert = Block.__dict__["_insert_op_before"]
     seen: set[int] = set()  # id() of each function that has held a constexpr_ op (a reused id only walks more)
+    inserted = [0]  # constexpr_ ops put into a block so far
+    without: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # function -> `inserted` when found without one
+
+    def insert_op_before(block, new_op, *args, **kwargs):
+        if new_op.op_type.startswith("constexpr_"):
+            inserted[0] += 1
+        return insert(block, new_op, *args, **kwargs)
 
     def propagate(block) -> None:
         function = block
         while function.outer_op is not None:
             function = function.outer_op.enclosing_block
         if id(function) not in seen:
+            if isinstance(function, Function) and without.get(function) == inserted[0]:
+                return
             if not _holds_constexpr(function):
+                if isinstance(function, Function):  # a bare Block cannot be held weakly: looked through each time
+                    without[function] = inserted[0]
                 return
             seen.add(id(function))
         propagate_nonreplaceable_vars(block)
 
     Block._propagate_nonreplaceable_vars = propagate
+    Block._insert_op_before = insert_op_before
     try:
         yield
     finally:
         Block._propagate_nonreplaceable_vars = saved
+        Block._insert_op_before = insert
 
 
 def _holds_constexpr(block) -> bool:
