@@ -502,6 +502,7 @@ def _run_counting_alive(monkeypatch, cls, method: str, prog, feeds, expected, pr
         return result
 
     monkeypatch.setattr(cls, method, watched)
+    frozen = gc.get_freeze_count()  # a make-test worker's libraries (tests/conftest.py), or nothing
     gc.freeze()  # what lived before the runs stays: each collection walks only what they made (a whole one took 0.1 s)
     try:
         for _ in range(2):
@@ -511,6 +512,9 @@ def _run_counting_alive(monkeypatch, cls, method: str, prog, feeds, expected, pr
         gc.collect()
     finally:
         gc.unfreeze()
+        if frozen:  # the worker's heap set aside again, as it was, the runs' garbage gone first
+            gc.collect()
+            gc.freeze()
     assert not [r for r in made if r() is not None]
     return len(made), max(alive)
 
