@@ -501,6 +501,7 @@ STAGE_SERVER_PRELOAD = (
     "sdbuild.stages.server_ready",  # last: removes the folder torch made in TMPDIR at import
 )
 SERVER_PARENT_ENV = "SDBUILD_STAGE_SERVER_PARENT"  # the pid of the process starting the stage server (server._end_with_the_build)
+SERVER_FOLDER_ENV = "SDBUILD_STAGE_SERVER_FOLDER"  # the server's own folder for torch's cache, made by the build (server.py)
 WORKERS_ENV = "SDBUILD_WORKERS"  # forkserver (default) | spawn: a fresh interpreter per stage, the old path
 
 
@@ -532,7 +533,42 @@ def start_stage_server() -> None:
 
     multiprocessing.get_context("forkserver").set_forkserver_preload(list(STAGE_SERVER_PRELOAD))
     os.environ[SERVER_PARENT_ENV] = str(os.getpid())
-    forkserver.ensure_running()
+    # ``import diffusers`` makes torch's cache folder; the server gets one of its own (server.py), made
+    # here: a server still importing when the build ends (a recipe refused in planning) dies there,
+    # before it could remove the folder, and the build removes it once the server is gone.
+    folder = None if "TORCHINDUCTOR_CACHE_DIR" in os.environ else tempfile.mkdtemp(prefix="sdbuild-server-")
+    if folder is not None:
+        os.environ[SERVER_FOLDER_ENV] = folder
+    was = forkserver._forkserver._forkserver_pid
+    try:
+        forkserver.ensure_running()
+    finally:
+        os.environ.pop(SERVER_FOLDER_ENV, None)
+    if folder is None:
+        return
+    if forkserver._forkserver._forkserver_pid == was:  # one was running already: the folder is not needed
+        os.rmdir(folder)
+    else:
+        import atexit
+
+        atexit.register(_end_stage_server, forkserver._forkserver._forkserver_pid, folder)
+
+
+def _end_stage_server(pid: int, folder: str) -> None:
+    """At the build's exit: end the stage server (it would end with the build anyway), then remove its folder.
+
+    In that order: a server still importing could make the folder again after it was removed. A server
+    that died and was started again (multiprocessing waited for it then) is not signalled: its pid may be
+    another process's by now."""
+    from multiprocessing import forkserver
+
+    if forkserver._forkserver._forkserver_pid == pid:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def start_stage_server_if_cold(artifacts: Path, remote: RemoteCache | None = None) -> None:

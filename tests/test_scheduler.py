@@ -325,3 +325,28 @@ def test_a_stage_server_whose_build_ended_before_it_started_imports_nothing(tmp_
     cpu = json.loads(done.stdout)
     assert set(cpu) == {"starter", "server"}
     assert cpu["server"] < 1.0, cpu  # importing torch and coremltools alone takes more than 2 CPU-s
+
+
+def test_a_build_that_ends_while_its_server_imports_leaves_nothing_in_tmpdir(tmp_path, monkeypatch):
+    """A recipe refused in planning, into a fresh artifacts folder: the stage server started before
+    planning and was still importing the libraries when the build ended. The folder it had made in
+    TMPDIR for torch (server.py) was left there, one per such run."""
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # the build's own, as a user's shell has none
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    recipe = tmp_path / "x.yaml"
+    recipe.write_text("model: {version: synthetic:tiny-sdxl}\ncontrolnet: [synthetic:tiny-controlnet]\n")
+    code = (
+        "import sys\n"
+        "from sdbuild.cli import main\n"
+        "from sdbuild.executor import stage_server_running\n"
+        "rc = main(sys.argv[1:])\n"
+        "assert stage_server_running(), 'no server: nothing to test'\n"
+        "sys.exit(rc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, "run", str(recipe), "--artifacts", str(tmp_path / "art")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "TMPDIR": str(tmp), "PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode == 2 and "SDXL ControlNets are not supported" in done.stderr, done.stderr[-2000:]
+    assert sorted(p.name for p in tmp.iterdir()) == []

@@ -16,7 +16,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import warnings
 
 
@@ -40,16 +39,20 @@ _end_with_the_build()
 # ``import diffusers`` makes torch's inductor cache folder (``torchinductor_<user>`` in TMPDIR, which for the
 # server is the system's, shared with every other process of the user). The server points torch at a folder
 # of its own for its imports, and ``tidy`` (run by the last preloaded module) removes it: another server
-# starting at the same time can neither keep the shared folder alive nor have it removed under it.
+# starting at the same time can neither keep the shared folder alive nor have it removed under it. The
+# build makes that folder (executor.start_stage_server) and removes it too, should the server die first.
+from sdbuild.executor import SERVER_FOLDER_ENV  # noqa: E402  (imported already, by _end_with_the_build)
+
 _INDUCTOR = "TORCHINDUCTOR_CACHE_DIR"
-_OWN_INDUCTOR_DIR = None if _INDUCTOR in os.environ else tempfile.mkdtemp(prefix="sdbuild-server-")
-if _OWN_INDUCTOR_DIR is not None:
+_OWN_INDUCTOR_DIR = os.environ.pop(SERVER_FOLDER_ENV, None)
+if _OWN_INDUCTOR_DIR is not None and _INDUCTOR not in os.environ:
     os.environ[_INDUCTOR] = _OWN_INDUCTOR_DIR
 
 
 def tidy() -> None:
     if _OWN_INDUCTOR_DIR is not None:
-        os.environ.pop(_INDUCTOR, None)
+        if os.environ.get(_INDUCTOR) == _OWN_INDUCTOR_DIR:
+            os.environ.pop(_INDUCTOR)
         shutil.rmtree(_OWN_INDUCTOR_DIR, ignore_errors=True)
 
 
