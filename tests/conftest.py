@@ -98,8 +98,9 @@ def pytest_collection_finish(session):
     gc.freeze()
     # The workers split the cores for their own torch work (references, in-test traces); the stage
     # servers and commands they start keep torch's default (one thread per core): their stages often
-    # run while their worker waits. OMP_NUM_THREADS=1 for every process of the run moved 2,000 s
-    # of tests by under 1 % (test modules that build went slower, those that compute in the worker faster).
+    # run while their worker waits. Back to back, this 12:56 against 13:50; one thread for every
+    # process of the run instead, 14:21 against 14:30: the modules that build went slower, those
+    # that compute in the worker faster (bench/results/make-test-s14.json).
     import torch
 
     global _STAGE_THREADS
