@@ -89,38 +89,13 @@ def pytest_collection_finish(session):
     import gc
     import importlib
 
-    from sdbuild.executor import STAGE_SERVER_PRELOAD, default_jobs
+    from sdbuild.executor import STAGE_SERVER_PRELOAD
 
     for name in STAGE_SERVER_PRELOAD:
         if not name.startswith("sdbuild.stages.server"):  # the server's own: they quiet and end a server
             importlib.import_module(name)
     gc.collect()
     gc.freeze()
-    # The workers split the cores for their own torch work (references, in-test traces); the stage
-    # servers and commands they start keep torch's default (one thread per core): their stages often
-    # run while their worker waits. Back to back, this 12:56 against 13:50; one thread for every
-    # process of the run instead, 14:21 against 14:30: the modules that build went slower, those
-    # that compute in the worker faster (bench/results/make-test-s14.json).
-    import torch
-
-    global _STAGE_THREADS
-    _STAGE_THREADS = torch.get_num_threads()
-    torch.set_num_threads(max(1, default_jobs() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
-
-
-_STAGE_THREADS: int | None = None  # torch's own thread count, as each stage process has it (set by a worker)
-
-
-@pytest.fixture
-def stage_threads():
-    """For a test that compares figures computed in the worker with a stage's: torch's threads as the stage had
-    them (a sum split among another number of threads can differ in its last digits: a PSNR in its third)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(_STAGE_THREADS or before)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -51,7 +51,7 @@ def _tracked(load, loads: list, alive: list):
     return wrapper
 
 
-def test_verify_loads_one_model_at_a_time_and_reports_what_the_build_did(unet_entries, monkeypatch, stage_threads):
+def test_verify_loads_one_model_at_a_time_and_reports_what_the_build_did(unet_entries, monkeypatch):
     loads, alive = [], []
     monkeypatch.setattr(torch.jit, "load", _tracked(torch.jit.load, loads, alive))
     monkeypatch.setattr(executor_module, "load_program", _tracked(executor_module.load_program, loads, alive))
