@@ -44,15 +44,14 @@ _end_with_the_build()
 from sdbuild.executor import SERVER_FOLDER_ENV  # noqa: E402  (imported already, by _end_with_the_build)
 
 _INDUCTOR = "TORCHINDUCTOR_CACHE_DIR"
-_OWN_INDUCTOR_DIR = os.environ.pop(SERVER_FOLDER_ENV, None)
-if _OWN_INDUCTOR_DIR is not None and _INDUCTOR not in os.environ:
+_OWN_INDUCTOR_DIR = os.environ.pop(SERVER_FOLDER_ENV, None)  # none where the user set TORCHINDUCTOR_CACHE_DIR
+if _OWN_INDUCTOR_DIR is not None:
     os.environ[_INDUCTOR] = _OWN_INDUCTOR_DIR
 
 
 def tidy() -> None:
     if _OWN_INDUCTOR_DIR is not None:
-        if os.environ.get(_INDUCTOR) == _OWN_INDUCTOR_DIR:
-            os.environ.pop(_INDUCTOR)
+        os.environ.pop(_INDUCTOR, None)
         shutil.rmtree(_OWN_INDUCTOR_DIR, ignore_errors=True)
 
 
