@@ -277,9 +277,11 @@ def cmd_cache(args) -> int:
 
 def cmd_generate(args) -> int:
     from sdbuild.generate import GenerateRequest, run_generate
+    from sdbuild.torch_cache import private_torch_cache
 
     # The parsed flags are the request's fields, by name (--output-dir is output_dir, …).
-    result = run_generate(GenerateRequest.from_namespace(args, progress=not args.json))
+    with private_torch_cache():  # generation imports diffusers here, in this process
+        result = run_generate(GenerateRequest.from_namespace(args, progress=not args.json))
     if args.json:
         print(json.dumps(result, indent=2, default=str))
         return 0

@@ -54,6 +54,7 @@ from sdbuild.errors import RecipeError, SdbuildError, UsageError
 from sdbuild.families import FAMILIES, INPAINT_CHANNELS
 from sdbuild.recipe import Recipe, check_buildable, check_local_sources, load_recipe
 from sdbuild.stages import EVERY, ORDER, PACKAGE_OF, REFINER, SHIPPED, STAGES, Job, Plan, Stage
+from sdbuild.torch_cache import ENV as TORCH_CACHE_ENV
 from sdbuild.workers import short_socket_dir
 
 DEFAULT_ARTIFACTS = Path("artifacts")
@@ -536,7 +537,7 @@ def start_stage_server() -> None:
     # ``import diffusers`` makes torch's cache folder; the server gets one of its own (server.py), made
     # here: a server still importing when the build ends (a recipe refused in planning) dies there,
     # before it could remove the folder, and the build removes it once the server is gone.
-    folder = None if "TORCHINDUCTOR_CACHE_DIR" in os.environ else tempfile.mkdtemp(prefix="sdbuild-server-")
+    folder = None if TORCH_CACHE_ENV in os.environ else tempfile.mkdtemp(prefix="sdbuild-server-")
     if folder is not None:
         os.environ[SERVER_FOLDER_ENV] = folder
     was = forkserver._forkserver._forkserver_pid

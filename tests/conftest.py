@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ from filelock import FileLock
 from builds import copy_cache_entries, shared_folder
 from helpers import REPO, run_cli_watching_imports
 from sdbuild.cache import LocalCache
+from sdbuild.torch_cache import private_torch_cache
 
 # No test may reach a hub; a test that needs one is a bug.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -24,6 +26,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # (tests/models/test_unet.py alone: 57-79 CPU-s spinning, 21 s passive). Read when torch loads,
 # so set here, before any test module imports it; a user's own setting stands.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Test modules import diffusers as they are collected, before private_tmpdir points TMPDIR at pytest's
+# folder, and diffusers makes torch's cache folder in the system's TMPDIR then: this process's torch
+# gets one of its own, removed when the run ends (pytest_unconfigure).
+_TORCH_CACHE = contextlib.ExitStack()
+_TORCH_CACHE.enter_context(private_torch_cache())
 
 # Modules by what they cost (make test's --durations=0), heaviest first. `make test` hands whole
 # modules to its workers in this order (--dist loadfile --no-loadscope-reorder), so no long module
@@ -73,6 +80,10 @@ def pytest_collection_modifyitems(items):
             return len(rank)
 
     items.sort(key=module_rank)  # stable: collection order within a module and among the unnamed
+
+
+def pytest_unconfigure(config):
+    _TORCH_CACHE.close()
 
 
 def pytest_collection_finish(session):

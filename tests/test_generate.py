@@ -10,7 +10,10 @@ error under strong guidance). PSNR is on the decoded image in [0, 1].
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +35,7 @@ from sdbuild.generate import (
     scheduler_name,
 )
 from sdbuild.metrics import psnr
+from sdbuild.torch_cache import ENV as TORCH_CACHE_ENV
 
 PROMPT = "a photo of a cat on a red sofa"
 SIZE = "resolution: {height: 64, width: 64}\nverify: {samples: 1}\n"
@@ -375,6 +379,21 @@ def test_cli_writes_named_png_with_settings(sd_encoder_bundle, tmp_path):
     assert info["prompt"] == PROMPT and info["seed"] == "12" and info["steps"] == "2"
     assert info["scheduler"] == "Euler" and info["guidance_scale"] == "2.0" and info["strength"] == "0.6"
     assert info["bundle"] == "sd16"
+
+
+def test_cli_generate_leaves_nothing_in_tmpdir(sd16, tmp_path):
+    """Generation imports diffusers in the command's own process, and with it torch's compiler,
+    which makes a cache folder in TMPDIR; the command removes it when done."""
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != TORCH_CACHE_ENV} | {"TMPDIR": str(tmpdir)}
+    done = subprocess.run(
+        [sys.executable, "-m", "sdbuild.cli", "generate", "--bundle", str(sd16[0]), "--prompt", "x", "--steps", "1", "-o", str(tmp_path / "out")],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(list((tmp_path / "out").glob("*.png"))) == 1
+    assert list(tmpdir.iterdir()) == []
 
 
 def test_cli_errors_are_one_line(sd16, sd_encoder_bundle, tmp_path):

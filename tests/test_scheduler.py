@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -350,3 +351,22 @@ def test_a_build_that_ends_while_its_server_imports_leaves_nothing_in_tmpdir(tmp
     )
     assert done.returncode == 2 and "SDXL ControlNets are not supported" in done.stderr, done.stderr[-2000:]
     assert sorted(p.name for p in tmp.iterdir()) == []
+
+
+def test_a_process_of_ours_gives_torch_a_cache_folder_of_its_own_and_keeps_a_users(tmp_path, monkeypatch):
+    """private_torch_cache: a fresh folder in TMPDIR named in the variable, removed after; a folder the user named stays theirs."""
+    from sdbuild.torch_cache import ENV, private_torch_cache
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    monkeypatch.delenv(ENV, raising=False)
+    with private_torch_cache() as folder:
+        assert os.environ[ENV] == folder and Path(folder).parent == tmp_path and Path(folder).is_dir()
+        (Path(folder) / "dynamo").mkdir()  # what torch makes in it
+    assert ENV not in os.environ and list(tmp_path.iterdir()) == []
+    users = tmp_path / "mine"
+    users.mkdir()
+    monkeypatch.setenv(ENV, str(users))
+    with private_torch_cache() as folder:
+        assert folder is None and os.environ[ENV] == str(users)
+    assert os.environ[ENV] == str(users) and users.is_dir()

@@ -42,8 +42,8 @@ _end_with_the_build()
 # starting at the same time can neither keep the shared folder alive nor have it removed under it. The
 # build makes that folder (executor.start_stage_server) and removes it too, should the server die first.
 from sdbuild.executor import SERVER_FOLDER_ENV  # noqa: E402  (imported already, by _end_with_the_build)
+from sdbuild.torch_cache import ENV as _INDUCTOR  # noqa: E402
 
-_INDUCTOR = "TORCHINDUCTOR_CACHE_DIR"
 _OWN_INDUCTOR_DIR = os.environ.pop(SERVER_FOLDER_ENV, None)  # none where the user set TORCHINDUCTOR_CACHE_DIR
 if _OWN_INDUCTOR_DIR is not None:
     os.environ[_INDUCTOR] = _OWN_INDUCTOR_DIR
