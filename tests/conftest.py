@@ -136,6 +136,11 @@ def private_tmpdir(tmp_path_factory) -> Path:
     Libraries write temporary files there (coremltools: tmp*.mlpackage); pytest
     keeps the last few runs' folders and removes older ones.
     """
+    import multiprocessing.util
+
+    # multiprocessing's own folder (its stage server's socket) stays in the system's TMPDIR: it removes
+    # that folder at exit, after pytest has removed this one (from here, its exit printed a traceback).
+    multiprocessing.util.get_temp_dir()
     folder = tmp_path_factory.getbasetemp() / "tmp"
     folder.mkdir(exist_ok=True)
     os.environ["TMPDIR"] = str(folder)
