@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from sdbuild.errors import SdbuildError
@@ -126,8 +129,6 @@ def cmd_compare(args) -> int:
 
 def _remote(args, warn):
     """The remote cache named by --cache-url or SDBUILD_CACHE_URL, if any."""
-    import os
-
     from sdbuild.cache import RemoteCache
 
     url = args.cache_url or os.environ.get("SDBUILD_CACHE_URL")
@@ -412,7 +413,6 @@ def quiet_libraries() -> None:
     """Keep the libraries' import-time chatter (untested-version notices, missing macOS
     frameworks, tracer warnings) off the user's terminal: our own lines say what matters."""
     import logging
-    import os
     import warnings
 
     for name in ("coremltools", "transformers", "diffusers", "torch"):
@@ -424,9 +424,21 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*TracerWarning.*")
 
 
+def _end_on_sigterm(signum, frame):
+    """SIGTERM (a CI job cancelled, `kill`): remove this process's temporary folders, then end as the
+    signal would have ended it. (Stages and the stage server end with it: their parent-death signal.)"""
+    from sdbuild.executor import tidy_temp_folders
+
+    tidy_temp_folders()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     args = parser().parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _end_on_sigterm) if main_thread else None
     try:
         return args.func(args)
     except SdbuildError as e:
@@ -449,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
             line = disk_full_line(e, where) if e.errno in DISK_FULL else f"{where}: {e.strerror or str(e) or type(e).__name__}"
         print(f"error: {line}", file=sys.stderr)
         return 1
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -552,7 +552,25 @@ def start_stage_server() -> None:
     else:
         import atexit
 
-        atexit.register(_end_stage_server, forkserver._forkserver._forkserver_pid, folder)
+        _SERVERS_TO_END.append((forkserver._forkserver._forkserver_pid, folder))
+        atexit.register(_end_stage_servers)
+
+
+_SERVERS_TO_END: list[tuple[int, str]] = []  # (pid, folder) of each stage server this process started
+
+
+def _end_stage_servers() -> None:
+    while _SERVERS_TO_END:
+        _end_stage_server(*_SERVERS_TO_END.pop())
+
+
+def tidy_temp_folders() -> None:
+    """What this process's exit does in TMPDIR, for an end that runs no exit code (the command line's
+    SIGTERM): end the stage server and remove its folder, then multiprocessing's (the server's socket)."""
+    from multiprocessing import util
+
+    _end_stage_servers()
+    shutil.rmtree(util.get_temp_dir(), ignore_errors=True)
 
 
 def _end_stage_server(pid: int, folder: str) -> None:

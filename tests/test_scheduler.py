@@ -353,6 +353,31 @@ def test_a_build_that_ends_while_its_server_imports_leaves_nothing_in_tmpdir(tmp
     assert sorted(p.name for p in tmp.iterdir()) == []
 
 
+def test_a_build_ended_by_sigterm_leaves_nothing_in_tmpdir(tmp_path, monkeypatch):
+    """SIGTERM (a cancelled CI job, `kill`) runs no exit code: the command line ends the stage server and
+    removes its folder and multiprocessing's in its handler, then ends as the signal ends it. Both were
+    left in TMPDIR, one pair per such run. Called in a process, the command puts the handler back."""
+    from sdbuild.cli import main
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["schema"]) == 0 and signal.getsignal(signal.SIGTERM) is before
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # the build's own, as a user's shell has none
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sdbuild.cli", "run", str(REPO / "recipes" / "tiny.yaml"), "--artifacts", str(tmp_path / "art")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(tmp), "PYTHONPATH": str(REPO)},
+    )
+    deadline = time.monotonic() + 120
+    while not any(p.name.startswith("sdbuild-server-") for p in tmp.iterdir()):  # the server is importing
+        assert proc.poll() is None and time.monotonic() < deadline, "no stage server folder"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGTERM and "Traceback" not in err, err[-2000:]
+    assert sorted(p.name for p in tmp.iterdir()) == []
+
+
 def test_a_process_of_ours_gives_torch_a_cache_folder_of_its_own_and_keeps_a_users(tmp_path, monkeypatch):
     """private_torch_cache: a fresh folder in TMPDIR named in the variable, removed after; a folder the user named stays theirs."""
     from sdbuild.torch_cache import ENV, private_torch_cache
