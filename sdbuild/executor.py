@@ -552,8 +552,9 @@ def start_stage_server() -> None:
     else:
         import atexit
 
+        if not _SERVERS_TO_END:  # once: a later server (the first died) joins the list it drains
+            atexit.register(_end_stage_servers)
         _SERVERS_TO_END.append((forkserver._forkserver._forkserver_pid, folder))
-        atexit.register(_end_stage_servers)
 
 
 _SERVERS_TO_END: list[tuple[int, str]] = []  # (pid, folder) of each stage server this process started
