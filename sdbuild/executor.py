@@ -30,7 +30,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from sdbuild import __version__, faults
 from sdbuild.cache import (
@@ -503,6 +503,9 @@ STAGE_SERVER_PRELOAD = (
 )
 SERVER_PARENT_ENV = "SDBUILD_STAGE_SERVER_PARENT"  # the pid of the process starting the stage server (server._end_with_the_build)
 SERVER_FOLDER_ENV = "SDBUILD_STAGE_SERVER_FOLDER"  # the server's own folder for torch's cache, made by the build (server.py)
+SERVER_PRELOAD_ENV = "SDBUILD_STAGE_SERVER_PRELOAD"  # what it imports, comma-separated (server.py reads whether coremltools)
+# Every server imports these, whatever its stages: its own set-up and tidying, and the stage process's entry point.
+SERVER_OWN_PRELOAD = ("sdbuild.stages.server", "numpy", "sdbuild.executor", "sdbuild.cli", "sdbuild.stages.server_ready")
 WORKERS_ENV = "SDBUILD_WORKERS"  # forkserver (default) | spawn: a fresh interpreter per stage, the old path
 
 
@@ -516,11 +519,26 @@ def stage_start_method() -> str:
     return "spawn"
 
 
-def start_stage_server() -> None:
+def server_preload(stages: Iterable[str] | None = None) -> list[str]:
+    """What a stage server for ``stages`` (names) imports, in ``STAGE_SERVER_PRELOAD``'s order: the server's
+    own modules and the stages' ``preload``; every library where ``stages`` is None or names one unknown."""
+    names = None if stages is None else set(stages)
+    if names is None or not names <= set(STAGES):
+        return list(STAGE_SERVER_PRELOAD)
+    wanted = set(SERVER_OWN_PRELOAD).union(*(STAGES[name].preload for name in names))
+    return [name for name in STAGE_SERVER_PRELOAD if name in wanted]
+
+
+def start_stage_server(stages: Iterable[str] | None = None) -> None:
     """Start the stage server now, so it imports the heavy libraries while the build gets ready.
 
-    It lives until the build process ends (once per run, not per stage). A
-    no-op with spawn workers, or where one is already running in this process.
+    It lives until the build process ends (once per run, not per stage) and
+    imports what the stages it is for use (``server_preload(stages)``). A no-op
+    with spawn workers, or where one already running in this process has those.
+    One that lacks some is ended and another, with its modules and these,
+    started in its place, where no stage process of this one runs and this is
+    the main thread (the one the server's parent-death signal follows); else it
+    serves as it is, and a stage imports what the server lacks itself.
     """
     # Stages run side by side, each with torch's OpenMP threads (one per core): a thread
     # spinning at a barrier for a descheduled sibling burns the core that sibling needs
@@ -532,8 +550,27 @@ def start_stage_server() -> None:
         return
     from multiprocessing import forkserver
 
-    multiprocessing.get_context("forkserver").set_forkserver_preload(list(STAGE_SERVER_PRELOAD))
+    global _SERVER_PRELOADED
+    with _SERVER_LOCK:
+        wanted = server_preload(stages)
+        if forkserver._forkserver._forkserver_pid is not None:
+            if set(wanted) <= set(_SERVER_PRELOADED):
+                wanted = _SERVER_PRELOADED
+            elif _STAGES_RUNNING[0] == 0 and threading.current_thread() is threading.main_thread():
+                _stop_stage_server()
+                wanted = [name for name in STAGE_SERVER_PRELOAD if name in {*wanted, *_SERVER_PRELOADED}]
+            else:
+                wanted = _SERVER_PRELOADED
+        _SERVER_PRELOADED = wanted
+        _ensure_stage_server(wanted)
+
+
+def _ensure_stage_server(modules: list[str]) -> None:
+    from multiprocessing import forkserver
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(list(modules))
     os.environ[SERVER_PARENT_ENV] = str(os.getpid())
+    os.environ[SERVER_PRELOAD_ENV] = ",".join(modules)
     # ``import diffusers`` makes torch's cache folder; the server gets one of its own (server.py), made
     # here: a server still importing when the build ends (a recipe refused in planning) dies there,
     # before it could remove the folder, and the build removes it once the server is gone.
@@ -545,6 +582,7 @@ def start_stage_server() -> None:
         forkserver.ensure_running()
     finally:
         os.environ.pop(SERVER_FOLDER_ENV, None)
+        os.environ.pop(SERVER_PRELOAD_ENV, None)
     if folder is None:
         return
     if forkserver._forkserver._forkserver_pid == was:  # one was running already: the folder is not needed
@@ -557,6 +595,24 @@ def start_stage_server() -> None:
         _SERVERS_TO_END.append((forkserver._forkserver._forkserver_pid, folder))
 
 
+def _stop_stage_server() -> None:
+    """End this process's stage server now (no stage runs from it) and forget it, its folder removed."""
+    from multiprocessing import forkserver
+
+    pid = forkserver._forkserver._forkserver_pid
+    try:
+        os.kill(pid, signal.SIGKILL)  # it may be importing still: it would read its lifeline only after
+    except ProcessLookupError:
+        pass
+    forkserver._forkserver._stop()  # closes the lifeline, reaps it, removes its socket
+    for entry in [e for e in _SERVERS_TO_END if e[0] == pid]:
+        _SERVERS_TO_END.remove(entry)
+        shutil.rmtree(entry[1], ignore_errors=True)
+
+
+_SERVER_LOCK = threading.RLock()
+_SERVER_PRELOADED: list[str] = []  # what the stage server of this process imports
+_STAGES_RUNNING = [0]  # stage processes of this process started from it and not yet ended
 _SERVERS_TO_END: list[tuple[int, str]] = []  # (pid, folder) of each stage server this process started
 
 
@@ -755,20 +811,26 @@ def run_in_child(run: str, job: Job, out: Path, log: Path, env: dict[str, str] |
     process tree (its RSS counts the library pages it shares with the server,
     as a fresh interpreter's counted its own copy).
     """
-    start_stage_server()
-    ctx = multiprocessing.get_context(stage_start_method())
-    receive, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child_main, args=(run, job, str(out), str(log), send, env, os.getpid()), daemon=False)
-    proc.start()
-    send.close()
-    memory = _TreeMemory(proc.pid)
-    memory.start()
+    with _SERVER_LOCK:
+        start_stage_server((job.stage,))
+        _STAGES_RUNNING[0] += 1  # the server stays until it ends
     try:
-        message = receive.recv()
-    except (EOFError, OSError):  # nothing, or part of a message: the process died
-        message = None
-    proc.join()
-    peak = memory.stop()
+        ctx = multiprocessing.get_context(stage_start_method())
+        receive, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_child_main, args=(run, job, str(out), str(log), send, env, os.getpid()), daemon=False)
+        proc.start()
+        send.close()
+        memory = _TreeMemory(proc.pid)
+        memory.start()
+        try:
+            message = receive.recv()
+        except (EOFError, OSError):  # nothing, or part of a message: the process died
+            message = None
+        proc.join()
+        peak = memory.stop()
+    finally:
+        with _SERVER_LOCK:
+            _STAGES_RUNNING[0] -= 1
     where = f"{job.stage} {job.component}" if job.component else job.stage
     if message is None:
         how = f"killed by signal {-proc.exitcode}" if (proc.exitcode or 0) < 0 else f"exit status {proc.exitcode}"
@@ -1261,7 +1323,7 @@ def build_stages(build: Build, todo: list[Node], force: tuple[str, ...], log: Pa
     cache = build.cache
     to_build = [n for n in todo if not n.stage.publishes and (n.stage.name in force or cache.get(n.stage.name, n.key) is None)]
     if to_build:
-        start_stage_server()  # it imports the libraries while the cache is checked
+        start_stage_server({n.stage.name for n in to_build})  # it imports their libraries while the cache is checked
     estimates, estimated = PeakEstimates(cache), {}
 
     def estimate(node: Node) -> int:

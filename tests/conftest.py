@@ -148,6 +148,20 @@ def private_tmpdir(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def stage_server(private_tmpdir) -> None:
+    """In a `make test` worker: its stage server, with every stage's libraries, from the start.
+
+    A worker runs builds of every kind one after the other. Its first build's server would import
+    only what that build's stages use, and be replaced by a larger one at the first build needing
+    more (``executor.start_stage_server``): a full import again, each time.
+    """
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        from sdbuild.executor import start_stage_server
+
+        start_stage_server()
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_checkpoint(tmp_path_factory) -> Path:
     from sdbuild.synthetic import make_synthetic

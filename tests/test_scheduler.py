@@ -132,7 +132,8 @@ def main():
     for run, fields in calls:
         try:
             env = {"TMPDIR": str(out)} if fields.get("tmpdir") else None
-            results.append(run_in_child(run, Job("fake", None, fields, {}), out, log, env))
+            stage = fields.pop("stage", "fake")  # a real stage's name: the server imports what that one uses
+            results.append(run_in_child(run, Job(stage, None, fields, {}), out, log, env))
         except Exception as e:
             results.append({"error": str(e)})
     print(json.dumps(results))
@@ -243,6 +244,48 @@ def test_killed_build_ends_its_stage_processes(tmp_path):
     proc.communicate()
     gone, alive = psutil.wait_procs([stage, server], timeout=30)
     assert not alive, [p.pid for p in alive]
+
+
+def test_a_server_imports_what_its_stages_use_and_grows_when_a_later_stage_needs_more(tmp_path):
+    """A build that traces only starts a server without coremltools; a convert after it (no stage running)
+    gets a server with both stages' modules; a trace after that forks from the same, larger one."""
+    calls = [("stage_fakes:report", {"stage": "trace"}), ("stage_fakes:report", {"stage": "convert"}),
+             ("stage_fakes:report", {"stage": "trace"})]
+    proc = run_probe(tmp_path, calls)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    traced, converted, again = json.loads(out)
+    assert traced["preloaded"] == ["diffusers", "torch", "transformers"], traced
+    assert not traced["sklearn_imported"]
+    assert converted["preloaded"] == ["coremltools", "diffusers", "torch", "transformers"], converted
+    assert converted["ppid"] != traced["ppid"] and again["ppid"] == converted["ppid"]
+    assert again["preloaded"] == converted["preloaded"]
+    assert not psutil_alive(traced["ppid"])  # the first server was ended, not left beside the second
+
+
+def psutil_alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_server_preload_is_the_stages_own_in_the_servers_order():
+    from sdbuild.executor import SERVER_OWN_PRELOAD, STAGE_SERVER_PRELOAD, server_preload
+    from sdbuild.stages import STAGES
+
+    assert server_preload() == list(STAGE_SERVER_PRELOAD) == server_preload(["trace", "no such stage"])
+    for stage in STAGES.values():
+        assert set(stage.preload) <= set(STAGE_SERVER_PRELOAD), stage.name  # one it does not know would be skipped
+    compress = server_preload(["compress"])
+    assert "coremltools" in compress and "diffusers" not in compress and "sdbuild.models.unet" not in compress
+    assert compress[0] == "sdbuild.stages.server" and compress[-1] == "sdbuild.stages.server_ready"
+    assert set(SERVER_OWN_PRELOAD) <= set(compress)
+    both = server_preload(["compress", "trace"])
+    assert set(both) == set(compress) | set(server_preload(["trace"]))
+    assert both == [name for name in STAGE_SERVER_PRELOAD if name in both]  # the server's order, whatever the stages'
 
 
 def test_every_module_the_stage_server_preloads_exists():

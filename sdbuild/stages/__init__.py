@@ -68,7 +68,9 @@ class Stage:
     for ``component`` when set);
     applies: whether the build (``Plan``) has a node of it for a component;
     runners: the CI runners that run it (``sdbuild matrix``);
-    publishes: its output is the build folder, laid out by the executor, not a cache entry.
+    publishes: its output is the build folder, laid out by the executor, not a cache entry;
+    preload: the heavy modules its process uses, of ``executor.STAGE_SERVER_PRELOAD``: a build's stage
+    server imports those of the stages it has to build, once, before any forks from it (never keyed).
     """
 
     name: str
@@ -87,6 +89,7 @@ class Stage:
     applies: Callable[["Plan", str | None], bool] = lambda plan, component: True
     runners: tuple[str, ...] = ("linux",)
     publishes: bool = False
+    preload: tuple[str, ...] = ()
 
     def fields_for(self, component: str | None) -> tuple[str, ...]:
         return self.fields + self.component_fields.get(component_kind(component), ())
@@ -156,6 +159,25 @@ class Job:
 TORCH_LIBS = ("torch", "diffusers", "transformers", "safetensors")
 COREML_LIBS = ("coremltools", "numpy")
 
+# What stage processes import (``Stage.preload``), as a stage run in a fresh interpreter showed: the model
+# code, Core ML's (coremltools imports torch and transformers itself), the pipelines a synthetic checkpoint is saved with.
+MODEL_MODULES = (
+    "torch",
+    "transformers",
+    "diffusers",
+    "diffusers.models.unets.unet_2d_condition",
+    "diffusers.models.autoencoders.autoencoder_kl",
+    "transformers.models.clip.modeling_clip",
+    "sdbuild.models.unet",
+    "sdbuild.models.text_encoder",
+    "sdbuild.models.vae",
+)
+COREML_MODULES = ("coremltools",)
+PIPELINE_MODULES = (
+    "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion",
+    "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl",
+)
+
 UNETS = ("unet", "controlled_unet", REFINER)  # what ``chunk`` splits
 
 # In build order: ``--until``, ``--force`` and the plan's table follow it.
@@ -166,6 +188,7 @@ STAGES: dict[str, Stage] = {
             "download",
             "1",
             "sdbuild.stages.download:run",
+            preload=(*MODEL_MODULES, *PIPELINE_MODULES, "sdbuild.synthetic"),
             # A refiner's or ControlNet's own download reads its source only (Plan.sources).
             fields=("model.version", "model.revision", "model.variant", "model.allow_pickle", "source"),
             libraries=("huggingface_hub", "peft", "open-clip-torch", *TORCH_LIBS),
@@ -175,6 +198,7 @@ STAGES: dict[str, Stage] = {
             "trace",
             "2",
             "sdbuild.stages.trace:run",
+            preload=(*MODEL_MODULES, "sdbuild.convert"),
             component_fields={
                 "unet": ("attention", "resolution", "multires", "unet_batch_one", "encoder_sequence_length"),
                 "controlled_unet": ("attention", "resolution", "multires", "unet_batch_one", "encoder_sequence_length"),
@@ -195,6 +219,7 @@ STAGES: dict[str, Stage] = {
             "convert",
             "2",
             "sdbuild.stages.convert:run",
+            preload=(*COREML_MODULES, "sdbuild.convert"),
             fields=("target",),
             # How several resolutions become one package (functions | enumerated), and which.
             component_fields={k: ("resolution", "multires") for k in ("unet", "controlled_unet", "controlnet", "vae_decoder", "vae_encoder")},
@@ -206,6 +231,7 @@ STAGES: dict[str, Stage] = {
             "analyze",
             "1",
             "sdbuild.stages.analyze:run",
+            preload=(*MODEL_MODULES, *COREML_MODULES, "sdbuild.compress"),
             # The inputs it measures on are its own (``analysis``, defaults filled in), not the
             # resolution's: one analysis serves every resolution of the model.
             fields=("model.version", "attention", "analysis"),
@@ -220,6 +246,7 @@ STAGES: dict[str, Stage] = {
             "calibrate",
             "1",
             "sdbuild.generate.calibrate:run",  # it runs the image pipeline, which sits above the stages
+            preload=(*MODEL_MODULES, *COREML_MODULES, "sdbuild.mil.executor", "sdbuild.generate"),
             # compression.calibration with its defaults filled in (the build graph reads them);
             # the float16 text encoder and unet it runs enter the key as upstream entries.
             fields=("calibration",),
@@ -232,6 +259,7 @@ STAGES: dict[str, Stage] = {
             "compress",
             "1",
             "sdbuild.stages.compress:run",
+            preload=(*COREML_MODULES, "sdbuild.convert", "sdbuild.compress"),
             fields=("compression",),
             libraries=(*COREML_LIBS, "scikit-learn"),
             # The pre-analysis is read by mixed-bit palettization only (the controlled unet shares the unet's).
@@ -243,6 +271,7 @@ STAGES: dict[str, Stage] = {
             "chunk",
             "1",
             "sdbuild.stages.chunk:run",
+            preload=COREML_MODULES,
             fields=("chunk",),
             libraries=COREML_LIBS,
             consumes=(PACKAGE_OF,),
@@ -252,6 +281,7 @@ STAGES: dict[str, Stage] = {
             "compile",
             "1",
             "sdbuild.stages.compile:run",
+            preload=COREML_MODULES,
             fields=("coremlcompiler",),  # the compiler's version, read at plan time
             libraries=("coremltools",),
             consumes=(SHIPPED,),
@@ -272,6 +302,7 @@ STAGES: dict[str, Stage] = {
             "sample",
             "1",
             "sdbuild.generate.sample:run",
+            preload=(*COREML_MODULES, "diffusers", "sdbuild.mil.executor", "sdbuild.generate"),
             fields=("verify.seed",),
             libraries=(*TORCH_LIBS, *COREML_LIBS),
             # Keyed by every shipped model's verify: exactly the packages the bundle it reads holds.
@@ -284,6 +315,7 @@ STAGES: dict[str, Stage] = {
             "verify",
             "1",
             "sdbuild.stages.verify:run",
+            preload=(*MODEL_MODULES, *COREML_MODULES, "sdbuild.convert", "sdbuild.mil.executor"),
             fields=("verify.samples", "verify.seed", "compute_unit"),
             libraries=(*TORCH_LIBS, *COREML_LIBS),
             consumes=("trace", "convert", PACKAGE_OF, "chunk"),

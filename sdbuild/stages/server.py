@@ -1,4 +1,4 @@
-"""Imported first by the stage server (``executor.STAGE_SERVER_PRELOAD``), before the libraries; imports coremltools itself.
+"""Imported first by the stage server (``executor.STAGE_SERVER_PRELOAD``), before the libraries; imports coremltools itself, where the server is to.
 
 The server ends with the build process that started it (parent-death signal,
 as every stage process has; the build starts it from its main thread, the
@@ -41,7 +41,7 @@ _end_with_the_build()
 # of its own for its imports, and ``tidy`` (run by the last preloaded module) removes it: another server
 # starting at the same time can neither keep the shared folder alive nor have it removed under it. The
 # build makes that folder (executor.start_stage_server) and removes it too, should the server die first.
-from sdbuild.executor import SERVER_FOLDER_ENV  # noqa: E402  (imported already, by _end_with_the_build)
+from sdbuild.executor import SERVER_FOLDER_ENV, SERVER_PRELOAD_ENV  # noqa: E402  (imported already, by _end_with_the_build)
 from sdbuild.torch_cache import ENV as _INDUCTOR  # noqa: E402
 
 _OWN_INDUCTOR_DIR = os.environ.pop(SERVER_FOLDER_ENV, None)  # none where the user set TORCHINDUCTOR_CACHE_DIR
@@ -86,4 +86,7 @@ _quiet()
 # them and each stage turns the collector back on (executor._child_main), as Python's gc.freeze documents for
 # a process that forks without exec: collections in the stages then never write to the server's pages.
 gc.disable()
-_import_coremltools_without_sklearn()
+# What the build asked this server to import (executor.server_preload), coremltools among them or not; all where unset.
+_PRELOAD = os.environ.pop(SERVER_PRELOAD_ENV, None)
+if _PRELOAD is None or "coremltools" in _PRELOAD.split(","):
+    _import_coremltools_without_sklearn()
