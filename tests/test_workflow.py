@@ -71,3 +71,24 @@ def test_a_green_test_run_leaves_nothing_in_the_temp_folder_and_a_red_one_keeps_
     done = run(fail=True)
     assert done.returncode == 1, done.stdout[-2000:]
     assert [p.name for p in temp.rglob("*.txt")] == ["failed.txt"]
+
+
+def test_make_install_picks_python3s_version_with_libpython_linked_in_where_there_is_one():
+    """scripts/pick-python.sh: the same Python version as python3 (the torch wheel on disk is for it), from
+    an interpreter whose executable does not load a shared libpython where the machine has one."""
+    picked = subprocess.run(["sh", str(REPO / "scripts" / "pick-python.sh")], capture_output=True, text=True, check=True).stdout.strip()
+    probe = ("import sys, importlib.util as u; print('%d.%d' % sys.version_info[:2], "
+             "any('libpython' in l for l in open('/proc/self/maps')) or u.find_spec('ensurepip') is None)")
+
+    def facts(interpreter: str) -> tuple[str, bool]:  # (version, shared libpython or no venv with pip)
+        version, shared = subprocess.run([interpreter, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+        return version, shared == "True"
+
+    wanted = facts("python3")[0]
+    version, shared = facts(picked)
+    assert version == wanted
+    candidates = [c for c in ("python3", f"python{wanted}", f"/usr/bin/python{wanted}", f"/usr/local/bin/python{wanted}") if shutil.which(c)]
+    if any(not facts(c)[1] for c in candidates):
+        assert not shared, picked  # a faster one was there and was not taken
+    else:
+        assert picked == "python3"
