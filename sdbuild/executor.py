@@ -10,6 +10,7 @@ the versions of the libraries it uses and a digest of its own source.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ast
 import functools
@@ -566,16 +567,27 @@ def start_stage_server(stages: Iterable[str] | None = None) -> None:
 
 
 def _ensure_stage_server(modules: list[str]) -> None:
+    """Start a stage server importing ``modules`` unless this process's is alive."""
     from multiprocessing import forkserver
 
+    if _stage_server_alive():
+        return
     multiprocessing.get_context("forkserver").set_forkserver_preload(list(modules))
     os.environ[SERVER_PARENT_ENV] = str(os.getpid())
     os.environ[SERVER_PRELOAD_ENV] = ",".join(modules)
     # ``import diffusers`` makes torch's cache folder; the server gets one of its own (server.py), made
     # here: a server still importing when the build ends (a recipe refused in planning) dies there,
-    # before it could remove the folder, and the build removes it once the server is gone.
-    folder = None if TORCH_CACHE_ENV in os.environ else tempfile.mkdtemp(prefix="sdbuild-server-")
-    if folder is not None:
+    # before it could remove the folder, and the build removes it once the server is gone. Listed
+    # before the server starts: a SIGTERM meanwhile (cli) removes it too.
+    folder = None
+    if TORCH_CACHE_ENV not in os.environ:
+        if not _SERVERS_TO_END:  # once: a later server (the first died) joins the list it drains
+            import atexit
+
+            atexit.register(_end_stage_servers)
+        with _sigterm_held():  # made and listed with no handler run between
+            folder = tempfile.mkdtemp(prefix="sdbuild-server-")
+            _SERVERS_TO_END.append((None, folder))
         os.environ[SERVER_FOLDER_ENV] = folder
     was = forkserver._forkserver._forkserver_pid
     try:
@@ -583,16 +595,38 @@ def _ensure_stage_server(modules: list[str]) -> None:
     finally:
         os.environ.pop(SERVER_FOLDER_ENV, None)
         os.environ.pop(SERVER_PRELOAD_ENV, None)
-    if folder is None:
+    if folder is None or (None, folder) not in _SERVERS_TO_END:
         return
-    if forkserver._forkserver._forkserver_pid == was:  # one was running already: the folder is not needed
-        os.rmdir(folder)
+    at = _SERVERS_TO_END.index((None, folder))
+    if forkserver._forkserver._forkserver_pid == was:  # it was running after all: the folder is not needed
+        os.rmdir(folder)  # then unlisted: never a folder there and not listed
+        del _SERVERS_TO_END[at]
     else:
-        import atexit
+        _SERVERS_TO_END[at] = (forkserver._forkserver._forkserver_pid, folder)
 
-        if not _SERVERS_TO_END:  # once: a later server (the first died) joins the list it drains
-            atexit.register(_end_stage_servers)
-        _SERVERS_TO_END.append((forkserver._forkserver._forkserver_pid, folder))
+
+@contextlib.contextmanager
+def _sigterm_held():
+    """SIGTERM held back within (its handler runs after): a list the handler reads is never half-updated."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def _stage_server_alive() -> bool:
+    """Whether this process's stage server is running (a dead one is reaped by the next start)."""
+    import psutil
+    from multiprocessing import forkserver
+
+    pid = forkserver._forkserver._forkserver_pid
+    if pid is None:
+        return False
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _stop_stage_server() -> None:
@@ -613,7 +647,7 @@ def _stop_stage_server() -> None:
 _SERVER_LOCK = threading.RLock()
 _SERVER_PRELOADED: list[str] = []  # what the stage server of this process imports
 _STAGES_RUNNING = [0]  # stage processes of this process started from it and not yet ended
-_SERVERS_TO_END: list[tuple[int, str]] = []  # (pid, folder) of each stage server this process started
+_SERVERS_TO_END: list[tuple[int | None, str]] = []  # (pid, folder) of each stage server this process started (None: starting)
 
 
 def _end_stage_servers() -> None:
@@ -630,7 +664,7 @@ def tidy_temp_folders() -> None:
     shutil.rmtree(util.get_temp_dir(), ignore_errors=True)
 
 
-def _end_stage_server(pid: int, folder: str) -> None:
+def _end_stage_server(pid: int | None, folder: str) -> None:
     """At the build's exit: end the stage server (it would end with the build anyway), then remove its folder.
 
     In that order: a server still importing could make the folder again after it was removed. A server
@@ -638,7 +672,7 @@ def _end_stage_server(pid: int, folder: str) -> None:
     another process's by now."""
     from multiprocessing import forkserver
 
-    if forkserver._forkserver._forkserver_pid == pid:
+    if pid is not None and forkserver._forkserver._forkserver_pid == pid:
         try:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
