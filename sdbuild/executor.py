@@ -640,8 +640,8 @@ def _stop_stage_server() -> None:
         pass
     forkserver._forkserver._stop()  # closes the lifeline, reaps it, removes its socket
     for entry in [e for e in _SERVERS_TO_END if e[0] == pid]:
+        shutil.rmtree(entry[1], ignore_errors=True)  # then unlisted, as in _ensure_stage_server
         _SERVERS_TO_END.remove(entry)
-        shutil.rmtree(entry[1], ignore_errors=True)
 
 
 _SERVER_LOCK = threading.RLock()
