@@ -1,6 +1,6 @@
 # Two commands on a fresh machine: `make demo` and `make test`.
 # python3's version, from an interpreter with libpython linked in where there is one (scripts/pick-python.sh):
-# pyenv's default build (a shared libpython) ran `make test` with 20-30% more CPU. `make PYTHON=…` picks another.
+# pyenv's default build (a shared libpython) ran `make test` with 13-27% more CPU. `make PYTHON=…` picks another.
 PYTHON ?= $(shell sh scripts/pick-python.sh)
 VENV := .venv
 BIN := $(VENV)/bin

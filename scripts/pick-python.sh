@@ -6,7 +6,7 @@
 # built with --enable-shared (pyenv's default build) calls into a shared libpython through the
 # PLT and runs Python code markedly slower; `make test` is mostly Python (coremltools' graph
 # passes). Measured on the 2-core machine (bench/results/python-s16.json): the same suite,
-# same results, 20-30% less CPU. On a machine without /proc (macOS) this is python3.
+# same results, 12-21% less CPU. On a machine without /proc (macOS) this is python3.
 set -u
 version=$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) || { echo python3; exit 0; }
 for candidate in python3 "python$version" "/usr/bin/python$version" "/usr/local/bin/python$version"; do

@@ -45,6 +45,7 @@ from sdbuild.cache import (
     remember_input_digests,
     sha256_file,
     disk_full_line,
+    pid_alive,
     stage_key,
     stage_tmpdir,
     sweep_build_temps,
@@ -551,18 +552,17 @@ def start_stage_server(stages: Iterable[str] | None = None) -> None:
         return
     from multiprocessing import forkserver
 
-    global _SERVER_PRELOADED
     with _SERVER_LOCK:
         wanted = server_preload(stages)
         if forkserver._forkserver._forkserver_pid is not None:
-            if set(wanted) <= set(_SERVER_PRELOADED):
-                wanted = _SERVER_PRELOADED
-            elif _STAGES_RUNNING[0] == 0 and threading.current_thread() is threading.main_thread():
+            preloaded = forkserver._forkserver._preload_modules  # what the running one was started with (set below)
+            if set(wanted) <= set(preloaded):
+                wanted = preloaded
+            elif _stages_running == 0 and threading.current_thread() is threading.main_thread():
                 _stop_stage_server()
-                wanted = [name for name in STAGE_SERVER_PRELOAD if name in {*wanted, *_SERVER_PRELOADED}]
+                wanted = [name for name in STAGE_SERVER_PRELOAD if name in {*wanted, *preloaded}]
             else:
-                wanted = _SERVER_PRELOADED
-        _SERVER_PRELOADED = wanted
+                wanted = preloaded
         _ensure_stage_server(wanted)
 
 
@@ -595,7 +595,7 @@ def _ensure_stage_server(modules: list[str]) -> None:
     finally:
         os.environ.pop(SERVER_FOLDER_ENV, None)
         os.environ.pop(SERVER_PRELOAD_ENV, None)
-    if folder is None or (None, folder) not in _SERVERS_TO_END:
+    if folder is None:
         return
     at = _SERVERS_TO_END.index((None, folder))
     if forkserver._forkserver._forkserver_pid == was:  # it was running after all: the folder is not needed
@@ -616,17 +616,11 @@ def _sigterm_held():
 
 
 def _stage_server_alive() -> bool:
-    """Whether this process's stage server is running (a dead one is reaped by the next start)."""
-    import psutil
+    """Whether this process's stage server is running (not waited for: a dead one is reaped by the next start)."""
     from multiprocessing import forkserver
 
     pid = forkserver._forkserver._forkserver_pid
-    if pid is None:
-        return False
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+    return pid is not None and pid_alive(pid)
 
 
 def _stop_stage_server() -> None:
@@ -645,8 +639,7 @@ def _stop_stage_server() -> None:
 
 
 _SERVER_LOCK = threading.RLock()
-_SERVER_PRELOADED: list[str] = []  # what the stage server of this process imports
-_STAGES_RUNNING = [0]  # stage processes of this process started from it and not yet ended
+_stages_running = 0  # stage processes of this process started from its server and not yet ended
 _SERVERS_TO_END: list[tuple[int | None, str]] = []  # (pid, folder) of each stage server this process started (None: starting)
 
 
@@ -845,9 +838,10 @@ def run_in_child(run: str, job: Job, out: Path, log: Path, env: dict[str, str] |
     process tree (its RSS counts the library pages it shares with the server,
     as a fresh interpreter's counted its own copy).
     """
+    global _stages_running
     with _SERVER_LOCK:
         start_stage_server((job.stage,))
-        _STAGES_RUNNING[0] += 1  # the server stays until it ends
+        _stages_running += 1  # the server stays until it ends
     try:
         ctx = multiprocessing.get_context(stage_start_method())
         receive, send = ctx.Pipe(duplex=False)
@@ -864,7 +858,7 @@ def run_in_child(run: str, job: Job, out: Path, log: Path, env: dict[str, str] |
         peak = memory.stop()
     finally:
         with _SERVER_LOCK:
-            _STAGES_RUNNING[0] -= 1
+            _stages_running -= 1
     where = f"{job.stage} {job.component}" if job.component else job.stage
     if message is None:
         how = f"killed by signal {-proc.exitcode}" if (proc.exitcode or 0) < 0 else f"exit status {proc.exitcode}"

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO
+from sdbuild.cache import pid_alive
 from sdbuild.executor import MemoryGate, Node, PeakEstimates, schedule
 from sdbuild.stages import STAGES
 
@@ -260,16 +261,7 @@ def test_a_server_imports_what_its_stages_use_and_grows_when_a_later_stage_needs
     assert converted["preloaded"] == ["coremltools", "diffusers", "torch", "transformers"], converted
     assert converted["ppid"] != traced["ppid"] and again["ppid"] == converted["ppid"]
     assert again["preloaded"] == converted["preloaded"]
-    assert not psutil_alive(traced["ppid"])  # the first server was ended, not left beside the second
-
-
-def psutil_alive(pid: int) -> bool:
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+    assert not pid_alive(traced["ppid"])  # the first server was ended, not left beside the second
 
 
 def test_server_preload_is_the_stages_own_in_the_servers_order():
