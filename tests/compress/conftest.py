@@ -87,16 +87,23 @@ def reference_outputs(unet_component, analysis_inputs) -> list[np.ndarray]:
 
 @pytest.fixture(scope="session")
 def analysis(tiny_sd_checkpoint, analysis_inputs, tmp_path_factory) -> Path:
+    """The tiny unet's whole pre-analysis (analysis.json), once per run: test_mixed_bit and test_analysis_replay
+    often run on different workers, and each made it (18-21 s apiece)."""
+    from builds import made_once
     from sdbuild.compress import pre_analyze
+    from sdbuild.compress.analysis import ANALYSIS_FILE
 
-    return pre_analyze(
-        lambda: tiny_unet(tiny_sd_checkpoint).module,
-        tmp_path_factory.mktemp("analysis"),
-        inputs=analysis_inputs,
-        model_version="synthetic:tiny-sd",
-        progress=lambda done, total, what: None,
-        threads=1,
-    )
+    def make(out: Path) -> None:
+        pre_analyze(
+            lambda: tiny_unet(tiny_sd_checkpoint).module,
+            out,
+            inputs=analysis_inputs,
+            model_version="synthetic:tiny-sd",
+            progress=lambda done, total, what: None,
+            threads=1,
+        )
+
+    return made_once(tmp_path_factory, "compress-analysis", make) / ANALYSIS_FILE
 
 
 def executor_psnr(package: Path, inputs: list[dict], references: list[np.ndarray]) -> float:

@@ -114,7 +114,7 @@ def test_layers_map_to_consts_by_value_and_by_position(analysis, unet_package):
 
 
 RUN_ANALYSIS = """
-import sys, time
+import json, sys, time
 from pathlib import Path
 from tests.compress.conftest import tiny_unet
 from sdbuild.compress import pre_analyze
@@ -122,8 +122,11 @@ from sdbuild.models import sample_inputs
 ckpt, out = Path(sys.argv[1]), Path(sys.argv[2])
 inputs = [sample_inputs(tiny_unet(ckpt).inputs, s) for s in (1, 2)]
 pre_analyze(lambda: tiny_unet(ckpt).module, out, inputs=inputs, model_version="synthetic:tiny-sd",
-            progress=lambda done, total, what: time.sleep(0.15), threads=1)
+            progress=lambda done, total, what: time.sleep(0.15), threads=1, **json.loads(sys.argv[3]))
 """
+# What resumption keeps does not depend on how much each layer measures: two widths, two curve points and
+# two recipes (the defaults: five, sixteen and twelve) make both runs a third of a whole analysis's work.
+SMALL = {"nbits": [4, 8], "curve_points": 2, "recipes": 2}
 
 
 def _saved_layers(partial: Path) -> dict[str, dict]:
@@ -146,7 +149,7 @@ def test_killed_analysis_resumes_without_redoing_done_layers(tiny_sd_checkpoint,
     out = tmp_path / "analysis"
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.Popen(
-        [sys.executable, "-c", RUN_ANALYSIS, str(tiny_sd_checkpoint), str(out)],
+        [sys.executable, "-c", RUN_ANALYSIS, str(tiny_sd_checkpoint), str(out), json.dumps(SMALL)],
         cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     partial = out / PARTIAL_FILE
@@ -162,10 +165,9 @@ def test_killed_analysis_resumes_without_redoing_done_layers(tiny_sd_checkpoint,
     done_before = _saved_layers(partial)
     assert not (out / "analysis.json").exists()
 
-    calls = []
     result = pre_analyze(
         lambda: tiny_unet(tiny_sd_checkpoint).module, out, inputs=analysis_inputs, model_version="synthetic:tiny-sd",
-        progress=lambda done, total, what: calls.append(what), threads=1,
+        progress=lambda done, total, what: None, threads=1, **SMALL,
     )
     data = json.loads(result.read_text())
     first_run = {r["run"] for r in done_before.values()}
