@@ -579,15 +579,22 @@ def _ensure_stage_server(modules: list[str]) -> None:
     # here: a server still importing when the build ends (a recipe refused in planning) dies there,
     # before it could remove the folder, and the build removes it once the server is gone. Listed
     # before the server starts: a SIGTERM meanwhile (cli) removes it too.
-    folder = None
-    if TORCH_CACHE_ENV not in os.environ:
-        if not _SERVERS_TO_END:  # once: a later server (the first died) joins the list it drains
-            import atexit
+    # multiprocessing's folder (the server's socket) is made here too, with SIGTERM held: made inside
+    # ensure_running, a SIGTERM between its mkdtemp and multiprocessing noting it had the handler
+    # (tidy_temp_folders) make and remove a second folder and leave the first.
+    from multiprocessing import util
 
-            atexit.register(_end_stage_servers)
-        with _sigterm_held():  # made and listed with no handler run between
+    folder = None
+    with _sigterm_held():  # made and listed with no handler run between
+        util.get_temp_dir()
+        if TORCH_CACHE_ENV not in os.environ:
+            if not _SERVERS_TO_END:  # once: a later server (the first died) joins the list it drains
+                import atexit
+
+                atexit.register(_end_stage_servers)
             folder = tempfile.mkdtemp(prefix="sdbuild-server-")
             _SERVERS_TO_END.append((None, folder))
+    if folder is not None:
         os.environ[SERVER_FOLDER_ENV] = folder
     was = forkserver._forkserver._forkserver_pid
     try:

@@ -388,7 +388,21 @@ def test_a_build_that_ends_while_its_server_imports_leaves_nothing_in_tmpdir(tmp
     assert sorted(p.name for p in tmp.iterdir()) == []
 
 
-def test_a_build_ended_by_sigterm_leaves_nothing_in_tmpdir(tmp_path, monkeypatch):
+# multiprocessing makes its folder (mkdtemp), logs that, then notes it: a pause between, as a loaded machine
+# can make, where a SIGTERM to a command that made that folder as it started its server left it behind.
+SLOW_MULTIPROCESSING_FOLDER = """
+import multiprocessing.util, time
+_info = multiprocessing.util.info
+def info(msg, *args):
+    if msg.startswith("created temp directory"):
+        time.sleep(0.5)
+    _info(msg, *args)
+multiprocessing.util.info = info
+"""
+
+
+@pytest.mark.parametrize("pause", [False, True], ids=["as-is", "pause-in-multiprocessing-mkdtemp"])
+def test_a_build_ended_by_sigterm_leaves_nothing_in_tmpdir(tmp_path, monkeypatch, pause):
     """SIGTERM (a cancelled CI job, `kill`) runs no exit code: the command line ends the stage server and
     removes its folder and multiprocessing's in its handler, then ends as the signal ends it. Both were
     left in TMPDIR, one pair per such run. Called in a process, the command puts the handler back."""
@@ -399,9 +413,15 @@ def test_a_build_ended_by_sigterm_leaves_nothing_in_tmpdir(tmp_path, monkeypatch
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # the build's own, as a user's shell has none
     tmp = tmp_path / "tmp"
     tmp.mkdir()
+    path = [str(REPO)]
+    if pause:
+        (tmp_path / "site").mkdir()
+        (tmp_path / "site" / "sitecustomize.py").write_text(SLOW_MULTIPROCESSING_FOLDER)
+        path.insert(0, str(tmp_path / "site"))
     proc = subprocess.Popen(
         [sys.executable, "-m", "sdbuild.cli", "run", str(REPO / "recipes" / "tiny.yaml"), "--artifacts", str(tmp_path / "art")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(tmp), "PYTHONPATH": str(REPO)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "TMPDIR": str(tmp), "PYTHONPATH": os.pathsep.join(path)},
     )
     deadline = time.monotonic() + 120
     while not any(p.name.startswith("sdbuild-server-") for p in tmp.iterdir()):  # the server is importing
