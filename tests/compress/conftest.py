@@ -90,20 +90,23 @@ def analysis(tiny_sd_checkpoint, analysis_inputs, tmp_path_factory) -> Path:
     """The tiny unet's whole pre-analysis (analysis.json), once per run: test_mixed_bit and test_analysis_replay
     often run on different workers, and each made it (18-21 s apiece)."""
     from builds import made_once
-    from sdbuild.compress import pre_analyze
     from sdbuild.compress.analysis import ANALYSIS_FILE
 
-    def make(out: Path) -> None:
-        pre_analyze(
-            lambda: tiny_unet(tiny_sd_checkpoint).module,
-            out,
-            inputs=analysis_inputs,
-            model_version="synthetic:tiny-sd",
-            progress=lambda done, total, what: None,
-            threads=1,
-        )
+    return made_once(tmp_path_factory, "compress-analysis", lambda out: analyze_tiny_unet(tiny_sd_checkpoint, analysis_inputs, out)) / ANALYSIS_FILE
 
-    return made_once(tmp_path_factory, "compress-analysis", make) / ANALYSIS_FILE
+
+def analyze_tiny_unet(checkpoint: Path, inputs: list[dict], out: Path) -> Path:
+    """The tiny unet's whole pre-analysis in ``out``, quietly, one torch thread; the path of its analysis.json."""
+    from sdbuild.compress import pre_analyze
+
+    return pre_analyze(
+        lambda: tiny_unet(checkpoint).module,
+        out,
+        inputs=inputs,
+        model_version="synthetic:tiny-sd",
+        progress=lambda done, total, what: None,
+        threads=1,
+    )
 
 
 def executor_psnr(package: Path, inputs: list[dict], references: list[np.ndarray]) -> float:

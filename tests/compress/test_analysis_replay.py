@@ -8,7 +8,7 @@ import torch
 
 from sdbuild.compress import analysis
 from sdbuild.compress import analysis as analysis_module
-from tests.compress.conftest import tiny_unet
+from tests.compress.conftest import analyze_tiny_unet, tiny_unet
 
 
 def _model(checkpoint, inputs, replay: bool) -> analysis._Model:
@@ -107,9 +107,7 @@ def test_the_whole_analysis_equals_the_straightforward_one(analysis, tiny_sd_che
     import functools
     import json
 
-    from sdbuild.compress import pre_analyze
     from sdbuild.models import chunked_attention
-    from tests.compress.conftest import tiny_unet
 
     fast = json.loads(analysis.read_text())
     afresh: dict = {}  # each (layer, width)'s k-means run once here, apart from the palettes the analysis kept
@@ -123,16 +121,7 @@ def test_the_whole_analysis_equals_the_straightforward_one(analysis, tiny_sd_che
     monkeypatch.setattr(analysis_module, "_Model", functools.partial(analysis_module._Model, replay=False))
     monkeypatch.setattr(chunked_attention, "chunked_scores", lambda elements=None: contextlib.nullcontext())
     monkeypatch.setattr(analysis_module, "_Lazy", lambda names, value: {name: value(name) for name in names})
-    plain = json.loads(
-        pre_analyze(
-            lambda: tiny_unet(tiny_sd_checkpoint).module,
-            tmp_path,
-            inputs=analysis_inputs,
-            model_version="synthetic:tiny-sd",
-            progress=lambda done, total, what: None,
-            threads=1,
-        ).read_text()
-    )
+    plain = json.loads(analyze_tiny_unet(tiny_sd_checkpoint, analysis_inputs, tmp_path).read_text())
     assert fast["recipes"] == plain["recipes"] and len(fast["recipes"]) >= 5
     assert fast["baselines"].keys() == plain["baselines"].keys()
     for name, value in plain["baselines"].items():
